@@ -1,0 +1,246 @@
+"""Typed, validated configuration: YAML recipe + dotted `key=value` overrides.
+
+Every field carries a one-line description (shown by `tunelab config explain`).
+Unknown keys are errors with a "did you mean" suggestion; out-of-range values
+are errors naming the key. Relative paths are taken relative to the current
+working directory, like every other command-line tool.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import TunelabError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="Local Hugging Face model directory (config.json + weights + tokenizer).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model dir; off unless you trust it.")
+    device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Training data file: .jsonl, .csv or .parquet.")
+    validation: str | None = Field(None, description="Validation file; when absent a stratified split of train is held out.")
+    test: str | None = Field(None, description="Optional test file, evaluated once with the best model.")
+    text_field: str = Field("text", description="Column holding the input text.")
+    label_field: str = Field("label", description="Column holding the label (string or integer).")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
+    max_length: int = Field(128, ge=8, le=8192, description="Inputs are truncated to this many tokens.")
+    dedupe: bool = Field(True, description="Drop exact duplicate rows and texts that appear with conflicting labels.")
+
+
+class TaskConfig(_Section):
+    type: Literal["classification"] = Field("classification", description="What is learned: 'classification' (single-label).")
+
+
+class FullConfig(_Section):
+    name: Literal["full"] = Field(description="Full fine-tuning: every parameter is trained.")
+
+
+class FreezeConfig(_Section):
+    name: Literal["freeze"] = Field(description="Partial fine-tuning: embeddings and the lower blocks frozen.")
+    freeze_layers: int | Literal["all"] = Field(
+        "all", description="Number of lower transformer blocks to freeze; 'all' trains the head only."
+    )
+    freeze_embeddings: bool = Field(True, description="Freeze the embedding layer too.")
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _non_negative(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0, or 'all' to train the head only")
+        return v
+
+
+class LoraConfig(_Section):
+    name: Literal["lora"] = Field(description="LoRA: low-rank adapters on chosen linear layers; the head is trained in full.")
+    r: int = Field(8, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="Module names to adapt (e.g. [query, value]), 'all-linear', or empty for the architecture's default."
+    )
+
+
+MethodConfig = Annotated[Union[FullConfig, FreezeConfig, LoraConfig], Field(discriminator="name")]
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of the body (or of the adapters).")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the task head; defaults to lr.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (never applied to biases and norms).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; empty disables clipping.")
+    eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N optimizer steps, or each 'epoch'.")
+    log_every: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
+    metric: str = Field("auto", description="Validation metric for best checkpoint and early stopping ('auto': the task's main one, or 'loss').")
+    patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement; empty disables.")
+    seed: int = Field(42, description="Seed for initialisation, data order and splits.")
+
+    @field_validator("eval_every")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1, or 'epoch'")
+        return v
+
+
+class EvalConfig(_Section):
+    base: bool = Field(True, description="Also evaluate the model before training on the same splits.")
+    linear_probe: bool = Field(True, description="Fit a logistic-regression probe on the frozen base model's features as a baseline.")
+    batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    method: MethodConfig = Field(default_factory=lambda: FullConfig(name="full"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str | None = Field(None, description="Run directory; default runs/<recipe>-<time>. Never overwritten without --overwrite.")
+
+
+# -- loading -----------------------------------------------------------------
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["train.lr=3e-4", ...]` -> {"train.lr": 0.0003}; values parsed as YAML scalars/lists."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TunelabError(
+                f"Override '{item}' is not of the form key=value. Write dotted keys with a value, "
+                f"e.g. train.lr=3e-4 or method.target_modules=[query,value]."
+            )
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def load(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None, **kw: Any) -> Config:
+    """Read a YAML recipe (or start empty), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise TunelabError(f"Config file '{path}' does not exist. Pass the path of a YAML recipe, e.g. configs/classification/minilm-lora.yaml.")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise TunelabError(f"Config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
+        if not isinstance(tree, dict):
+            raise TunelabError(f"Config file '{path}' must hold a mapping of sections (model, data, task, method, train), not {type(tree).__name__}.")
+    for key, value in {**parse_overrides(overrides), **kw}.items():
+        _set_dotted(tree, key, value)
+    return validate(tree, source)
+
+
+def validate(tree: dict, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise TunelabError(_explain_errors(e, tree, source)) from None
+
+
+def _valid_keys(model: type[BaseModel], tree: dict) -> dict[str, list[str]]:
+    """Section path -> the field names allowed there (method fields depend on method.name)."""
+    keys = {"": list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if name == "method":
+            method_name = (tree.get("method") or {}).get("name") if isinstance(tree.get("method"), dict) else None
+            options = [FullConfig, FreezeConfig, LoraConfig]
+            chosen = [m for m in options if method_name in m.model_fields["name"].annotation.__args__] or options
+            keys["method"] = sorted({f for m in chosen for f in m.model_fields})
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys[name] = list(ann.model_fields)
+    return keys
+
+
+def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
+    valid = _valid_keys(Config, tree)
+    msgs = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("full", "freeze", "lora"))]
+        # pydantic appends type names for unions (e.g. 'int', "literal['all']"); keep field names only.
+        loc = [x for x in loc if not (x in ("int", "str", "float", "list[str]") or x.startswith("literal["))]
+        key = ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            section = ".".join(loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid.get(section, []), n=1, cutoff=0.5)
+            hint = f"did you mean '{section + '.' if section else ''}{close[0]}'?" if close else f"valid keys here: {', '.join(valid.get(section, []))}"
+            msgs.append(f"unknown key '{key}' — {hint}")
+        elif err["type"] == "missing":
+            msgs.append(f"'{key}' is required")
+        elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
+            msgs.append(f"'{key or 'method'}.name' must be one of full, freeze, lora")
+        else:
+            value = err.get("input")
+            msgs.append(f"'{key}' = {value!r}: {err['msg']}")
+    unique = list(dict.fromkeys(msgs))
+    return f"Invalid config in {source}: " + "; ".join(unique) + " — fix these keys in the YAML file or override them as key=value (`tunelab config explain` lists every key)."
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def explain() -> str:
+    """Every key with its type, default and description."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            if name == "method":
+                continue  # listed per method below
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=False))
+            lines.append(f"{key:34} {default:16} {field.description or ''}")
+
+    walk(Config, "")
+    for m in (FullConfig, FreezeConfig, LoraConfig):
+        method = m.model_fields["name"].annotation.__args__[0]
+        for name, field in m.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default())
+            label = f"method.{name}" + (f" ({method})" if name != "name" else f" = {method}")
+            lines.append(f"{label:34} {default if name != 'name' else '':16} {field.description or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny models built from configs and generated sentiment data.
+
+Everything here is offline and seeded. The tiny models are saved as real HF
+model directories (config + safetensors + tokenizer) so tests exercise the
+same loading path as a user's model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful", "fun", "charming"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "tedious", "clumsy", "bland", "weak"]
+FILLER = ["the", "film", "movie", "story", "plot", "acting", "was", "is", "a", "really", "quite", "and", "cast", "ending", "script"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Sentences whose label is decided by which sentiment words they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(FILLER, rng.randint(3, 7))
+        cue = POSITIVE if label == "pos" else NEGATIVE
+        for _ in range(rng.randint(1, 2)):
+            words.insert(rng.randrange(len(words) + 1), rng.choice(cue))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _save_bert(path: Path) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = SPECIALS + sorted(set(POSITIVE + NEGATIVE + FILLER)) + list("abcdefghijklmnopqrstuvwxyz")
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0,
+    )
+    # Save a base (no head) checkpoint, as pretrained encoders ship.
+    BertForSequenceClassification(cfg).bert.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _save_gpt2(path: Path) -> Path:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = [r["text"] for r in make_rows(300, seed=1)]
+    bpe.train_from_iterator(corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    bpe.save_model(str(path))
+    tok = GPT2TokenizerFast(vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"))
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder directory (hidden 32) with a word-level vocab."""
+    return _save_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 directory (hidden 32) with a byte-level BPE and no pad token."""
+    return _save_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture
+def sentiment_files(tmp_path) -> dict[str, Path]:
+    """train (240 rows), test (60 rows) JSONL files of generated sentiment data."""
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", make_rows(240, seed=0)),
+        "test": write_jsonl(tmp_path / "test.jsonl", make_rows(60, seed=99)),
+    }
