@@ -1,0 +1,23 @@
+"""tunelab: fine-tune pretrained transformers with any paradigm.
+
+    run = tunelab.train("recipe.yaml", **{"train.lr": 3e-4})
+    clf = tunelab.load(run.dir); clf.predict(["great film"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import TunelabError
+from .predict import TunedModel, load
+
+__version__ = "0.1.0"
+__all__ = ["train", "load", "TunedModel", "TunelabError", "__version__"]
+
+
+def train(recipe: str | Path | None = None, overrides: list[str] | None = None, overwrite: bool = False, **kw):
+    """Train from a YAML recipe plus dotted overrides (`**{"train.lr": 3e-4}` or ["train.lr=3e-4"])."""
+    from . import config, pipeline
+
+    cfg = config.load(recipe, overrides, **kw)
+    return pipeline.train(cfg, overwrite=overwrite, recipe_name=Path(recipe).stem if recipe else "run")

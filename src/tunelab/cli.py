@@ -1,0 +1,147 @@
+"""`tunelab train|predict|eval|data|config` — thin: parse arguments, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import TunelabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune pretrained transformers and measure what it gained.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at data files before training.")
+config_app = typer.Typer(no_args_is_help=True, help="Config keys and resolved recipes.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. configs/classification/minilm-lora.yaml"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=3e-4 output_dir=runs/try1"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output_dir."),
+):
+    """Fine-tune a model as the recipe says; writes a run directory."""
+    import tunelab
+
+    run = tunelab.train(recipe, overrides or [], overwrite=overwrite)
+    typer.echo(f"run directory: {run.dir}")
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    file: Optional[Path] = typer.Argument(None, help="JSONL/CSV/Parquet file of texts to label."),
+    text: Optional[List[str]] = typer.Option(None, "--text", help="A text to label (repeatable)."),
+    text_field: Optional[str] = typer.Option(None, help="Text column of FILE (default: the run's data.text_field)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write predictions as JSONL here instead of stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Prediction batch size."),
+):
+    """Label texts with a trained run: labels and per-class probabilities."""
+    import tunelab
+    from .data.sources import read_examples
+
+    if (file is None) == (not text):
+        raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
+    if output is not None and output.exists() and not overwrite:
+        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+    model = tunelab.load(run_dir)
+    texts = text or [r["text"] for r in read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file")]
+    preds = model.predict(texts, batch_size)
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(lines, encoding="utf-8")
+        typer.echo(f"{len(preds)} predictions -> {output}", err=True)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    file: Path = typer.Argument(..., help="Labelled JSONL/CSV/Parquet file."),
+    text_field: Optional[str] = typer.Option(None, help="Text column (default: the run's data.text_field)."),
+    label_field: Optional[str] = typer.Option(None, help="Label column (default: the run's data.label_field)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Metrics JSON path (default RUN_DIR/eval/<file>.json)."),
+):
+    """Evaluate a trained run on a labelled file; prints and saves the metrics."""
+    import tunelab
+
+    model = tunelab.load(run_dir)
+    metrics = model.evaluate(file, text_field, label_field)
+    out = output or Path(run_dir) / "eval" / f"{Path(file).stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"file": str(file), **metrics}, indent=2) + "\n", encoding="utf-8")
+    typer.echo(format_metrics(metrics))
+    typer.echo(f"metrics -> {out}")
+
+
+def format_metrics(m: dict) -> str:
+    lines = [f"examples {m.get('examples')}  accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}",
+             f"{'label':20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
+    for name, c in m.get("per_class", {}).items():
+        lines.append(f"{name[:20]:20} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:8d}")
+    cm = m.get("confusion_matrix")
+    if cm:
+        lines.append("confusion (rows true, cols predicted): " + "  ".join(f"{l}={row}" for l, row in zip(cm["labels"], cm["rows_true_cols_pred"])))
+    return "\n".join(lines)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Path = typer.Argument(..., help="JSONL/CSV/TSV/Parquet file."),
+    text_field: str = typer.Option("text", help="Text column."),
+    label_field: str = typer.Option("label", help="Label column."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Rows read, rows cleaning would drop and why, label counts, text lengths."""
+    from . import data
+
+    report = data.inspect(file, text_field, label_field)
+    typer.echo(json.dumps(report, indent=2) if as_json else data.format_report(report))
+
+
+@config_app.command("explain")
+def config_explain():
+    """Every config key with its default and a one-line description."""
+    from . import config
+
+    typer.echo(config.explain())
+
+
+@config_app.command("show")
+def config_show(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides."),
+):
+    """Validate a recipe and print it resolved, defaults filled in."""
+    from . import config
+
+    typer.echo(config.to_yaml(config.load(recipe, overrides or [])))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TunelabError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,164 @@
+"""Loading, cleaning and splitting labelled text data, and reporting what happened to it.
+
+    splits, report = load_splits(cfg.data, seed=cfg.train.seed)
+
+Each example is {"text": str, "label": <raw label value>, "row": int}; compare
+labels with `canonical_label` (CSV "1" and JSONL 1 are the same class). The
+report says, per split, how many rows were read, dropped (and why) and kept,
+and the label counts; it is saved as data_report.json in each run directory.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import TunelabError
+from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts
+from .sources import SUPPORTED_EXTENSIONS, read_examples
+from .split import stratified_split
+
+__all__ = ["load_splits", "inspect", "format_report", "canonical_label", "SUPPORTED_EXTENSIONS"]
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """Read cfg.train (and cfg.validation / cfg.test when given), clean each, and when there is no
+    validation file hold out a stratified, seeded cfg.val_fraction of train. Returns
+    (splits, report): splits = {"train": [...], "validation": [...], "test": [...] (only when cfg.test)}.
+    Each example is {"text": str, "label": <raw label value>, "row": int} where row is the 1-based
+    data row number in the source file (line number for JSONL; for CSV the line the record starts on)."""
+    files = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    splits: dict[str, list[dict]] = {}
+    entries: dict[str, dict] = {}
+
+    for name, path in files.items():
+        if path is not None:
+            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg)
+
+    if cfg.validation is not None:
+        split_info = {"method": "file", "val_fraction": None, "seed": seed}
+    else:
+        split_info = {"method": "stratified", "val_fraction": cfg.val_fraction, "seed": seed}
+        train, validation = stratified_split(splits["train"], cfg.val_fraction, seed)
+        if not validation:
+            raise TunelabError(
+                f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
+                f"after cleaning no label has 2 or more rows ({len(train)} rows in all). "
+                f"Add more training data, or give a separate validation file in data.validation."
+            )
+        splits["train"], splits["validation"] = train, validation
+        entries["train"].update(rows=len(train), labels=label_counts(train), held_out=len(validation))
+        entries["validation"] = {
+            "from": "train",
+            "rows_read": len(validation),
+            "dropped": dict.fromkeys(DROP_REASONS, 0),
+            "rows": len(validation),
+            "labels": label_counts(validation),
+        }
+
+    train_texts = {ex["text"] for ex in splits["train"]}
+    for name in ("validation", "test"):
+        if name in splits:
+            # Reported, not dropped: the user decides whether leakage matters for their data.
+            entries[name]["overlap_with_train"] = sum(ex["text"] in train_texts for ex in splits[name])
+
+    report = {
+        "files": {name: _absolute(path) for name, path in files.items()},
+        "split": split_info,
+        "splits": {name: entries[name] for name in ("train", "validation", "test") if name in entries},
+    }
+    return {name: splits[name] for name in ("train", "validation", "test") if name in splits}, report
+
+
+def inspect(path, text_field: str = "text", label_field: str = "label", dedupe: bool = True) -> dict:
+    """Report for one file, same shape as one split's entry in load_splits' report, plus text length
+    stats (chars and whitespace words: min / median / mean / max)."""
+    examples = read_examples(path, text_field, label_field)
+    kept, dropped = clean_examples(examples, dedupe=dedupe)
+    texts = [ex["text"] for ex in kept]
+    return {
+        "file": _absolute(path),
+        "rows_read": len(examples),
+        "dropped": dropped,
+        "rows": len(kept),
+        "labels": label_counts(kept),
+        "length": {
+            "chars": _stats([len(t) for t in texts]),
+            "words": _stats([len(t.split()) for t in texts]),
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    """Human-readable plain-text rendering (used by `tunelab data inspect` and printed at train start)."""
+    if "splits" not in report:  # a single-file report from inspect()
+        return "\n".join(_format_entry(report.get("file") or "file", report))
+
+    split = report["split"]
+    if split["method"] == "stratified":
+        how = f"validation held out from train: {split['val_fraction']:.0%} per label, stratified, seed {split['seed']}"
+    else:
+        how = "validation read from its own file"
+    lines = [f"Data ({how})"]
+    for name, entry in report["splits"].items():
+        path = report["files"].get(name)
+        title = f"{name}: {path}" if path else f"{name}: held out from train"
+        lines += [""] + _format_entry(title, entry)
+    return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------
+
+def _load_file(path: str, key: str, cfg: DataConfig) -> tuple[list[dict], dict]:
+    examples = read_examples(path, cfg.text_field, cfg.label_field, key=key)
+    kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
+    if not kept:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+        raise TunelabError(
+            f"Data file '{path}' ({key}) has no rows left after cleaning: all {len(examples)} rows were dropped ({reasons}). "
+            f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
+            f"name the columns holding the text and the label, and that those columns are filled in."
+        )
+    entry = {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), "labels": label_counts(kept)}
+    return kept, entry
+
+
+def _absolute(path) -> str | None:
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
+def _stats(values: list[int]) -> dict | None:
+    if not values:
+        return None
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "mean": round(statistics.fmean(values), 2),
+        "max": max(values),
+    }
+
+
+def _format_entry(title: str, entry: dict) -> list[str]:
+    lines = [title]
+    if entry.get("from"):
+        lines.append(f"  rows: {entry['rows']} (from {entry['from']})")
+    else:
+        dropped = {reason: n for reason, n in entry["dropped"].items() if n}
+        detail = ", ".join(f"{n} {reason}" for reason, n in dropped.items()) or "none"
+        kept = entry["rows"] + entry.get("held_out", 0)
+        lines.append(f"  rows read: {entry['rows_read']}, dropped: {sum(dropped.values())} ({detail}), kept: {kept}")
+        if entry.get("held_out"):
+            lines.append(f"  held out for validation: {entry['held_out']}, left in train: {entry['rows']}")
+    total = sum(entry["labels"].values()) or 1
+    labels = ", ".join(f"{label or '(empty)'} {n} ({n / total:.0%})" for label, n in entry["labels"].items())
+    lines.append(f"  labels ({len(entry['labels'])}): {labels or 'none'}")
+    if "overlap_with_train" in entry:
+        lines.append(f"  texts also in train: {entry['overlap_with_train']}")
+    for unit, stats in (entry.get("length") or {}).items():
+        if stats:
+            lines.append(
+                f"  length in {unit}: min {stats['min']}, median {stats['median']:g}, "
+                f"mean {stats['mean']:g}, max {stats['max']}"
+            )
+    return lines

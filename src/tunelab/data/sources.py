@@ -1,0 +1,215 @@
+"""Reading data files into raw examples.
+
+`read_examples` turns a .jsonl/.json, .csv/.tsv or .parquet file into a list of
+{"text": <raw>, "label": <raw>, "row": int} dicts, untouched apart from picking
+the two columns; cleaning happens in clean.py. Every problem with the file is
+raised as a TunelabError naming the file, the line and the config key to fix,
+because users meet these errors before anything else in tunelab.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import difflib
+import io
+import json
+from pathlib import Path
+
+from ..errors import TunelabError
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+_FORMAT_HINTS = {
+    ".jsonl": "one JSON object per line, e.g. {\"text\": \"...\", \"label\": \"pos\"}",
+    ".json": "one JSON object per line (JSON lines), e.g. {\"text\": \"...\", \"label\": \"pos\"}",
+    ".csv": "a header row naming the columns (e.g. text,label) followed by one row per example",
+    ".tsv": "a tab-separated header row naming the columns (e.g. text<TAB>label) followed by one row per example",
+    ".parquet": "a table with one row per example and a text and a label column",
+}
+
+
+def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
+                  key: str | None = None) -> list[dict]:
+    """Read one data file. `key` (e.g. "data.train") is the config key named in error messages.
+    With label_field=None (texts to predict) no label column is needed and every label is None."""
+    p = resolve_path(path, key)
+    what = _describe(path, key)
+    ext = p.suffix.lower()
+    if p.stat().st_size == 0:
+        raise TunelabError(f"{what} is empty. It should hold {_FORMAT_HINTS[ext]}.")
+    if ext == ".parquet":
+        examples = _read_parquet(p, what, text_field, label_field)
+    else:
+        text = _decode_utf8(p.read_bytes(), path, what)
+        if ext in (".jsonl", ".json"):
+            examples = _read_jsonl(text, path, what, text_field, label_field)
+        else:
+            examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field)
+    if not examples:
+        raise TunelabError(f"{what} has no data rows. It should hold {_FORMAT_HINTS[ext]}.")
+    _check_label_types(examples, what, label_field, "row" if ext == ".parquet" else "line")
+    return examples
+
+
+def resolve_path(path: str | Path, key: str | None = None) -> Path:
+    """Check the file exists and has a supported extension; return it as given (relative to cwd)."""
+    p = Path(path).expanduser()
+    what = _describe(path, key)
+    if not p.exists():
+        raise TunelabError(
+            f"{what} does not exist (looked at {p.absolute()}). Check the path"
+            f"{' in ' + key if key else ''}; relative paths are taken from the current directory ({Path.cwd()})."
+        )
+    if not p.is_file():
+        raise TunelabError(f"{what} is not a file (looked at {p.absolute()}). Point {key or 'it'} at a data file, not a directory.")
+    if p.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        raise TunelabError(
+            f"{what} has an unsupported extension '{p.suffix or '(none)'}'. Supported: "
+            f"{', '.join(SUPPORTED_EXTENSIONS)} (.json must be JSON lines). Convert the file or rename it if it already is one of these."
+        )
+    return p
+
+
+def _describe(path: str | Path, key: str | None) -> str:
+    return f"Data file '{path}' ({key})" if key else f"Data file '{path}'"
+
+
+def _decode_utf8(data: bytes, path: str | Path, what: str) -> str:
+    # A BOM is what Excel and Notepad write at the start of "UTF-8" files; accept it silently.
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = e.start + bom
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1)
+        raise TunelabError(
+            f"{what} is not valid UTF-8: line {line}, byte {column + 1} of that line (byte offset {offset} in the file) "
+            f"is 0x{data[offset]:02x}. Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}` "
+            f"if it is Latin-1, or choose UTF-8 when exporting it."
+        ) from None
+
+
+def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_field: str) -> list[dict]:
+    if text.lstrip().startswith("["):
+        raise TunelabError(
+            f"{what} holds a JSON array, but tunelab reads JSON lines: one object per line. "
+            f"Convert it, e.g. `jq -c '.[]' {path} > {Path(path).with_suffix('.jsonl')}`."
+        )
+    examples = []
+    # split("\n") rather than splitlines(): JSON strings may legally contain raw U+2028 etc.
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TunelabError(
+                f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
+                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+            ) from None
+        if not isinstance(obj, dict):
+            raise TunelabError(
+                f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
+                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+            )
+        first = not examples
+        for field, config_key in _required(text_field, label_field):
+            if field not in obj:
+                if first:
+                    raise _missing_column(what, field, config_key, list(obj), f"the first object (line {line_no})")
+                raise TunelabError(
+                    f"{what} line {line_no} has no '{field}' field (its fields: {', '.join(obj) or 'none'}), "
+                    f"although earlier lines do. Every line needs '{field}'; add it there or remove the line. "
+                    f"If '{field}' is the wrong name altogether, set {config_key}."
+                )
+        examples.append({"text": obj[text_field], "label": obj.get(label_field) if label_field else None, "row": line_no})
+    return examples
+
+
+def _read_delimited(text: str, what: str, delimiter: str, text_field: str, label_field: str) -> list[dict]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    examples: list[dict] = []
+    header: list[str] | None = None
+    line_before = 0  # reader.line_num after the previous record, so a record starts on line_before + 1
+    try:
+        for record in reader:
+            start = line_before + 1
+            line_before = reader.line_num
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # blank line
+            if header is None:
+                header = [h.strip() for h in record]
+                for field, config_key in _required(text_field, label_field):
+                    if field not in header:
+                        raise _missing_column(what, field, config_key, header, f"the header row (line {start})")
+                text_col = header.index(text_field)
+                label_col = header.index(label_field) if label_field else None
+                continue
+            if len(record) != len(header):
+                raise TunelabError(
+                    f"{what} line {start} has {len(record)} field(s) but the header has {len(header)}. "
+                    f"Quote fields that contain the delimiter {'(tab)' if delimiter == chr(9) else repr(delimiter)}, "
+                    f"newlines or quotes, and check for an unclosed quote at or before that line."
+                )
+            examples.append({"text": record[text_col], "label": record[label_col] if label_col is not None else None, "row": start})
+    except csv.Error as e:
+        raise TunelabError(
+            f"{what} could not be parsed as {'TSV' if delimiter == chr(9) else 'CSV'} near line {reader.line_num}: {e}. "
+            f"Fix that record (quotes must be balanced; NUL bytes are not allowed)."
+        ) from None
+    if header is None:
+        raise TunelabError(f"{what} has no header row. The first line must name the columns, e.g. text{delimiter}label.")
+    return examples
+
+
+def _read_parquet(p: Path, what: str, text_field: str, label_field: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        columns = pq.read_schema(p).names
+        required = _required(text_field, label_field)
+        for field, config_key in required:
+            if field not in columns:
+                raise _missing_column(what, field, config_key, columns, "the Parquet schema")
+        table = pq.read_table(p, columns=[field for field, _ in required])
+    except (pa.ArrowException, OSError) as e:
+        raise TunelabError(
+            f"{what} could not be read as Parquet: {e}. Check that it is a complete Parquet file "
+            f"(re-export it, e.g. with pandas `df.to_parquet(...)`), or give it the extension of its real format."
+        ) from None
+    texts = table.column(text_field).to_pylist()
+    labels = table.column(label_field).to_pylist() if label_field else [None] * len(texts)
+    return [{"text": t, "label": y, "row": i} for i, (t, y) in enumerate(zip(texts, labels), start=1)]
+
+
+def _required(text_field: str, label_field: str | None) -> list[tuple[str, str]]:
+    """(column, config key) pairs a file must have."""
+    return [(text_field, "data.text_field")] + ([(label_field, "data.label_field")] if label_field else [])
+
+
+def _missing_column(what: str, field: str, config_key: str, found: list[str], where: str) -> TunelabError:
+    found_text = ", ".join(f"'{c}'" for c in found) if found else "none"
+    close = difflib.get_close_matches(field, found, n=1, cutoff=0.6)
+    close += [c for c in found if c.lower() == field.lower() and c not in close]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return TunelabError(
+        f"{what} has no '{field}' column in {where}; columns found: {found_text}. "
+        f"Set {config_key} to the column that holds the {'text' if config_key.endswith('text_field') else 'label'}{hint}, "
+        f"e.g. {config_key}={close[0] if close else (found[0] if found else field)} "
+        f"(--{config_key.split('.')[1].replace('_', '-')} for `tunelab data inspect`)."
+    )
+
+
+def _check_label_types(examples: list[dict], what: str, label_field: str, unit: str) -> None:
+    # A list/dict label means a multi-label or structured file; single-label classification
+    # would otherwise silently treat "['a', 'b']" as a class of its own.
+    for ex in examples:
+        if isinstance(ex["label"], (list, dict)):
+            raise TunelabError(
+                f"{what} {unit} {ex['row']} has a {type(ex['label']).__name__} in '{label_field}': {ex['label']!r:.80}. "
+                f"Labels must be single strings or integers (one class per example); fix that row or point "
+                f"data.label_field at a single-valued column."
+            )

@@ -1,0 +1,39 @@
+"""Seeded, stratified hold-out of a validation set from train."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from .clean import canonical_label, label_sort_key
+
+
+def stratified_split(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split into (train, validation), holding out about `val_fraction` of every class.
+
+    Per class, round(n * val_fraction) rows go to validation, at least one when the
+    class has two or more rows and never all of them, so every class stays in train.
+    Both outputs keep the input order. The same seed always gives the same split.
+    """
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_class[canonical_label(ex["label"])].append(i)
+
+    rng = random.Random(seed)
+    held_out: set[int] = set()
+    # One generator over classes in a fixed order: independent of dict/hash order,
+    # and classes of equal size do not all get the same permutation.
+    for label in sorted(by_class, key=label_sort_key):
+        indices = list(by_class[label])
+        n = len(indices)
+        k = round(n * val_fraction)
+        if n >= 2:
+            k = min(max(k, 1), n - 1)
+        else:
+            k = 0
+        rng.shuffle(indices)
+        held_out.update(indices[:k])
+
+    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    validation = [ex for i, ex in enumerate(examples) if i in held_out]
+    return train, validation

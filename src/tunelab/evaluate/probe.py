@@ -1,0 +1,53 @@
+"""Linear probe: logistic regression on the frozen base model's mean-pooled features.
+
+A classification head at initialisation predicts nothing meaningful, so the
+honest baseline for "was fine-tuning worth it?" is the best linear classifier
+on the features the pretrained model already has.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import _body
+
+
+@torch.no_grad()
+def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: int, device) -> torch.Tensor:
+    _, body = _body(model)
+    model.eval()
+    out = []
+    for i in range(0, len(features), batch_size):
+        batch = task.collate(features[i : i + batch_size], pad_id)
+        mask = batch["attention_mask"].to(device)
+        hidden = body(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+    return torch.cat(out)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, steps: int = 200):
+    """Multinomial logistic regression by L-BFGS on standardised features; returns a scoring function."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    xs = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return lambda z: ((z - mean) / std) @ w.detach() + b.detach()
+
+
+def run(model, task, feats: dict[str, list[dict]], info: dict, batch_size: int, pad_id: int, device) -> dict:
+    """Fit on train, report the task's metrics on every other split."""
+    x = {name: pooled_features(model, task, f, batch_size, pad_id, device) for name, f in feats.items()}
+    y = {name: torch.tensor([f["label"] for f in fs]) for name, fs in feats.items()}
+    score = fit(x["train"], y["train"], len(info["labels"]))
+    return {name: task.metrics(score(x[name]), y[name], info) for name in feats if name != "train"}

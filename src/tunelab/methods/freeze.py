@@ -1,0 +1,35 @@
+"""Partial fine-tuning: freeze the embeddings and the lower N transformer blocks.
+
+With `freeze_layers: all` only the head trains (a linear probe when the head
+is one layer). Blocks are found by `models.blocks`, so any architecture whose
+body holds a ModuleList of blocks works without a table of names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import TunelabError
+from ..models import parameter_groups
+from .full import ARTIFACT, merge, save  # noqa: F401  (same artifact as full: a complete model dir)
+
+
+def apply(model, cfg, head: list[str]):
+    groups = parameter_groups(model)
+    n_blocks = sum(1 for g in groups if g.startswith("block_"))
+    n = n_blocks if cfg.freeze_layers == "all" else cfg.freeze_layers
+    if n > n_blocks:
+        raise TunelabError(
+            f"method.freeze_layers={n} but the model has only {n_blocks} transformer blocks. Set method.freeze_layers "
+            f"to at most {n_blocks}, or to 'all' to train the head only."
+        )
+    frozen = {f"block_{i}" for i in range(n)}
+    if cfg.freeze_embeddings:
+        frozen.add("embeddings")
+    if n == n_blocks:
+        frozen.add("top")  # final norms sit above every block: head-only means they freeze too
+    params = dict(model.named_parameters())
+    for group, names in groups.items():
+        for name in names:
+            params[name].requires_grad_(group not in frozen)
+    return model

@@ -1,0 +1,21 @@
+"""Full fine-tuning: every parameter is trained and the whole model is saved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARTIFACT = "model"  # a complete HF model dir, loadable with from_pretrained
+
+
+def apply(model, cfg, head: list[str]):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save(model, out_dir: Path, base_model_path: str, head: list[str]) -> None:
+    model.save_pretrained(out_dir)
+
+
+def merge(model):
+    return model  # nothing to fold: the weights are the model

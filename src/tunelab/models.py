@@ -1,0 +1,167 @@
+"""Load a local Hugging Face model + tokenizer, and find its parts.
+
+The part-finding helpers (head, transformer blocks, embeddings) are shared by
+every method that needs to know the anatomy of a model (freeze, LoRA, and
+later layer-wise learning rates), so no method hard-codes an architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import TunelabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TunelabError(
+            f"Model directory '{path}' ({key}) does not exist (looked at {p.resolve()}). Point {key} at a local "
+            f"Hugging Face model directory holding config.json, the weights and the tokenizer files; nothing is downloaded."
+        )
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise TunelabError(
+            f"'{path}' ({key}) is not a Hugging Face model directory: it has no config.json. Point {key} at the folder "
+            f"that holds config.json, model.safetensors (or pytorch_model.bin) and the tokenizer files."
+        )
+    try:
+        json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TunelabError(f"'{p / 'config.json'}' ({key}) is not valid JSON ({e}); the model directory looks damaged — re-export or re-copy it.") from None
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise TunelabError(
+            f"Model directory '{path}' ({key}) has a config.json but no weights ({', '.join(WEIGHT_FILES)}). "
+            f"Copy the weight files next to config.json, or point {key} at the complete model directory."
+        )
+    return p
+
+
+def device_of(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise TunelabError(
+            f"Could not load a tokenizer from '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}). The model directory needs "
+            f"its tokenizer files (tokenizer.json, or vocab.txt / vocab.json + merges.txt, and tokenizer_config.json)."
+        ) from None
+    if tok.pad_token is None:
+        # Decoder-only models ship without a pad token; padding positions are masked, so reusing EOS is safe.
+        if tok.eos_token is None:
+            raise TunelabError(f"The tokenizer in '{path}' has neither a pad nor an EOS token, so batches cannot be padded. Add a pad token to its tokenizer_config.json.")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_kwargs):
+    """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification)."""
+    path = check_model_dir(path or cfg.path)
+    tok = load_tokenizer(path, cfg.trust_remote_code)
+    # Head weights absent from a base checkpoint are expected; keep transformers' load report quiet.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = auto_class.from_pretrained(
+            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **model_kwargs
+        )
+    except ValueError as e:
+        raise TunelabError(
+            f"'{path}' ({'model.path'}) cannot be loaded as {auto_class.__name__}: {str(e).splitlines()[0]} "
+            f"Use a model whose architecture transformers supports for this task, or set model.trust_remote_code=true for custom code you trust."
+        ) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+# -- anatomy ------------------------------------------------------------------
+
+def _body(model: nn.Module) -> tuple[str, nn.Module]:
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and hasattr(model, prefix):
+        return prefix, getattr(model, prefix)
+    return "", model
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the task-head modules: everything with parameters outside the body, plus the body's pooler.
+
+    The pooler (BERT) feeds only the classification head, so it is trained with the head.
+    """
+    prefix, body = _body(model)
+    names = [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+    if prefix and isinstance(getattr(body, "pooler", None), nn.Module):
+        names.insert(0, f"{prefix}.pooler")
+    return names
+
+
+def blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The stack of transformer blocks: the longest ModuleList in the body (encoder.layer, h, layers, ...)."""
+    prefix, body = _body(model)
+    best_name, best = "", None
+    for name, mod in body.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > (len(best) if best is not None else 0):
+            best_name, best = name, mod
+    if best is None:
+        raise TunelabError(
+            f"Could not find the transformer blocks of {type(model).__name__} (no ModuleList in its body), so "
+            f"method.freeze_layers cannot be applied. Use method.name=full or lora for this model."
+        )
+    full = f"{prefix}.{best_name}" if prefix else best_name
+    return full, list(best)
+
+
+def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
+    """Split parameter names into embeddings (before the blocks), block_<i>, top (after the blocks) and head."""
+    head = head_modules(model)
+    block_prefix, stack = blocks(model)
+    groups: dict[str, list[str]] = {"embeddings": [], "top": [], "head": []}
+    groups.update({f"block_{i}": [] for i in range(len(stack))})
+    seen_blocks = False
+    for name, _ in model.named_parameters():
+        if any(name == h or name.startswith(h + ".") for h in head):
+            groups["head"].append(name)
+        elif name.startswith(block_prefix + "."):
+            seen_blocks = True
+            groups[f"block_{int(name[len(block_prefix) + 1:].split('.')[0])}"].append(name)
+        else:
+            # Registration order puts embeddings before the blocks and final norms after them.
+            groups["top" if seen_blocks else "embeddings"].append(name)
+    return groups
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared weights are counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_params(model)
+    return f"trainable: {trainable:,} / total: {total:,} ({100 * trainable / max(total, 1):.4f}%)"

@@ -1,0 +1,184 @@
+"""The spine: config -> data -> model -> method -> train -> evaluate -> save -> summary.
+
+Read top to bottom, `train` is the whole story of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as config_mod
+from . import data, evaluate, methods, models, tasks
+from .config import Config
+from .errors import TunelabError
+from .evaluate import probe
+from .training import loop
+
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json")
+
+
+@dataclass
+class Run:
+    dir: Path
+    summary: dict
+
+
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
+    t_start = time.perf_counter()
+    out_path = cfg.output_dir or default_output_dir(recipe_name)
+    check_run_dir(out_path, overwrite)  # fail before any work, but create nothing until the inputs are known good
+    seed_everything(cfg.train.seed)
+
+    task = tasks.get(cfg.task.type)
+    splits, report = data.load_splits(cfg.data, cfg.train.seed)
+    say(data.format_report(report))
+    info = task.label_info(splits, cfg.data.label_field)
+    model, tokenizer = task.build_model(cfg.model, info)
+
+    run_dir = make_run_dir(out_path, overwrite)
+    cfg = resolve_paths(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    write_json(run_dir / "data_report.json", report)
+    write_json(run_dir / "labels.json", info)
+    device = models.device_of(cfg.model)
+    model.to(device)
+    feats = {name: task.encode(rows, tokenizer, info, cfg.data.max_length) for name, rows in splits.items()}
+    held_out = {name: f for name, f in feats.items() if name != "train"}
+    pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
+
+    summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
+    if cfg.eval.base:
+        summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
+    if cfg.eval.linear_probe:
+        summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
+
+    method = methods.get(cfg.method.name)
+    head = models.head_modules(model)
+    model = method.apply(model, cfg.method, head)
+    trainable, total = models.count_params(model)
+    say(models.trainable_summary(model))
+
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
+        def log(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs, log)
+        summary["eval"] = evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
+        if "test" in feats:
+            summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
+            log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
+
+    out = run_dir / method.ARTIFACT
+    method.save(model, out, cfg.model.path, head)
+    tokenizer.save_pretrained(out)
+
+    summary.update({
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+        "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(device),
+        "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
+        "metric": result["best_metric"], "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])} for g in result["optimizer_groups"]],
+        "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
+        "device": str(device), "torch": torch.__version__,
+    })
+    write_json(run_dir / "summary.json", summary)
+    say(headline(summary, task.MAIN_METRIC))
+    return Run(run_dir, summary)
+
+
+# -- helpers --------------------------------------------------------------------
+
+def default_output_dir(recipe_name: str) -> str:
+    return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(path: str, overwrite: bool) -> None:
+    """An existing non-empty output dir is only replaced with --overwrite, and only if it is a tunelab run."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise TunelabError(f"output_dir '{path}' exists and is a file, not a directory. Choose another output_dir=... .")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise TunelabError(
+                f"Output directory '{path}' already exists and is not empty ({', '.join(sorted(x.name for x in p.iterdir())[:6])}). "
+                f"Choose a new output_dir=..., or pass --overwrite to replace that run."
+            )
+        if not (p / "config.yaml").is_file() or not any((p / f).exists() for f in RUN_FILES[1:]):
+            raise TunelabError(
+                f"--overwrite refused: '{path}' does not look like a tunelab run directory (no config.yaml/metrics.jsonl), "
+                f"so deleting it could lose your files. Choose an empty or new output_dir=... ."
+            )
+
+
+def make_run_dir(path: str, overwrite: bool) -> Path:
+    check_run_dir(path, overwrite)
+    p = Path(path)
+    if p.is_dir() and any(p.iterdir()):
+        shutil.rmtree(p)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def resolve_paths(cfg: Config, run_dir: Path) -> Config:
+    """Make file paths absolute so the saved config works from any directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = str(run_dir.resolve())
+    if Path(cfg.model.path).exists():
+        cfg.model.path = str(Path(cfg.model.path).resolve())
+    for key in ("train", "validation", "test"):
+        value = getattr(cfg.data, key)
+        if value and Path(value).exists():
+            setattr(cfg.data, key, str(Path(value).resolve()))
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the peak resident set of this process.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)
+
+
+def headline(summary: dict, metric: str) -> str:
+    lines = [f"{'split':12} {'base':>8} {'probe':>8} {'tuned':>8}   ({metric})"]
+    for split in ("validation", "test"):
+        tuned = summary.get("eval" if split == "validation" else "test")
+        if tuned is None:
+            continue
+        base = summary.get("base", {}).get(split, {}).get(metric)
+        lp = summary.get("linear_probe", {}).get(split, {}).get(metric)
+        fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
+        lines.append(f"{split:12} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
+    lines.append(f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} ({summary['trainable_percent']:.2f}%), "
+                 f"{summary['train_seconds']:.1f}s, {summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MB, "
+                 f"saved {summary['artifact_mb']:.1f} MB -> {summary.get('artifact')}/")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""Single-label text classification: rows -> tensors, head, loss, metrics.
+
+The training loop only calls the functions below, so it never needs to know
+which task it is training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from ..data.clean import canonical_label
+from ..errors import TunelabError
+from ..evaluate import metrics as M
+
+MAIN_METRIC = "accuracy"
+METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
+
+
+def label_info(splits: dict[str, list[dict]], label_field: str = "label") -> dict:
+    """Label names from the training split; integer-like labels sort numerically."""
+    train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=_sort_key)
+    if len(train) < 2:
+        only = train[0] if train else "none"
+        raise TunelabError(
+            f"The training data has a single label class ('{only}' in column '{label_field}'), so there is nothing to "
+            f"classify. Check data.label_field points at the label column and that the file holds at least two classes."
+        )
+    info = {"labels": train}
+    for split in ("validation", "test"):
+        check_labels(splits.get(split, []), info, f"{split} data")
+    return info
+
+
+def check_labels(rows: list[dict], info: dict, where: str) -> None:
+    unseen = sorted({canonical_label(r["label"]) for r in rows} - set(info["labels"]), key=_sort_key)
+    if unseen:
+        raise TunelabError(
+            f"The {where} has labels never seen in training: {', '.join(map(repr, unseen[:10]))} (training labels: "
+            f"{', '.join(map(repr, info['labels'][:20]))}). Fix those labels, or add examples of them to data.train and retrain."
+        )
+
+
+def _sort_key(label: str):
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def build_model(model_cfg, info: dict, path=None):
+    from transformers import AutoModelForSequenceClassification
+
+    labels = info["labels"]
+    return models.load(
+        model_cfg, AutoModelForSequenceClassification, path=path, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+    )
+
+
+def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> list[dict]:
+    """Tokenize once up front; labels become ids (absent labels -> -1 for unlabelled prediction)."""
+    ids = {l: i for i, l in enumerate(info["labels"])}
+    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
+    return [
+        {"input_ids": input_ids, "label": ids.get(canonical_label(r["label"]), -1) if r.get("label") is not None else -1}
+        for input_ids, r in zip(enc["input_ids"], rows)
+    ]
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (dynamic padding)."""
+    longest = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), longest), dtype=torch.long)
+    for i, f in enumerate(features):
+        input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, : len(f["input_ids"])] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+
+
+def forward(model, batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def loss(model, batch) -> torch.Tensor:
+    """Loss summed over the batch; the loop divides by `count` over the whole accumulated batch."""
+    return F.cross_entropy(forward(model, batch).float(), batch["labels"], reduction="sum")
+
+
+def count(batch) -> int:
+    return int(batch["labels"].numel())
+
+
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
+    """Metrics from concatenated logits and label ids of a whole split."""
+    out = M.classification(outputs.argmax(-1).numpy(), labels.numpy(), info["labels"])
+    out["loss"] = float(F.cross_entropy(outputs.float(), labels).item())
+    return {"accuracy": out.pop("accuracy"), "macro_f1": out.pop("macro_f1"), "loss": out.pop("loss"), **out}
+
+
+def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
+    probs = outputs.float().softmax(-1).numpy()
+    names = info["labels"]
+    return [
+        {"label": names[int(np.argmax(p))], "score": float(p.max()), "probs": {n: float(x) for n, x in zip(names, p)}}
+        for p in probs
+    ]

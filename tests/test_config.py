@@ -1,0 +1,102 @@
+import pytest
+import yaml
+
+from tunelab import config
+from tunelab.errors import TunelabError
+
+BASE = ["model.path=m", "data.train=t.jsonl"]
+
+
+def test_overrides_are_typed():
+    cfg = config.load(None, BASE + ["train.lr=3e-4", "train.batch_size=8", "method.name=lora",
+                                    "method.target_modules=[query,value]", "train.max_grad_norm=", "train.eval_every=50"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 8
+    assert cfg.method.name == "lora" and cfg.method.target_modules == ["query", "value"]
+    assert cfg.train.max_grad_norm is None
+    assert cfg.train.eval_every == 50
+
+
+def test_yaml_recipe_with_override_and_kwargs(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"lr": 1e-4}}))
+    cfg = config.load(p, ["train.lr=5e-4"], **{"train.seed": 7})
+    assert cfg.train.lr == 5e-4 and cfg.train.seed == 7
+    assert cfg.method.name == "full" and cfg.task.type == "classification"
+
+
+def test_required_keys_exist():
+    cfg = config.load(None, BASE)
+    for key in ("model.path", "model.dtype", "data.train", "data.validation", "data.test", "data.text_field",
+                "data.label_field", "data.val_fraction", "task.type", "method.name", "train.epochs", "train.lr",
+                "train.batch_size", "train.seed", "output_dir"):
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "did you mean 'train.lr'"),
+    ("trian.lr=1", "did you mean 'train'"),
+    ("data.text_feild=x", "did you mean 'data.text_field'"),
+])
+def test_unknown_key_did_you_mean(override, expected):
+    with pytest.raises(TunelabError) as e:
+        config.load(None, BASE + [override])
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=0", "train.lr"),
+    ("train.lr=-1e-4", "train.lr"),
+    ("data.val_fraction=1.0", "data.val_fraction"),
+    ("data.val_fraction=0", "data.val_fraction"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.dtype=float8", "model.dtype"),
+    ("train.eval_every=0", "train.eval_every"),
+])
+def test_out_of_range_names_the_key(override, key):
+    with pytest.raises(TunelabError) as e:
+        config.load(None, BASE + [override])
+    assert f"'{key}'" in str(e.value)
+
+
+def test_method_specific_keys():
+    with pytest.raises(TunelabError, match="'method.r'"):
+        config.load(None, BASE + ["method.name=lora", "method.r=0"])
+    with pytest.raises(TunelabError, match="'method.freeze_layers'"):
+        config.load(None, BASE + ["method.name=freeze", "method.freeze_layers=-1"])
+    # a LoRA key on a freeze method is a typo the user should hear about
+    with pytest.raises(TunelabError, match="unknown key 'method.r'"):
+        config.load(None, BASE + ["method.name=freeze", "method.r=8"])
+    with pytest.raises(TunelabError, match="must be one of full, freeze, lora"):
+        config.load(None, BASE + ["method.name=lorra"])
+
+
+def test_missing_required_and_bad_files(tmp_path):
+    with pytest.raises(TunelabError, match="'model' is required"):
+        config.load(None, ["data.train=t.jsonl"])
+    with pytest.raises(TunelabError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: [unclosed\n")
+    with pytest.raises(TunelabError, match="not valid YAML at line"):
+        config.load(bad)
+    with pytest.raises(TunelabError, match="key=value"):
+        config.load(None, BASE + ["train.lr"])
+
+
+def test_every_field_is_described_and_explained():
+    text = config.explain()
+    for key in ("train.lr", "method.r (lora)", "method.freeze_layers (freeze)", "data.val_fraction", "output_dir"):
+        assert key in text
+    for section in (config.ModelConfig, config.DataConfig, config.TaskConfig, config.TrainConfig, config.EvalConfig,
+                    config.FullConfig, config.FreezeConfig, config.LoraConfig):
+        for name, field in section.model_fields.items():
+            assert field.description, f"{section.__name__}.{name} has no description"
+
+
+def test_round_trip_yaml():
+    cfg = config.load(None, BASE + ["method.name=lora", "method.r=4"])
+    again = config.validate(yaml.safe_load(config.to_yaml(cfg)))
+    assert again == cfg
