@@ -100,3 +100,13 @@ def test_round_trip_yaml():
     cfg = config.load(None, BASE + ["method.name=lora", "method.r=4"])
     again = config.validate(yaml.safe_load(config.to_yaml(cfg)))
     assert again == cfg
+
+
+def test_switching_method_on_the_command_line_replaces_the_method_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"},
+                                 "method": {"name": "lora", "r": 4, "target_modules": ["query"]}}))
+    assert config.load(p, ["method.name=full"]).method.name == "full"
+    cfg = config.load(p, ["method.name=freeze", "method.freeze_layers=1"])
+    assert cfg.method.freeze_layers == 1
+    assert config.load(p, ["method.r=2"]).method.r == 2  # same method: keys merge

@@ -165,7 +165,13 @@ def load(path: str | Path | None, overrides: list[str] | dict[str, Any] | None =
             raise TunelabError(f"Config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
         if not isinstance(tree, dict):
             raise TunelabError(f"Config file '{path}' must hold a mapping of sections (model, data, task, method, train), not {type(tree).__name__}.")
-    for key, value in {**parse_overrides(overrides), **kw}.items():
+    changes = {**parse_overrides(overrides), **kw}
+    method = tree.get("method")
+    if "method.name" in changes and isinstance(method, dict) and method.get("name") != changes["method.name"]:
+        # Switching method on the command line replaces the recipe's method section: its
+        # keys (r, alpha, ...) belong to the old method and would be rejected as unknown.
+        tree["method"] = {}
+    for key, value in changes.items():
         _set_dotted(tree, key, value)
     return validate(tree, source)
 

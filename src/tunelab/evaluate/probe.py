@@ -10,20 +10,21 @@ from __future__ import annotations
 import torch
 
 from ..models import _body
+from . import length_sorted_batches
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: int, device) -> torch.Tensor:
     _, body = _body(model)
     model.eval()
-    out = []
-    for i in range(0, len(features), batch_size):
-        batch = task.collate(features[i : i + batch_size], pad_id)
+    out = torch.empty(len(features), model.config.hidden_size)
+    for idx in length_sorted_batches(features, batch_size):
+        batch = task.collate([features[i] for i in idx], pad_id)
         mask = batch["attention_mask"].to(device)
         hidden = body(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
         m = mask.unsqueeze(-1).float()
-        out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
-    return torch.cat(out)
+        out[idx] = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+    return out
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, steps: int = 200):

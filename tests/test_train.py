@@ -1,0 +1,287 @@
+"""The training loop and the whole pipeline: accumulation == one big batch, seeded determinism,
+early stopping with best-weights restore, what a run writes, that a tiny model learns, GPT-2."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import tunelab
+from conftest import make_rows, write_jsonl
+from tunelab import config as config_mod
+from tunelab import methods, models
+from tunelab.config import FullConfig, ModelConfig, TrainConfig
+from tunelab.tasks import classification
+from tunelab.training import loop, optim
+
+INFO = {"labels": ["neg", "pos"]}
+FAST = ["eval.linear_probe=false", "train.batch_size=16", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """train (160 rows), validation (40) and test (40) files with distinct texts in each."""
+    root = tmp_path_factory.mktemp("data")
+    rows, seen = [], set()
+    for r in make_rows(400, seed=7):
+        if r["text"] not in seen:
+            seen.add(r["text"])
+            rows.append(r)
+    return {
+        "train": write_jsonl(root / "train.jsonl", rows[:160]),
+        "validation": write_jsonl(root / "validation.jsonl", rows[160:200]),
+        "test": write_jsonl(root / "test.jsonl", rows[200:240]),
+    }
+
+
+@pytest.fixture(scope="module")
+def bert_no_dropout(tiny_bert, tmp_path_factory) -> Path:
+    """tiny_bert with every dropout off, so a training step is a deterministic function of the batch."""
+    path = tmp_path_factory.mktemp("models") / "tiny-bert-no-dropout"
+    shutil.copytree(tiny_bert, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=None)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _train(out: Path, model_dir: Path, data: dict[str, Path], *overrides: str, splits=("train", "validation")):
+    args = [f"model.path={model_dir}", "model.device=cpu", f"output_dir={out}", *FAST]
+    args += [f"data.{s}={data[s]}" for s in splits]
+    return tunelab.train(None, args + list(overrides), overwrite=False)
+
+
+def _records(run_dir: Path, kind: str, split: str | None = None) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    recs = [json.loads(line) for line in lines]
+    return [r for r in recs if r["type"] == kind and (split is None or r.get("split") == split)]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+# -- gradient accumulation --------------------------------------------------------
+
+def _loop(model_dir: Path, rows: list[dict], opt_kind: str, monkeypatch, **train_kw):
+    """Run the loop directly; returns (trained model, train log records)."""
+    if opt_kind == "sgd":
+        # SGD is not invariant to the gradient's scale (AdamW almost is), so it also catches
+        # a wrong normalisation (e.g. a mean per micro-batch instead of per optimizer step).
+        real_build = optim.build
+
+        def sgd_build(model, head, cfg, total_steps):
+            _, _, groups = real_build(model, head, cfg, total_steps)
+            opt = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]} for g in groups])
+            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), groups
+
+        monkeypatch.setattr(loop.optim, "build", sgd_build)
+    torch.manual_seed(0)
+    model, tok = classification.build_model(ModelConfig(path=str(model_dir), device="cpu"), INFO)
+    head = models.head_modules(model)
+    model = methods.get("full").apply(model, FullConfig(name="full"), head)
+    feats = classification.encode(rows, tok, INFO, 64)
+    records = []
+    cfg = TrainConfig(log_every=1, eval_every=1000, scheduler="constant", max_grad_norm=None, seed=3, **train_kw)
+    loop.run(model, classification, feats, feats[:4], INFO, cfg, head, tok.pad_token_id, torch.device("cpu"), 16,
+             records.append)
+    return model, [r for r in records if r["type"] == "train"]
+
+
+@pytest.mark.parametrize("opt_kind,lr", [("adamw", 1e-3), ("sgd", 0.5)])
+def test_grad_accum_equals_one_big_batch(bert_no_dropout, monkeypatch, opt_kind, lr):
+    # 14 rows of 4..9 words: per epoch the 8x1 run takes steps of [8], [6] examples and the 4x2 run
+    # [4+4], [4+2], so padding differs and the last step has unequal micro-batches.
+    rows = make_rows(14, seed=5)
+    assert len({len(r["text"].split()) for r in rows}) > 3
+    big, big_log = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=8, grad_accum=1, max_steps=4, lr=lr)
+    acc, acc_log = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=4, grad_accum=2, max_steps=4, lr=lr)
+
+    assert [r["step"] for r in big_log] == [r["step"] for r in acc_log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in acc_log] == pytest.approx([r["loss"] for r in big_log], rel=1e-5)
+    assert [r["tokens"] for r in acc_log] == [r["tokens"] for r in big_log]
+    big_params, moved = dict(big.named_parameters()), 0.0
+    torch.manual_seed(0)
+    start = dict(classification.build_model(ModelConfig(path=str(bert_no_dropout)), INFO)[0].named_parameters())
+    for name, p in acc.named_parameters():
+        torch.testing.assert_close(p, big_params[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+        moved = max(moved, (p - start[name]).abs().max().item())
+    assert moved > 1e-3  # the steps did move the weights
+
+
+# -- determinism ---------------------------------------------------------------
+
+def test_same_seed_same_run_other_seed_differs(tiny_bert, data, tmp_path):
+    # tiny_bert keeps its dropout, so the dropout RNG is covered too.
+    args = ["train.max_steps=6", "train.lr=1e-3", "train.eval_every=3"]
+    a = _train(tmp_path / "a", tiny_bert, data, *args, "train.seed=1")
+    b = _train(tmp_path / "b", tiny_bert, data, *args, "train.seed=1")
+    c = _train(tmp_path / "c", tiny_bert, data, *args, "train.seed=2")
+
+    losses = {k: [r["loss"] for r in _records(r.dir, "train")] for k, r in {"a": a, "b": b, "c": c}.items()}
+    assert len(losses["a"]) == 6
+    assert losses["a"] == losses["b"]
+    assert losses["a"] != losses["c"]
+    wa, wb, wc = _weights(a.dir), _weights(b.dir), _weights(c.dir)
+    assert wa.keys() == wb.keys() == wc.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert a.summary["eval"] == b.summary["eval"]
+
+
+# -- early stopping and best restore --------------------------------------------------
+
+def test_early_stopping_restores_best(tiny_bert, data, tmp_path):
+    # A learning rate far too high makes the validation loss climb after the first steps.
+    run = _train(tmp_path / "run", tiny_bert, data, "train.lr=0.05", "train.max_steps=30", "train.eval_every=1",
+                 "train.patience=2", "train.metric=loss", "train.scheduler=constant", "train.seed=0",
+                 splits=("train", "validation", "test"))
+    s = run.summary
+    evals = _records(run.dir, "eval", "validation")
+    # (a) stopped before the planned 30 steps, right when patience ran out
+    assert s["stopped_early"] is True
+    assert s["steps"] < 30
+    assert s["steps"] == s["best_step"] + 2
+    assert [e["step"] for e in evals] == list(range(1, s["steps"] + 1))
+    assert [e["improved"] for e in evals[-2:]] == [False, False]
+    # (b) the best record in metrics.jsonl is the one at best_step, and it is the minimum loss
+    best = next(e for e in evals if e["step"] == s["best_step"])
+    assert best["loss"] == min(e["loss"] for e in evals)
+    assert s["metric"] == {"loss": best["loss"]}
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("type", "step", "epoch", "split", "improved")}
+    assert s["eval"] == strip(best)
+    # (c) the model kept (and saved) is the best one, not the last one
+    last = evals[-1]
+    assert last["loss"] > best["loss"]
+    reloaded = tunelab.load(run.dir, device="cpu").evaluate(data["validation"])
+    assert reloaded["loss"] == pytest.approx(best["loss"], abs=1e-6)
+    assert reloaded["accuracy"] == best["accuracy"]
+    assert reloaded["loss"] != pytest.approx(last["loss"], abs=1e-4)
+    # the test split is evaluated once, with the best model
+    (test_rec,) = _records(run.dir, "eval", "test")
+    assert strip(test_rec) == s["test"]
+    assert tunelab.load(run.dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(s["test"]["loss"], abs=1e-6)
+
+
+# -- metrics.jsonl and summary.json ---------------------------------------------------------
+
+def test_metrics_log_and_summary(tiny_bert, data, tmp_path):
+    run = _train(tmp_path / "run", tiny_bert, data, "train.max_steps=7", "train.log_every=3", "train.eval_every=4",
+                 "train.lr=1e-3", "train.warmup_steps=2", "train.scheduler=linear", "eval.base=true",
+                 splits=("train", "validation", "test"))
+    train = _records(run.dir, "train")
+    assert [r["step"] for r in train] == [3, 6, 7]  # every log_every steps, and the last step
+    for r in train:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["lr"] == pytest.approx(1e-3 * optim.lr_factor(r["step"] - 1, 2, 7, "linear"))
+    assert [r["step"] for r in _records(run.dir, "eval", "validation")] == [4, 7]
+    assert [r["step"] for r in _records(run.dir, "eval", "test")] == [7]
+    for r in _records(run.dir, "eval"):
+        assert {"accuracy", "macro_f1", "loss", "per_class", "confusion_matrix"} <= set(r)
+
+    on_disk = json.loads((run.dir / "summary.json").read_text(encoding="utf-8"))
+    for key in ("method", "trainable_params", "total_params", "trainable_percent", "train_seconds",
+                "tokens_per_second", "peak_memory_mb", "eval", "test", "base"):
+        assert key in on_disk, key
+    assert on_disk["method"] == "full"
+    assert on_disk["trainable_params"] == on_disk["total_params"] == sum(v.numel() for v in _weights(run.dir).values())
+    assert on_disk["trainable_percent"] == pytest.approx(100.0)
+    assert on_disk["train_seconds"] > 0 and on_disk["tokens_per_second"] > 0 and on_disk["peak_memory_mb"] > 0
+    assert on_disk["steps"] == 7
+    assert set(on_disk["base"]) == {"validation", "test"}
+    n = {"validation": 40, "test": 40}
+    for split, metrics in [("validation", on_disk["base"]["validation"]), ("test", on_disk["base"]["test"]),
+                           ("validation", on_disk["eval"]), ("test", on_disk["test"])]:
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+        assert set(metrics["per_class"]) == {"neg", "pos"}
+        for c in metrics["per_class"].values():
+            assert 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1
+        cm = metrics["confusion_matrix"]
+        assert cm["labels"] == ["neg", "pos"]
+        assert sum(map(sum, cm["rows_true_cols_pred"])) == n[split]
+        assert metrics["accuracy"] == pytest.approx((cm["rows_true_cols_pred"][0][0] + cm["rows_true_cols_pred"][1][1]) / n[split])
+
+
+# -- it learns ----------------------------------------------------------------
+
+def test_tiny_bert_learns_sentiment(tiny_bert, data, tmp_path):
+    run = _train(tmp_path / "run", tiny_bert, data, "train.lr=3e-3", "train.epochs=4", "train.scheduler=constant",
+                 "train.seed=0", "train.log_every=10", splits=("train", "validation", "test"))
+    s = run.summary
+    assert s["base"]["validation"]["accuracy"] < 0.7
+    assert s["eval"]["accuracy"] >= 0.9
+    assert s["eval"]["accuracy"] >= s["base"]["validation"]["accuracy"] + 0.25
+    assert s["test"]["accuracy"] >= 0.85
+    losses = [r["loss"] for r in _records(run.dir, "train")]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# -- what a run directory holds -------------------------------------------------------
+
+@pytest.mark.parametrize("method,extra", [
+    ("full", []),
+    ("freeze", ["method.freeze_layers=1"]),
+    ("lora", ["method.r=4", "method.target_modules=[query,value]"]),
+])
+def test_run_directory(method, extra, tiny_bert, data, tmp_path):
+    overrides = [f"model.path={tiny_bert}", "model.device=cpu", f"data.train={data['train']}", f"data.test={data['test']}",
+                 f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.lr=1e-3", "eval.base=false",
+                 f"method.name={method}", *FAST, *extra]
+    run = tunelab.train(None, overrides)
+    files = {p.name for p in run.dir.iterdir()}
+    artifact = "adapter" if method == "lora" else "model"
+    assert {"config.yaml", "data_report.json", "labels.json", "metrics.jsonl", "summary.json", artifact} <= files
+    assert ({"adapter", "model"} - {artifact}).isdisjoint(files)
+
+    # config.yaml is what ran: the same settings, with paths made absolute
+    saved = config_mod.load(run.dir / "config.yaml")
+    expected = config_mod.load(None, overrides)
+    expected.model.path = str(tiny_bert.resolve())
+    expected.data.train = str(data["train"].resolve())
+    expected.data.test = str(data["test"].resolve())
+    expected.output_dir = str((tmp_path / "run").resolve())
+    assert saved == expected
+    assert json.loads((run.dir / "labels.json").read_text()) == INFO
+    report = json.loads((run.dir / "data_report.json").read_text())
+    assert report["splits"]["train"]["rows"] + report["splits"]["validation"]["rows"] == 160
+    assert run.summary["method"] == method
+
+    if artifact == "model":
+        model = AutoModelForSequenceClassification.from_pretrained(run.dir / "model")
+        assert model.config.num_labels == 2
+        assert model.config.id2label == {0: "neg", 1: "pos"}
+        # the saved weights are the trained ones
+        assert tunelab.load(run.dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
+    else:
+        cfg = json.loads((run.dir / "adapter" / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+        assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
+        assert tunelab.load(run.dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
+
+
+# -- GPT-2: a decoder without a pad token -------------------------------------------------
+
+def test_gpt2_trains_and_predicts(tiny_gpt2, data, tmp_path):
+    run = _train(tmp_path / "run", tiny_gpt2, data, "train.max_steps=6", "train.lr=1e-3", "eval.base=false")
+    assert run.summary["steps"] == 6
+    assert all(math.isfinite(r["loss"]) for r in _records(run.dir, "train"))
+    clf = tunelab.load(run.dir, device="cpu")
+    texts = ["great film", "the plot was awful and the acting really quite dull and boring", "fun"]
+    batch = clf.predict(texts)
+    assert [p["text"] for p in batch] == texts
+    for p in batch:
+        assert p["label"] in ("neg", "pos")
+        assert sum(p["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert p["score"] == pytest.approx(max(p["probs"].values()))
+    # Right padding (pad = EOS) must not change a prediction: batched == one at a time.
+    for text, p in zip(texts, batch):
+        (alone,) = clf.predict([text])
+        assert alone["probs"] == pytest.approx(p["probs"], abs=1e-5)
+    assert clf.evaluate(data["validation"])["loss"] == pytest.approx(run.summary["eval"]["loss"], abs=1e-6)
