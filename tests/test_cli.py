@@ -10,6 +10,7 @@ minus ~3 s of imports per call.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 import tunelab
 from conftest import make_rows, write_jsonl
@@ -50,6 +52,7 @@ def cli_run(monkeypatch, capsys):
     def call(*args) -> Result:
         capsys.readouterr()  # drop anything printed before
         monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
+        monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer installs its own; restore it afterwards
         code: int | None = 0
         tb = ""
         try:
@@ -247,12 +250,15 @@ def test_config_explain(cli_run):
 def test_config_show(ws, cli_run):
     r = cli_run("config", "show", ws / "recipe.yaml", "train.lr=1e-3", "train.batch_size=8")
     assert r.code == 0, r.err
-    import yaml
-
     shown = yaml.safe_load(r.out)
     assert shown["train"]["lr"] == 1e-3 and shown["train"]["batch_size"] == 8
     assert shown["method"] == {"name": "lora", "r": 4, "alpha": 16.0, "dropout": 0.05, "target_modules": None}
     assert shown["train"]["scheduler"] == "linear"  # defaults filled in
+
+    # Switching the method on the command line drops the recipe's LoRA keys instead of rejecting them.
+    r = cli_run("config", "show", ws / "recipe.yaml", "method.name=full")
+    assert r.code == 0, r.err
+    assert yaml.safe_load(r.out)["method"] == {"name": "full"}
 
 
 def test_python_api_matches_cli(ws, tmp_path, monkeypatch, cli_run, lora_run):
@@ -307,8 +313,6 @@ def train_with(ws, tmp_path, cli_run):
 
 
 def _csv(rows: list[list]) -> bytes:
-    import io
-
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue().encode()
@@ -383,6 +387,13 @@ def test_bad_override_syntax_and_missing_recipe(ws, tmp_path, cli_run):
     assert_user_error(cli_run("config", "show", bad), "bad.yaml", "not valid YAML", "line ")
 
 
+def test_method_error_leaves_no_run_dir(ws, tmp_path, cli_run):
+    out = tmp_path / "run"
+    r = cli_run("train", ws / "recipe.yaml", "method.target_modules=[nope]", "eval.base=false", f"output_dir={out}", *FAST)
+    assert_user_error(r, "method.target_modules", "'nope'", "query, value")
+    assert not out.exists()
+
+
 def test_existing_output_dir_is_left_alone(ws, tmp_path, cli_run):
     out = tmp_path / "mine"
     out.mkdir()
@@ -447,6 +458,20 @@ def test_predict_output_exists(ws, tmp_path, lora_run, cli_run):
     check_prediction(p)
 
 
+def test_unwritable_output_paths(ws, tmp_path, lora_run, cli_run):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    r = cli_run("predict", lora_run, "--text", "great film", "--output", folder, "--overwrite")
+    assert_user_error(r, "Could not write", str(folder), "--output")
+    assert folder.is_dir() and not any(folder.iterdir())
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    r = cli_run("eval", lora_run, ws / "test.jsonl", "--output", blocker / "metrics.json")
+    assert_user_error(r, "Could not write", str(blocker / "metrics.json"), "--output")
+    assert blocker.read_text() == "x"
+
+
 def test_predict_needs_exactly_one_input(ws, lora_run, cli_run):
     assert_user_error(cli_run("predict", lora_run), "--text")
     assert_user_error(cli_run("predict", lora_run, ws / "test.jsonl", "--text", "x"), "--text", "not both")
@@ -499,3 +524,15 @@ def test_usage_errors_are_not_tracebacks(cli_run):
     assert r.code == 2 and "Traceback" not in r.err and "Missing argument" in r.err
     r = cli_run("frobnicate")
     assert r.code == 2 and "Traceback" not in r.err and "No such command" in r.err
+
+
+def test_ctrl_c_exits_130(monkeypatch, ws, cli_run):
+    """Ctrl-C during training must not look like success to a shell script (`tunelab train ... && ...`)."""
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tunelab, "train", interrupted)
+    r = cli_run("train", ws / "recipe.yaml")
+    assert r.code == 130, (r.code, r.err)
+    assert r.err.strip() == "interrupted"

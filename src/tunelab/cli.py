@@ -56,8 +56,7 @@ def predict(
     if output is None:
         sys.stdout.write(lines)
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(lines, encoding="utf-8")
+        write_output(output, lines, "--output")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
 
 
@@ -75,10 +74,19 @@ def eval_(
     model = tunelab.load(run_dir)
     metrics = model.evaluate(file, text_field, label_field)
     out = output or Path(run_dir) / "eval" / f"{Path(file).stem}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"file": str(file), **metrics}, indent=2) + "\n", encoding="utf-8")
+    write_output(out, json.dumps({"file": str(file), **metrics}, indent=2) + "\n", "--output")
     typer.echo(format_metrics(metrics))
     typer.echo(f"metrics -> {out}")
+
+
+def write_output(path: Path, text: str, option: str) -> None:
+    """Write a result file, creating its folder; a path that cannot be written is a user error, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        where = f" ('{e.filename}')" if e.filename and str(e.filename) != str(path) else ""
+        raise TunelabError(f"Could not write '{path}': {e.strerror or e}{where}. Choose another {option} (a file path in a writable folder).") from None
 
 
 def format_metrics(m: dict) -> str:
@@ -126,22 +134,27 @@ def config_show(
 
 
 def main() -> None:
+    # typer >= 0.2x raises the exceptions of its own vendored click (typer._click), not the click package's;
+    # typer.BadParameter is re-exported from whichever click typer uses, so its module has the right classes.
+    click_exceptions = sys.modules[typer.BadParameter.__module__]
     try:
-        app(standalone_mode=False)
+        # Non-standalone, typer turns Ctrl-C into Exit(130) and returns that exit code instead of exiting.
+        code = app(standalone_mode=False)
     except TunelabError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
     except Exception as e:  # click's own usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click_exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, typer.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, typer.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        if code == 130:
+            typer.echo("interrupted", err=True)
+        sys.exit(code)

@@ -40,22 +40,18 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     seed_everything(cfg.train.seed)
 
     task = tasks.get(cfg.task.type)
+    loop.resolve_metric(task, cfg.train.metric)
     splits, report = data.load_splits(cfg.data, cfg.train.seed)
     say(data.format_report(report))
     info = task.label_info(splits, cfg.data.label_field)
     model, tokenizer = task.build_model(cfg.model, info)
-
-    run_dir = make_run_dir(out_path, overwrite)
-    cfg = resolve_paths(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
-    write_json(run_dir / "data_report.json", report)
-    write_json(run_dir / "labels.json", info)
     device = models.device_of(cfg.model)
     model.to(device)
     feats = {name: task.encode(rows, tokenizer, info, cfg.data.max_length) for name, rows in splits.items()}
     held_out = {name: f for name, f in feats.items() if name != "train"}
     pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
 
+    # The baselines see the model before the method touches it.
     summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
     if cfg.eval.base:
         summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
@@ -67,6 +63,13 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     model = method.apply(model, cfg.method, head)
     trainable, total = models.count_params(model)
     say(models.trainable_summary(model))
+
+    # Every input has been checked by now: only a run that can start gets a directory.
+    run_dir = make_run_dir(out_path, overwrite)
+    cfg = resolve_paths(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    write_json(run_dir / "data_report.json", report)
+    write_json(run_dir / "labels.json", info)
 
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
         def log(record: dict) -> None:

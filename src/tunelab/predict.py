@@ -53,6 +53,12 @@ class TunedModel:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TunelabError(
+                f"Text #{bad[0] + 1} to predict is {texts[bad[0]]!r}, not a string ({len(bad)} such in all). "
+                f"Give strings only; in a file, fill or remove rows whose text is empty or not text."
+            )
         feats = self._features([{"text": " ".join(str(t).split()), "label": None} for t in texts])
         out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
                                   self.tokenizer.pad_token_id, self.device)

@@ -198,7 +198,7 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     return TunelabError(
         f"{what} has no '{field}' column in {where}; columns found: {found_text}. "
         f"Set {config_key} to the column that holds the {'text' if config_key.endswith('text_field') else 'label'}{hint}, "
-        f"e.g. {config_key}={close[0] if close else (found[0] if found else field)} "
+        f"e.g. {config_key}={close[0] if close else '<column>'} "
         f"(--{config_key.split('.')[1].replace('_', '-')} for `tunelab data inspect`)."
     )
 
