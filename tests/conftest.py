@@ -8,10 +8,25 @@ same loading path as a user's model.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
+# pool's spinning makes each step ~10x slower. Subprocesses (CLI tests) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 POSITIVE = ["great", "wonderful", "superb", "moving", "brilliant", "delightful", "fun", "charming"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "tedious", "clumsy", "bland", "weak"]

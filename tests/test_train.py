@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def _loop(model_dir: Path, rows: list[dict], opt_kind: str, monkeypatch, **train
     model = methods.get("full").apply(model, FullConfig(name="full"), head)
     feats = classification.encode(rows, tok, INFO, 64)
     records = []
-    cfg = TrainConfig(log_every=1, eval_every=1000, scheduler="constant", max_grad_norm=None, seed=3, **train_kw)
+    cfg = TrainConfig(**{"log_every": 1, "eval_every": 1000, "scheduler": "constant", "max_grad_norm": None, "seed": 3,
+                         **train_kw})
     loop.run(model, classification, feats, feats[:4], INFO, cfg, head, tok.pad_token_id, torch.device("cpu"), 16,
              records.append)
     return model, [r for r in records if r["type"] == "train"]
@@ -116,6 +118,24 @@ def test_grad_accum_equals_one_big_batch(bert_no_dropout, monkeypatch, opt_kind,
     assert moved > 1e-3  # the steps did move the weights
 
 
+def test_batch_stream_order_is_seeded_and_independent_of_accumulation():
+    def steps(seed, bs, accum, n_steps=6, n=14):
+        stream = loop.batch_stream(n, TrainConfig(batch_size=bs, grad_accum=accum), torch.Generator().manual_seed(seed))
+        return [next(stream) for _ in range(n_steps)]
+
+    big, acc = steps(3, 8, 1), steps(3, 4, 2)
+    # one optimizer step sees the same examples however it is split into micro-batches
+    assert [sorted(sum(chunks, [])) for _, chunks, _ in big] == [sorted(sum(chunks, [])) for _, chunks, _ in acc]
+    assert [len(c) for c in acc[1][1]] == [4, 2]
+    assert [(e, end) for e, _, end in big] == [(e, end) for e, _, end in acc] == [(0.5, False), (1.0, True), (1.5, False), (2.0, True), (2.5, False), (3.0, True)]
+    # each epoch is a permutation of all rows, reshuffled per epoch
+    epochs = [sum((sum(c, []) for e, c, _ in big if k < e <= k + 1), []) for k in range(3)]
+    assert all(sorted(ep) == list(range(14)) for ep in epochs)
+    assert epochs[0] != epochs[1]
+    assert steps(3, 8, 1) == big
+    assert [c for _, c, _ in steps(4, 8, 1)] != [c for _, c, _ in big]
+
+
 # -- determinism ---------------------------------------------------------------
 
 def test_same_seed_same_run_other_seed_differs(tiny_bert, data, tmp_path):
@@ -134,6 +154,16 @@ def test_same_seed_same_run_other_seed_differs(tiny_bert, data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     assert a.summary["eval"] == b.summary["eval"]
+
+
+def test_loop_data_order_follows_train_seed(bert_no_dropout, monkeypatch):
+    # Same initial weights and no dropout: only the seeded data order can make the losses differ.
+    rows = make_rows(32, seed=5)
+    run = lambda seed: [r["loss"] for r in _loop(bert_no_dropout, rows, "adamw", monkeypatch, batch_size=8,
+                                                  max_steps=3, lr=1e-3, seed=seed)[1]]
+    first = run(1)
+    assert run(1) == first
+    assert run(2) != first
 
 
 # -- early stopping and best restore --------------------------------------------------
@@ -219,8 +249,7 @@ def test_tiny_bert_learns_sentiment(tiny_bert, data, tmp_path):
     assert s["eval"]["accuracy"] >= 0.9
     assert s["eval"]["accuracy"] >= s["base"]["validation"]["accuracy"] + 0.25
     assert s["test"]["accuracy"] >= 0.85
-    losses = [r["loss"] for r in _records(run.dir, "train")]
-    assert losses[-1] < 0.5 * losses[0]
+    assert s["eval"]["loss"] < s["base"]["validation"]["loss"]
 
 
 # -- what a run directory holds -------------------------------------------------------
@@ -230,40 +259,48 @@ def test_tiny_bert_learns_sentiment(tiny_bert, data, tmp_path):
     ("freeze", ["method.freeze_layers=1"]),
     ("lora", ["method.r=4", "method.target_modules=[query,value]"]),
 ])
-def test_run_directory(method, extra, tiny_bert, data, tmp_path):
-    overrides = [f"model.path={tiny_bert}", "model.device=cpu", f"data.train={data['train']}", f"data.test={data['test']}",
-                 f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.lr=1e-3", "eval.base=false",
-                 f"method.name={method}", *FAST, *extra]
+def test_run_directory(method, extra, tiny_bert, data, tmp_path, monkeypatch):
+    # Relative paths, as a user types them; the saved config must hold them resolved.
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rel = lambda p: os.path.relpath(p, work)
+    overrides = [f"model.path={rel(tiny_bert)}", "model.device=cpu", f"data.train={rel(data['train'])}",
+                 f"data.test={rel(data['test'])}", "output_dir=run", "train.max_steps=2", "train.lr=1e-3",
+                 "eval.base=false", f"method.name={method}", *FAST, *extra]
     run = tunelab.train(None, overrides)
-    files = {p.name for p in run.dir.iterdir()}
+    run_dir = run.dir.resolve()  # Run.dir is as given (relative to the cwd of the call)
+    assert run_dir == (work / "run").resolve()
+    monkeypatch.chdir(tmp_path)  # everything below must work from another directory
+    files = {p.name for p in run_dir.iterdir()}
     artifact = "adapter" if method == "lora" else "model"
     assert {"config.yaml", "data_report.json", "labels.json", "metrics.jsonl", "summary.json", artifact} <= files
     assert ({"adapter", "model"} - {artifact}).isdisjoint(files)
 
     # config.yaml is what ran: the same settings, with paths made absolute
-    saved = config_mod.load(run.dir / "config.yaml")
+    saved = config_mod.load(run_dir / "config.yaml")
     expected = config_mod.load(None, overrides)
     expected.model.path = str(tiny_bert.resolve())
     expected.data.train = str(data["train"].resolve())
     expected.data.test = str(data["test"].resolve())
-    expected.output_dir = str((tmp_path / "run").resolve())
+    expected.output_dir = str((work / "run").resolve())
     assert saved == expected
-    assert json.loads((run.dir / "labels.json").read_text()) == INFO
-    report = json.loads((run.dir / "data_report.json").read_text())
+    assert json.loads((run_dir / "labels.json").read_text()) == INFO
+    report = json.loads((run_dir / "data_report.json").read_text())
     assert report["splits"]["train"]["rows"] + report["splits"]["validation"]["rows"] == 160
     assert run.summary["method"] == method
 
     if artifact == "model":
-        model = AutoModelForSequenceClassification.from_pretrained(run.dir / "model")
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
         assert model.config.num_labels == 2
         assert model.config.id2label == {0: "neg", 1: "pos"}
         # the saved weights are the trained ones
-        assert tunelab.load(run.dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
+        assert tunelab.load(run_dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
     else:
-        cfg = json.loads((run.dir / "adapter" / "adapter_config.json").read_text())
+        cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
-        assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
-        assert tunelab.load(run.dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+        assert tunelab.load(run_dir, device="cpu").evaluate(data["test"])["loss"] == pytest.approx(run.summary["test"]["loss"], abs=1e-6)
 
 
 # -- GPT-2: a decoder without a pad token -------------------------------------------------

@@ -97,7 +97,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     })
     write_json(run_dir / "summary.json", summary)
     say(headline(summary, task.MAIN_METRIC))
-    return Run(run_dir, summary)
+    return Run(run_dir.resolve(), summary)
 
 
 # -- helpers --------------------------------------------------------------------

@@ -31,7 +31,7 @@ def resolve_metric(task, name: str) -> tuple[str, bool]:
 
 
 def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator):
-    """Yield (epoch, [index lists of the micro-batches of one optimizer step], last step of epoch?) forever.
+    """Yield (epoch position, [index lists of the micro-batches of one optimizer step], last step of epoch?) forever.
 
     The permutation is drawn per epoch and then cut into micro-batches, so the
     examples seen by one optimizer step do not depend on how the step is split
@@ -42,7 +42,8 @@ def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator):
         perm = torch.randperm(n, generator=generator).tolist()
         chunks = [perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
         for start in range(0, len(chunks), cfg.grad_accum):
-            yield epoch, chunks[start : start + cfg.grad_accum], start + cfg.grad_accum >= len(chunks)
+            done = min(start + cfg.grad_accum, len(chunks))
+            yield epoch + done / len(chunks), chunks[start:done], done == len(chunks)
         epoch += 1
 
 
@@ -70,7 +71,8 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         nonlocal bad_evals
         metrics = evaluate.run(model, task, validation, info, eval_batch_size, pad_id, device)
         value = metrics[metric]
-        improved = best["value"] is None or (value > best["value"] if greater else value < best["value"])
+        # NaN never counts as better, so a diverged run keeps the last sane weights.
+        improved = not math.isnan(value) and (best["value"] is None or (value > best["value"] if greater else value < best["value"]))
         if improved:
             best.update(value=value, step=step, metrics=metrics,
                         state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -78,14 +80,14 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         else:
             bad_evals += 1
         log({"type": "eval", "step": step, "epoch": round(epoch, 4), "split": "validation", "improved": improved, **metrics})
-        bar.write(f"step {step}: validation {metric}={value:.4f}" + (" (best)" if improved else f" (best {best['value']:.4f} at step {best['step']})"))
+        bar.write(f"step {step}: validation {metric}={value:.4f}" + (" (best)" if improved else f" (best {best['value']} at step {best['step']})"))
         return cfg.patience is not None and bad_evals >= cfg.patience
 
     model.train()
     last_eval = 0
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
-        epoch, chunks, epoch_end = next(stream)
+        epoch_pos, chunks, epoch_end = next(stream)
         batches = [{k: v.to(device) for k, v in task.collate([train[i] for i in c], pad_id).items()} for c in chunks]
         # Normalise by the items of the whole accumulated batch, so accumulation == one big batch.
         n_items = sum(task.count(b) for b in batches)
@@ -96,7 +98,8 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-        lr = sched.get_last_lr()[0]
+        lrs = {g["name"]: lr for g, lr in zip(groups, sched.get_last_lr())}
+        lr = next((v for k, v in lrs.items() if k.startswith("body")), next(iter(lrs.values())))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -105,15 +108,14 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         running.append(step_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        epoch_pos = epoch + (1.0 if epoch_end else 0.0)
         if step % cfg.log_every == 0 or step == total_steps:
             log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": sum(running) / len(running),
-                 "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens})
+                 "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": tokens})
             running = []
         due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
         if due or step == total_steps:
             last_eval = step
-            if evaluate_now(step, epoch_pos):
+            if evaluate_now(step, epoch_pos) and step < total_steps:
                 stopped_early = True
                 bar.write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
                 break
@@ -121,8 +123,10 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
 
     # Restore the best weights; frozen parameters never changed, so the trainable ones suffice.
     params = dict(model.named_parameters())
+    if best["state"] is None:
+        bar.write(f"warning: validation {metric} was never a number (diverged?); keeping the last weights")
     with torch.no_grad():
-        for name, value in best["state"].items():
+        for name, value in (best["state"] or {}).items():
             params[name].copy_(value)
     model.eval()
     return {
