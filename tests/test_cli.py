@@ -487,10 +487,11 @@ def test_predict_on_a_non_run(kind, tmp_path, tiny_bert, cli_run):
         run = tmp_path / "nothing-here"
     else:
         run = tiny_bert  # a model directory, not a run
+    expected = "does not exist" if kind == "missing_dir" else "not a finished tunelab run directory"
     r = cli_run("predict", run, "--text", "great film")
-    assert_user_error(r, str(run), "not a finished tunelab run directory")
+    assert_user_error(r, str(run), expected)
     r = cli_run("eval", run, tmp_path / "whatever.jsonl")
-    assert_user_error(r, str(run), "not a finished tunelab run directory")
+    assert_user_error(r, str(run), expected)
 
 
 def test_predict_file_problems(tmp_path, lora_run, cli_run):

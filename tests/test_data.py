@@ -295,7 +295,10 @@ def test_error_missing_columns(tmp_path):
         assert "'sentence'" in msg and "'label'" in msg and "'id'" in msg
 
     msg = error_of(read_examples, tmp_path / "d.jsonl", text_field="sentence", label_field="Label")
-    assert "data.label_field" in msg and "'Label'" in msg and "did you mean 'label'" in msg
+    # a file given to a command (no config key) is fixed with the command's option
+    assert "--label-field" in msg and "'Label'" in msg and "did you mean 'label'" in msg
+    msg = error_of(read_examples, tmp_path / "d.jsonl", text_field="sentence", label_field="Label", key="data.train")
+    assert "data.label_field=label" in msg
 
     p = tmp_path / "later.jsonl"
     p.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"txt": "c", "label": 1}\n')

@@ -43,7 +43,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     loop.resolve_metric(task, cfg.train.metric)
     splits, report = data.load_splits(cfg.data, cfg.train.seed)
     say(data.format_report(report))
-    info = task.label_info(splits, cfg.data.label_field)
+    info = task.label_info(splits, cfg.data)
     model, tokenizer = task.build_model(cfg.model, info)
     device = models.device_of(cfg.model)
     model.to(device)

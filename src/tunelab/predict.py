@@ -17,6 +17,8 @@ class TunedModel:
 
     def __init__(self, run_dir: str | Path, device: str | None = None):
         self.dir = Path(run_dir)
+        if not self.dir.is_dir():
+            raise TunelabError(f"Run directory '{run_dir}' does not exist. Pass the output_dir of a completed `tunelab train`.")
         if not (self.dir / "config.yaml").is_file() or not (self.dir / "labels.json").is_file():
             raise TunelabError(
                 f"'{run_dir}' is not a finished tunelab run directory (config.yaml and labels.json are missing). "
@@ -35,7 +37,13 @@ class TunedModel:
             self.model, _ = self.task.build_model(self.cfg.model, self.info, path=artifact)
         else:
             # Adapters are stored alone: rebuild the base named in the run's config, then attach them.
-            self.model, _ = self.task.build_model(self.cfg.model, self.info)
+            try:
+                self.model, _ = self.task.build_model(self.cfg.model, self.info)
+            except TunelabError as e:
+                raise TunelabError(
+                    f"The run '{run_dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
+                    f"If the base moved, edit model.path in {self.dir / 'config.yaml'}."
+                ) from None
             self.model = method.load(self.model, artifact)
         self.tokenizer = models.load_tokenizer(artifact, self.cfg.model.trust_remote_code)
         self.device = models.device_of(self.cfg.model)
@@ -71,7 +79,9 @@ class TunedModel:
         label_field = label_field or self.cfg.data.label_field
         rows, dropped = clean_examples(read_examples(path, text_field, label_field, key="eval file"), dedupe=False)
         if not rows:
-            raise TunelabError(f"Eval file '{path}' has no rows with both a text and a label (dropped: {dropped}).")
+            reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
+            raise TunelabError(f"Eval file '{path}' has no rows with both a text and a label ({reasons}). "
+                               f"Check --text-field and --label-field name the right columns.")
         self.task.check_labels(rows, self.info, f"file '{path}'")
         feats = self._features(rows)
         metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,

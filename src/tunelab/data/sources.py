@@ -59,7 +59,7 @@ def resolve_path(path: str | Path, key: str | None = None) -> Path:
     if not p.exists():
         raise TunelabError(
             f"{what} does not exist (looked at {p.absolute()}). Check the path"
-            f"{' in ' + key if key else ''}; relative paths are taken from the current directory ({Path.cwd()})."
+            f"{' in ' + key if key and key.startswith('data.') else ''}; relative paths are taken from the current directory ({Path.cwd()})."
         )
     if not p.is_file():
         raise TunelabError(f"{what} is not a file (looked at {p.absolute()}). Point {key or 'it'} at a data file, not a directory.")
@@ -195,12 +195,13 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     close = difflib.get_close_matches(field, found, n=1, cutoff=0.6)
     close += [c for c in found if c.lower() == field.lower() and c not in close]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return TunelabError(
-        f"{what} has no '{field}' column in {where}; columns found: {found_text}. "
-        f"Set {config_key} to the column that holds the {'text' if config_key.endswith('text_field') else 'label'}{hint}, "
-        f"e.g. {config_key}={close[0] if close else '<column>'} "
-        f"(--{config_key.split('.')[1].replace('_', '-')} for `tunelab data inspect`)."
-    )
+    kind = "text" if config_key.endswith("text_field") else "label"
+    option = f"--{kind}-field"
+    # Training data is configured by recipe keys; files given to a command are named by its options.
+    fix = (f"Set {config_key} to the column that holds the {kind}{hint}, e.g. {config_key}={close[0] if close else '<column>'} "
+           f"({option} for `tunelab data inspect`)." if "(data." in what else
+           f"Pass {option} with the column that holds the {kind}{hint}.")
+    return TunelabError(f"{what} has no '{field}' column in {where}; columns found: {found_text}. {fix}")
 
 
 def _check_label_types(examples: list[dict], what: str, label_field: str, unit: str) -> None:

@@ -19,14 +19,15 @@ MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
 
 
-def label_info(splits: dict[str, list[dict]], label_field: str = "label") -> dict:
+def label_info(splits: dict[str, list[dict]], data_cfg) -> dict:
     """Label names from the training split; integer-like labels sort numerically."""
     train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=_sort_key)
     if len(train) < 2:
         only = train[0] if train else "none"
         raise TunelabError(
-            f"The training data has a single label class ('{only}' in column '{label_field}'), so there is nothing to "
-            f"classify. Check data.label_field points at the label column and that the file holds at least two classes."
+            f"The training data '{data_cfg.train}' (data.train) has a single label class ('{only}' in column "
+            f"'{data_cfg.label_field}'), so there is nothing to classify. Check that data.label_field names the label "
+            f"column and that the file holds examples of at least two classes."
         )
     info = {"labels": train}
     for split in ("validation", "test"):
