@@ -80,7 +80,8 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         else:
             bad_evals += 1
         log({"type": "eval", "step": step, "epoch": round(epoch, 4), "split": "validation", "improved": improved, **metrics})
-        bar.write(f"step {step}: validation {metric}={value:.4f}" + (" (best)" if improved else f" (best {best['value']} at step {best['step']})"))
+        best_so_far = "best" if improved else f"best {best['value'] if best['value'] is not None else float('nan'):.4f} at step {best['step']}"
+        bar.write(f"step {step}: validation {metric}={value:.4f} ({best_so_far})")
         return cfg.patience is not None and bad_evals >= cfg.patience
 
     model.train()
