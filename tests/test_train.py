@@ -322,3 +322,22 @@ def test_gpt2_trains_and_predicts(tiny_gpt2, data, tmp_path):
         (alone,) = clf.predict([text])
         assert alone["probs"] == pytest.approx(p["probs"], abs=1e-5)
     assert clf.evaluate(data["validation"])["loss"] == pytest.approx(run.summary["eval"]["loss"], abs=1e-6)
+
+
+def test_inputs_longer_than_the_model_takes_are_cut_not_crashed(tiny_bert, tmp_path):
+    # tiny BERT has 64 position embeddings; data.max_length=512 must not index past them.
+    long_rows = [{"text": " ".join([r["text"]] * 20), "label": r["label"]} for r in make_rows(60, seed=5)]
+    train = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    run = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "data.max_length=512",
+                               "train.max_steps=2", "eval.linear_probe=false", f"output_dir={tmp_path / 'run'}"])
+    preds = tunelab.load(run.dir).predict([long_rows[0]["text"]])
+    assert preds[0]["label"] in ("neg", "pos")
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_bert, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(tunelab.TunelabError, match="model.device='cuda'.*model.device=cpu"):
+        tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={tmp_path / 'x.jsonl'}", "model.device=cuda",
+                             f"output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()

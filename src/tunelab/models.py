@@ -48,7 +48,21 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
 def device_of(cfg: ModelConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise TunelabError(f"model.device='{cfg.device}' is not a device name. Use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TunelabError(f"model.device='{cfg.device}' but this machine has no CUDA GPU visible to PyTorch. Use model.device=cpu (or auto).")
+    return device
+
+
+def max_input_length(model, tokenizer, requested: int) -> int:
+    """The longest input the model can take: positions beyond its embedding table would crash mid-run."""
+    limits = [requested, getattr(model.config, "max_position_embeddings", None)]
+    if tokenizer.model_max_length < 1_000_000:  # tokenizers without a limit report ~1e30
+        limits.append(tokenizer.model_max_length)
+    return min(x for x in limits if x)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

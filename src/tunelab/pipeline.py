@@ -37,6 +37,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     t_start = time.perf_counter()
     out_path = cfg.output_dir or default_output_dir(recipe_name)
     check_run_dir(out_path, overwrite)  # fail before any work, but create nothing until the inputs are known good
+    device = models.device_of(cfg.model)
     seed_everything(cfg.train.seed)
 
     task = tasks.get(cfg.task.type)
@@ -45,9 +46,11 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     say(data.format_report(report))
     info = task.label_info(splits, cfg.data)
     model, tokenizer = task.build_model(cfg.model, info)
-    device = models.device_of(cfg.model)
     model.to(device)
-    feats = {name: task.encode(rows, tokenizer, info, cfg.data.max_length) for name, rows in splits.items()}
+    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length)
+    if max_length < cfg.data.max_length:
+        say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
+    feats = {name: task.encode(rows, tokenizer, info, max_length) for name, rows in splits.items()}
     held_out = {name: f for name, f in feats.items() if name != "train"}
     pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
 
