@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import models
-from ..data.clean import canonical_label
+from ..data.clean import canonical_label, label_sort_key
 from ..errors import TunelabError
 from ..evaluate import metrics as M
 
@@ -21,7 +21,7 @@ METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early st
 
 def label_info(splits: dict[str, list[dict]], data_cfg) -> dict:
     """Label names from the training split; integer-like labels sort numerically."""
-    train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=_sort_key)
+    train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=label_sort_key)
     if len(train) < 2:
         only = train[0] if train else "none"
         raise TunelabError(
@@ -36,16 +36,12 @@ def label_info(splits: dict[str, list[dict]], data_cfg) -> dict:
 
 
 def check_labels(rows: list[dict], info: dict, where: str) -> None:
-    unseen = sorted({canonical_label(r["label"]) for r in rows} - set(info["labels"]), key=_sort_key)
+    unseen = sorted({canonical_label(r["label"]) for r in rows} - set(info["labels"]), key=label_sort_key)
     if unseen:
         raise TunelabError(
             f"The {where} has labels never seen in training: {', '.join(map(repr, unseen[:10]))} (training labels: "
             f"{', '.join(map(repr, info['labels'][:20]))}). Fix those labels, or add examples of them to data.train and retrain."
         )
-
-
-def _sort_key(label: str):
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
 def build_model(model_cfg, info: dict, path=None):
