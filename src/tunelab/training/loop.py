@@ -110,9 +110,13 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if step % cfg.log_every == 0 or step == total_steps:
-            log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": sum(running) / len(running),
+            mean_loss = sum(running) / len(running)
+            log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
                  "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": tokens})
             running = []
+            if bar.disable:  # no terminal (CI, nohup, a pipe): a plain line stands in for the bar
+                eta = train_seconds / step * (total_steps - step)
+                print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
         due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
         if due or step == total_steps:
             last_eval = step
