@@ -69,7 +69,7 @@ def test_method_specific_keys():
     # a LoRA key on a freeze method is a typo the user should hear about
     with pytest.raises(TunelabError, match="unknown key 'method.r'"):
         config.load(None, BASE + ["method.name=freeze", "method.r=8"])
-    with pytest.raises(TunelabError, match="must be one of full, freeze, lora"):
+    with pytest.raises(TunelabError, match="must be one of full, freeze, lora, dora"):
         config.load(None, BASE + ["method.name=lorra"])
 
 

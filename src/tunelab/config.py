@@ -73,7 +73,37 @@ class LoraConfig(_Section):
     )
 
 
-MethodConfig = Annotated[Union[FullConfig, FreezeConfig, LoraConfig], Field(discriminator="name")]
+class DoraConfig(LoraConfig):
+    name: Literal["dora"] = Field(description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector; mergeable.")
+
+
+class BitFitConfig(_Section):
+    name: Literal["bitfit"] = Field(description="BitFit: train only the bias terms of the body (and the head).")
+
+
+class IA3Config(_Section):
+    name: Literal["ia3"] = Field(description="IA3: learned vectors that rescale keys, values and feed-forward activations.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to rescale (e.g. [key, value, output.dense]); empty for the architecture's default."
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="Which of target_modules are feed-forward layers (scaled on their input); empty for the default."
+    )
+
+
+class AdapterConfig(_Section):
+    name: Literal["adapter"] = Field(description="Bottleneck adapters: small down/up projections inserted after sublayers.")
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "pfeiffer", description="'houlsby': after attention and after the feed-forward block; 'pfeiffer': after the feed-forward block only."
+    )
+    reduction_factor: int = Field(16, ge=1, description="Bottleneck width = hidden size / reduction_factor (unless bottleneck_size is set).")
+    bottleneck_size: int | None = Field(None, ge=1, description="Bottleneck width; overrides reduction_factor.")
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Activation between the down and up projections.")
+
+
+METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig)
+METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
+MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
 
 
 class TrainConfig(_Section):
@@ -190,7 +220,7 @@ def _valid_keys(model: type[BaseModel], tree: dict) -> dict[str, list[str]]:
         ann = field.annotation
         if name == "method":
             method_name = (tree.get("method") or {}).get("name") if isinstance(tree.get("method"), dict) else None
-            options = [FullConfig, FreezeConfig, LoraConfig]
+            options = list(METHOD_CONFIGS)
             chosen = [m for m in options if method_name in m.model_fields["name"].annotation.__args__] or options
             keys["method"] = sorted({f for m in chosen for f in m.model_fields})
         elif isinstance(ann, type) and issubclass(ann, BaseModel):
@@ -202,7 +232,7 @@ def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
     valid = _valid_keys(Config, tree)
     msgs = []
     for err in e.errors():
-        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("full", "freeze", "lora"))]
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in METHOD_NAMES)]
         # pydantic appends type names for unions (e.g. 'int', "literal['all']"); keep field names only.
         loc = [x for x in loc if not (x in ("int", "str", "float", "list[str]") or x.startswith("literal["))]
         key = ".".join(loc)
@@ -214,7 +244,7 @@ def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
         elif err["type"] == "missing":
             msgs.append(f"'{key}' is required")
         elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
-            msgs.append(f"'{key or 'method'}.name' must be one of full, freeze, lora")
+            msgs.append(f"'{key or 'method'}.name' must be one of {', '.join(METHOD_NAMES)}")
         else:
             value = err.get("input")
             msgs.append(f"'{key}' = {value!r}: {err['msg']}")
@@ -243,7 +273,7 @@ def explain() -> str:
             lines.append(f"{key:34} {default:16} {field.description or ''}")
 
     walk(Config, "")
-    for m in (FullConfig, FreezeConfig, LoraConfig):
+    for m in METHOD_CONFIGS:
         method = m.model_fields["name"].annotation.__args__[0]
         for name, field in m.model_fields.items():
             default = "required" if field.is_required() else repr(field.get_default())

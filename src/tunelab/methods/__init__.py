@@ -2,11 +2,18 @@
 
     apply(model, cfg, head) -> model       set requires_grad / inject modules
     save(model, out_dir, base_model_path, head)
-    merge(model) -> model                  fold adapters into plain weights
+    load(model, out_dir) -> model          (adapter methods) restore onto a fresh base
+    merge(model) -> model                  fold into plain weights, or a TunelabError saying it cannot
     ARTIFACT                               "model" (complete HF dir) or "adapter"
 
-and, for methods whose artifact is an adapter, load(model, out_dir) -> model.
+Injected modules (LoRA, DoRA, IA3, bottleneck adapters) carry a boolean
+`adapter_disabled`; when it is set they compute exactly what the base layer
+would, which is what `adapters_disabled` relies on.
 """
+
+from __future__ import annotations
+
+from contextlib import contextmanager
 
 from . import freeze, full, lora
 
@@ -15,3 +22,17 @@ METHODS = {"full": full, "freeze": freeze, "lora": lora}
 
 def get(name: str):
     return METHODS[name]
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Run the base model: every injected adapter module computes its base layer only."""
+    layers = [m for m in model.modules() if hasattr(m, "adapter_disabled")]
+    before = [m.adapter_disabled for m in layers]
+    for m in layers:
+        m.adapter_disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.adapter_disabled = b
