@@ -246,3 +246,16 @@ def test_scheduler_follows_lr_factor(kind, warmup_kw, warm):
         sched.step()
     assert seen == pytest.approx([1e-3 * optim.lr_factor(s, warm, total, kind) for s in range(total)])
     assert seen[warm] == pytest.approx(1e-3)
+
+
+def test_ia3_scales_are_not_decayed_towards_zero(tiny_bert):
+    from tunelab.config import IA3Config, TrainConfig
+    from tunelab.methods import ia3
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    head = models.head_modules(model)
+    ia3.apply(model, IA3Config(name="ia3"), head)
+    groups = optim.param_groups(model, head, TrainConfig(weight_decay=0.1))
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert any(n.endswith("ia3_l") for g in groups for n in g["param_names"])
+    assert not any(n.endswith("ia3_l") for n in decayed)

@@ -11,8 +11,9 @@ from ..config import TrainConfig
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
-    # Biases and norm gains are 1-D; decaying them only hurts (BERT/AdamW practice).
-    return p.ndim < 2 or "norm" in name.lower()
+    # Biases and norm gains are 1-D; decaying them only hurts (BERT/AdamW practice). IA3 scales
+    # and DoRA magnitudes are vectors that start at their useful value (1, ||W||), not near 0.
+    return p.ndim < 2 or "norm" in name.lower() or name.endswith((".ia3_l", "magnitude_vector"))
 
 
 def param_groups(model: nn.Module, head: list[str], cfg: TrainConfig) -> list[dict]:
