@@ -243,3 +243,21 @@ def test_bf16_base_keeps_float32_adapters(tiny_bert):
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.dtype == torch.float32
+
+
+def test_adapters_disabled_restores_base(arch):
+    from tunelab.methods import adapters_disabled
+
+    kind, path, batch = arch
+    base = _logits(_base(path), batch)
+    model = lora.apply(_base(path), _cfg(TARGETS[kind]), HEADS[kind])  # same seeded head as the base
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in _lora_params(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    adapted = _logits(model, batch)
+    assert not torch.allclose(adapted, base)
+    with adapters_disabled(model):
+        assert torch.equal(_logits(model, batch), base)
+    assert torch.equal(_logits(model, batch), adapted)  # re-enabled afterwards

@@ -13,6 +13,10 @@ not imported; the layout facts it relies on (checked against peft 0.21):
 - adapter_config.json needs peft_type "LORA", r, lora_alpha, target_modules
   (names matched as `path == name or path.endswith("." + name)`), modules_to_save
   and fan_in_fan_out (true for Conv1D, whose weight is stored (in, out)).
+
+DoRA (dora.py) subclasses `LoRALinear` and reuses everything below: a layer's saved
+tensors are its own state minus `base_layer` (peft's rule too), and `use_dora`
+and `merged_weight` come from the layer class.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ _TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification":
 class LoRALinear(nn.Module):
     """`base_layer(x) + lora_B(lora_A(dropout(x))) * alpha / r`, with the base layer frozen."""
 
+    use_dora = False  # written to adapter_config.json; DoRALinear sets it
+
     def __init__(self, base_layer: nn.Linear | Conv1D, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         weight = base_layer.weight
@@ -71,11 +77,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.adapter_disabled = False  # set by methods.adapters_disabled: compute the base layer only
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts out equal to the base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.adapter_disabled:
+            return result
         x = x.to(self.lora_A.weight.dtype)
         # Add in the adapter dtype and round once, in the same order as peft, so outputs match it exactly.
         return (result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(result.dtype)
@@ -84,6 +93,10 @@ class LoRALinear(nn.Module):
         """The update in the base weight's layout: (out, in) for Linear, (in, out) for Conv1D."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
+
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the update folded in, in float32 (rounded once, by the caller)."""
+        return self.base_layer.weight.float() + self.delta_weight()
 
 
 # -- choosing layers ----------------------------------------------------------
@@ -149,7 +162,8 @@ def apply(model: PreTrainedModel, cfg: LoraConfig, head: list[str]) -> PreTraine
     return _apply(model, cfg.target_modules, cfg.r, cfg.alpha, cfg.dropout, head)
 
 
-def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str]):
+def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str], layer_cls=LoRALinear):
+    """Wrap the chosen layers in `layer_cls` (LoRALinear, or a subclass such as DoRALinear)."""
     for name in head:
         try:
             model.get_submodule(name)
@@ -161,7 +175,7 @@ def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str]
     for path in paths:
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout))
+        setattr(owner, child, layer_cls(getattr(owner, child), r, alpha, dropout))
     for name in head:
         model.get_submodule(name).requires_grad_(True)
     return model
@@ -169,6 +183,12 @@ def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str]
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _adapter_tensors(path: str, layer: LoRALinear) -> dict[str, torch.Tensor]:
+    """Saved key -> live parameter: everything the layer holds but its base layer (lora_A/B, DoRA's magnitude)."""
+    return {f"{PREFIX}{path}.{key}": t for key, t in layer.state_dict(keep_vars=True).items()
+            if not key.startswith("base_layer.")}
 
 
 def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
@@ -187,8 +207,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
         raise TunelabError("This model has no LoRA layers to save; save it as a full model instead.")
     tensors = {}
     for path, layer in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        tensors.update(_adapter_tensors(path, layer))
     for name in head:
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t
@@ -208,7 +227,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -219,6 +238,11 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
 
 
 def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
+    return _load(model, out_dir, LoRALinear)
+
+
+def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
+    """Restore an adapter onto a fresh base with `layer_cls`, whose `use_dora` must match the adapter's."""
     out_dir = Path(out_dir)
     config_file, weights_file = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
     if not config_file.is_file() or not weights_file.is_file():
@@ -232,7 +256,12 @@ def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise TunelabError(f"'{config_file}' is not a LoRA adapter config (peft_type {kind!r}; it needs peft_type "
                            f"LORA with r and lora_alpha). Pass the directory of a LoRA adapter.")
-    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+    if bool(config.get("use_dora")) != layer_cls.use_dora:
+        saved_as, use = ("DoRA", "dora") if config.get("use_dora") else ("plain LoRA", "lora")
+        raise TunelabError(f"The adapter in '{out_dir}' is a {saved_as} adapter (use_dora: "
+                           f"{bool(config.get('use_dora'))}); load it with method.name={use} "
+                           f"(tunelab.methods.{use}.load).")
+    unsupported = [k for k in ("use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
                    if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
     if unsupported:
         raise TunelabError(f"The adapter in '{out_dir}' uses {', '.join(unsupported)}, which tunelab's LoRA does not "
@@ -242,13 +271,13 @@ def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
     modules = [p for p, _ in model.named_modules() if p]
     head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
     head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
-    _apply(model, config.get("target_modules"), config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), head)
+    _apply(model, config.get("target_modules"), config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), head,
+           layer_cls)
 
     saved = load_file(str(weights_file))
     expected = {}
     for path, layer in _lora_layers(model).items():
-        expected[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
-        expected[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        expected.update(_adapter_tensors(path, layer))
     for name in head:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             expected[f"{PREFIX}{name}.{key}"] = t
@@ -274,7 +303,7 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for path, layer in _lora_layers(model).items():
             base = layer.base_layer
-            base.weight.copy_(base.weight.float() + layer.delta_weight())  # sum in float32, round once
+            base.weight.copy_(layer.merged_weight())  # computed in float32, rounded once
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
     return model
