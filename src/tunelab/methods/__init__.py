@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from . import dora, freeze, full, ia3, lora
+from . import adapter, bitfit, dora, freeze, full, ia3, lora
 
-METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3}
+METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3, "bitfit": bitfit, "adapter": adapter}
 
 
 def get(name: str):

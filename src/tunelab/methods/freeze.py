@@ -7,8 +7,6 @@ body holds a ModuleList of blocks works without a table of names.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import TunelabError
 from ..models import parameter_groups
 from .full import ARTIFACT, merge, save  # noqa: F401  (same artifact as full: a complete model dir)

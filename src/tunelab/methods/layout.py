@@ -1,0 +1,103 @@
+"""tunelab's own adapter layout, for methods PEFT has no format for (BitFit, bottleneck adapters):
+
+    out_dir/adapter_model.safetensors   the method's trainable tensors + every tensor of the head modules,
+                                        under their model state-dict names (e.g. `bert.encoder.layer.0.output.dense.bias`,
+                                        `classifier.weight`); nothing else of the base
+    out_dir/tunelab_adapter.json        {"method": "bitfit", "config": {...method config fields...},
+                                         "base_model_name_or_path": ..., "head": [module paths], "format_version": 1}
+
+`load` rebuilds the method on a fresh base with the same head and copies the tensors in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import TunelabError
+
+CONFIG_NAME = "tunelab_adapter.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def check_head(model: nn.Module, head: list[str]) -> None:
+    for name in head:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise TunelabError(f"Head module '{name}' is not in the model ({type(model).__name__}); its top-level "
+                               f"modules are: {', '.join(n for n, _ in model.named_children())}.") from None
+
+
+def _with_head(model: nn.Module, own: dict[str, torch.Tensor], head: list[str], keep_vars: bool = False) -> dict:
+    tensors = dict(own)
+    for name in head:
+        for key, t in model.get_submodule(name).state_dict(keep_vars=keep_vars).items():
+            tensors[f"{name}.{key}"] = t
+    return tensors
+
+
+def save_artifact(model: nn.Module, out_dir: Path, config: dict, own: dict[str, torch.Tensor], head: list[str],
+                  base_model_path: str) -> None:
+    """Write the method's own tensors and the head's under their state-dict names, plus the JSON description."""
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights).
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in _with_head(model, own, head).items()}
+    info = {"method": config["name"], "config": config, "base_model_name_or_path": str(base_model_path),
+            "head": list(head), "format_version": FORMAT_VERSION}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def read_artifact(out_dir: Path, config_cls) -> tuple:
+    """(validated method config, head module names) from a saved adapter dir, or a TunelabError saying what is wrong."""
+    method = config_cls.model_fields["name"].annotation.__args__[0]
+    out_dir = Path(out_dir)
+    config_file = out_dir / CONFIG_NAME
+    if not config_file.is_file() or not (out_dir / WEIGHTS_NAME).is_file():
+        raise TunelabError(
+            f"'{out_dir}' is not a tunelab {method} adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
+            f"Pass the directory the adapter was saved to (the adapter/ folder of a run trained with method.name={method})."
+        )
+    try:
+        info = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
+    got = info.get("method") if isinstance(info, dict) else None
+    if got != method:
+        raise TunelabError(f"'{out_dir}' holds a {got!r} adapter, not a {method} one. Load it with method.name={got}, "
+                           f"or pass the directory of a {method} adapter.")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise TunelabError(f"'{config_file}' has format_version {info.get('format_version')!r}; this tunelab reads "
+                           f"version {FORMAT_VERSION}. Load it with the tunelab version that saved it.")
+    try:
+        cfg = config_cls.model_validate(info.get("config") or {"name": method})
+    except ValidationError as e:
+        raise TunelabError(f"'{config_file}' has an invalid {method} config ({e.errors()[0]['msg']}); re-save the adapter.") from None
+    return cfg, list(info.get("head") or [])
+
+
+def restore(model: nn.Module, out_dir: Path, own: dict[str, torch.Tensor], head: list[str]) -> None:
+    """Copy the saved tensors into `own` + the head; the file must hold exactly those, with the same shapes."""
+    out_dir = Path(out_dir)
+    saved = load_file(str(out_dir / WEIGHTS_NAME))
+    expected = _with_head(model, own, head, keep_vars=True)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        base = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        raise TunelabError(f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, "
+                           f"unexpected {unexpected[:5] or 'none'}. Load it onto the base model it was trained from ({base}).")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if saved[key].shape != target.shape:
+                raise TunelabError(
+                    f"The adapter in '{out_dir}' stores {key} with shape {tuple(saved[key].shape)}, but this model has "
+                    f"{tuple(target.shape)}; load it onto a base with the same head (same number of labels).")
+            target.copy_(saved[key])
