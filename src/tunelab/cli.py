@@ -79,6 +79,23 @@ def eval_(
     typer.echo(f"metrics -> {out}")
 
 
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    out: Path = typer.Argument(..., help="Directory to write."),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter in Hugging Face peft layout) or tunelab (tunelab's own layout)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold the method into the base weights: a plain transformers model dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export in OUT."),
+):
+    """Write a run's adapter (peft layout) or, with --merge, a plain model that loads with transformers alone."""
+    from . import export as export_mod
+
+    if fmt not in ("peft", "tunelab"):
+        raise TunelabError(f"--format must be peft or tunelab, not '{fmt}'.")
+    written = export_mod.run(run_dir, out, fmt, merge, overwrite)
+    typer.echo(f"exported -> {written}")
+
+
 def write_output(path: Path, text: str, option: str) -> None:
     """Write a result file, creating its folder; a path that cannot be written is a user error, not a traceback."""
     try:
