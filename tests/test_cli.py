@@ -252,7 +252,9 @@ def test_config_show(ws, cli_run):
     assert r.code == 0, r.err
     shown = yaml.safe_load(r.out)
     assert shown["train"]["lr"] == 1e-3 and shown["train"]["batch_size"] == 8
-    assert shown["method"] == {"name": "lora", "r": 4, "alpha": 16.0, "dropout": 0.05, "target_modules": None}
+    assert {k: shown["method"][k] for k in ("name", "r", "alpha", "dropout", "target_modules")} == \
+        {"name": "lora", "r": 4, "alpha": 16.0, "dropout": 0.05, "target_modules": None}
+    assert shown["method"]["use_rslora"] is False  # defaults are filled in
     assert shown["train"]["scheduler"] == "linear"  # defaults filled in
 
     # Switching the method on the command line drops the recipe's LoRA keys instead of rejecting them.

@@ -263,3 +263,19 @@ def test_trains_saves_and_predicts_through_the_pipeline(tiny_bert, tmp_path):
     assert config["use_dora"] is True
     predictions = tunelab.load(run.dir).predict(["great film", "a dull and tedious plot"])
     assert [set(p["probs"]) for p in predictions] == [{"neg", "pos"}] * 2
+
+
+def test_dora_takes_the_lora_options(tiny_bert):
+    """DoRA inherits LoRA's options (rsLoRA, layers_to_transform, ...) through the pipeline's apply."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab import models
+    from tunelab.config import DoraConfig
+    from tunelab.methods import dora
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    cfg = DoraConfig(name="dora", r=4, alpha=8, use_rslora=True, layers_to_transform=[1], target_modules=["query"])
+    dora.apply(model, cfg, models.head_modules(model))
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, dora.DoRALinear)}
+    assert list(layers) == ["bert.encoder.layer.1.attention.self.query"]
+    assert next(iter(layers.values())).scaling == 8 / 4 ** 0.5

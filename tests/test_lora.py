@@ -261,3 +261,226 @@ def test_adapters_disabled_restores_base(arch):
     with adapters_disabled(model):
         assert torch.equal(_logits(model, batch), base)
     assert torch.equal(_logits(model, batch), adapted)  # re-enabled afterwards
+
+
+# -- options: rsLoRA, init, bias, rank/alpha patterns, layers_to_transform ------------------------------
+
+def _opt_cfg(kind, **kw):
+    return LoraConfig(name="lora", r=4, alpha=8, dropout=0.0, target_modules=TARGETS[kind], **kw)
+
+
+def _peft_opt_cfg(kind, **kw):
+    # peft extends the modules_to_save list it is given: pass a copy.
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS[kind],
+                           modules_to_save=list(HEADS[kind]), **kw)
+
+
+def _both_ways(kind, path, batch, tmp_path, ours_kw, peft_kw, layer_cls=lora.LoRALinear, loader=None):
+    """Live parity (our trained values copied into peft), then save by tunelab -> peft and tunelab load it,
+    and save by peft -> tunelab loads it. Returns (ours, theirs, our adapter config)."""
+    loader = loader or lora.load
+    base = _base(path)
+    ours = lora.apply(copy.deepcopy(base), _opt_cfg(kind, **ours_kw), HEADS[kind], layer_cls=layer_cls)
+    _randomize(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), _peft_opt_cfg(kind, **peft_kw))
+    mag = ".lora_magnitude_vector"  # DoRA's magnitude: a ParameterDict-like module in peft
+    state = {_peft_name(n, HEADS[kind]).replace(mag, mag + ".default.weight"): p
+             for n, p in ours.named_parameters() if p.requires_grad}
+    theirs_params = dict(theirs.named_parameters())
+    assert set(state) == {n for n, p in theirs_params.items() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in state.items():
+            theirs_params[name].copy_(p)
+    theirs.eval()
+    expected = _logits(ours, batch)
+    torch.testing.assert_close(_logits(theirs, batch), expected, atol=1e-6, rtol=0)
+
+    lora.save(ours, tmp_path / "ours", str(path), HEADS[kind])
+    in_peft = peft.PeftModel.from_pretrained(_base(path), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(loader(_base(path), tmp_path / "ours").eval(), batch), expected, atol=1e-6, rtol=0)
+
+    theirs.save_pretrained(tmp_path / "theirs")
+    from_peft = loader(_base(path), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_logits(from_peft, batch), _logits(theirs, batch), atol=1e-6, rtol=0)
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    return ours, theirs, config
+
+
+def _wrapped(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+
+
+def test_rslora_scaling_and_peft_parity(arch, tmp_path):
+    kind, path, batch = arch
+    ours, _, config = _both_ways(kind, path, batch, tmp_path, {"use_rslora": True}, {"use_rslora": True})
+    assert {m.scaling for m in _wrapped(ours).values()} == {8 / 2.0}  # alpha / sqrt(r), not alpha / r = 2
+    assert config["use_rslora"] is True
+
+
+def test_gaussian_init_matches_peft_statistics(tiny_bert):
+    base, batch, r = _base(tiny_bert), _batch(tiny_bert), 16
+    ours = lora.apply(copy.deepcopy(base), LoraConfig(name="lora", r=r, alpha=8, target_modules="all-linear",
+                                                      init="gaussian"), ["classifier"]).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=r, lora_alpha=8, target_modules=["query", "key", "value", "dense"], init_lora_weights="gaussian"))
+    for model in (ours, theirs):
+        a = torch.cat([p.flatten() for n, p in model.named_parameters() if ".lora_A." in n])
+        b = [p for n, p in model.named_parameters() if ".lora_B." in n]
+        assert a.numel() > 5000 and all(torch.count_nonzero(p) == 0 for p in b)
+        assert abs(a.std().item() * r - 1) < 0.05 and abs(a.mean().item()) < 0.005  # std 1/r (peft), not 1/sqrt(r)
+    default = lora.apply(copy.deepcopy(base), LoraConfig(name="lora", r=r, alpha=8, target_modules="all-linear"),
+                         ["classifier"])
+    a_default = torch.cat([p.flatten() for n, p in default.named_parameters() if ".lora_A." in n])
+    assert a_default.std().item() * r > 1.3  # kaiming-uniform: a different init
+    assert torch.equal(_logits(ours, batch), _logits(base, batch))
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
+def test_pissa_init_keeps_outputs_and_matches_peft(arch, rslora):
+    kind, path, batch = arch
+    base = _base(path)
+    ours = lora.apply(copy.deepcopy(base), _opt_cfg(kind, init="pissa", use_rslora=rslora), HEADS[kind]).eval()
+    torch.testing.assert_close(_logits(ours, batch), _logits(base, batch), atol=1e-5, rtol=0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), _peft_opt_cfg(kind, init_lora_weights="pissa",
+                                                                    use_rslora=rslora)).eval()
+    theirs_modules = dict(theirs.base_model.model.named_modules())
+    for name, layer in _wrapped(ours).items():
+        other = theirs_modules[name]
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        a_ref, b_ref = other.lora_A["default"].weight, other.lora_B["default"].weight
+        sign = torch.sign((a * a_ref).sum(dim=1))  # each singular pair is defined up to sign
+        assert set(sign.tolist()) <= {-1.0, 1.0}
+        torch.testing.assert_close(a, sign[:, None] * a_ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b, b_ref * sign[None, :], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.base_layer.weight, other.base_layer.weight, atol=1e-5, rtol=0)  # the residual
+        assert not torch.allclose(layer.base_layer.weight, base.get_submodule(name).weight, atol=1e-3)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha/r", "rslora"])
+def test_pissa_saved_adapter_reproduces_outputs(arch, rslora, tmp_path):
+    kind, path, batch = arch
+    model = lora.apply(_base(path), _opt_cfg(kind, init="pissa", use_rslora=rslora), HEADS[kind]).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # "training": move A, B and the head off their init
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    expected = _logits(model, batch)
+    lora.save(model, tmp_path, str(path), HEADS[kind])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # converted: [A; A0], [B, -B0] on the plain base
+    assert config["lora_alpha"] == pytest.approx(8 * (2 ** 0.5 if rslora else 2))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert all(t.shape[0] == 8 for k, t in saved.items() if k.endswith("lora_A.weight"))
+    for loaded in (lora.load(_base(path), tmp_path), peft.PeftModel.from_pretrained(_base(path), tmp_path)):
+        torch.testing.assert_close(_logits(loaded.eval(), batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(lora.merge(model), batch), expected, atol=1e-5, rtol=0)
+
+
+def test_pissa_with_dora_keeps_outputs_and_reloads(tiny_bert, tmp_path):
+    from tunelab.config import DoraConfig
+    from tunelab.methods import dora
+
+    base, batch = _base(tiny_bert), _batch(tiny_bert)
+    cfg = DoraConfig(name="dora", r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], init="pissa")
+    model = lora.apply(copy.deepcopy(base), cfg, ["classifier"], layer_cls=dora.DoRALinear).eval()
+    torch.testing.assert_close(_logits(model, batch), _logits(base, batch), atol=1e-5, rtol=0)
+    _randomize(model)
+    expected = _logits(model, batch)
+    dora.save(model, tmp_path, str(tiny_bert), ["classifier"])
+    torch.testing.assert_close(_logits(dora.load(_base(tiny_bert), tmp_path).eval(), batch), expected, atol=1e-5, rtol=0)
+
+
+def test_load_refuses_unconverted_peft_pissa(tiny_bert, tmp_path):
+    theirs = peft.get_peft_model(_base(tiny_bert), peft.LoraConfig(r=2, target_modules=["query"],
+                                                                   init_lora_weights="pissa"))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(TunelabError, match="path_initial_model_for_weight_conversion"):
+        lora.load(_base(tiny_bert), tmp_path)
+
+
+def test_bias_trainable_counts_tiny_bert(tiny_bert):
+    h, inter, layers, r, labels = 32, 64, 2, 4, 2
+    lora_count = layers * 2 * (h * r + r * h)
+    head = (h * h + h) + (h * labels + labels)
+    per_block = 4 * h + h + inter + h + h  # q, k, v, attention output dense; attention LN; FFN in, out; output LN
+    counts = {"none": 0, "lora_only": layers * 2 * h, "all": h + layers * per_block}  # "all": + embeddings LN
+    for bias, extra in counts.items():
+        model = lora.apply(_base(tiny_bert), _cfg(["query", "value"], r=r).model_copy(update={"bias": bias}),
+                           ["bert.pooler", "classifier"])
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora_count + head + extra, bias
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "bert.encoder.layer.0.attention.self.query.base_layer.bias" in trained
+    assert "bert.embeddings.LayerNorm.bias" in trained and "bert.embeddings.LayerNorm.weight" not in trained
+
+
+def test_bias_lora_only_tiny_gpt2(tiny_gpt2):
+    h, layers, r = 32, 2, 4
+    model = lora.apply(_base(tiny_gpt2), _opt_cfg("gpt2", bias="lora_only"), ["score"])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == (
+        layers * (h * r + r * 3 * h) + h * 2 + layers * 3 * h)  # + c_attn biases (96 each)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_peft_parity_both_ways(arch, bias, tmp_path):
+    kind, path, batch = arch
+    ours, _, config = _both_ways(kind, path, batch, tmp_path, {"bias": bias}, {"bias": bias})
+    assert config["bias"] == bias
+    saved = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    wrapped = next(iter(_wrapped(ours)))
+    assert f"base_model.model.{wrapped}.base_layer.bias" in saved  # peft's key for a wrapped layer's bias
+    others = {k for k in saved if k.endswith(".bias") and ".base_layer." not in k
+              and not any(k.startswith(f"base_model.model.{h}.") for h in HEADS[kind])}
+    assert bool(others) is (bias == "all")
+
+
+PATTERNS = {
+    "bert": ({"value": 2, r"layer\.1\.attention\.self\.query": 6}, {"query": 3},
+             {"bert.encoder.layer.0.attention.self.query": (4, 3), "bert.encoder.layer.1.attention.self.query": (6, 3),
+              "bert.encoder.layer.0.attention.self.value": (2, 8), "bert.encoder.layer.1.attention.self.value": (2, 8)}),
+    "gpt2": ({r"h\.1\.attn\.c_attn": 2}, {r"transformer\.h\.0\..*": 5.5},
+             {"transformer.h.0.attn.c_attn": (4, 5.5), "transformer.h.1.attn.c_attn": (2, 8)}),
+}
+
+
+def test_rank_and_alpha_patterns(arch, tmp_path):
+    kind, path, batch = arch
+    ranks, alphas, want = PATTERNS[kind]
+    ours, _, config = _both_ways(kind, path, batch, tmp_path, {"rank_pattern": ranks, "alpha_pattern": alphas},
+                                 {"rank_pattern": ranks, "alpha_pattern": alphas})
+    got = {n: (m.r, m.alpha) for n, m in _wrapped(ours).items()}
+    assert got == want
+    assert all(m.lora_A.weight.shape[0] == m.r and m.scaling == m.alpha / m.r for m in _wrapped(ours).values())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    reloaded = lora.load(_base(path), tmp_path / "ours")
+    assert {n: (m.r, m.alpha) for n, m in _wrapped(reloaded).items()} == want
+
+
+LAYERS = {"bert": ([1], "layer", {"bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"}),
+          "gpt2": ([0], "h", {"transformer.h.0.attn.c_attn"})}
+
+
+def test_layers_to_transform(arch, tmp_path):
+    kind, path, batch = arch
+    blocks, pattern, want = LAYERS[kind]
+    ours, _, config = _both_ways(kind, path, batch, tmp_path, {"layers_to_transform": blocks},
+                                 {"layers_to_transform": blocks})
+    assert set(_wrapped(ours)) == want
+    h, r = 32, 4
+    out = {"bert": h, "gpt2": 3 * h}[kind]
+    assert sum(p.numel() for n, p in ours.named_parameters() if n in _lora_params(ours)) == len(want) * (h * r + r * out)
+    assert sorted(config["target_modules"]) == sorted(TARGETS[kind]) and config["layers_to_transform"] == blocks
+    named = lora.apply(_base(path), _opt_cfg(kind, layers_to_transform=blocks, layers_pattern=pattern), HEADS[kind])
+    assert set(_wrapped(named)) == want
+    with pytest.raises(TunelabError, match="layers_to_transform"):
+        lora.apply(_base(path), _opt_cfg(kind, layers_to_transform=[7]), HEADS[kind])
+
+
+def test_dora_with_options_peft_parity(arch, tmp_path):
+    from tunelab.methods import dora
+
+    kind, path, batch = arch
+    opts = {"use_rslora": True, "bias": "lora_only", "layers_to_transform": [1], "rank_pattern": {TARGETS[kind][0]: 2}}
+    ours, _, config = _both_ways(kind, path, batch, tmp_path, opts, {**opts, "use_dora": True},
+                                 layer_cls=dora.DoRALinear, loader=dora.load)
+    assert config["use_dora"] is True and all(isinstance(m, dora.DoRALinear) for m in _wrapped(ours).values())

@@ -17,7 +17,7 @@ from tunelab.training import loop, optim
 from conftest import make_rows
 
 INFO = {"labels": ["neg", "pos"]}
-METHOD_ARGS = {"freeze": {"freeze_layers": 1}, "lora": {"r": 4}, "dora": {"r": 4}, "adapter": {"reduction_factor": 4}}
+METHOD_ARGS = {"freeze": {"freeze_layers": 1}, "lora": {"r": 4}, "dora": {"r": 4}, "qlora": {"r": 4}, "adapter": {"reduction_factor": 4}}
 # BitFit trains the base's own biases: there is no separate base to fall back to.
 NOT_DISABLEABLE = {"full", "freeze", "bitfit"}
 NO_BIAS_ARCHS = {"llama"}

@@ -6,10 +6,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from .errors import TunelabError
-from .predict import TunedModel, load
+# transformers imports torchao when it is installed (qlora needs it), and torchao then logs, on
+# every start, that its optional CUDA kernels are absent; on a CPU machine that is only noise
+# in front of tunelab's own messages.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from .errors import TunelabError  # noqa: E402
+from .predict import TunedModel, load  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["train", "load", "TunedModel", "TunelabError", "__version__"]

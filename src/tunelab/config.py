@@ -71,6 +71,56 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="Module names to adapt (e.g. [query, value]), 'all-linear', or empty for the architecture's default."
     )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian", "pissa"] = Field(
+        "default", description="Adapter init: 'default' (Kaiming-uniform A, zero B), 'gaussian' (A ~ N(0, std 1/r), zero B, as peft), 'pissa' (A, B from W's top-r singular vectors; W keeps the residual)."
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Biases that also train: 'all' of the body, 'lora_only' those of the adapted layers, or 'none'."
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module rank overrides: regex on the module path (as peft: the path or its tail after a dot) -> r."
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alpha overrides: regex on the module path (as rank_pattern) -> alpha."
+    )
+    layers_to_transform: list[int] | None = Field(
+        None, description="Only blocks with these indices get LoRA (the first number in the module path, as peft); empty for all."
+    )
+    layers_pattern: str | None = Field(
+        None, description="Name of the block list before the index (e.g. layer, h) for layers_to_transform; empty: the first numbered segment."
+    )
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, v: dict, info) -> dict:
+        import re
+
+        for key, value in v.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"key '{key}' is not a valid regular expression ({e})") from None
+            if (value < 1) if info.field_name == "rank_pattern" else (value <= 0):
+                raise ValueError(f"'{key}': {value} must be {'>= 1' if info.field_name == 'rank_pattern' else '> 0'}")
+        return v
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers(cls, v: list[int] | None, info) -> list[int] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError("block indices must be >= 0")
+        targets = info.data.get("target_modules")
+        if v and isinstance(targets, str) and targets != "all-linear":
+            raise ValueError("cannot be used when target_modules is a regex string (as in peft); list the module names")
+        return v
+
+    @field_validator("layers_pattern")
+    @classmethod
+    def _layers_pattern(cls, v: str | None, info) -> str | None:
+        if v and not info.data.get("layers_to_transform"):
+            raise ValueError("needs layers_to_transform (the block indices to adapt)")
+        return v
 
 
 class DoraConfig(LoraConfig):
@@ -101,7 +151,41 @@ class AdapterConfig(_Section):
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Activation between the down and up projections.")
 
 
-METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig)
+class PromptConfig(_Section):
+    name: Literal["prompt"] = Field(description="Prompt tuning (Lester et al. 2021): trainable virtual token embeddings prepended to the input; the head is trained in full.")
+    num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
+    init: Literal["random", "text"] = Field("random", description="'random' (as peft: N(0, 1)) or 'text': the token embeddings of init_text, repeated or cut to length.")
+    init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt when init is 'text'.")
+
+
+class PTuningConfig(_Section):
+    name: Literal["ptuning"] = Field(description="P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder (MLP or LSTM) and prepended to the input.")
+    num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder over the virtual token embeddings: 'mlp' or 'lstm' (bidirectional, then an MLP).")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="Hidden width of the prompt encoder; empty for the model's hidden size.")
+    encoder_num_layers: int = Field(2, ge=1, description="LSTM layers of the 'lstm' encoder (the 'mlp' encoder always has 3 linear layers).")
+    encoder_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout between the LSTM layers.")
+
+
+class PrefixConfig(_Section):
+    name: Literal["prefix"] = Field(description="Prefix tuning (Li & Liang 2021): trainable key/value prefixes for every attention layer; the head is trained in full.")
+    num_virtual_tokens: int = Field(20, ge=1, description="Length of the key/value prefix of every attention layer.")
+    prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP during training (only the computed prefixes are saved).")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="Hidden width of the reparameterisation MLP; empty for the model's hidden size.")
+
+
+class QLoraConfig(LoraConfig):
+    name: Literal["qlora"] = Field(description="QLoRA: LoRA on a frozen base whose linear weights are stored 4-bit NF4 (block size 64).")
+    double_quant: bool = Field(True, description="Quantize the per-block NF4 scales too (8-bit, blocks of 256): ~0.4 fewer bits per weight.")
+    backend: Literal["auto", "torchao", "bitsandbytes"] = Field(
+        "auto", description="NF4 kernels: 'auto' (bitsandbytes on CUDA when installed, else torchao), 'torchao' or 'bitsandbytes'."
+    )
+    quantize: Literal["all-linear", "targets"] = Field(
+        "all-linear", description="Which frozen linear layers go 4-bit: every one of the body outside the head, or only the LoRA targets."
+    )
+
+
+METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
 

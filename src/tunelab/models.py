@@ -57,12 +57,20 @@ def device_of(cfg: ModelConfig) -> torch.device:
     return device
 
 
-def max_input_length(model, tokenizer, requested: int) -> int:
-    """The longest input the model can take: positions beyond its embedding table would crash mid-run."""
-    limits = [requested, getattr(model.config, "max_position_embeddings", None)]
+def max_input_length(model, tokenizer, requested: int, reserved: int = 0) -> int:
+    """The longest input the model can take: positions beyond its embedding table would crash mid-run.
+
+    `reserved` positions are taken by a method's virtual tokens (prompt, P-tuning, prefix)."""
+    limits = [getattr(model.config, "max_position_embeddings", None)]
     if tokenizer.model_max_length < 1_000_000:  # tokenizers without a limit report ~1e30
         limits.append(tokenizer.model_max_length)
-    return min(x for x in limits if x)
+    room = min(x for x in limits if x) - reserved
+    if room < 1:
+        raise TunelabError(
+            f"method.num_virtual_tokens={reserved} leaves no room for the text: the model takes {room + reserved} positions. "
+            f"Use fewer virtual tokens."
+        )
+    return min(requested, room)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -47,7 +47,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     info = task.label_info(splits, cfg.data)
     model, tokenizer = task.build_model(cfg.model, info)
     model.to(device)
-    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length)
+    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, getattr(cfg.method, "num_virtual_tokens", 0))
     if max_length < cfg.data.max_length:
         say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
     feats = {name: task.encode(rows, tokenizer, info, max_length) for name, rows in splits.items()}

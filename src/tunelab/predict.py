@@ -54,7 +54,8 @@ class TunedModel:
         return list(self.info["labels"])
 
     def _features(self, rows: list[dict]) -> list[dict]:
-        max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length)
+        max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
+                                             getattr(self.cfg.method, "num_virtual_tokens", 0))
         return self.task.encode(rows, self.tokenizer, self.info, max_length)
 
     def predict(self, texts: list[str] | str, batch_size: int | None = None) -> list[dict]:

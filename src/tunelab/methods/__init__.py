@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from . import adapter, bitfit, dora, freeze, full, ia3, lora
+from . import adapter, bitfit, dora, freeze, full, ia3, lora, prefix, prompt, ptuning, qlora
 
-METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3, "bitfit": bitfit, "adapter": adapter}
+METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3, "bitfit": bitfit, "adapter": adapter,
+           "prompt": prompt, "ptuning": ptuning, "prefix": prefix, "qlora": qlora}
 
 
 def get(name: str):

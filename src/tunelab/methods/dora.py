@@ -81,7 +81,7 @@ class DoRALinear(lora.LoRALinear):
 
 def apply(model: PreTrainedModel, cfg: DoraConfig, head: list[str]) -> PreTrainedModel:
     """Freeze everything, wrap the target layers with DoRA, train the head modules in full."""
-    return lora._apply(model, cfg.target_modules, cfg.r, cfg.alpha, cfg.dropout, head, DoRALinear)
+    return lora.apply(model, cfg, head, layer_cls=DoRALinear)
 
 
 def load(model: PreTrainedModel, out_dir) -> PreTrainedModel:

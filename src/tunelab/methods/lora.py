@@ -14,9 +14,30 @@ not imported; the layout facts it relies on (checked against peft 0.21):
   (names matched as `path == name or path.endswith("." + name)`), modules_to_save
   and fan_in_fan_out (true for Conv1D, whose weight is stored (in, out)).
 
+- options (peft 0.21 semantics): `use_rslora` scales by alpha / sqrt(r); init "gaussian"
+  draws A ~ N(0, std 1/r) (std 1/r, not 1/sqrt(r): peft's reset_lora_parameters);
+  `rank_pattern` / `alpha_pattern` keys are regexes, and a module takes the value of
+  the first key with `re.match(rf"(.*\\.)?({key})$", path)` (peft's get_pattern_key);
+  `layers_to_transform` filters list targets matched by suffix (not exact full paths),
+  the block index being the first `<name>.<digits>.` after at least one segment
+  (`layers_pattern` names the list, e.g. "layer" or "h"); bias "all" trains every
+  parameter named `*.bias`, "lora_only" the base biases of the wrapped layers, and they
+  are saved under their state-dict names, which for a wrapped layer is
+  `<module path>.base_layer.bias` (what peft 0.21 writes and reads back).
+- PiSSA (init "pissa", peft's `pissa_init`): with W = U S V^T, A = sqrt(S_r / s) V_r^T,
+  B = U_r sqrt(S_r / s) and the base weight becomes W - s·B·A, so outputs are unchanged
+  at init. The saved adapter is converted to a plain LoRA delta on the original base,
+  as peft's `save_pretrained(path_initial_model_for_weight_conversion=...)` does:
+  A' = [A; A0], B' = [B, -B0], r' = 2r and alpha' = 2·alpha (sqrt(2)·alpha with
+  rsLoRA), so W + s'·B'A' = W_res + s·BA. The adapter dir thus loads onto the
+  unmodified base model (by tunelab and peft, init_lora_weights true). A0 and B0 are
+  kept on the layer as non-persistent buffers. While the PiSSA model is live its base
+  layers hold the residual, so `adapters_disabled` runs W_res, not W (peft too).
+
 DoRA (dora.py) subclasses `LoRALinear` and reuses everything below: a layer's saved
 tensors are its own state minus `base_layer` (peft's rule too), and `use_dora`
-and `merged_weight` come from the layer class.
+and `merged_weight` come from the layer class. DoRA's update depends on W + s·BA
+only, so the PiSSA conversion holds for it too.
 """
 
 from __future__ import annotations
@@ -76,10 +97,44 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=weight.device, dtype=dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.use_rslora, self.init = False, "default"
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         self.adapter_disabled = False  # set by methods.adapters_disabled: compute the base layer only
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts out equal to the base
+
+    def configure(self, use_rslora: bool = False, init: str = "default") -> None:
+        """Set the scaling rule and re-initialise A and B; "default" keeps the constructor's draw.
+
+        A separate step (not constructor arguments) so subclasses with the plain signature get it too.
+        """
+        self.use_rslora, self.init = use_rslora, init
+        self.scaling = self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+                nn.init.zeros_(self.lora_B.weight)
+            elif init == "pissa":
+                self._pissa_init()
+            elif init != "default":
+                raise TunelabError(f"Unknown LoRA init '{init}'; use default, gaussian or pissa.")
+
+    def _pissa_init(self) -> None:
+        weight = self.base_layer.weight
+        w = weight.float().T if self.fan_in_fan_out else weight.float()  # (out, in)
+        if self.r > min(w.shape):
+            raise TunelabError(f"PiSSA needs r <= min(out, in) = {min(w.shape)} of every adapted layer, got r={self.r}; "
+                               f"lower method.r (or its rank_pattern entry).")
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(s[: self.r] / self.scaling)
+        a, b = root[:, None] * vh[: self.r], u[:, : self.r] * root[None, :]
+        self.lora_A.weight.copy_(a)
+        self.lora_B.weight.copy_(b)
+        residual = w - self.scaling * (b @ a)
+        weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+        # The initial A0, B0: save() turns the adapter into a plain LoRA delta with them (not saved themselves).
+        self.register_buffer("pissa_A0", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("pissa_B0", self.lora_B.weight.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -134,10 +189,46 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def _select(model: nn.Module, targets: list[str] | str | None, head: list[str]) -> list[str]:
+def _layer_index(path: str, layers_pattern: str | list[str] | None) -> int | None:
+    """peft's block index of a module path: the first `<segment>.<digits>.` (or `<layers_pattern>.<digits>.`)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match["idx"]) if match else None
+
+
+def _pattern_value(patterns: dict | None, path: str, default):
+    """peft's get_pattern_key: the value of the first key that matches the path or a dotted tail of it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _select(model: nn.Module, targets: list[str] | str | None, head: list[str],
+            layers_to_transform: list[int] | int | None = None, layers_pattern: str | None = None) -> list[str]:
     candidates = _body_linears(model, head)
     if targets is None:
         targets = default_targets(model)
+    if isinstance(layers_to_transform, int):
+        layers_to_transform = [layers_to_transform]
+    if layers_to_transform:  # peft: exact full paths are taken as named; suffix matches must sit in those blocks
+        if isinstance(targets, str) and targets != "all-linear":
+            raise TunelabError("method.layers_to_transform cannot be used with a regex target_modules string (as in "
+                               "peft); list the module names instead.")
+        chosen = _select(model, targets, head)
+        exact = set(targets) if isinstance(targets, list) else set()
+        chosen = [p for p in chosen if p in exact or _layer_index(p, layers_pattern) in layers_to_transform]
+        if not chosen:
+            found = sorted({i for p in candidates if (i := _layer_index(p, layers_pattern)) is not None})
+            raise TunelabError(f"method.layers_to_transform {list(layers_to_transform)} selects no target layer; the "
+                               f"block indices found{' under ' + repr(layers_pattern) if layers_pattern else ''} are "
+                               f"{found or 'none (set method.layers_pattern to the name of the block list)'}.")
+        return chosen
     if targets == "all-linear":
         return candidates
     if isinstance(targets, str):  # peft's convention: a single string is a regex on the full module path
@@ -157,12 +248,18 @@ def _select(model: nn.Module, targets: list[str] | str | None, head: list[str]) 
 
 # -- the method ----------------------------------------------------------------
 
-def apply(model: PreTrainedModel, cfg: LoraConfig, head: list[str]) -> PreTrainedModel:
-    """Freeze everything, wrap the target layers with LoRA, train the head modules in full."""
-    return _apply(model, cfg.target_modules, cfg.r, cfg.alpha, cfg.dropout, head)
+def apply(model: PreTrainedModel, cfg: LoraConfig, head: list[str], layer_cls=LoRALinear) -> PreTrainedModel:
+    """Freeze everything, wrap the target layers with LoRA, train the head modules (and cfg.bias) in full."""
+    return _apply(model, cfg.target_modules, cfg.r, cfg.alpha, cfg.dropout, head, layer_cls,
+                  use_rslora=cfg.use_rslora, init=cfg.init, bias=cfg.bias, rank_pattern=cfg.rank_pattern,
+                  alpha_pattern=cfg.alpha_pattern, layers_to_transform=cfg.layers_to_transform,
+                  layers_pattern=cfg.layers_pattern)
 
 
-def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str], layer_cls=LoRALinear):
+def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str], layer_cls=LoRALinear, *,
+           use_rslora: bool = False, init: str = "default", bias: str = "none", rank_pattern: dict | None = None,
+           alpha_pattern: dict | None = None, layers_to_transform: list[int] | None = None,
+           layers_pattern: str | None = None):
     """Wrap the chosen layers in `layer_cls` (LoRALinear, or a subclass such as DoRALinear)."""
     for name in head:
         try:
@@ -170,15 +267,36 @@ def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str]
         except AttributeError:
             raise TunelabError(f"Head module '{name}' is not in the model ({type(model).__name__}); its top-level "
                                f"modules are: {', '.join(n for n, _ in model.named_children())}.") from None
-    paths = _select(model, targets, head)
+    if bias not in ("none", "all", "lora_only"):
+        raise TunelabError(f"LoRA bias '{bias}' is not one of none, all, lora_only.")
+    paths = _select(model, targets, head, layers_to_transform, layers_pattern)
     model.requires_grad_(False)
     for path in paths:
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, layer_cls(getattr(owner, child), r, alpha, dropout))
+        layer = layer_cls(getattr(owner, child), _pattern_value(rank_pattern, path, r),
+                          _pattern_value(alpha_pattern, path, alpha), dropout)
+        layer.configure(use_rslora=use_rslora, init=init)
+        if init == "pissa" and hasattr(layer, "lora_magnitude_vector"):  # DoRA: ||W_res + s·BA||, as peft computes it
+            with torch.no_grad():
+                layer.lora_magnitude_vector.copy_(layer._weight_norm(layer._out_in(
+                    layer.base_layer.weight.to(layer.lora_A.weight.dtype))))
+        setattr(owner, child, layer)
     for name in head:
         model.get_submodule(name).requires_grad_(True)
+    for name, p in _trainable_biases(model, bias).items():
+        p.requires_grad_(True)
     return model
+
+
+def _trainable_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """peft's rule: "all" = every parameter named bias; "lora_only" = the base biases of the wrapped layers."""
+    if bias == "all":
+        return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
+    if bias == "lora_only":
+        return {f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in _lora_layers(model).items()
+                if layer.base_layer.bias is not None}
+    return {}
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -201,34 +319,85 @@ def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
     return short if picked == set(paths) else sorted(paths)
 
 
+def _target_spec(model: nn.Module, paths: list[str]) -> tuple[list[str], list[int] | None]:
+    """target_modules, and layers_to_transform when short names need it to pick exactly the wrapped layers."""
+    names = _target_names(model, paths)
+    short = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if names == short:
+        return names, None
+    blocks = {_layer_index(p, None) for p in paths}
+    if None not in blocks:
+        picked = {p for p, _ in model.named_modules() if p in short or (
+            any(p.endswith("." + s) for s in short) and _layer_index(p, None) in blocks)}
+        if picked == set(paths):
+            return short, sorted(blocks)
+    return names, None
+
+
+def _bias_mode(model: nn.Module, head: list[str]) -> tuple[str, dict[str, torch.Tensor]]:
+    """peft's `bias` value and the biases it covers, read off what trains outside the head."""
+    trained = {n: p for n, p in model.named_parameters()
+               if (n == "bias" or n.endswith(".bias")) and p.requires_grad and not _inside(n, head)}
+    if not trained:
+        return "none", {}
+    wrapped = {f"{path}.base_layer.bias" for path in _lora_layers(model)}
+    return ("lora_only" if set(trained) <= wrapped else "all"), trained
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _most_common(values):
+    return max(values, key=values.count)
+
+
 def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str]) -> None:
+    """Write the adapter in peft's layout; a PiSSA adapter is written as the equivalent plain LoRA (see top)."""
     layers = _lora_layers(model)
     if not layers:
         raise TunelabError("This model has no LoRA layers to save; save it as a full model instead.")
-    tensors = {}
+    tensors, ranks, alphas = {}, {}, {}
     for path, layer in layers.items():
         tensors.update(_adapter_tensors(path, layer))
+        ranks[path], alphas[path] = layer.r, layer.alpha
+        if getattr(layer, "pissa_A0", None) is not None:  # delta to the original base: [A; A0], [B, -B0]
+            key = f"{PREFIX}{path}."
+            tensors[key + "lora_A.weight"] = torch.cat([layer.lora_A.weight, layer.pissa_A0], dim=0)
+            tensors[key + "lora_B.weight"] = torch.cat([layer.lora_B.weight, -layer.pissa_B0], dim=1)
+            ranks[path], alphas[path] = 2 * layer.r, layer.alpha * (math.sqrt(2) if layer.use_rslora else 2)
     for name in head:
         for key, t in model.get_submodule(name).state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t
+    bias, biases = _bias_mode(model, head)
+    for name, t in biases.items():  # state-dict names: `<path>.base_layer.bias` for a wrapped layer, as peft
+        tensors[PREFIX + name] = t
     # clone: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
 
     first = next(iter(layers.values()))
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    targets, blocks = _target_spec(model, list(layers))
     config = {
         "peft_type": "LORA",
         "task_type": next((t for s, t in _TASK_TYPES.items() if type(model).__name__.endswith(s)), None),
         "base_model_name_or_path": str(base_model_path),
-        "r": first.r,
-        "lora_alpha": int(first.alpha) if float(first.alpha).is_integer() else first.alpha,
+        "r": r,
+        "lora_alpha": _num(alpha),
+        # Escaped full paths: peft takes each key as a regex on the path or a dotted tail of it.
+        "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(p): _num(v) for p, v in alphas.items() if v != alpha},
         "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
-        "target_modules": _target_names(model, list(layers)),
+        "target_modules": targets,
+        "layers_to_transform": blocks,
+        "layers_pattern": None,
         "modules_to_save": list(head),
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "bias": "none",
-        "use_rslora": False,
+        "bias": bias,
+        "use_rslora": first.use_rslora,
         "use_dora": first.use_dora,
-        "init_lora_weights": True,
+        # A PiSSA adapter is saved converted (a plain delta), so it loads with the default init.
+        "init_lora_weights": "gaussian" if all(layer.init == "gaussian" for layer in layers.values()) else True,
         "inference_mode": True,
     }
     out_dir = Path(out_dir)
@@ -261,8 +430,15 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
         raise TunelabError(f"The adapter in '{out_dir}' is a {saved_as} adapter (use_dora: "
                            f"{bool(config.get('use_dora'))}); load it with method.name={use} "
                            f"(tunelab.methods.{use}.load).")
-    unsupported = [k for k in ("use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform")
-                   if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "lora_ga", "loftq")):
+        raise TunelabError(
+            f"The adapter in '{out_dir}' was saved with init_lora_weights={init!r}: it belongs to a base model whose "
+            f"weights that init changed, not to the original base. Re-save it with peft's save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter, then load that.")
+    bias = config.get("bias") or "none"
+    unsupported = [k for k in ("lora_bias", "layer_replication", "exclude_modules", "target_parameters")
+                   if config.get(k)] + ([f"bias={bias}"] if bias not in ("none", "all", "lora_only") else [])
     if unsupported:
         raise TunelabError(f"The adapter in '{out_dir}' uses {', '.join(unsupported)}, which tunelab's LoRA does not "
                            f"support; load it with peft instead.")
@@ -272,7 +448,9 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
     head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
     head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
     _apply(model, config.get("target_modules"), config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), head,
-           layer_cls)
+           layer_cls, use_rslora=bool(config.get("use_rslora")), bias=bias, rank_pattern=config.get("rank_pattern"),
+           alpha_pattern=config.get("alpha_pattern"), layers_to_transform=config.get("layers_to_transform"),
+           layers_pattern=config.get("layers_pattern"))
 
     saved = load_file(str(weights_file))
     expected = {}
@@ -281,6 +459,14 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
     for name in head:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             expected[f"{PREFIX}{name}.{key}"] = t
+    for name, t in _trainable_biases(model, bias).items():
+        if not _inside(name, head):
+            expected[PREFIX + name] = t
+    if bias == "all":  # peft also writes the biases of its head wrappers' inner copies; the plain ones are used
+        wrappers = [f"{PREFIX}{h}" for h in head]
+        saved = {k: v for k, v in saved.items() if not (
+            _inside(k.split(".original_module.")[0].split(".modules_to_save.")[0], wrappers)
+            and (".original_module." in k or ".modules_to_save." in k))}
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise TunelabError(

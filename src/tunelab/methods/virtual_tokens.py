@@ -1,0 +1,327 @@
+"""Shared machinery of the virtual-token methods (prompt tuning, P-tuning, prefix tuning).
+
+The methods add no layer to the model's computation graph: they hook the *body* of the model
+(`model.bert`, `model.transformer`, `model.model`: `base_model_prefix`) so that the task's plain
+`model(input_ids=..., attention_mask=...)` call, and so the training loop, never branch on them.
+
+- Prompt / P-tuning: a forward pre-hook on the body turns `input_ids` into `inputs_embeds` with
+  the virtual tokens in front and extends `attention_mask` (and `token_type_ids`) with them, as
+  peft's PeftModel.forward does. A forward hook then drops the virtual positions from the body's
+  `last_hidden_state` (and `hidden_states`), so the head sees exactly the real tokens: decoders'
+  classification heads find the last non-pad token from the *original* `input_ids` (the top-level
+  model still receives them) and index the right position, with or without padding. BERT's pooler
+  runs inside the body, before that hook, so it reads position 0 = the first virtual token, as in peft.
+- Prefix tuning: the pre-hook passes a fresh `DynamicCache` holding every layer's key/value prefix
+  as `past_key_values` and extends `attention_mask`; positions then start after the prefix (HF's
+  own rule for a cache), as in peft.
+
+The trained state lives in one module attached as `model.prompt_encoder`, whose boolean
+`adapter_disabled` (toggled by `methods.adapters_disabled`) makes both hooks pass inputs through
+untouched. A call that already carries a non-empty cache (generation after the first step) is left
+alone too.
+
+Saved layout (peft's, for its prompt-learning methods; checked against peft 0.21.2):
+adapter_model.safetensors holds `prompt_embeddings` (the encoder's *output* for the virtual tokens:
+(n, token_dim) for prompt / P-tuning, (n, num_layers * 2 * token_dim) for prefix tuning) and the head
+modules under `base_model.<module path>.<param>` (prompt-learning PeftModels wrap the transformers
+model directly, hence no `.model`). adapter_config.json has peft_type, task_type, num_virtual_tokens,
+token_dim, num_layers, num_attention_heads, num_transformer_submodules (1) and modules_to_save, with
+inference_mode true: peft then uses `prompt_embeddings` as they are, without any encoder.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import models
+from ..errors import TunelabError
+from .lora import _TASK_TYPES, _inside, _matches
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model."  # peft's key prefix for a prompt-learning model's own modules (the head)
+TABLE_KEY = "prompt_embeddings"
+ATTR = "prompt_encoder"  # where the method's module lives on the model (peft's name too)
+
+
+class StaticTable(nn.Module):
+    """Stored virtual tokens (what a saved adapter holds): `forward()` returns the table itself."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.embedding = nn.Embedding(*table.shape, device=table.device, dtype=table.dtype)
+        with torch.no_grad():
+            self.embedding.weight.copy_(table)
+        self.adapter_disabled = False
+
+    def forward(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+# -- anatomy ----------------------------------------------------------------------
+
+def body(model: nn.Module) -> nn.Module:
+    return models._body(model)[1]
+
+
+def text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _get(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def shape(model: nn.Module) -> dict:
+    """token_dim, num_layers, num_attention_heads as peft derives them from the model config."""
+    cfg = text_config(model)
+    token_dim = _get(cfg, "hidden_size", "n_embd", "d_model")
+    num_layers = _get(cfg, "num_hidden_layers", "num_layers", "n_layer")
+    heads = _get(cfg, "num_attention_heads", "n_head", "num_heads")
+    if token_dim is None or num_layers is None or heads is None:
+        raise TunelabError(f"Cannot read the hidden size, layer count and head count of {type(model).__name__} from its "
+                           f"config, which virtual-token methods need. Use lora or another method for this model.")
+    return {"token_dim": token_dim, "num_layers": num_layers, "num_attention_heads": heads}
+
+
+def check_head(model: nn.Module, head: list[str]) -> None:
+    for name in head:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise TunelabError(f"Head module '{name}' is not in the model ({type(model).__name__}); its top-level "
+                               f"modules are: {', '.join(n for n, _ in model.named_children())}.") from None
+
+
+def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The call's positional arguments by name (HF models are called as body(input_ids, attention_mask=...))."""
+    if not args:
+        return dict(kwargs)
+    names = [n for n, p in inspect.signature(module.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _continuing(kwargs: dict) -> bool:
+    past = kwargs.get("past_key_values")
+    return past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+
+
+def _batch_size(kwargs: dict) -> int:
+    x = kwargs.get("input_ids")
+    return (x if x is not None else kwargs["inputs_embeds"]).shape[0]
+
+
+def _extend_mask(kwargs: dict, n: int, batch: int) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        ones = torch.ones(batch, n, dtype=mask.dtype, device=mask.device)
+        kwargs["attention_mask"] = torch.cat((ones, mask), dim=1)
+
+
+# -- attaching --------------------------------------------------------------------
+
+def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
+    """Prepend `encoder()` ((n, hidden) virtual token embeddings) to every input of the model's body."""
+    if hasattr(model, ATTR):
+        raise TunelabError("This model already has virtual tokens (a prompt, P-tuning or prefix method was applied); "
+                           "apply one virtual-token method to a fresh base model.")
+    setattr(model, ATTR, encoder)
+    trunk = body(model)
+    state = {"n": 0}
+
+    def pre(module, args, kwargs):
+        state["n"] = 0
+        if encoder.adapter_disabled:
+            return None
+        kwargs = _as_kwargs(module, args, kwargs)
+        if _continuing(kwargs):
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(kwargs["input_ids"])
+        batch = embeds.shape[0]
+        prompts = encoder().to(embeds.dtype)
+        n = prompts.shape[0]
+        kwargs["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), embeds), dim=1)
+        kwargs["input_ids"] = None
+        _extend_mask(kwargs, n, batch)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat((torch.zeros(batch, n, dtype=tt.dtype, device=tt.device), tt), dim=1)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = None  # peft ignores them too: positions run over virtual + real tokens
+        state["n"] = n
+        return (), kwargs
+
+    def post(module, args, kwargs, output):
+        n, state["n"] = state["n"], 0
+        if not n:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:, n:], *output[1:])
+        output["last_hidden_state"] = output["last_hidden_state"][:, n:]
+        if output.get("hidden_states") is not None:
+            output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
+        return output
+
+    encoder._hooks = (trunk.register_forward_pre_hook(pre, with_kwargs=True),
+                      trunk.register_forward_hook(post, with_kwargs=True))
+    return model
+
+
+def attach_prefix(model: nn.Module, encoder: nn.Module, num_layers: int, num_heads: int, head_dim: int) -> nn.Module:
+    """Give every attention layer the key/value prefix `encoder()` ((n, num_layers * 2 * heads * head_dim))."""
+    from transformers import DynamicCache
+
+    if hasattr(model, ATTR):
+        raise TunelabError("This model already has virtual tokens (a prompt, P-tuning or prefix method was applied); "
+                           "apply one virtual-token method to a fresh base model.")
+    setattr(model, ATTR, encoder)
+    trunk = body(model)
+    accepts = "past_key_values" in inspect.signature(trunk.forward).parameters
+    if not accepts:
+        raise TunelabError(f"{type(trunk).__name__} takes no past_key_values, which prefix tuning needs to pass the "
+                           f"key/value prefixes. Use method.name=prompt or lora for this model.")
+    dtype = next(trunk.parameters()).dtype
+
+    def pre(module, args, kwargs):
+        if encoder.adapter_disabled:
+            return None
+        kwargs = _as_kwargs(module, args, kwargs)
+        if _continuing(kwargs):
+            return None
+        batch = _batch_size(kwargs)
+        table = encoder().to(dtype)
+        n = table.shape[0]
+        # peft's layout: (n, 2 * layers, heads, head_dim) -> (2 * layers, batch, heads, n, head_dim); keys at even
+        # indices, values at odd ones.
+        kv = table.view(n, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        cache = DynamicCache(config=text_config(model))
+        for i in range(num_layers):
+            cache.update(kv[2 * i], kv[2 * i + 1], i)
+        kwargs["past_key_values"] = cache
+        _extend_mask(kwargs, n, batch)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n  # peft's rule: positions continue after the prefix
+        return (), kwargs
+
+    encoder._hooks = (trunk.register_forward_pre_hook(pre, with_kwargs=True),)
+    return model
+
+
+def freeze_all_but(model: nn.Module, head: list[str]) -> None:
+    """Freeze the base, train the method's module and the head modules in full."""
+    model.requires_grad_(False)
+    getattr(model, ATTR).requires_grad_(True)
+    for name in head:
+        model.get_submodule(name).requires_grad_(True)
+
+
+def cannot_merge(method: str) -> TunelabError:
+    return TunelabError(f"A {method} adapter cannot be merged into the base weights: its virtual tokens are extra "
+                        f"inputs, not a change of any weight. Export the adapter (peft layout) and load it with "
+                        f"tunelab or peft.PeftModel.from_pretrained instead.")
+
+
+# -- saving and loading (peft's prompt-learning layout) ----------------------------
+
+def encoder_of(model: nn.Module, method: str) -> nn.Module:
+    enc = getattr(model, ATTR, None)
+    if enc is None:
+        raise TunelabError(f"This model has no {method} virtual tokens to save; apply method.name={method} first, or save "
+                           f"it as a full model instead.")
+    return enc
+
+
+def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str], peft_type: str,
+         table: torch.Tensor, fields: dict) -> None:
+    tensors = {TABLE_KEY: table}
+    for name in head:
+        for key, t in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = t
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights).
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    config = {
+        "peft_type": peft_type,
+        "task_type": next((t for s, t in _TASK_TYPES.items() if type(model).__name__.endswith(s)), None),
+        "base_model_name_or_path": str(base_model_path),
+        "num_virtual_tokens": int(table.shape[0]),
+        **shape(model),
+        "num_transformer_submodules": 1,
+        "modules_to_save": list(head),
+        "inference_mode": True,
+        **fields,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read(out_dir: Path, peft_type: str, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    out_dir = Path(out_dir)
+    config_file, weights_file = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise TunelabError(f"'{out_dir}' is not a {method} adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
+                           f"Pass the directory a {method} adapter was saved to (by tunelab or peft's save_pretrained).")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict) or config.get("peft_type") != peft_type:
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise TunelabError(f"'{config_file}' is not a {method} adapter config (peft_type {kind!r}, not {peft_type}). "
+                           f"Pass the directory of a {method} adapter, or load it with the method it was saved by.")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise TunelabError(f"The adapter in '{out_dir}' is for an encoder-decoder model (num_transformer_submodules "
+                           f"{config['num_transformer_submodules']}), which tunelab's {method} does not support.")
+    saved = load_file(str(weights_file))
+    if TABLE_KEY not in saved:
+        raise TunelabError(f"The adapter in '{out_dir}' has no '{TABLE_KEY}' tensor; it was saved in training mode "
+                           f"or is damaged. Re-save it (peft's save_pretrained stores it).")
+    return config, saved
+
+
+def load_head(model: nn.Module, config: dict, saved: dict[str, torch.Tensor], out_dir: Path) -> list[str]:
+    """Copy the saved head modules in; the head is matched by peft's rule on module names."""
+    modules = [p for p, _ in model.named_modules() if p]
+    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
+    head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
+    expected = {}
+    for name in head:
+        for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
+            expected[f"{PREFIX}{name}.{key}"] = t
+    stored = {k for k in saved if k != TABLE_KEY}
+    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
+    if missing or unexpected:
+        raise TunelabError(
+            f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, unexpected "
+            f"{unexpected[:5] or 'none'}. Load it onto the base model it was trained from "
+            f"({config.get('base_model_name_or_path')}).")
+    with torch.no_grad():
+        for key, target in expected.items():
+            if saved[key].shape != target.shape:
+                raise TunelabError(
+                    f"The adapter in '{out_dir}' stores {key} with shape {tuple(saved[key].shape)}, but this model has "
+                    f"{tuple(target.shape)}; load it onto a base with the same head (same number of labels).")
+            target.copy_(saved[key])
+    return head
+
+
+def check_table(table: torch.Tensor, width: int, out_dir: Path, what: str) -> None:
+    if table.ndim != 2 or table.shape[1] != width:
+        raise TunelabError(f"The adapter in '{out_dir}' stores {TABLE_KEY} with shape {tuple(table.shape)}, but this model "
+                           f"needs {what} of width {width}; load it onto the base model it was trained from.")
