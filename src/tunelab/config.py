@@ -63,7 +63,15 @@ class FreezeConfig(_Section):
         return v
 
 
-class LoraConfig(_Section):
+class _AdapterMethod(_Section):
+    """Methods whose trained state is an adapter kept apart from the base."""
+
+    init_from: str | None = Field(
+        None, description="Start from the adapter saved in this directory (by tunelab or peft) and keep training it; its own saved hyperparameters apply."
+    )
+
+
+class LoraConfig(_AdapterMethod):
     name: Literal["lora"] = Field(description="LoRA: low-rank adapters on chosen linear layers; the head is trained in full.")
     r: int = Field(8, ge=1, description="Rank of the low-rank update.")
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
@@ -127,11 +135,11 @@ class DoraConfig(LoraConfig):
     name: Literal["dora"] = Field(description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector; mergeable.")
 
 
-class BitFitConfig(_Section):
+class BitFitConfig(_AdapterMethod):
     name: Literal["bitfit"] = Field(description="BitFit: train only the bias terms of the body (and the head).")
 
 
-class IA3Config(_Section):
+class IA3Config(_AdapterMethod):
     name: Literal["ia3"] = Field(description="IA3: learned vectors that rescale keys, values and feed-forward activations.")
     target_modules: list[str] | None = Field(
         None, description="Module names to rescale (e.g. [key, value, output.dense]); empty for the architecture's default."
@@ -141,7 +149,7 @@ class IA3Config(_Section):
     )
 
 
-class AdapterConfig(_Section):
+class AdapterConfig(_AdapterMethod):
     name: Literal["adapter"] = Field(description="Bottleneck adapters: small down/up projections inserted after sublayers.")
     placement: Literal["houlsby", "pfeiffer"] = Field(
         "pfeiffer", description="'houlsby': after attention and after the feed-forward block; 'pfeiffer': after the feed-forward block only."
@@ -151,14 +159,14 @@ class AdapterConfig(_Section):
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Activation between the down and up projections.")
 
 
-class PromptConfig(_Section):
+class PromptConfig(_AdapterMethod):
     name: Literal["prompt"] = Field(description="Prompt tuning (Lester et al. 2021): trainable virtual token embeddings prepended to the input; the head is trained in full.")
     num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
     init: Literal["random", "text"] = Field("random", description="'random' (as peft: N(0, 1)) or 'text': the token embeddings of init_text, repeated or cut to length.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt when init is 'text'.")
 
 
-class PTuningConfig(_Section):
+class PTuningConfig(_AdapterMethod):
     name: Literal["ptuning"] = Field(description="P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder (MLP or LSTM) and prepended to the input.")
     num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder over the virtual token embeddings: 'mlp' or 'lstm' (bidirectional, then an MLP).")
@@ -167,7 +175,7 @@ class PTuningConfig(_Section):
     encoder_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout between the LSTM layers.")
 
 
-class PrefixConfig(_Section):
+class PrefixConfig(_AdapterMethod):
     name: Literal["prefix"] = Field(description="Prefix tuning (Li & Liang 2021): trainable key/value prefixes for every attention layer; the head is trained in full.")
     num_virtual_tokens: int = Field(20, ge=1, description="Length of the key/value prefix of every attention layer.")
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP during training (only the computed prefixes are saved).")

@@ -63,7 +63,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
 
     method = methods.get(cfg.method.name)
     head = models.head_modules(model)
-    model = method.apply(model, cfg.method, head)
+    model = methods.prepare(model, cfg.method, head)
     trainable, total = models.count_params(model)
     say(models.trainable_summary(model))
 
@@ -142,6 +142,8 @@ def resolve_paths(cfg: Config, run_dir: Path) -> Config:
     cfg.output_dir = str(run_dir.resolve())
     if Path(cfg.model.path).exists():
         cfg.model.path = str(Path(cfg.model.path).resolve())
+    if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
+        cfg.method.init_from = str(Path(cfg.method.init_from).resolve())
     for key in ("train", "validation", "test"):
         value = getattr(cfg.data, key)
         if value and Path(value).exists():

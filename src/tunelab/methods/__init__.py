@@ -25,6 +25,14 @@ def get(name: str):
     return METHODS[name]
 
 
+def prepare(model, cfg, head: list[str]):
+    """Apply the method, or, with `method.init_from`, resume from a saved adapter (tunelab's or peft's)."""
+    init_from = getattr(cfg, "init_from", None)
+    if init_from:
+        return get(cfg.name).load(model, init_from)
+    return get(cfg.name).apply(model, cfg, head)
+
+
 @contextmanager
 def adapters_disabled(model):
     """Run the base model: every injected adapter module computes its base layer only."""
