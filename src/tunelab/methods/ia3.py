@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import IA3Config
 from ..errors import TunelabError
+from .layout import copy_checked
 from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _TASK_TYPES, _available, _body_linears, _inside, _matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
@@ -245,19 +246,7 @@ def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
     _apply(model, config.get("target_modules"), config.get("feedforward_modules"), head)
 
     saved, expected = load_file(str(weights_file)), _tensors(model, head, keep_vars=True)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise TunelabError(
-            f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, unexpected "
-            f"{unexpected[:5] or 'none'}. Load it onto the base model it was trained from "
-            f"({config.get('base_model_name_or_path')}).")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if saved[key].shape != target.shape:
-                raise TunelabError(
-                    f"The adapter in '{out_dir}' stores {key} with shape {tuple(saved[key].shape)}, but this model has "
-                    f"{tuple(target.shape)}; load it onto a base with the same head (same number of labels).")
-            target.copy_(saved[key])
+    copy_checked(expected, saved, out_dir, config.get('base_model_name_or_path'))
     return model
 
 

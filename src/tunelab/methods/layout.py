@@ -48,6 +48,7 @@ def save_artifact(model: nn.Module, out_dir: Path, config: dict, own: dict[str, 
     """Write the method's own tensors and the head's under their state-dict names, plus the JSON description."""
     # clone: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in _with_head(model, own, head).items()}
+    config = {k: v for k, v in config.items() if k != "init_from"}  # how a run started, not what the adapter is
     info = {"method": config["name"], "config": config, "base_model_name_or_path": str(base_model_path),
             "head": list(head), "format_version": FORMAT_VERSION}
     out_dir = Path(out_dir)
@@ -87,13 +88,16 @@ def read_artifact(out_dir: Path, config_cls) -> tuple:
 def restore(model: nn.Module, out_dir: Path, own: dict[str, torch.Tensor], head: list[str]) -> None:
     """Copy the saved tensors into `own` + the head; the file must hold exactly those, with the same shapes."""
     out_dir = Path(out_dir)
-    saved = load_file(str(out_dir / WEIGHTS_NAME))
-    expected = _with_head(model, own, head, keep_vars=True)
+    base = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    copy_checked(_with_head(model, own, head, keep_vars=True), load_file(str(out_dir / WEIGHTS_NAME)), out_dir, base)
+
+
+def copy_checked(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], out_dir: Path, base_model) -> None:
+    """Copy `saved` into the live tensors of `expected` (same keys, same shapes), or say why the adapter does not fit."""
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
-        base = json.loads((out_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
         raise TunelabError(f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, "
-                           f"unexpected {unexpected[:5] or 'none'}. Load it onto the base model it was trained from ({base}).")
+                           f"unexpected {unexpected[:5] or 'none'}. Load it onto the base model it was trained from ({base_model}).")
     with torch.no_grad():
         for key, target in expected.items():
             if saved[key].shape != target.shape:

@@ -55,6 +55,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import TunelabError
+from .layout import copy_checked
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 CONFIG_NAME = "adapter_config.json"
@@ -467,20 +468,7 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
         saved = {k: v for k, v in saved.items() if not (
             _inside(k.split(".original_module.")[0].split(".modules_to_save.")[0], wrappers)
             and (".original_module." in k or ".modules_to_save." in k))}
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise TunelabError(
-            f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, unexpected "
-            f"{unexpected[:5] or 'none'}. Load it onto the base model it was trained from "
-            f"({config.get('base_model_name_or_path')})."
-        )
-    with torch.no_grad():
-        for key, target in expected.items():
-            if saved[key].shape != target.shape:
-                raise TunelabError(
-                    f"The adapter in '{out_dir}' stores {key} with shape {tuple(saved[key].shape)}, but this model has "
-                    f"{tuple(target.shape)}; load it onto a base with the same head (same number of labels).")
-            target.copy_(saved[key])
+    copy_checked(expected, saved, out_dir, config.get('base_model_name_or_path'))
     return model
 
 

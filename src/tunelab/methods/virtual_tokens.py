@@ -41,6 +41,7 @@ from torch import nn
 
 from .. import models
 from ..errors import TunelabError
+from .layout import copy_checked
 from .lora import _TASK_TYPES, _inside, _matches
 
 CONFIG_NAME = "adapter_config.json"
@@ -304,20 +305,7 @@ def load_head(model: nn.Module, config: dict, saved: dict[str, torch.Tensor], ou
     for name in head:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             expected[f"{PREFIX}{name}.{key}"] = t
-    stored = {k for k in saved if k != TABLE_KEY}
-    missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
-    if missing or unexpected:
-        raise TunelabError(
-            f"The adapter in '{out_dir}' does not fit this model: missing {missing[:5] or 'none'}, unexpected "
-            f"{unexpected[:5] or 'none'}. Load it onto the base model it was trained from "
-            f"({config.get('base_model_name_or_path')}).")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if saved[key].shape != target.shape:
-                raise TunelabError(
-                    f"The adapter in '{out_dir}' stores {key} with shape {tuple(saved[key].shape)}, but this model has "
-                    f"{tuple(target.shape)}; load it onto a base with the same head (same number of labels).")
-            target.copy_(saved[key])
+    copy_checked(expected, {k: v for k, v in saved.items() if k != TABLE_KEY}, out_dir, config.get('base_model_name_or_path'))
     return head
 
 
