@@ -102,6 +102,38 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return _save_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
 
 
+TEXTS = ["the film was great and fun", "awful boring plot", "a really moving story", "dull"]
+
+
+def base_classifier(path, seed: int = 0):
+    """A 2-label classifier on a tiny model dir, in eval mode; the head is seeded because it is new on every load."""
+    from transformers import AutoModelForSequenceClassification
+    import torch
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.eval()
+
+
+def text_batch(path, texts=TEXTS) -> dict:
+    """Padded input tensors for `texts` with the model dir's own tokenizer (pad = EOS for decoders)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+@pytest.fixture(params=["bert", "gpt2"])
+def arch(request, tiny_bert, tiny_gpt2):
+    """(model type, model dir, inputs) for each tiny model; test files with other needs define their own."""
+    path = tiny_bert if request.param == "bert" else tiny_gpt2
+    return request.param, path, text_batch(path)
+
+
 @pytest.fixture
 def sentiment_files(tmp_path) -> dict[str, Path]:
     """train (240 rows), test (60 rows) JSONL files of generated sentiment data."""

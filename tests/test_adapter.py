@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 import tunelab
@@ -19,8 +19,8 @@ from tunelab.config import AdapterConfig, TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapter
 from tunelab.training import optim
+from conftest import base_classifier as _base, text_batch as _batch
 
-TEXTS = ["the film was great and fun", "awful boring plot", "a really moving story", "dull"]
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 # (attention output, feed-forward output) per block, written out here rather than read from adapter.SUBLAYERS.
 SUBLAYERS = {
@@ -36,27 +36,6 @@ SUBLAYERS = {
 def _cfg(placement="pfeiffer", reduction_factor=16, bottleneck_size=None, non_linearity="relu"):
     return AdapterConfig(name="adapter", placement=placement, reduction_factor=reduction_factor,
                          bottleneck_size=bottleneck_size, non_linearity=non_linearity)
-
-
-def _base(path, seed=0):
-    torch.manual_seed(seed)  # the head is freshly initialised on every load
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    return model.eval()
-
-
-def _batch(path):
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
-
-
-@pytest.fixture(params=["bert", "gpt2"])
-def arch(request, tiny_bert, tiny_gpt2):
-    path = tiny_bert if request.param == "bert" else tiny_gpt2
-    return request.param, path, _batch(path)
 
 
 def _logits(model, batch):

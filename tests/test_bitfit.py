@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
+from transformers import (AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, 
                           Qwen2Config, Qwen2ForSequenceClassification)
 
 import tunelab
@@ -18,31 +18,10 @@ from tunelab.config import AdapterConfig, BitFitConfig, TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapter, bitfit
 from tunelab.training import optim
+from conftest import base_classifier as _base, text_batch as _batch
 
-TEXTS = ["the film was great and fun", "awful boring plot", "a really moving story", "dull"]
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 CFG = BitFitConfig(name="bitfit")
-
-
-def _base(path, seed=0):
-    torch.manual_seed(seed)  # the head is freshly initialised on every load
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if model.config.model_type == "gpt2":
-        model.config.pad_token_id = model.config.eos_token_id
-    return model.eval()
-
-
-def _batch(path):
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
-
-
-@pytest.fixture(params=["bert", "gpt2"])
-def arch(request, tiny_bert, tiny_gpt2):
-    path = tiny_bert if request.param == "bert" else tiny_gpt2
-    return request.param, path, _batch(path)
 
 
 def _logits(model, batch):

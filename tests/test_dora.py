@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from transformers.pytorch_utils import Conv1D
 
 import tunelab
@@ -18,36 +18,14 @@ from tunelab.config import DoraConfig, LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapters_disabled, dora, lora
 from conftest import make_rows, write_jsonl
+from conftest import base_classifier as _base, text_batch as _batch
 
 peft = pytest.importorskip("peft")
 
-TEXTS = ["the film was great and fun", "awful boring plot", "a really moving story", "dull"]
 LABELS = torch.tensor([1, 0, 1, 0])
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"]}
 MAG = ".lora_magnitude_vector"
-
-
-def _base(path):
-    torch.manual_seed(0)  # the head is freshly initialised on every load
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if model.config.model_type == "gpt2":
-        model.config.pad_token_id = model.config.eos_token_id
-    return model.eval()
-
-
-def _batch(path):
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
-
-
-@pytest.fixture(params=["bert", "gpt2"])
-def arch(request, tiny_bert, tiny_gpt2):
-    """(model_type, model dir, inputs) for each tiny model."""
-    path = tiny_bert if request.param == "bert" else tiny_gpt2
-    return request.param, path, _batch(path)
 
 
 def _cfg(targets, r=4, alpha=8, dropout=0.0):

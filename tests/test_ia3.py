@@ -9,43 +9,20 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunelab
 from tunelab import methods
 from tunelab.config import IA3Config
 from tunelab.errors import TunelabError
 from tunelab.methods import ia3
+from conftest import base_classifier as _base, text_batch as _batch
 
 peft = pytest.importorskip("peft")
 
-TEXTS = ["the film was great and fun", "awful boring plot", "a really moving story", "dull"]
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 # peft's defaults for these architectures, spelled out so that the tests do not depend on them.
 TARGETS = {"bert": ["key", "value", "output.dense"], "gpt2": ["c_attn", "mlp.c_proj"]}
 FEEDFORWARD = {"bert": ["output.dense"], "gpt2": ["mlp.c_proj"]}
-
-
-def _base(path):
-    torch.manual_seed(0)  # the head is freshly initialised on every load
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    if model.config.model_type == "gpt2":
-        model.config.pad_token_id = model.config.eos_token_id
-    return model.eval()
-
-
-def _batch(path):
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return dict(tok(TEXTS, padding=True, return_tensors="pt"))
-
-
-@pytest.fixture(params=["bert", "gpt2"])
-def arch(request, tiny_bert, tiny_gpt2):
-    """(model_type, model dir, inputs) for each tiny model."""
-    path = tiny_bert if request.param == "bert" else tiny_gpt2
-    return request.param, path, _batch(path)
 
 
 def _cfg(targets=None, feedforward=None):
