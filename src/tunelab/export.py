@@ -10,8 +10,7 @@ from pathlib import Path
 from . import methods
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
-
-PEFT_CONFIG = "adapter_config.json"
+from .methods.layout import PEFT_CONFIG
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:

@@ -20,20 +20,19 @@ adapters load both ways; PEFT itself is not imported. Facts relied on (peft 0.21
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..config import IA3Config
 from ..errors import TunelabError
-from .layout import copy_checked
-from .lora import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _TASK_TYPES, _available, _body_linears, _inside, _matches
+from .layout import copy_checked, peft_head, read_peft, write_peft
+from .lora import PREFIX, _TASK_TYPES, _available, _body_linears, _matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 
@@ -215,34 +214,17 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
         "init_ia3_weights": True,
         "inference_mode": True,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_peft(out_dir, tensors, config)
 
 
 def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
     out_dir = Path(out_dir)
-    config_file, weights_file = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
-    if not config_file.is_file() or not weights_file.is_file():
-        raise TunelabError(f"'{out_dir}' is not an IA3 adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
-                           f"Pass the directory an IA3 adapter was saved to (by tunelab or peft's save_pretrained).")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "IA3":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise TunelabError(f"'{config_file}' is not an IA3 adapter config (peft_type {kind!r}, not IA3). "
-                           f"Pass the directory of an IA3 adapter.")
+    config, weights_file = read_peft(out_dir, "IA3", "IA3")
     if config.get("exclude_modules"):
         raise TunelabError(f"The adapter in '{out_dir}' uses exclude_modules, which tunelab's IA3 does not support; "
                            f"load it with peft instead.")
 
-    # peft adds the usual head names (classifier, score) for SEQ_CLS whether or not the model has them.
-    modules = [p for p, _ in model.named_modules() if p]
-    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
-    head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
+    head = peft_head(model, config)
     _apply(model, config.get("target_modules"), config.get("feedforward_modules"), head)
 
     saved, expected = load_file(str(weights_file)), _tensors(model, head, keep_vars=True)

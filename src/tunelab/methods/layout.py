@@ -23,7 +23,50 @@ from ..errors import TunelabError
 
 CONFIG_NAME = "tunelab_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
+
+
+# -- Hugging Face peft's layout (lora, dora, qlora, ia3, prompt, ptuning, prefix) -------------
+
+def write_peft(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out_dir / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def read_peft(out_dir: Path, peft_type: str, method: str) -> tuple[dict, Path]:
+    """(adapter_config.json as a dict, weights path) of a peft-layout adapter of `peft_type`, or a clear error."""
+    out_dir = Path(out_dir)
+    config_file, weights_file = out_dir / PEFT_CONFIG, out_dir / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise TunelabError(f"'{out_dir}' is not {_a(method)} adapter directory: it needs {PEFT_CONFIG} and {WEIGHTS_NAME}. "
+                           f"Pass the directory {_a(method)} adapter was saved to (by tunelab or peft's save_pretrained).")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
+    if not isinstance(config, dict) or config.get("peft_type") != peft_type:
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise TunelabError(f"'{config_file}' is not {_a(method)} adapter config (peft_type {kind!r}, not {peft_type}). "
+                           f"Pass the directory of {_a(method)} adapter, or load it with the method it was saved by.")
+    return config, weights_file
+
+
+def _a(method: str) -> str:
+    return f"{'an' if method[0] in 'AEIOU' else 'a'} {method}"
+
+
+def peft_head(model: nn.Module, config: dict) -> list[str]:
+    """The head modules of a peft adapter: its modules_to_save matched on module names, outermost only.
+
+    peft adds the usual head names (classifier, score) for SEQ_CLS whether or not the model has them."""
+    from .lora import _inside, _matches
+
+    modules = [p for p, _ in model.named_modules() if p]
+    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
+    return [p for p in head if not _inside(p, [h for h in head if h != p])]
 
 
 def check_head(model: nn.Module, head: list[str]) -> None:

@@ -42,24 +42,21 @@ only, so the PiSSA conversion holds for it too.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import TunelabError
-from .layout import copy_checked
+from .layout import PEFT_CONFIG, copy_checked, peft_head, read_peft, write_peft
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # The LoRA paper's choice (attention query and value) per architecture; names from peft's mapping table.
@@ -401,10 +398,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
         "init_lora_weights": "gaussian" if all(layer.init == "gaussian" for layer in layers.values()) else True,
         "inference_mode": True,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_peft(out_dir, tensors, config)
 
 
 def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
@@ -414,18 +408,9 @@ def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
 def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
     """Restore an adapter onto a fresh base with `layer_cls`, whose `use_dora` must match the adapter's."""
     out_dir = Path(out_dir)
-    config_file, weights_file = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
-    if not config_file.is_file() or not weights_file.is_file():
-        raise TunelabError(f"'{out_dir}' is not a LoRA adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
-                           f"Pass the directory a LoRA adapter was saved to (by tunelab or peft's save_pretrained).")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise TunelabError(f"'{config_file}' is not a LoRA adapter config (peft_type {kind!r}; it needs peft_type "
-                           f"LORA with r and lora_alpha). Pass the directory of a LoRA adapter.")
+    config, weights_file = read_peft(out_dir, "LORA", "LoRA")
+    if "r" not in config or "lora_alpha" not in config:
+        raise TunelabError(f"'{out_dir / PEFT_CONFIG}' is a LoRA adapter config without r and lora_alpha; re-save the adapter.")
     if bool(config.get("use_dora")) != layer_cls.use_dora:
         saved_as, use = ("DoRA", "dora") if config.get("use_dora") else ("plain LoRA", "lora")
         raise TunelabError(f"The adapter in '{out_dir}' is a {saved_as} adapter (use_dora: "
@@ -444,10 +429,7 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
         raise TunelabError(f"The adapter in '{out_dir}' uses {', '.join(unsupported)}, which tunelab's LoRA does not "
                            f"support; load it with peft instead.")
 
-    # peft adds the usual head names (classifier, score) for SEQ_CLS whether or not the model has them.
-    modules = [p for p, _ in model.named_modules() if p]
-    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
-    head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
+    head = peft_head(model, config)
     _apply(model, config.get("target_modules"), config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), head,
            layer_cls, use_rslora=bool(config.get("use_rslora")), bias=bias, rank_pattern=config.get("rank_pattern"),
            alpha_pattern=config.get("alpha_pattern"), layers_to_transform=config.get("layers_to_transform"),

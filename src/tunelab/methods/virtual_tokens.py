@@ -32,20 +32,17 @@ inference_mode true: peft then uses `prompt_embeddings` as they are, without any
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import models
 from ..errors import TunelabError
-from .layout import copy_checked
-from .lora import _TASK_TYPES, _inside, _matches
+from .layout import copy_checked, peft_head, read_peft, write_peft
+from .lora import _TASK_TYPES
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model."  # peft's key prefix for a prompt-learning model's own modules (the head)
 TABLE_KEY = "prompt_embeddings"
 ATTR = "prompt_encoder"  # where the method's module lives on the model (peft's name too)
@@ -266,26 +263,12 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str],
         "inference_mode": True,
         **fields,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_peft(out_dir, tensors, config)
 
 
 def read(out_dir: Path, peft_type: str, method: str) -> tuple[dict, dict[str, torch.Tensor]]:
     out_dir = Path(out_dir)
-    config_file, weights_file = out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME
-    if not config_file.is_file() or not weights_file.is_file():
-        raise TunelabError(f"'{out_dir}' is not a {method} adapter directory: it needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
-                           f"Pass the directory a {method} adapter was saved to (by tunelab or peft's save_pretrained).")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TunelabError(f"'{config_file}' is not valid JSON ({e}); re-save the adapter.") from None
-    if not isinstance(config, dict) or config.get("peft_type") != peft_type:
-        kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise TunelabError(f"'{config_file}' is not a {method} adapter config (peft_type {kind!r}, not {peft_type}). "
-                           f"Pass the directory of a {method} adapter, or load it with the method it was saved by.")
+    config, weights_file = read_peft(out_dir, peft_type, method)
     if config.get("num_transformer_submodules", 1) != 1:
         raise TunelabError(f"The adapter in '{out_dir}' is for an encoder-decoder model (num_transformer_submodules "
                            f"{config['num_transformer_submodules']}), which tunelab's {method} does not support.")
@@ -298,9 +281,7 @@ def read(out_dir: Path, peft_type: str, method: str) -> tuple[dict, dict[str, to
 
 def load_head(model: nn.Module, config: dict, saved: dict[str, torch.Tensor], out_dir: Path) -> list[str]:
     """Copy the saved head modules in; the head is matched by peft's rule on module names."""
-    modules = [p for p, _ in model.named_modules() if p]
-    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
-    head = [p for p in head if not _inside(p, [h for h in head if h != p])]  # outermost only
+    head = peft_head(model, config)
     expected = {}
     for name in head:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
