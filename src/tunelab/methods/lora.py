@@ -54,7 +54,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import TunelabError
-from .layout import PEFT_CONFIG, copy_checked, peft_head, read_peft, write_peft
+from .layout import PEFT_CONFIG, check_head, copy_checked, peft_head, read_peft, write_peft
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 PREFIX = "base_model.model."
@@ -259,12 +259,7 @@ def _apply(model, targets, r: int, alpha: float, dropout: float, head: list[str]
            alpha_pattern: dict | None = None, layers_to_transform: list[int] | None = None,
            layers_pattern: str | None = None):
     """Wrap the chosen layers in `layer_cls` (LoRALinear, or a subclass such as DoRALinear)."""
-    for name in head:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise TunelabError(f"Head module '{name}' is not in the model ({type(model).__name__}); its top-level "
-                               f"modules are: {', '.join(n for n, _ in model.named_children())}.") from None
+    check_head(model, head)
     if bias not in ("none", "all", "lora_only"):
         raise TunelabError(f"LoRA bias '{bias}' is not one of none, all, lora_only.")
     paths = _select(model, targets, head, layers_to_transform, layers_pattern)

@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import models
 from ..errors import TunelabError
-from .layout import copy_checked, peft_head, read_peft, write_peft
+from .layout import check_head, copy_checked, peft_head, read_peft, write_peft  # noqa: F401  (check_head: used as vt.check_head)
 from .lora import _TASK_TYPES
 
 PREFIX = "base_model."  # peft's key prefix for a prompt-learning model's own modules (the head)
@@ -92,14 +92,6 @@ def shape(model: nn.Module) -> dict:
                            f"config, which virtual-token methods need. Use lora or another method for this model.")
     return {"token_dim": token_dim, "num_layers": num_layers, "num_attention_heads": heads}
 
-
-def check_head(model: nn.Module, head: list[str]) -> None:
-    for name in head:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise TunelabError(f"Head module '{name}' is not in the model ({type(model).__name__}); its top-level "
-                               f"modules are: {', '.join(n for n, _ in model.named_children())}.") from None
 
 
 def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
