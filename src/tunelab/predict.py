@@ -17,17 +17,9 @@ class TunedModel:
 
     def __init__(self, run_dir: str | Path, device: str | None = None):
         self.dir = Path(run_dir)
-        if not self.dir.is_dir():
-            raise TunelabError(f"Run directory '{run_dir}' does not exist. Pass the output_dir of a completed `tunelab train`.")
-        if not (self.dir / "config.yaml").is_file() or not (self.dir / "labels.json").is_file():
-            raise TunelabError(
-                f"'{run_dir}' is not a finished tunelab run directory (config.yaml and labels.json are missing). "
-                f"Pass the output_dir of a completed `tunelab train`."
-            )
-        self.cfg = config_mod.load(self.dir / "config.yaml")
+        self.cfg, self.info = _read_run(self.dir)
         if device:
             self.cfg.model.device = device
-        self.info = json.loads((self.dir / "labels.json").read_text(encoding="utf-8"))
         self.task = tasks.get(self.cfg.task.type)
         method = methods.get(self.cfg.method.name)
         artifact = self.dir / method.ARTIFACT
@@ -44,10 +36,46 @@ class TunedModel:
                     f"The run '{run_dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
                     f"If the base moved, edit model.path in {self.dir / 'config.yaml'}."
                 ) from None
-            self.model = method.load(self.model, artifact)
+            self.model = methods.named.record(self.model, "default", self.cfg.method.name,
+                                              models.head_modules(self.model), lambda m: method.load(m, artifact))
+        self._runs = {"default": (self.dir, self.cfg, self.info)}
         self.tokenizer = models.load_tokenizer(artifact, self.cfg.model.trust_remote_code)
         self.device = models.device_of(self.cfg.model)
         self.model.to(self.device).eval()
+
+    def add_adapter(self, name: str, run_dir: str | Path) -> "TunedModel":
+        """Load another adapter run on the same base beside this one and make it active.
+
+        Switch with `set_adapter(name)`; the base is shared, so each extra adapter costs only its own size.
+        """
+        cfg, info = _read_run(Path(run_dir))
+        method = methods.get(cfg.method.name)
+        artifact = Path(run_dir) / method.ARTIFACT
+        if method.ARTIFACT != "adapter" or not artifact.is_dir():
+            raise TunelabError(f"'{run_dir}' is a {cfg.method.name} run without an adapter/ directory; only adapter "
+                               f"runs ({', '.join(methods.named.SWITCHABLE)}) can share a base. Load it on its own "
+                               f"with tunelab.load('{run_dir}').")
+        if Path(cfg.model.path).resolve() != Path(self.cfg.model.path).resolve():
+            raise TunelabError(f"'{run_dir}' was trained on the base '{cfg.model.path}', this model's base is "
+                               f"'{self.cfg.model.path}'; adapters can only share the base they were trained on.")
+        if info != self.info:
+            raise TunelabError(f"'{run_dir}' has labels {info.get('labels')}, this model has {self.info.get('labels')}; "
+                               f"adapters sharing a base here need the same label set (the same head shape).")
+        self.model = methods.add_adapter(self.model, name, artifact, models.head_modules(self.model),
+                                         cfg.method.name).to(self.device).eval()
+        self._runs[name] = (Path(run_dir), cfg, info)
+        self.dir, self.cfg, self.info = self._runs[name]
+        return self
+
+    def set_adapter(self, name: str) -> "TunedModel":
+        """Predict with adapter `name` from now on ("default" is the run this model was loaded from)."""
+        methods.set_adapter(self.model, name)
+        self.dir, self.cfg, self.info = self._runs[name]
+        return self
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._runs)
 
     @property
     def labels(self) -> list[str]:
@@ -89,6 +117,18 @@ class TunedModel:
         metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
                                self.tokenizer.pad_token_id, self.device)
         return {**metrics, "dropped": dropped}
+
+
+def _read_run(run_dir: Path) -> tuple:
+    """(config, labels info) of a finished run directory, or a clear error."""
+    if not run_dir.is_dir():
+        raise TunelabError(f"Run directory '{run_dir}' does not exist. Pass the output_dir of a completed `tunelab train`.")
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "labels.json").is_file():
+        raise TunelabError(
+            f"'{run_dir}' is not a finished tunelab run directory (config.yaml and labels.json are missing). "
+            f"Pass the output_dir of a completed `tunelab train`."
+        )
+    return config_mod.load(run_dir / "config.yaml"), json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
 
 
 def load(run_dir: str | Path, device: str | None = None) -> TunedModel:

@@ -8,14 +8,17 @@
 
 Injected modules (LoRA, DoRA, IA3, bottleneck adapters) carry a boolean
 `adapter_disabled`; when it is set they compute exactly what the base layer
-would, which is what `adapters_disabled` relies on.
+would, which is what `adapters_disabled` relies on. Several adapters can share
+one base under names (`add_adapter`, `set_adapter`; see named.py).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
-from . import adapter, bitfit, dora, freeze, full, ia3, lora, prefix, prompt, ptuning, qlora
+from . import adapter, bitfit, dora, freeze, full, ia3, lora, named, prefix, prompt, ptuning, qlora
+from .layout import method_of
 
 METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3, "bitfit": bitfit, "adapter": adapter,
            "prompt": prompt, "ptuning": ptuning, "prefix": prefix, "qlora": qlora}
@@ -26,11 +29,29 @@ def get(name: str):
 
 
 def prepare(model, cfg, head: list[str]):
-    """Apply the method, or, with `method.init_from`, resume from a saved adapter (tunelab's or peft's)."""
+    """Apply the method, or, with `method.init_from`, resume from a saved adapter (tunelab's or peft's).
+
+    The result is the model's adapter "default", so more can be added beside it later.
+    """
     init_from = getattr(cfg, "init_from", None)
     if init_from:
-        return get(cfg.name).load(model, init_from)
-    return get(cfg.name).apply(model, cfg, head)
+        return named.record(model, "default", cfg.name, head, lambda m: get(cfg.name).load(m, init_from))
+    return named.record(model, "default", cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
+
+
+def add_adapter(model, name: str, source, head: list[str], method: str | None = None):
+    """Add adapter `name` beside the model's others and make it active.
+
+    `source` is a method config (a fresh adapter to train, e.g. `config.LoraConfig(r=8)`) or the
+    directory of a saved adapter (tunelab's layout or peft's; `method` is read from it unless given).
+    """
+    if isinstance(source, (str, Path)):
+        name_of = method or method_of(source)
+        return named.add(model, name, name_of, head, lambda m: get(name_of).load(m, source))
+    return named.add(model, name, source.name, head, lambda m: get(source.name).apply(m, source, head))
+
+
+set_adapter = named.use
 
 
 @contextmanager

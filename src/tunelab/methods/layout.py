@@ -54,6 +54,35 @@ def read_peft(out_dir: Path, peft_type: str, method: str) -> tuple[dict, Path]:
     return config, weights_file
 
 
+PEFT_METHODS = {"IA3": "ia3", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
+
+
+def method_of(out_dir: Path) -> str:
+    """The tunelab method that saved (or can load) the adapter in `out_dir`: tunelab's layout or peft's."""
+    out_dir = Path(out_dir)
+    for name in (CONFIG_NAME, PEFT_CONFIG):
+        file = out_dir / name
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise TunelabError(f"'{file}' is not valid JSON ({e}); re-save the adapter.") from None
+            if not isinstance(config, dict):
+                break
+            if name == CONFIG_NAME:
+                return str(config.get("method"))
+            kind = config.get("peft_type")
+            if kind == "LORA":
+                return "dora" if config.get("use_dora") else "qlora" if (out_dir / "qlora_config.json").is_file() else "lora"
+            if kind in PEFT_METHODS:
+                return PEFT_METHODS[kind]
+            raise TunelabError(f"'{file}' holds a peft {kind} adapter, which tunelab cannot load (it loads "
+                               f"LORA, {', '.join(PEFT_METHODS)}).")
+    raise TunelabError(f"'{out_dir}' is not an adapter directory: it has neither {PEFT_CONFIG} (peft's layout) nor "
+                       f"{CONFIG_NAME} (tunelab's). Pass the adapter/ folder of a tunelab run or a peft save_pretrained "
+                       f"directory.")
+
+
 def _a(method: str) -> str:
     return f"{'an' if method[0] in 'AEIOU' else 'a'} {method}"
 

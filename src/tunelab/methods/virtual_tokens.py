@@ -15,10 +15,11 @@ The methods add no layer to the model's computation graph: they hook the *body* 
   as `past_key_values` and extends `attention_mask`; positions then start after the prefix (HF's
   own rule for a cache), as in peft.
 
-The trained state lives in one module attached as `model.prompt_encoder`, whose boolean
-`adapter_disabled` (toggled by `methods.adapters_disabled`) makes both hooks pass inputs through
-untouched. A call that already carries a non-empty cache (generation after the first step) is left
-alone too.
+The trained state lives in one module attached as `model.prompt_encoder`. The hooks look it up at
+every call (they are registered once per model and kind), so named adapters (`methods.named`) switch
+virtual tokens by swapping that one attribute. With no encoder there, one of the other kind, or its
+boolean `adapter_disabled` set (`methods.adapters_disabled`), the hooks pass inputs through untouched.
+A call that already carries a non-empty cache (generation after the first step) is left alone too.
 
 Saved layout (peft's, for its prompt-learning methods; checked against peft 0.21.2):
 adapter_model.safetensors holds `prompt_embeddings` (the encoder's *output* for the virtual tokens:
@@ -122,18 +123,44 @@ def _extend_mask(kwargs: dict, n: int, batch: int) -> None:
 
 # -- attaching --------------------------------------------------------------------
 
-def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
-    """Prepend `encoder()` ((n, hidden) virtual token embeddings) to every input of the model's body."""
+def _put(model: nn.Module, encoder: nn.Module, kind: str) -> None:
     if hasattr(model, ATTR):
         raise TunelabError("This model already has virtual tokens (a prompt, P-tuning or prefix method was applied); "
-                           "apply one virtual-token method to a fresh base model.")
+                           "apply one virtual-token method to a fresh base model, or add it as a named adapter "
+                           "(methods.add_adapter), which parks the active one.")
+    encoder.vt_kind = kind
     setattr(model, ATTR, encoder)
+
+
+def _live(model: nn.Module, kind: str) -> nn.Module | None:
+    """The encoder the hooks of `kind` should use now, or None to pass inputs through."""
+    enc = getattr(model, ATTR, None)
+    if enc is None or enc.adapter_disabled or getattr(enc, "vt_kind", None) != kind:
+        return None
+    return enc
+
+
+def _hooked(model: nn.Module, kind: str) -> bool:
+    """Whether the hooks of `kind` are on the model's body already; marks them as there."""
+    key = f"_tunelab_{kind}_hooked"
+    if model.__dict__.get(key):
+        return True
+    model.__dict__[key] = True
+    return False
+
+
+def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
+    """Prepend `encoder()` ((n, hidden) virtual token embeddings) to every input of the model's body."""
+    _put(model, encoder, "prompt")
+    if _hooked(model, "prompt"):
+        return model
     trunk = body(model)
     state = {"n": 0}
 
     def pre(module, args, kwargs):
         state["n"] = 0
-        if encoder.adapter_disabled:
+        encoder = _live(model, "prompt")
+        if encoder is None:
             return None
         kwargs = _as_kwargs(module, args, kwargs)
         if _continuing(kwargs):
@@ -166,8 +193,8 @@ def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
             output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
         return output
 
-    encoder._hooks = (trunk.register_forward_pre_hook(pre, with_kwargs=True),
-                      trunk.register_forward_hook(post, with_kwargs=True))
+    trunk.register_forward_pre_hook(pre, with_kwargs=True)
+    trunk.register_forward_hook(post, with_kwargs=True)
     return model
 
 
@@ -175,19 +202,19 @@ def attach_prefix(model: nn.Module, encoder: nn.Module, num_layers: int, num_hea
     """Give every attention layer the key/value prefix `encoder()` ((n, num_layers * 2 * heads * head_dim))."""
     from transformers import DynamicCache
 
-    if hasattr(model, ATTR):
-        raise TunelabError("This model already has virtual tokens (a prompt, P-tuning or prefix method was applied); "
-                           "apply one virtual-token method to a fresh base model.")
-    setattr(model, ATTR, encoder)
     trunk = body(model)
     accepts = "past_key_values" in inspect.signature(trunk.forward).parameters
     if not accepts:
         raise TunelabError(f"{type(trunk).__name__} takes no past_key_values, which prefix tuning needs to pass the "
                            f"key/value prefixes. Use method.name=prompt or lora for this model.")
+    _put(model, encoder, "prefix")
+    if _hooked(model, "prefix"):
+        return model
     dtype = next(trunk.parameters()).dtype
 
     def pre(module, args, kwargs):
-        if encoder.adapter_disabled:
+        encoder = _live(model, "prefix")
+        if encoder is None:
             return None
         kwargs = _as_kwargs(module, args, kwargs)
         if _continuing(kwargs):
@@ -208,7 +235,7 @@ def attach_prefix(model: nn.Module, encoder: nn.Module, num_layers: int, num_hea
             kwargs["position_ids"] = kwargs["position_ids"] + n  # peft's rule: positions continue after the prefix
         return (), kwargs
 
-    encoder._hooks = (trunk.register_forward_pre_hook(pre, with_kwargs=True),)
+    trunk.register_forward_pre_hook(pre, with_kwargs=True)
     return model
 
 
