@@ -141,3 +141,59 @@ def sentiment_files(tmp_path) -> dict[str, Path]:
         "train": write_jsonl(tmp_path / "train.jsonl", make_rows(240, seed=0)),
         "test": write_jsonl(tmp_path / "test.jsonl", make_rows(60, seed=99)),
     }
+
+
+# -- causal LM fixtures -----------------------------------------------------------
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+OPPOSITES = [("hot", "cold"), ("big", "small"), ("up", "down"), ("good", "bad"), ("fast", "slow"), ("light", "dark"),
+             ("happy", "sad"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("old", "new"), ("high", "low")]
+
+
+def make_chat_rows(n: int, seed: int = 0, fmt: str = "messages") -> list[dict]:
+    """Seeded instruction rows: "What is the opposite of hot?" -> "The opposite of hot is cold." (learnable)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.choice(OPPOSITES)
+        if rng.random() < 0.5:
+            a, b = b, a
+        q, ans = f"What is the opposite of {a}?", f"The opposite of {a} is {b}."
+        if fmt == "alpaca":
+            rows.append({"instruction": q, "input": "" if i % 3 else f"word {i}", "output": ans})
+        else:
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    return rows
+
+
+def _save_chat_llama(path: Path) -> Path:
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    corpus = [m["content"] for r in make_chat_rows(200, seed=1) for m in r["messages"]]
+    corpus += ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request. ### Instruction: ### Input: ### Response: user assistant system"] * 5
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                                 pad_token_id=tok.pad_token_id, tie_word_embeddings=True)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 32, tied embeddings) with a byte-level BPE, ChatML template and EOS <|im_end|>."""
+    return _save_chat_llama(tmp_path_factory.mktemp("models") / "tiny-chat-llama")

@@ -50,7 +50,7 @@ def _build(path, name):
 
 
 def _batch(tok, n=8, seed=0):
-    feats = task.encode(make_rows(n, seed=seed), tok, INFO, 32)
+    feats, _ = task.encode(make_rows(n, seed=seed), tok, INFO, 32)
     return task.collate(feats, tok.pad_token_id), feats
 
 
@@ -142,7 +142,7 @@ def test_merge_equals_unmerged_or_says_it_cannot(arch, name):
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
 def test_a_short_run_lowers_the_loss(arch, name):
     cfg, model, tok, _, _, _, head = _applied(arch, name)
-    feats = task.encode(make_rows(64, seed=2), tok, INFO, 32)
+    feats, _ = task.encode(make_rows(64, seed=2), tok, INFO, 32)
     train_cfg = cfg.train.model_copy(update={"max_steps": 30, "batch_size": 16, "lr": 1e-2 if name not in ("full", "freeze") else 1e-3,
                                              "log_every": 1, "eval_every": 30})
     log = []

@@ -152,7 +152,7 @@ def test_one_step_changes_only_trainable_params(name, tiny_bert):
     frozen = set(before) - trainable
     assert trainable and (frozen or name == "full")
 
-    feats = classification.encode(make_rows(16, seed=3), tok, INFO, 64)
+    feats, _ = classification.encode(make_rows(16, seed=3), tok, INFO, 64)
     cfg = TrainConfig(max_steps=1, batch_size=8, lr=1e-2, weight_decay=0.01, log_every=1)
     loop.run(model, classification, feats, feats[:8], INFO, cfg, head, tok.pad_token_id, torch.device("cpu"), 8, lambda r: None)
 

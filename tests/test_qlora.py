@@ -84,7 +84,7 @@ def _plain(path):
 
 
 def _batch(tok, n=8, seed=0):
-    return task.collate(task.encode(make_rows(n, seed=seed), tok, INFO, 32), tok.pad_token_id)
+    return task.collate(task.encode(make_rows(n, seed=seed), tok, INFO, 32)[0], tok.pad_token_id)
 
 
 def _logits(model, batch):

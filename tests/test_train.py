@@ -88,7 +88,7 @@ def _loop(model_dir: Path, rows: list[dict], opt_kind: str, monkeypatch, **train
     model, tok = classification.build_model(ModelConfig(path=str(model_dir), device="cpu"), INFO)
     head = models.head_modules(model)
     model = methods.get("full").apply(model, FullConfig(name="full"), head)
-    feats = classification.encode(rows, tok, INFO, 64)
+    feats, _ = classification.encode(rows, tok, INFO, 64)
     records = []
     cfg = TrainConfig(**{"log_every": 1, "eval_every": 1000, "scheduler": "constant", "max_grad_norm": None, "seed": 3,
                          **train_kw})

@@ -1,4 +1,4 @@
-"""`tunelab train|predict|eval|data|config` — thin: parse arguments, call the library, print."""
+"""`tunelab train|predict|generate|eval|export|data|models|config` — thin: parse arguments, call the library, print."""
 
 from __future__ import annotations
 
@@ -58,6 +58,68 @@ def predict(
     else:
         write_output(output, lines, "--output")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
+
+
+@app.command()
+def generate(
+    source: Path = typer.Argument(..., help="An sft / causal_lm run directory, or a plain model dir (e.g. a merged export)."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A user message to answer (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat; an empty line or /exit ends it."),
+    input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL of prompts: a 'prompt' string or 'messages' per line."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --input: write {prompt, response} JSONL here."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; above 0 samples."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
+    system: Optional[str] = typer.Option(None, help="A system message put before every conversation."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
+):
+    """Generate replies with a trained causal LM: streamed to the terminal, or batched from a file."""
+    import tunelab
+    from .data.sources import read_records
+    from .predict import TunedModel
+
+    if sum([bool(prompt), chat, input_file is not None]) != 1:
+        raise TunelabError("Give exactly one of --prompt, --chat or --input to `tunelab generate`.")
+    if output is not None and output.exists() and not overwrite:
+        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+    is_run = (source / "config.yaml").is_file()
+    if not is_run and not (source / "config.json").is_file():
+        raise TunelabError(f"'{source}' is neither a tunelab run directory (config.yaml) nor a model directory (config.json).")
+    model = tunelab.load(source) if is_run else TunedModel.from_model_dir(source)
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system)
+    if prompt:
+        for p in prompt:
+            typer.echo(f"> {p}")
+            model.generate(p, stream=True, **opts)
+        return
+    if chat:
+        history: list[dict] = []
+        typer.echo("chat: type a message; an empty line or /exit ends.", err=True)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                break
+            if not line or line == "/exit":
+                break
+            history.append({"role": "user", "content": line})
+            reply = model.generate(history, stream=True, **opts)[0]
+            history.append({"role": "assistant", "content": reply})
+        return
+    rows = []
+    for r in read_records(input_file, "--input"):
+        rec = r["record"]
+        item = rec.get("messages") or rec.get("prompt")
+        if not item:
+            raise TunelabError(f"--input file '{input_file}' row {r['row']} has neither 'prompt' nor 'messages'; give one.")
+        rows.append(item)
+    replies = model.generate(rows, **opts)
+    lines = "".join(json.dumps({"prompt": p, "response": t}, ensure_ascii=False) + "\n" for p, t in zip(rows, replies))
+    if output is None:
+        sys.stdout.write(lines)
+    else:
+        write_output(output, lines, "--output")
+        typer.echo(f"{len(replies)} replies -> {output}", err=True)
 
 
 @app.command("eval")
@@ -129,6 +191,23 @@ def data_inspect(
 
     report = data.inspect(file, text_field, label_field)
     typer.echo(json.dumps(report, indent=2) if as_json else data.format_report(report))
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Bring models from other formats into a Hugging Face model directory.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("import")
+def models_import(
+    gguf: Path = typer.Argument(..., help="A .gguf model file (llama.cpp's format), e.g. SmolLM2-135M-Instruct.Q4_1.gguf."),
+    out: Path = typer.Argument(..., help="Directory to write the Hugging Face model into (config.json, model.safetensors, tokenizer)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weight dtype of the saved model: float32 or bfloat16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier import in OUT."),
+):
+    """Dequantize a GGUF file into a plain model directory that tunelab can train (model.path=OUT)."""
+    from .importer import import_gguf
+
+    import_gguf(gguf, out, overwrite=overwrite, dtype=dtype, echo=typer.echo)
 
 
 @config_app.command("explain")

@@ -38,10 +38,26 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
     max_length: int = Field(128, ge=8, le=8192, description="Inputs are truncated to this many tokens.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows and texts that appear with conflicting labels.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+        "auto", description="sft / causal_lm rows: 'alpaca' (instruction, input, output), 'messages' (role/content list), "
+                            "'sharegpt' (conversations with from/value), 'text' (data.text_field, or paragraphs of a .txt file); "
+                            "'auto' reads it off the first row.")
+    truncation: Literal["cut", "drop"] = Field(
+        "cut", description="sft examples longer than data.max_length: 'cut' prompt tokens from the left (then the response "
+                           "from the right if it alone is too long), or 'drop' the example. Counted in the data report.")
+    packing: bool = Field(False, description="sft / causal_lm: concatenate training examples into rows of data.max_length "
+                                             "tokens; each example attends only to itself and keeps its own positions.")
 
 
 class TaskConfig(_Section):
-    type: Literal["classification"] = Field("classification", description="What is learned: 'classification' (single-label).")
+    type: Literal["classification", "sft", "causal_lm"] = Field(
+        "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
+                                      "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text).")
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="sft prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
+                            "(chat when the tokenizer has a template, else alpaca).")
+    train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
+                                                     "assistant tokens only, every assistant turn).")
 
 
 class FullConfig(_Section):
@@ -215,6 +231,8 @@ class TrainConfig(_Section):
     metric: str = Field("auto", description="Validation metric for best checkpoint and early stopping ('auto': the task's main one, or 'loss').")
     patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement; empty disables.")
     seed: int = Field(42, description="Seed for initialisation, data order and splits.")
+    group_by_length: bool = Field(False, description="Form micro-batches of similar length (within windows of 50 "
+                                                     "batches), so dynamic padding wastes little; the batch order stays random.")
 
     @field_validator("eval_every")
     @classmethod
@@ -228,6 +246,9 @@ class EvalConfig(_Section):
     base: bool = Field(True, description="Also evaluate the model before training on the same splits.")
     linear_probe: bool = Field(True, description="Fit a logistic-regression probe on the frozen base model's features as a baseline.")
     batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
+    samples: int = Field(3, ge=0, description="Validation examples shown before and after training (samples.json): "
+                                            "predictions, or generations for sft / causal_lm.")
+    max_new_tokens: int = Field(64, ge=1, description="Length limit of the sample generations (sft / causal_lm).")
 
 
 class Config(_Section):
@@ -300,9 +321,17 @@ def load(path: str | Path | None, overrides: list[str] | dict[str, Any] | None =
 
 def validate(tree: dict, source: str = "config") -> Config:
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise TunelabError(_explain_errors(e, tree, source)) from None
+    if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
+        raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
+                           f"{cfg.task.type}; remove it (classification batches are padded per batch).")
+    if cfg.data.packing and cfg.method.name in ("prompt", "ptuning", "prefix"):
+        raise TunelabError(f"Invalid config in {source}: data.packing=true cannot be combined with method.name="
+                           f"{cfg.method.name}: its virtual tokens are prepended once per row, so packed examples after "
+                           f"the first would not see them. Set data.packing=false (and train.group_by_length=true).")
+    return cfg
 
 
 def _valid_keys(model: type[BaseModel], tree: dict) -> dict[str, list[str]]:

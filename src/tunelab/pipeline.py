@@ -24,7 +24,7 @@ from .errors import TunelabError
 from .evaluate import probe
 from .training import loop
 
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json")
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json", "samples.json")
 
 
 @dataclass
@@ -42,27 +42,40 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
 
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
-    splits, report = data.load_splits(cfg.data, cfg.train.seed)
+    splits, report = task.load_splits(cfg, cfg.train.seed)
     say(data.format_report(report))
-    info = task.label_info(splits, cfg.data)
+    info = task.label_info(splits, cfg)
     model, tokenizer = task.build_model(cfg.model, info)
     model.to(device)
     max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, getattr(cfg.method, "num_virtual_tokens", 0))
     if max_length < cfg.data.max_length:
         say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
-    feats = {name: task.encode(rows, tokenizer, info, max_length) for name, rows in splits.items()}
+    feats = {}
+    for name, rows in splits.items():
+        feats[name], report["splits"][name]["tokens"] = task.encode(rows, tokenizer, info, max_length)
+        say(f"{name} tokens: {data.format_tokens(report['splits'][name]['tokens'])}")
+        if not feats[name]:
+            raise TunelabError(f"No {name} example is left after tokenisation ({report['splits'][name]['tokens']}); "
+                               f"raise data.max_length or set data.truncation=cut.")
     held_out = {name: f for name, f in feats.items() if name != "train"}
+    if cfg.data.packing:
+        rows_before = len(feats["train"])
+        feats["train"] = task.pack(feats["train"], max_length)
+        report["splits"]["train"]["packed_rows"] = len(feats["train"])
+        say(f"packing: {rows_before} training examples in {len(feats['train'])} rows of up to {max_length} tokens")
     pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
+    shown = splits["validation"][: cfg.eval.samples]
 
     # The baselines see the model before the method touches it.
     summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
     if cfg.eval.base:
         summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
-    if cfg.eval.linear_probe:
+    if cfg.eval.linear_probe and task.PROBE:
         summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
+    samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
 
     method = methods.get(cfg.method.name)
-    head = models.head_modules(model)
+    head = task.head_modules(model)
     model = methods.prepare(model, cfg.method, head)
     trainable, total = models.count_params(model)
     say(models.trainable_summary(model))
@@ -85,6 +98,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
             summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
 
+    samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)
+    write_json(run_dir / "samples.json", samples)
     out = run_dir / method.ARTIFACT
     method.save(model, out, cfg.model.path, head)
     tokenizer.save_pretrained(out)
@@ -99,7 +114,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
         "device": str(device), "torch": torch.__version__,
     })
     write_json(run_dir / "summary.json", summary)
-    say(headline(summary, task.MAIN_METRIC))
+    say(headline(summary, task.HEADLINE))
     return Run(run_dir.resolve(), summary)
 
 
@@ -176,16 +191,18 @@ def say(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
 
 
-def headline(summary: dict, metric: str) -> str:
-    lines = [f"{'split':12} {'base':>8} {'probe':>8} {'tuned':>8}   ({metric})"]
+def headline(summary: dict, metrics: tuple[str, ...]) -> str:
+    lines = [f"{'split':12} {'base':>8} {'probe':>8} {'tuned':>8}   ({', '.join(metrics)})"]
+    fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
     for split in ("validation", "test"):
         tuned = summary.get("eval" if split == "validation" else "test")
         if tuned is None:
             continue
-        base = summary.get("base", {}).get(split, {}).get(metric)
-        lp = summary.get("linear_probe", {}).get(split, {}).get(metric)
-        fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
-        lines.append(f"{split:12} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
+        for metric in metrics:
+            base = summary.get("base", {}).get(split, {}).get(metric)
+            lp = summary.get("linear_probe", {}).get(split, {}).get(metric)
+            name = split if len(metrics) == 1 else f"{split[:4]} {metric[:7]}"
+            lines.append(f"{name:12} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
     lines.append(f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} ({summary['trainable_percent']:.2f}%), "
                  f"{summary['train_seconds']:.1f}s, {summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MB, "
                  f"saved {summary['artifact_mb']:.1f} MB -> {summary.get('artifact')}/")

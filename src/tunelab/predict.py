@@ -18,13 +18,28 @@ class TunedModel:
     def __init__(self, run_dir: str | Path, device: str | None = None):
         self.dir = Path(run_dir)
         self.cfg, self.info = _read_run(self.dir)
+        self._setup(device)
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, device: str | None = None) -> "TunedModel":
+        """A plain causal-LM model directory (e.g. a merged export) as a chat model: `generate` works on it,
+        with the tokenizer's chat template (or the built-in Alpaca one)."""
+        self = cls.__new__(cls)
+        self.dir = Path(path)
+        self.cfg = config_mod.validate({"model": {"path": str(path)}, "data": {"train": "-"},
+                                        "task": {"type": "sft"}, "method": {"name": "full"}}, f"model dir '{path}'")
+        self.info = {"task": "sft", "template": "auto", "train_on_prompt": False, "truncation": "cut"}
+        self._setup(device, artifact=self.dir)
+        return self
+
+    def _setup(self, device: str | None, artifact: Path | None = None) -> None:
         if device:
             self.cfg.model.device = device
         self.task = tasks.get(self.cfg.task.type)
         method = methods.get(self.cfg.method.name)
-        artifact = self.dir / method.ARTIFACT
+        artifact = artifact or self.dir / method.ARTIFACT
         if not artifact.is_dir():
-            raise TunelabError(f"The run '{run_dir}' has no {method.ARTIFACT}/ directory: training did not finish. Re-run `tunelab train`.")
+            raise TunelabError(f"The run '{self.dir}' has no {method.ARTIFACT}/ directory: training did not finish. Re-run `tunelab train`.")
         if method.ARTIFACT == "model":
             self.model, _ = self.task.build_model(self.cfg.model, self.info, path=artifact)
         else:
@@ -33,11 +48,11 @@ class TunedModel:
                 self.model, _ = self.task.build_model(self.cfg.model, self.info)
             except TunelabError as e:
                 raise TunelabError(
-                    f"The run '{run_dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
+                    f"The run '{self.dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
                     f"If the base moved, edit model.path in {self.dir / 'config.yaml'}."
                 ) from None
             self.model = methods.named.record(self.model, "default", self.cfg.method.name,
-                                              models.head_modules(self.model), lambda m: method.load(m, artifact))
+                                              self.task.head_modules(self.model), lambda m: method.load(m, artifact))
         self._runs = {"default": (self.dir, self.cfg, self.info)}
         self.tokenizer = models.load_tokenizer(artifact, self.cfg.model.trust_remote_code)
         self.device = models.device_of(self.cfg.model)
@@ -61,7 +76,7 @@ class TunedModel:
         if info != self.info:
             raise TunelabError(f"'{run_dir}' has labels {info.get('labels')}, this model has {self.info.get('labels')}; "
                                f"adapters sharing a base here need the same label set (the same head shape).")
-        self.model = methods.add_adapter(self.model, name, artifact, models.head_modules(self.model),
+        self.model = methods.add_adapter(self.model, name, artifact, self.task.head_modules(self.model),
                                          cfg.method.name).to(self.device).eval()
         self._runs[name] = (Path(run_dir), cfg, info)
         self.dir, self.cfg, self.info = self._runs[name]
@@ -84,10 +99,39 @@ class TunedModel:
     def _features(self, rows: list[dict]) -> list[dict]:
         max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
                                              getattr(self.cfg.method, "num_virtual_tokens", 0))
-        return self.task.encode(rows, self.tokenizer, self.info, max_length)
+        return self.task.encode(rows, self.tokenizer, self.info, max_length)[0]
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 system: str | None = None, stream: bool = False) -> list[str]:
+        """Replies of an sft / causal_lm model. Each prompt is a user message (str) or a whole conversation (a list
+        of {"role", "content"}); causal_lm models continue the text as it is. Greedy when temperature is 0;
+        `stream` prints the reply to the terminal as it is produced."""
+        if self.cfg.task.type not in ("sft", "causal_lm"):
+            raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which labels text: use predict, not generate.")
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        items = [prompts] if single else list(prompts)
+        texts = []
+        for item in items:
+            if self.cfg.task.type == "causal_lm":
+                texts.append(item if isinstance(item, str) else "\n".join(m["content"] for m in item))
+                continue
+            messages = [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
+            if system and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": system}] + messages
+            texts.append(self.task.prompt_text(messages, self.tokenizer, self.info))
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self.task.generate(self.model, self.tokenizer, texts, self.info, max_new_tokens, temperature, top_p,
+                                  streamer, self.device)
 
     def predict(self, texts: list[str] | str, batch_size: int | None = None) -> list[dict]:
         """Label, its probability and the probability of every class, for each text."""
+        if self.cfg.task.type in ("sft", "causal_lm"):
+            raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
+                               f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []

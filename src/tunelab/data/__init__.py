@@ -19,7 +19,7 @@ from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts
 from .sources import SUPPORTED_EXTENSIONS, read_examples
 from .split import stratified_split
 
-__all__ = ["load_splits", "inspect", "format_report", "canonical_label", "SUPPORTED_EXTENSIONS"]
+__all__ = ["load_splits", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
@@ -98,6 +98,8 @@ def format_report(report: dict) -> str:
     split = report["split"]
     if split["method"] == "stratified":
         how = f"validation held out from train: {split['val_fraction']:.0%} per label, stratified, seed {split['seed']}"
+    elif split["method"] == "random":
+        how = f"validation held out from train: {split['val_fraction']:.0%} at random, seed {split['seed']}"
     else:
         how = "validation read from its own file"
     lines = [f"Data ({how})"]
@@ -106,6 +108,18 @@ def format_report(report: dict) -> str:
         title = f"{name}: {path}" if path else f"{name}: held out from train"
         lines += [""] + _format_entry(title, entry)
     return "\n".join(lines)
+
+
+def format_tokens(stats: dict) -> str:
+    """One line from a task's encode report: examples, tokens, and whatever was cut or dropped."""
+    parts = [f"{stats['examples']} examples", f"{stats['tokens']:,} tokens"]
+    if stats.get("target_tokens") is not None:
+        parts.append(f"{stats['target_tokens']:,} trained on")
+    if stats.get("length"):
+        parts.append(f"length {stats['length']['min']}-{stats['length']['max']} (median {stats['length']['median']:g})")
+    parts += [f"{n} {k.replace('_', ' ')}" for k, n in stats.items()
+              if k not in ("examples", "tokens", "target_tokens", "length", "texts") and n]
+    return ", ".join(parts)
 
 
 # -- helpers -------------------------------------------------------------------
@@ -150,9 +164,12 @@ def _format_entry(title: str, entry: dict) -> list[str]:
         lines.append(f"  rows read: {entry['rows_read']}, dropped: {sum(dropped.values())} ({detail}), kept: {kept}")
         if entry.get("held_out"):
             lines.append(f"  held out for validation: {entry['held_out']}, left in train: {entry['rows']}")
-    total = sum(entry["labels"].values()) or 1
-    labels = ", ".join(f"{label or '(empty)'} {n} ({n / total:.0%})" for label, n in entry["labels"].items())
-    lines.append(f"  labels ({len(entry['labels'])}): {labels or 'none'}")
+    if "format" in entry:
+        lines.append(f"  format: {entry['format']}" + (f", {entry['assistant_turns']} assistant turns" if "assistant_turns" in entry else ""))
+    if "labels" in entry:
+        total = sum(entry["labels"].values()) or 1
+        labels = ", ".join(f"{label or '(empty)'} {n} ({n / total:.0%})" for label, n in entry["labels"].items())
+        lines.append(f"  labels ({len(entry['labels'])}): {labels or 'none'}")
     if "overlap_with_train" in entry:
         lines.append(f"  texts also in train: {entry['overlap_with_train']}")
     for unit, stats in (entry.get("length") or {}).items():

@@ -52,7 +52,72 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
     return examples
 
 
-def resolve_path(path: str | Path, key: str | None = None) -> Path:
+def read_records(path: str | Path, key: str | None = None) -> list[dict]:
+    """Every column of every row, as {"row": n, "record": {...}} (nested JSON values kept), for tasks whose rows are
+    more than a text and a label (sft, causal_lm). A .txt file gives one {"text": paragraph} per blank-line-separated
+    paragraph, `row` being the line it starts on."""
+    p = resolve_path(path, key, SUPPORTED_EXTENSIONS + (".txt",))
+    what = _describe(path, key)
+    ext = p.suffix.lower()
+    if p.stat().st_size == 0:
+        raise TunelabError(f"{what} is empty. It should hold {_FORMAT_HINTS.get(ext, 'text')}.")
+    if ext == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise TunelabError(f"{what} could not be read as Parquet: {e}. Re-export it (e.g. pandas `df.to_parquet`).") from None
+        return [{"row": i, "record": r} for i, r in enumerate(rows, start=1)]
+    text = _decode_utf8(p.read_bytes(), path, what)
+    if ext == ".txt":
+        out, start, lines = [], None, []
+        for line_no, line in enumerate(text.split("\n") + [""], start=1):
+            if line.strip():
+                start = start or line_no
+                lines.append(line.rstrip())
+            elif lines:
+                out.append({"row": start, "record": {"text": "\n".join(lines)}})
+                start, lines = None, []
+        return out
+    if ext in (".jsonl", ".json"):
+        return [{"row": r["row"], "record": r["record"]} for r in _jsonl_objects(text, path, what)]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+    try:
+        return [{"row": i, "record": dict(r)} for i, r in enumerate(reader, start=1)]
+    except csv.Error as e:
+        raise TunelabError(f"{what} could not be parsed near line {reader.line_num}: {e}. Fix that record.") from None
+
+
+def _jsonl_objects(text: str, path: str | Path, what: str) -> list[dict]:
+    if text.lstrip().startswith("["):
+        raise TunelabError(
+            f"{what} holds a JSON array, but tunelab reads JSON lines: one object per line. "
+            f"Convert it, e.g. `jq -c '.[]' {path} > {Path(path).with_suffix('.jsonl')}`."
+        )
+    out = []
+    # split("\n") rather than splitlines(): JSON strings may legally contain raw U+2028 etc.
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TunelabError(
+                f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
+                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+            ) from None
+        if not isinstance(obj, dict):
+            raise TunelabError(
+                f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
+                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+            )
+        out.append({"row": line_no, "record": obj})
+    return out
+
+
+def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> Path:
     """Check the file exists and has a supported extension; return it as given (relative to cwd)."""
     p = Path(path).expanduser()
     what = _describe(path, key)
@@ -63,10 +128,10 @@ def resolve_path(path: str | Path, key: str | None = None) -> Path:
         )
     if not p.is_file():
         raise TunelabError(f"{what} is not a file (looked at {p.absolute()}). Point {key or 'it'} at a data file, not a directory.")
-    if p.suffix.lower() not in SUPPORTED_EXTENSIONS:
+    if p.suffix.lower() not in extensions:
         raise TunelabError(
             f"{what} has an unsupported extension '{p.suffix or '(none)'}'. Supported: "
-            f"{', '.join(SUPPORTED_EXTENSIONS)} (.json must be JSON lines). Convert the file or rename it if it already is one of these."
+            f"{', '.join(extensions)} (.json must be JSON lines). Convert the file or rename it if it already is one of these."
         )
     return p
 
@@ -92,28 +157,9 @@ def _decode_utf8(data: bytes, path: str | Path, what: str) -> str:
 
 
 def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_field: str) -> list[dict]:
-    if text.lstrip().startswith("["):
-        raise TunelabError(
-            f"{what} holds a JSON array, but tunelab reads JSON lines: one object per line. "
-            f"Convert it, e.g. `jq -c '.[]' {path} > {Path(path).with_suffix('.jsonl')}`."
-        )
     examples = []
-    # split("\n") rather than splitlines(): JSON strings may legally contain raw U+2028 etc.
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunelabError(
-                f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
-                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
-            ) from None
-        if not isinstance(obj, dict):
-            raise TunelabError(
-                f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
-                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
-            )
+    for item in _jsonl_objects(text, path, what):
+        obj, line_no = item["record"], item["row"]
         first = not examples
         for field, config_key in _required(text_field, label_field):
             if field not in obj:

@@ -20,7 +20,7 @@ def outputs(model, task, features: list[dict], batch_size: int, pad_id: int, dev
     for idx in length_sorted_batches(features, batch_size):
         batch = {k: v.to(device) for k, v in task.collate([features[i] for i in idx], pad_id).items()}
         outs.append(task.forward(model, batch).float().cpu())
-        labels.append(batch["labels"].cpu())
+        labels.append(task.targets(batch).cpu())
         index += idx
     model.train(was_training)
     inverse = torch.empty(len(index), dtype=torch.long)

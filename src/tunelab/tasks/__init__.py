@@ -1,9 +1,10 @@
-"""Tasks. Each is one module with: label_info, build_model, encode, collate, forward,
-loss (summed), count, metrics, predictions, MAIN_METRIC, METRICS."""
+"""Tasks. Each is one module with: load_splits, label_info, build_model, head_modules, encode (features and
+their report), collate, forward, targets, loss (summed), count, metrics, samples, MAIN_METRIC, METRICS,
+HEADLINE, PROBE."""
 
-from . import classification
+from . import causal_lm, classification
 
-TASKS = {"classification": classification}
+TASKS = {"classification": classification, "sft": causal_lm, "causal_lm": causal_lm}
 
 
 def get(name: str):

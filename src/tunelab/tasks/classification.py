@@ -6,21 +6,34 @@ which task it is training.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import models
+from .. import data, models
 from ..data.clean import canonical_label, label_sort_key
 from ..errors import TunelabError
 from ..evaluate import metrics as M
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
+HEADLINE = ("accuracy",)
+PROBE = True  # a logistic-regression probe on frozen features is a fair baseline here
 
 
-def label_info(splits: dict[str, list[dict]], data_cfg) -> dict:
+def load_splits(cfg, seed: int):
+    return data.load_splits(cfg.data, seed)
+
+
+def head_modules(model) -> list[str]:
+    return models.head_modules(model)
+
+
+def label_info(splits: dict[str, list[dict]], cfg) -> dict:
     """Label names from the training split; integer-like labels sort numerically."""
+    data_cfg = cfg.data
     train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=label_sort_key)
     if len(train) < 2:
         only = train[0] if train else "none"
@@ -54,14 +67,20 @@ def build_model(model_cfg, info: dict, path=None):
     )
 
 
-def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> list[dict]:
-    """Tokenize once up front; labels become ids (absent labels -> -1 for unlabelled prediction)."""
+def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[list[dict], dict]:
+    """Tokenize once up front; labels become ids (absent labels -> -1 for unlabelled prediction).
+    Also returns {"examples", "truncated", "tokens"} for the data report."""
     ids = {l: i for i, l in enumerate(info["labels"])}
-    enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
-    return [
+    texts = [r["text"] for r in rows]
+    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if rows else []
+    feats = [
         {"input_ids": input_ids, "label": ids.get(canonical_label(r["label"]), -1) if r.get("label") is not None else -1}
-        for input_ids, r in zip(enc["input_ids"], rows)
+        for input_ids, r in zip(enc, rows)
     ]
+    # Counted on an untruncated pass: a text of exactly max_length tokens is not a cut one.
+    cut = sum(len(x) == max_length and len(tokenizer(t)["input_ids"]) > max_length for x, t in zip(enc, texts))
+    stats = {"examples": len(feats), "truncated": cut, "tokens": sum(len(f["input_ids"]) for f in feats)}
+    return feats, stats
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -88,6 +107,10 @@ def count(batch) -> int:
     return int(batch["labels"].numel())
 
 
+def targets(batch) -> torch.Tensor:
+    return batch["labels"]
+
+
 def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
     """Metrics from concatenated logits and label ids of a whole split."""
     out = M.classification(outputs.argmax(-1).numpy(), labels.numpy(), info["labels"])
@@ -102,3 +125,12 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
         {"label": names[int(np.argmax(p))], "score": float(p.max()), "probs": {n: float(x) for n, x in zip(names, p)}}
         for p in probs
     ]
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+    """Predictions for the first rows of a split, beside their labels."""
+    from .. import evaluate
+
+    feats, _ = encode(rows, tokenizer, info, max_length)
+    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows) or 1, tokenizer.pad_token_id, device)
+    return [{"row": r.get("row"), "text": r["text"], "label": r["label"], **p} for r, p in zip(rows, predictions(out, info))]

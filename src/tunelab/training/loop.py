@@ -20,6 +20,9 @@ from ..errors import TunelabError
 from . import optim
 
 
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
 def resolve_metric(task, name: str) -> tuple[str, bool]:
     """(metric name, greater is better) for best-checkpoint selection and early stopping."""
     metric = task.MAIN_METRIC if name == "auto" else name
@@ -27,20 +30,31 @@ def resolve_metric(task, name: str) -> tuple[str, bool]:
         raise TunelabError(
             f"train.metric='{name}' is not a metric of this task. Choose one of: {', '.join(task.METRICS)} (or 'auto')."
         )
-    return metric, metric != "loss"
+    return metric, metric not in LOWER_IS_BETTER
 
 
-def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator):
+GROUP_WINDOW = 50  # micro-batches whose examples are sorted by length together (train.group_by_length)
+
+
+def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator, lengths: list[int] | None = None):
     """Yield (epoch position, [index lists of the micro-batches of one optimizer step], last step of epoch?) forever.
 
     The permutation is drawn per epoch and then cut into micro-batches, so the
     examples seen by one optimizer step do not depend on how the step is split
-    into micro-batches (8x1 and 4x2 see the same 8 examples).
+    into micro-batches (8x1 and 4x2 see the same 8 examples). With `lengths`
+    (train.group_by_length), each window of GROUP_WINDOW micro-batches of the
+    permutation is sorted by length before cutting, and the micro-batches are
+    then shuffled: similar lengths share a batch, the order stays random.
     """
     epoch = 0
     while True:
         perm = torch.randperm(n, generator=generator).tolist()
+        if lengths is not None:
+            window = GROUP_WINDOW * cfg.batch_size
+            perm = [i for w in range(0, n, window) for i in sorted(perm[w : w + window], key=lambda i: -lengths[i])]
         chunks = [perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        if lengths is not None:
+            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
         for start in range(0, len(chunks), cfg.grad_accum):
             done = min(start + cfg.grad_accum, len(chunks))
             yield epoch + done / len(chunks), chunks[start:done], done == len(chunks)
@@ -60,7 +74,8 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
                                           "params": sum(p.numel() for p in g["params"])} for g in groups]})
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    stream = batch_stream(len(train), cfg, generator)
+    lengths = [len(f["input_ids"]) for f in train] if cfg.group_by_length else None
+    stream = batch_stream(len(train), cfg, generator, lengths)
     best = {"value": None, "step": 0, "state": None, "metrics": None}
     bad_evals, tokens, train_seconds, running = 0, 0, 0.0, []
     stopped_early = False

@@ -1,0 +1,264 @@
+"""Causal language modelling: instruction / chat tuning (task.type sft) and continued pretraining on plain
+text (causal_lm). Same functions as every task, so the loop and every method run it unchanged.
+
+- sft: each conversation is rendered with its template (data/chat.py); labels are the token ids on assistant
+  turns and -100 elsewhere (every token with task.train_on_prompt). A token is trained when its first character
+  lies in an assistant span. Over-long examples are cut or dropped (data.truncation), and counted.
+- causal_lm: each text + EOS is cut into windows of data.max_length tokens; every token is trained.
+- The loss is summed over target tokens (the loop divides by their count over the accumulated batch). Only
+  the hidden states at target positions go through the LM head: with 49k-word vocabularies the full
+  (batch, length, vocab) logits would dominate memory for nothing.
+- Packing (`pack`, data.packing) concatenates examples into rows with per-example position ids and no
+  attention mask; transformers then restricts attention to each example (its packed-sequence detection,
+  transformers >= 4.56 for sdpa/eager). The first token of each example gets label -100 so that no example
+  is asked to predict the start of the next.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from ..data import chat
+from ..errors import TunelabError
+
+MAIN_METRIC = "loss"
+METRICS = ("loss", "perplexity")
+HEADLINE = ("loss", "perplexity")
+PROBE = False  # a linear probe needs labels
+
+
+def load_splits(cfg, seed: int):
+    return chat.load_splits(cfg, seed)
+
+
+def label_info(splits: dict, cfg) -> dict:
+    """What encoding needs besides the tokenizer; saved as the run's labels.json."""
+    return {"task": cfg.task.type, "template": cfg.task.template, "train_on_prompt": cfg.task.train_on_prompt,
+            "truncation": cfg.data.truncation}
+
+
+def build_model(model_cfg, info: dict, path=None):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = models.load(model_cfg, AutoModelForCausalLM, path=path)
+    if not getattr(tok, "is_fast", False):
+        raise TunelabError(f"The tokenizer of '{path or model_cfg.path}' is a slow (Python) tokenizer; sft needs a fast one "
+                           f"for character offsets. Save the model with its tokenizer.json (a fast tokenizer).")
+    if info["task"] == "sft":
+        # "auto" is settled here, where the tokenizer is known, and recorded in the run's labels.json.
+        info["template"] = chat.resolve_template(info["template"], tok, f"'{path or model_cfg.path}'")
+    return model, tok
+
+
+def head_modules(model) -> list[str]:
+    return []  # the LM head is the (usually tied) output embedding: part of the base, never a new head
+
+
+def _stats(values: list[int]) -> dict | None:
+    if not values:
+        return None
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[list[dict], dict]:
+    if info["task"] == "causal_lm":
+        return _encode_text(rows, tokenizer, max_length)
+    feats, counts = [], {"cut_prompt": 0, "cut_response": 0, "dropped_too_long": 0, "no_target": 0}
+    for r in rows:
+        text, spans = chat.render(r["messages"], info["template"], tokenizer)
+        enc = tokenizer(text, add_special_tokens=info["template"] == "alpaca", return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        if info["train_on_prompt"]:
+            labels = list(ids)
+        else:
+            labels = [t if any(s <= a < e for s, e in spans) and b > a else -100
+                      for t, (a, b) in zip(ids, enc["offset_mapping"])]
+        if len(ids) > max_length:
+            if info["truncation"] == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            ids, labels = _cut(ids, labels, max_length, counts)
+        if all(x == -100 for x in labels[1:]):
+            counts["no_target"] += 1
+            continue
+        feats.append({"input_ids": ids, "labels": labels, "row": r["row"]})
+    lengths = [len(f["input_ids"]) for f in feats]
+    stats = {"examples": len(feats), **counts, "tokens": sum(lengths),
+             "target_tokens": sum(sum(x != -100 for x in f["labels"][1:]) for f in feats), "length": _stats(lengths)}
+    return feats, stats
+
+
+def _cut(ids: list[int], labels: list[int], max_length: int, counts: dict) -> tuple[list[int], list[int]]:
+    """Cut prompt tokens from the left; when the response alone is too long, keep the prompt's last half-window
+    and cut the response from the right."""
+    first = next((i for i, x in enumerate(labels) if x != -100), len(labels))
+    excess = len(ids) - max_length
+    if excess <= first:
+        counts["cut_prompt"] += 1
+        return ids[excess:], labels[excess:]
+    counts["cut_response"] += 1
+    start = first - min(first, max_length // 2)
+    return ids[start : start + max_length], labels[start : start + max_length]
+
+
+def _encode_text(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    feats, windows_cut = [], 0
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for r in rows:
+        ids = tokenizer(r["text"])["input_ids"] + eos
+        chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+        windows_cut += len(chunks) - 1
+        feats += [{"input_ids": c, "labels": list(c), "row": r["row"]} for c in chunks if len(c) >= 2]
+    lengths = [len(f["input_ids"]) for f in feats]
+    return feats, {"examples": len(feats), "texts": len(rows), "split_into_windows": windows_cut, "tokens": sum(lengths),
+                   "target_tokens": sum(n - 1 for n in lengths), "length": _stats(lengths)}
+
+
+def pack(features: list[dict], max_length: int) -> list[dict]:
+    """First-fit-decreasing into rows of at most max_length tokens; each row keeps every example's own
+    positions (0, 1, ...) and the first label of every example is -100."""
+    rows: list[dict] = []
+    for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+        n = len(f["input_ids"])
+        row = next((r for r in rows if len(r["input_ids"]) + n <= max_length), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "position_ids": [], "examples": 0}
+            rows.append(row)
+        row["input_ids"] += f["input_ids"]
+        row["labels"] += [-100] + f["labels"][1:]
+        row["position_ids"] += list(range(n))
+        row["examples"] += 1
+    return rows
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row; padding gets label -100. Packed rows carry position_ids (pads restart at 0,
+    forming their own segment) and no attention mask reaches the model."""
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = len(features)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    labels = torch.full((batch, longest), -100, dtype=torch.long)
+    mask = torch.zeros((batch, longest), dtype=torch.long)
+    packed = "position_ids" in features[0]
+    positions = torch.zeros((batch, longest), dtype=torch.long) if packed else None
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+        if packed:
+            positions[i, :n] = torch.tensor(f["position_ids"])
+            positions[i, n:] = torch.arange(longest - n)
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        out["position_ids"] = positions
+    return out
+
+
+def _hidden(model, batch) -> torch.Tensor:
+    """The body's last hidden states (final norm applied), through the body so virtual-token hooks apply."""
+    _, body = models._body(model)
+    if "position_ids" in batch:
+        out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    else:
+        out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out[0]
+
+
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3 cap logits in their ForCausalLM.forward, which this path bypasses
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative log-likelihood of every target token, the row it belongs to)."""
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    hidden = _hidden(model, batch)[:, :-1][keep]
+    nll = F.cross_entropy(_logits(model, hidden).float(), targets[keep], reduction="none")
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    return nll, rows
+
+
+def forward(model, batch) -> torch.Tensor:
+    """Per example: (summed NLL of its target tokens, their count), for the eval metrics."""
+    nll, rows = _token_nll(model, batch)
+    sums = torch.zeros(batch["labels"].shape[0], device=nll.device).index_add_(0, rows, nll)
+    return torch.stack([sums, targets(batch).to(sums.dtype)], dim=1)
+
+
+def targets(batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum(dim=1)
+
+
+def loss(model, batch) -> torch.Tensor:
+    return _token_nll(model, batch)[0].sum()
+
+
+def count(batch) -> int:
+    return int(targets(batch).sum())
+
+
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
+    tokens = float(outputs[:, 1].sum())
+    loss_value = float(outputs[:, 0].sum()) / max(tokens, 1.0)
+    return {"loss": loss_value, "perplexity": math.exp(min(loss_value, 50.0)), "target_tokens": int(tokens)}
+
+
+# -- generation ----------------------------------------------------------------------
+
+def prompt_text(messages: list[dict], tokenizer, info: dict) -> str:
+    return chat.render(messages, info.get("template", "alpaca"), tokenizer, add_generation_prompt=True)[0]
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, streamer=None, device=None) -> list[str]:
+    """Replies to rendered prompts (greedy when temperature is 0). One prompt at a time: no padding to get wrong,
+    and a streamer can follow it."""
+    was_training = model.training
+    model.eval()
+    out = []
+    add_special = info.get("template") == "alpaca" or info.get("task") == "causal_lm"
+    virtual = getattr(model, "prompt_encoder", None)  # prompt / P-tuning / prefix positions come first
+    reserved = 0 if virtual is None else int(virtual().shape[0])
+    limit = models.max_input_length(model, tokenizer, 1 << 30, reserved)
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
+        # Prompt + reply must fit the model's positions: keep the prompt's end, leave room for the reply.
+        ids = ids[:, -max(1, limit - min(max_new_tokens, limit // 2)):].to(device or "cpu")
+        kwargs = {"do_sample": temperature > 0, "max_new_tokens": min(max_new_tokens, limit - ids.shape[1]), "pad_token_id": tokenizer.pad_token_id,
+                  "eos_token_id": tokenizer.eos_token_id, "streamer": streamer}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if hasattr(model, "prompt_encoder"):  # virtual tokens: the hooks add them to every full forward
+            kwargs["use_cache"] = False
+        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
+        out.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+    """Generations for the first rows of a split: the prompt, the reference reply and the model's."""
+    out = []
+    for r in rows:
+        if "messages" in r:
+            prompt = prompt_text(chat.prompt_messages(r), tokenizer, info)
+            reference = r["messages"][-1]["content"]
+        else:  # causal_lm: continue the first words of the text
+            words = r["text"].split()
+            prompt, reference = " ".join(words[: max(4, len(words) // 3)]), " ".join(words[max(4, len(words) // 3):])
+        reply = generate(model, tokenizer, [prompt], info, max_new_tokens=max_new_tokens, device=device)[0]
+        out.append({"row": r.get("row"), "prompt": prompt, "reference": reference, "generated": reply})
+    return out
