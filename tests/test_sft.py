@@ -262,3 +262,33 @@ def test_generate_command_prompt_and_batch(tiny_chat_llama, tmp_path):
     assert len(out) == 2 and all(isinstance(o["response"], str) for o in out)
     res = runner.invoke(app, ["generate", str(run.dir), "--chat", "--max-new-tokens", "4"], input="Hi\n/exit\n")
     assert res.exit_code == 0, res.output
+
+
+def test_a_merged_export_generates_what_the_adapter_run_generates(tiny_chat_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab import export
+    from tunelab.cli import app
+    from tunelab.predict import TunedModel
+
+    run = _train(tmp_path, tiny_chat_llama, "method.name=lora", "method.target_modules=all-linear", "train.max_steps=8")
+    merged = export.run(run.dir, tmp_path / "merged", merge=True)
+    prompts = ["What is the opposite of hot?", "What is the opposite of early?"]
+    assert TunedModel.from_model_dir(merged).generate(prompts, max_new_tokens=6) == \
+        tunelab.load(run.dir).generate(prompts, max_new_tokens=6)
+    res = CliRunner().invoke(app, ["generate", str(merged), "--prompt", prompts[0], "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+
+
+def test_group_by_length_batches_similar_lengths_and_still_sees_every_example():
+    from tunelab.training import loop
+
+    cfg = config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"},
+                           "train": {"batch_size": 4, "group_by_length": True}}).train
+    lengths = [(i * 37) % 101 for i in range(400)]
+    stream = loop.batch_stream(len(lengths), cfg, torch.Generator().manual_seed(0), lengths)
+    batches = [c for _ in range(100) for c in next(stream)[1]]
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches of 4 would spread ~60
+    assert [len(b) for b in batches[:5]] == [4] * 5

@@ -53,5 +53,5 @@ def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = F
     (out / "tunelab_export.json").write_text(json.dumps(
         {"run": str(Path(run_dir).resolve()), "method": trained.cfg.method.name, "merged": merge,
          "format": "transformers" if merge or methods.get(trained.cfg.method.name).ARTIFACT == "model" else fmt,
-         "labels": trained.labels}, indent=2) + "\n", encoding="utf-8")
+         "labels": trained.info.get("labels")}, indent=2) + "\n", encoding="utf-8")
     return out
