@@ -156,6 +156,9 @@ def test_a_30_step_lora_run_lowers_validation_loss_and_writes_samples(tiny_chat_
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     with pytest.raises(TunelabError, match="use generate"):
         model.predict("hello")
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", make_chat_rows(20, seed=9))
+    metrics = model.evaluate(held_out)
+    assert metrics["target_tokens"] > 0 and metrics["loss"] < s["base"]["validation"]["loss"]
 
 
 def test_packing_trains_through_the_pipeline(tiny_chat_llama, tmp_path):

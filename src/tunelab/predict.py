@@ -96,10 +96,11 @@ class TunedModel:
     def labels(self) -> list[str]:
         return list(self.info["labels"])
 
-    def _features(self, rows: list[dict]) -> list[dict]:
+    def _features(self, rows: list[dict], with_stats: bool = False):
         max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
                                              getattr(self.cfg.method, "num_virtual_tokens", 0))
-        return self.task.encode(rows, self.tokenizer, self.info, max_length)[0]
+        feats, stats = self.task.encode(rows, self.tokenizer, self.info, max_length)
+        return (feats, stats) if with_stats else feats
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  system: str | None = None, stream: bool = False) -> list[str]:
@@ -148,7 +149,18 @@ class TunedModel:
 
     def evaluate(self, path: str | Path, text_field: str | None = None, label_field: str | None = None,
                  batch_size: int | None = None) -> dict:
-        """Task metrics on a labelled file (whitespace normalised; empty or unlabelled rows dropped and counted)."""
+        """Task metrics on a labelled file (whitespace normalised; empty or unlabelled rows dropped and counted).
+        For sft / causal_lm runs: loss and perplexity on a file of the run's row format."""
+        if self.cfg.task.type in ("sft", "causal_lm"):
+            from .data import chat
+
+            data_cfg = self.cfg.data.model_copy(update={"text_field": text_field or self.cfg.data.text_field})
+            rows, entry = chat.read(str(path), "eval file", data_cfg, self.cfg.task.type)
+            feats, stats = self._features(rows, with_stats=True)
+            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
+                                   self.tokenizer.pad_token_id, self.device)
+            return {**metrics, "dropped": {**entry["dropped"], **{k: v for k, v in stats.items()
+                                                                 if k in ("dropped_too_long", "no_target")}}}
         text_field = text_field or self.cfg.data.text_field
         label_field = label_field or self.cfg.data.label_field
         rows, dropped = clean_examples(read_examples(path, text_field, label_field, key="eval file"), dedupe=False)
