@@ -50,9 +50,10 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "sft", "causal_lm"] = Field(
+    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
-                                      "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text).")
+                                      "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
+                                      "'token_classification' (NER: BIO tags per word), 'qa' (extractive question answering).")
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="sft prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
                             "(chat when the tokenizer has a template, else alpaca).")

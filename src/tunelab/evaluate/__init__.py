@@ -25,9 +25,21 @@ def outputs(model, task, features: list[dict], batch_size: int, pad_id: int, dev
     model.train(was_training)
     inverse = torch.empty(len(index), dtype=torch.long)
     inverse[torch.tensor(index)] = torch.arange(len(index))
-    return torch.cat(outs)[inverse], torch.cat(labels)[inverse]
+    return _cat(outs, 0.0)[inverse], _cat(labels, -100)[inverse]
+
+
+def _cat(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+    """Concatenate batches; per-token outputs (token classification, QA) are padded along dim 1 to the longest
+    batch with `fill` (-100 for targets: the ignored label)."""
+    if tensors[0].ndim < 2 or len({t.shape[1] for t in tensors}) == 1:
+        return torch.cat(tensors)
+    longest = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, longest - t.shape[1]), value=fill)
+                      for t in tensors])
 
 
 def run(model, task, features: list[dict], info: dict, batch_size: int, pad_id: int, device) -> dict:
+    """The task's metrics on a split; `features` are passed on for tasks whose metrics map outputs back to
+    the examples (QA windows -> answer text)."""
     out, labels = outputs(model, task, features, batch_size, pad_id, device)
-    return task.metrics(out, labels, info)
+    return task.metrics(out, labels, info, features)

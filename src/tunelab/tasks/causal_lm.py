@@ -207,7 +207,7 @@ def count(batch) -> int:
     return int(targets(batch).sum())
 
 
-def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
     tokens = float(outputs[:, 1].sum())
     loss_value = float(outputs[:, 0].sum()) / max(tokens, 1.0)
     return {"loss": loss_value, "perplexity": math.exp(min(loss_value, 50.0)), "target_tokens": int(tokens)}

@@ -111,7 +111,7 @@ def targets(batch) -> torch.Tensor:
     return batch["labels"]
 
 
-def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
     """Metrics from concatenated logits and label ids of a whole split."""
     out = M.classification(outputs.argmax(-1).numpy(), labels.numpy(), info["labels"])
     out["loss"] = float(F.cross_entropy(outputs.float(), labels).item())
