@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -61,21 +62,108 @@ def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator, lengths: 
         epoch += 1
 
 
+@dataclass
+class Job:
+    """One task of a run: its module, its model (sharing the body with the others), its data and loss weight.
+    `adapter` names the adapter to activate for it (one adapter per task), None when all share one."""
+
+    name: str
+    task: object
+    model: object
+    train: list
+    validation: list
+    info: dict
+    pad_id: int
+    weight: float = 1.0
+    adapter: str | None = None
+
+
 def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg: TrainConfig, head: list[str],
         pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None]) -> dict:
-    if not train:
-        raise TunelabError("The training split is empty after cleaning; see data_report.json for what was dropped.")
-    steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    metric, greater = resolve_metric(task, cfg.metric)
+    """Train one task: `run_jobs` with a single job of weight 1."""
+    return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id)], cfg, head, device,
+                    eval_batch_size, log)
+
+
+def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportional", temperature: float = 1.0):
+    """Yield (epoch position, [(job index, example indices) per micro-batch of one optimizer step], epoch end?).
+
+    One job: `batch_stream` as it is. Several: each job walks its own shuffled epochs; every micro-batch
+    picks its job by `sampling` — proportional to the jobs' sizes, temperature-scaled (size ** (1/T)),
+    uniform, or round-robin — from one seeded generator. An "epoch" is as many micro-batches as all jobs'
+    epochs together hold.
+    """
+    lengths = [[len(f["input_ids"]) for f in j.train] if cfg.group_by_length else None for j in jobs]
+    if len(jobs) == 1:
+        for pos, chunks, end in batch_stream(len(jobs[0].train), cfg, torch.Generator().manual_seed(cfg.seed), lengths[0]):
+            yield pos, [(0, c) for c in chunks], end
+        return
+    single = cfg.model_copy(update={"grad_accum": 1})
+    streams = [batch_stream(len(j.train), single, torch.Generator().manual_seed(cfg.seed + i), lengths[i])
+               for i, j in enumerate(jobs)]
+    sizes = torch.tensor([float(len(j.train)) for j in jobs])
+    probs = {"proportional": sizes, "temperature": sizes ** (1.0 / temperature),
+             "uniform": torch.ones(len(jobs))}.get(sampling)
+    per_epoch = sum(math.ceil(len(j.train) / cfg.batch_size) for j in jobs)
+    picker, drawn = torch.Generator().manual_seed(cfg.seed), 0
+    while True:
+        step = []
+        for _ in range(cfg.grad_accum):
+            i = drawn % len(jobs) if sampling == "round_robin" else int(torch.multinomial(probs, 1, generator=picker))
+            step.append((i, next(streams[i])[1][0]))
+            drawn += 1
+        yield drawn / per_epoch, step, drawn // per_epoch != (drawn - cfg.grad_accum) // per_epoch
+
+
+def _steps_per_epoch(jobs: list[Job], cfg: TrainConfig) -> int:
+    return math.ceil(sum(math.ceil(len(j.train) / cfg.batch_size) for j in jobs) / cfg.grad_accum)
+
+
+def _oriented(metrics: dict, metric: str) -> float:
+    return -metrics[metric] if metric in LOWER_IS_BETTER else metrics[metric]
+
+
+def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
+    """Validation metrics: the task's own for one job; for several, `<job>/<metric>` for each and `score`, the
+    loss-weighted mean of every job's main metric (lower-is-better ones negated), for model selection."""
+    from .. import methods
+
+    results = {}
+    for j in jobs:
+        if j.adapter:
+            methods.set_adapter(owner, j.adapter)
+        results[j.name] = evaluate.run(j.model, j.task, j.validation, j.info, eval_batch_size, j.pad_id, device)
+    if len(jobs) == 1:
+        return results[jobs[0].name]
+    flat = {f"{name}/{k}": v for name, m in results.items() for k, v in m.items() if isinstance(v, (int, float))}
+    total = sum(j.weight for j in jobs)
+    flat["score"] = sum(j.weight * _oriented(results[j.name], j.task.MAIN_METRIC) for j in jobs) / total
+    return flat
+
+
+def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
+             log: Callable[[dict], None], sampling: str = "proportional", temperature: float = 1.0,
+             owner=None) -> dict:
+    """The loop. `model` holds every trainable parameter (one task's model, or a container of several sharing
+    a body); each step's loss is sum over jobs of weight_t * (their summed loss / their item count in the step)."""
+    from .. import methods
+
+    for j in jobs:
+        if not j.train:
+            raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty after "
+                               f"cleaning; see data_report.json for what was dropped.")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * _steps_per_epoch(jobs, cfg)))
+    if len(jobs) == 1:
+        metric, greater = resolve_metric(jobs[0].task, cfg.metric)
+    else:
+        metric, greater = (cfg.metric, cfg.metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER) if cfg.metric != "auto" \
+            else ("score", True)
     opt, sched, groups = optim.build(model, head, cfg, total_steps)
     trainable = [p for g in groups for p in g["params"]]
     log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                           "params": sum(p.numel() for p in g["params"])} for g in groups]})
 
-    generator = torch.Generator().manual_seed(cfg.seed)
-    lengths = [len(f["input_ids"]) for f in train] if cfg.group_by_length else None
-    stream = batch_stream(len(train), cfg, generator, lengths)
+    stream = mixed_stream(jobs, cfg, sampling, temperature)
     best = {"value": None, "step": 0, "state": None, "metrics": None}
     bad_evals, tokens, train_seconds, running = 0, 0, 0.0, []
     stopped_early = False
@@ -84,7 +172,9 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
     def evaluate_now(step: int, epoch: float) -> bool:
         """Evaluate, keep the best trainable state; True when patience has run out."""
         nonlocal bad_evals
-        metrics = evaluate.run(model, task, validation, info, eval_batch_size, pad_id, device)
+        metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
+        if metric not in metrics:
+            raise TunelabError(f"train.metric='{metric}' is not among the validation metrics ({', '.join(metrics)}).")
         value = metrics[metric]
         # NaN never counts as better, so a diverged run keeps the last sane weights.
         improved = not math.isnan(value) and (best["value"] is None or (value > best["value"] if greater else value < best["value"]))
@@ -104,12 +194,18 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
         epoch_pos, chunks, epoch_end = next(stream)
-        batches = [{k: v.to(device) for k, v in task.collate([train[i] for i in c], pad_id).items()} for c in chunks]
-        # Normalise by the items of the whole accumulated batch, so accumulation == one big batch.
-        n_items = sum(task.count(b) for b in batches)
+        batches = [(jobs[i], {k: v.to(device) for k, v in jobs[i].task.collate([jobs[i].train[x] for x in c],
+                                                                                  jobs[i].pad_id).items()})
+                   for i, c in chunks]
+        # Normalise by each job's items in the whole accumulated batch, so accumulation == one big batch.
+        n_items: dict[str, int] = {}
+        for job, batch in batches:
+            n_items[job.name] = n_items.get(job.name, 0) + job.task.count(batch)
         step_loss = 0.0
-        for batch in batches:
-            loss = task.loss(model, batch) / n_items
+        for job, batch in batches:
+            if job.adapter:
+                methods.set_adapter(owner, job.adapter)
+            loss = job.weight * job.task.loss(job.model, batch) / max(n_items[job.name], 1)
             loss.backward()
             step_loss += loss.item()
             tokens += int(batch["attention_mask"].sum())
