@@ -40,6 +40,7 @@ def predict(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write predictions as JSONL here instead of stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Prediction batch size."),
+    task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
 ):
     """Label texts with a trained run: labels and per-class probabilities."""
     import tunelab
@@ -49,7 +50,7 @@ def predict(
         raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
     if output is not None and output.exists() and not overwrite:
         raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
-    model = tunelab.load(run_dir)
+    model = tunelab.load(run_dir, task=task)
     texts = text or [r["text"] for r in read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file")]
     preds = model.predict(texts, batch_size)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
@@ -72,6 +73,7 @@ def generate(
     top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass (with temperature > 0)."),
     system: Optional[str] = typer.Option(None, help="A system message put before every conversation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
+    task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
 ):
     """Generate replies with a trained causal LM: streamed to the terminal, or batched from a file."""
     import tunelab
@@ -85,7 +87,7 @@ def generate(
     is_run = (source / "config.yaml").is_file()
     if not is_run and not (source / "config.json").is_file():
         raise TunelabError(f"'{source}' is neither a tunelab run directory (config.yaml) nor a model directory (config.json).")
-    model = tunelab.load(source) if is_run else TunedModel.from_model_dir(source)
+    model = tunelab.load(source, task=task) if is_run else TunedModel.from_model_dir(source)
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system)
     if prompt:
         for p in prompt:
@@ -129,11 +131,12 @@ def eval_(
     text_field: Optional[str] = typer.Option(None, help="Text column (default: the run's data.text_field)."),
     label_field: Optional[str] = typer.Option(None, help="Label column (default: the run's data.label_field)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Metrics JSON path (default RUN_DIR/eval/<file>.json)."),
+    task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
 ):
     """Evaluate a trained run on a labelled file; prints and saves the metrics."""
     import tunelab
 
-    model = tunelab.load(run_dir)
+    model = tunelab.load(run_dir, task=task)
     metrics = model.evaluate(file, text_field, label_field)
     out = output or Path(run_dir) / "eval" / f"{Path(file).stem}.json"
     write_output(out, json.dumps({"file": str(file), **metrics}, indent=2) + "\n", "--output")

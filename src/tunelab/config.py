@@ -59,6 +59,20 @@ class TaskConfig(_Section):
                             "(chat when the tokenizer has a template, else alpaca).")
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
+    # -- token_classification (NER) --
+    label_all_subwords: bool = Field(False, description="token_classification: train on every subword of a word (B-X "
+                                                        "becomes I-X after the first) instead of its first subword only; "
+                                                        "metrics and predictions always read the first subword.")
+    # -- qa (extractive question answering) --
+    doc_stride: int = Field(128, ge=0, description="qa: tokens shared by consecutive windows of a context longer than "
+                                                   "data.max_length (the tokenizer's stride, HF's doc_stride); capped at "
+                                                   "half of a window's context room.")
+    max_answer_length: int = Field(30, ge=1, description="qa: longest answer predicted, in tokens.")
+    n_best: int = Field(20, ge=1, description="qa: start and end candidates (highest logits) searched per window.")
+    null_threshold: float = Field(0.0, description="qa with unanswerable questions: answer nothing when score(no answer) "
+                                                   "- score(best span) > this; raise it to answer less often.")
+    version_2: bool | None = Field(None, description="qa: allow 'no answer' predictions (SQuAD v2); empty: true when any "
+                                                     "training question is unanswerable.")
 
 
 class FullConfig(_Section):
@@ -252,9 +266,30 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description="Length limit of the sample generations (sft / causal_lm).")
 
 
+class TaskSpec(_Section):
+    """One task of a multi-task run: its own data, head and loss weight; the body is shared."""
+
+    name: str = Field(description="Task name: used in metrics (<name>/<metric>), the run directory and `--task`.")
+    weight: float = Field(1.0, gt=0, description="Loss weight alpha_t: each step's loss is the sum of alpha_t * L_t.")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    data: DataConfig
+
+
+class MultitaskConfig(_Section):
+    sampling: Literal["proportional", "temperature", "uniform", "round_robin"] = Field(
+        "proportional", description="Which task each micro-batch comes from: proportional to the tasks' sizes, "
+                                    "temperature-scaled (size ** (1/T)), uniform, or round_robin; seeded.")
+    temperature: float = Field(2.0, gt=0, description="T of temperature sampling (1 = proportional; larger evens the tasks out).")
+    adapters: Literal["shared", "per_task"] = Field(
+        "shared", description="With an adapter method: one adapter shared by all tasks, or one adapter per task "
+                              "(named after it) on the shared base.")
+
+
 class Config(_Section):
     model: ModelConfig
-    data: DataConfig
+    data: DataConfig | None = Field(None, description="The data of a single-task run (required unless `tasks` is given).")
+    tasks: list[TaskSpec] | None = Field(None, description="Multi-task: a list of {name, weight, task, data}; replaces data and task.")
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     method: MethodConfig = Field(default_factory=lambda: FullConfig(name="full"))
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -325,6 +360,47 @@ def validate(tree: dict, source: str = "config") -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise TunelabError(_explain_errors(e, tree, source)) from None
+    if cfg.tasks is not None:
+        return _check_tasks(cfg, source)
+    if cfg.data is None:
+        raise TunelabError(f"Invalid config in {source}: 'data' is required (data.train names the training file), "
+                           f"or give a `tasks:` list for a multi-task run.")
+    return _check_single(cfg, source)
+
+
+def _check_tasks(cfg: Config, source: str) -> Config:
+    if cfg.data is not None:
+        raise TunelabError(f"Invalid config in {source}: give either `data` (one task) or `tasks` (several, each with "
+                           f"its own data), not both; move the data section into a task of the list.")
+    if not cfg.tasks:
+        raise TunelabError(f"Invalid config in {source}: `tasks` is empty; list at least one {{name, task, data}}.")
+    names = [t.name for t in cfg.tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TunelabError(f"Invalid config in {source}: task names must be unique, {', '.join(map(repr, dupes))} "
+                           f"appears more than once in `tasks`; rename one.")
+    bad = [n for n in names if not n or "/" in n or n != n.strip()]
+    if bad:
+        raise TunelabError(f"Invalid config in {source}: task name {bad[0]!r} must be non-empty, without '/' or "
+                           f"surrounding spaces.")
+    if cfg.method.name in ("prompt", "ptuning", "prefix"):
+        raise TunelabError(f"Invalid config in {source}: method.name={cfg.method.name} is not supported for multi-task "
+                           f"runs (its virtual tokens hook one task's model); use lora, dora, ia3, adapter or full.")
+    if cfg.multitask.adapters == "per_task" and cfg.method.name not in ("lora", "dora", "ia3", "adapter"):
+        raise TunelabError(f"Invalid config in {source}: multitask.adapters=per_task needs an adapter method (lora, "
+                           f"dora, ia3, adapter), not method.name={cfg.method.name}.")
+    for spec in cfg.tasks:
+        _check_single(single(cfg, spec.name), f"{source} (task {spec.name!r})")
+    return cfg
+
+
+def single(cfg: Config, name: str) -> Config:
+    """The config of one task of a multi-task run, as a single-task config (its data and task sections)."""
+    spec = next(t for t in cfg.tasks if t.name == name)
+    return cfg.model_copy(update={"data": spec.data, "task": spec.task, "tasks": None})
+
+
+def _check_single(cfg: Config, source: str) -> Config:
     if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")
@@ -345,9 +421,17 @@ def _valid_keys(model: type[BaseModel], tree: dict) -> dict[str, list[str]]:
             options = list(METHOD_CONFIGS)
             chosen = [m for m in options if method_name in m.model_fields["name"].annotation.__args__] or options
             keys["method"] = sorted({f for m in chosen for f in m.model_fields})
-        elif isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys[name] = list(ann.model_fields)
+        elif isinstance(_section(ann), type):
+            keys[name] = list(_section(ann).model_fields)
     return keys
+
+
+def _section(ann):
+    """The section model of a field annotated `Section` or `Section | None`; None for plain values."""
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
 
 
 def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
@@ -386,8 +470,8 @@ def explain() -> str:
         for name, field in model.model_fields.items():
             ann = field.annotation
             key = f"{prefix}{name}"
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
+            if _section(ann) is not None and name != "tasks":
+                walk(_section(ann), key + ".")
                 continue
             if name == "method":
                 continue  # listed per method below
@@ -395,6 +479,11 @@ def explain() -> str:
             lines.append(f"{key:34} {default:16} {field.description or ''}")
 
     walk(Config, "")
+    for name in ("name", "weight"):
+        field = TaskSpec.model_fields[name]
+        default = "required" if field.is_required() else repr(field.get_default())
+        lines.append(f"{'tasks[].' + name:34} {default:16} {field.description or ''}")
+    lines.append(f"{'tasks[].task, tasks[].data':34} {'':16} The task and data sections above, per task.")
     for m in METHOD_CONFIGS:
         method = m.model_fields["name"].annotation.__args__[0]
         for name, field in m.model_fields.items():

@@ -34,6 +34,10 @@ class Run:
 
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
+    if cfg.tasks is not None:
+        from .multitask import train as train_multitask
+
+        return train_multitask(cfg, overwrite, recipe_name)
     t_start = time.perf_counter()
     out_path = cfg.output_dir or default_output_dir(recipe_name)
     check_run_dir(out_path, overwrite)  # fail before any work, but create nothing until the inputs are known good
@@ -47,22 +51,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     info = task.label_info(splits, cfg)
     model, tokenizer = task.build_model(cfg.model, info)
     model.to(device)
-    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, getattr(cfg.method, "num_virtual_tokens", 0))
-    if max_length < cfg.data.max_length:
-        say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
-    feats = {}
-    for name, rows in splits.items():
-        feats[name], report["splits"][name]["tokens"] = task.encode(rows, tokenizer, info, max_length)
-        say(f"{name} tokens: {data.format_tokens(report['splits'][name]['tokens'])}")
-        if not feats[name]:
-            raise TunelabError(f"No {name} example is left after tokenisation ({report['splits'][name]['tokens']}); "
-                               f"raise data.max_length or set data.truncation=cut.")
+    feats, max_length = encode_splits(cfg, task, model, tokenizer, info, splits, report)
     held_out = {name: f for name, f in feats.items() if name != "train"}
-    if cfg.data.packing:
-        rows_before = len(feats["train"])
-        feats["train"] = task.pack(feats["train"], max_length)
-        report["splits"]["train"]["packed_rows"] = len(feats["train"])
-        say(f"packing: {rows_before} training examples in {len(feats['train'])} rows of up to {max_length} tokens")
     pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
     shown = splits["validation"][: cfg.eval.samples]
 
@@ -120,6 +110,26 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
 
 # -- helpers --------------------------------------------------------------------
 
+def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict, report: dict) -> tuple[dict, int]:
+    """Tokenize every split (counts into the report), pack train when asked; returns (features, max_length)."""
+    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, getattr(cfg.method, "num_virtual_tokens", 0))
+    if max_length < cfg.data.max_length:
+        say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
+    feats = {}
+    for name, rows in splits.items():
+        feats[name], report["splits"][name]["tokens"] = task.encode(rows, tokenizer, info, max_length)
+        say(f"{name} tokens: {data.format_tokens(report['splits'][name]['tokens'])}")
+        if not feats[name]:
+            raise TunelabError(f"No {name} example is left after tokenisation ({report['splits'][name]['tokens']}); "
+                               f"raise data.max_length or set data.truncation=cut.")
+    if cfg.data.packing:
+        rows_before = len(feats["train"])
+        feats["train"] = task.pack(feats["train"], max_length)
+        report["splits"]["train"]["packed_rows"] = len(feats["train"])
+        say(f"packing: {rows_before} training examples in {len(feats['train'])} rows of up to {max_length} tokens")
+    return feats, max_length
+
+
 def default_output_dir(recipe_name: str) -> str:
     return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -159,10 +169,11 @@ def resolve_paths(cfg: Config, run_dir: Path) -> Config:
         cfg.model.path = str(Path(cfg.model.path).resolve())
     if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
         cfg.method.init_from = str(Path(cfg.method.init_from).resolve())
-    for key in ("train", "validation", "test"):
-        value = getattr(cfg.data, key)
-        if value and Path(value).exists():
-            setattr(cfg.data, key, str(Path(value).resolve()))
+    for data_cfg in [cfg.data] if cfg.data is not None else [t.data for t in cfg.tasks]:
+        for key in ("train", "validation", "test"):
+            value = getattr(data_cfg, key)
+            if value and Path(value).exists():
+                setattr(data_cfg, key, str(Path(value).resolve()))
     return cfg
 
 

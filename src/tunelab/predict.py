@@ -15,10 +15,23 @@ from .errors import TunelabError
 class TunedModel:
     """A trained run, ready for inference: `tunelab.load(run_dir).predict(["great film"])`."""
 
-    def __init__(self, run_dir: str | Path, device: str | None = None):
+    def __init__(self, run_dir: str | Path, device: str | None = None, task: str | None = None):
         self.dir = Path(run_dir)
         self.cfg, self.info = _read_run(self.dir)
-        self._setup(device)
+        if self.cfg.tasks is None:
+            self._setup(device)
+            return
+        from .multitask import load_task
+
+        if task is None:
+            raise TunelabError(f"'{run_dir}' is a multi-task run; say which task to use with --task (task=...): "
+                               f"{', '.join(self.info['tasks'])}.")
+        if device:
+            self.cfg.model.device = device
+        self.device = models.device_of(self.cfg.model)
+        self.model, self.tokenizer, self.task, self.info, self.cfg = load_task(self.dir, self.cfg, self.info["tasks"],
+                                                                              task, self.device)
+        self._runs = {"default": (self.dir, self.cfg, self.info)}
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str | None = None) -> "TunedModel":
@@ -133,6 +146,12 @@ class TunedModel:
         if self.cfg.task.type in ("sft", "causal_lm"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
+        if self.cfg.task.type == "qa":  # items are {"question", "context"}: answer text, character span, score
+            rows = self.task.question_rows(texts)
+            feats = self._features(rows)
+            out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
+                                      self.tokenizer.pad_token_id, self.device)
+            return self.task.answers(out, feats, self.info, rows)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return []
@@ -142,6 +161,12 @@ class TunedModel:
                 f"Text #{bad[0] + 1} to predict is {texts[bad[0]]!r}, not a string ({len(bad)} such in all). "
                 f"Give strings only; in a file, fill or remove rows whose text is empty or not text."
             )
+        if hasattr(self.task, "predict_texts"):  # entity spans, with offsets into the texts as given
+            max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
+                                                 getattr(self.cfg.method, "num_virtual_tokens", 0))
+            preds = self.task.predict_texts(self.model, self.tokenizer, texts, self.info, self.device, max_length,
+                                            batch_size or self.cfg.eval.batch_size)
+            return [{"text": t, **p} for t, p in zip(texts, preds)]
         feats = self._features([{"text": " ".join(str(t).split()), "label": None} for t in texts])
         out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
                                   self.tokenizer.pad_token_id, self.device)
@@ -161,6 +186,12 @@ class TunedModel:
                                    self.tokenizer.pad_token_id, self.device)
             return {**metrics, "dropped": {**entry["dropped"], **{k: v for k, v in stats.items()
                                                                  if k in ("dropped_too_long", "no_target")}}}
+        if hasattr(self.task, "read_labelled"):  # files whose rows are more than a text and a label (NER)
+            rows, entry = self.task.read_labelled(path, self.cfg, self.info)
+            feats, stats = self._features(rows, with_stats=True)
+            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
+                                   self.tokenizer.pad_token_id, self.device)
+            return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
         text_field = text_field or self.cfg.data.text_field
         label_field = label_field or self.cfg.data.label_field
         rows, dropped = clean_examples(read_examples(path, text_field, label_field, key="eval file"), dedupe=False)
@@ -187,5 +218,6 @@ def _read_run(run_dir: Path) -> tuple:
     return config_mod.load(run_dir / "config.yaml"), json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
 
 
-def load(run_dir: str | Path, device: str | None = None) -> TunedModel:
-    return TunedModel(run_dir, device)
+def load(run_dir: str | Path, device: str | None = None, task: str | None = None) -> TunedModel:
+    """A finished run, ready for predict / evaluate / generate; `task` picks one task of a multi-task run."""
+    return TunedModel(run_dir, device, task)

@@ -141,13 +141,29 @@ def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
     return flat
 
 
+def accumulate(batches: list[tuple[Job, dict]], owner=None) -> float:
+    """Backward of one optimizer step's loss, sum over jobs of weight_t * L_t, L_t being job t's summed loss over
+    its items in the step (all its micro-batches: accumulation == one big batch). Returns the loss value."""
+    from .. import methods
+
+    n_items: dict[str, int] = {}
+    for job, batch in batches:
+        n_items[job.name] = n_items.get(job.name, 0) + job.task.count(batch)
+    total = 0.0
+    for job, batch in batches:
+        if job.adapter:
+            methods.set_adapter(owner, job.adapter)
+        loss = job.weight * job.task.loss(job.model, batch) / max(n_items[job.name], 1)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
              log: Callable[[dict], None], sampling: str = "proportional", temperature: float = 1.0,
              owner=None) -> dict:
     """The loop. `model` holds every trainable parameter (one task's model, or a container of several sharing
     a body); each step's loss is sum over jobs of weight_t * (their summed loss / their item count in the step)."""
-    from .. import methods
-
     for j in jobs:
         if not j.train:
             raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty after "
@@ -197,18 +213,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         batches = [(jobs[i], {k: v.to(device) for k, v in jobs[i].task.collate([jobs[i].train[x] for x in c],
                                                                                   jobs[i].pad_id).items()})
                    for i, c in chunks]
-        # Normalise by each job's items in the whole accumulated batch, so accumulation == one big batch.
-        n_items: dict[str, int] = {}
-        for job, batch in batches:
-            n_items[job.name] = n_items.get(job.name, 0) + job.task.count(batch)
-        step_loss = 0.0
-        for job, batch in batches:
-            if job.adapter:
-                methods.set_adapter(owner, job.adapter)
-            loss = job.weight * job.task.loss(job.model, batch) / max(n_items[job.name], 1)
-            loss.backward()
-            step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+        step_loss = accumulate(batches, owner)
+        tokens += sum(int(batch["attention_mask"].sum()) for _, batch in batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lrs = {g["name"]: lr for g, lr in zip(groups, sched.get_last_lr())}
         lr = next((v for k, v in lrs.items() if k.startswith("body")), next(iter(lrs.values())))

@@ -1,0 +1,231 @@
+"""Multi-task runs (`tasks:` in the recipe): several tasks, each with its own data, head and loss weight, on one
+shared body, trained by the one loop (training/loop.py: `run_jobs`).
+
+The body is shared by reference: every task's model is built as a single-task run would build it, then its
+body's children (embeddings, encoder / layers, final norm) are replaced by the first task's, so one set of body
+weights serves all; heads (and a BERT pooler) stay each task's own. The method is applied to the first task's
+model and so to the shared children: one adapter for all tasks, or with `multitask.adapters: per_task` one
+named adapter per task (methods.named), switched before each task's batches.
+
+Run directory: what a single-task run writes, with `labels.json` = {"tasks": {name: info}}, and
+- adapter methods: the shared adapter in `adapter/` (or `adapters/<task>/` per task), every task's head in
+  `heads/<task>.safetensors`;
+- full / freeze: `tasks/<task>/model/`, a complete transformers model directory per task (the body is stored
+  once per task: simple to load anywhere, at the cost of disk).
+`tunelab.load(run_dir, task=name)` rebuilds one task for predict / eval / generate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import config as config_mod
+from . import data, evaluate, methods, models, tasks
+from .config import Config
+from .errors import TunelabError
+from .pipeline import (Run, check_run_dir, default_output_dir, dir_size_mb, encode_splits, make_run_dir,
+                       peak_memory_mb, resolve_paths, say, seed_everything, write_json)
+from .training import loop
+
+
+def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
+    """Point `model`'s body children at `owner`'s (weights shared by reference); its head stays its own."""
+    prefix, owner_body = models._body(owner)
+    other_prefix, body = models._body(model)
+    if type(body) is not type(owner_body):
+        raise TunelabError(f"Tasks of one multi-task run must share a body of one architecture, but "
+                           f"{type(owner).__name__} has a {type(owner_body).__name__} and {type(model).__name__} a "
+                           f"{type(body).__name__}. Use one model.path for all tasks (it is shared).")
+    for name, child in owner_body.named_children():
+        if f"{prefix}.{name}" in owner_head or f"{other_prefix}.{name}" in head:
+            continue  # e.g. BERT's pooler belongs to the classification head
+        if getattr(body, name, None) is not None:
+            setattr(body, name, child)
+
+
+def _head_file(run_dir: Path, name: str) -> Path:
+    return run_dir / "heads" / f"{name}.safetensors"
+
+
+def save_head(model: nn.Module, head: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{h}.{k}": t.detach().cpu().contiguous().clone()
+               for h in head for k, t in model.get_submodule(h).state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_head(model: nn.Module, head: list[str], path: Path) -> None:
+    saved = load_file(str(path))
+    expected = {f"{h}.{k}" for h in head for k in model.get_submodule(h).state_dict()}
+    if set(saved) != expected:
+        raise TunelabError(f"'{path}' does not hold this task's head ({len(saved)} tensors, expected {len(expected)}: "
+                           f"{sorted(expected)[:3]}...). Was the run's config.yaml edited? Re-run `tunelab train`.")
+    for h in head:
+        module = model.get_submodule(h)
+        module.load_state_dict({k[len(h) + 1:]: v for k, v in saved.items() if k.startswith(h + ".")})
+
+
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
+    t_start = time.perf_counter()
+    out_path = cfg.output_dir or default_output_dir(recipe_name)
+    check_run_dir(out_path, overwrite)
+    device = models.device_of(cfg.model)
+    seed_everything(cfg.train.seed)
+    bs = cfg.eval.batch_size
+
+    # Every task as a single-task run would read and encode it, then one body for all.
+    parts, reports = {}, {}
+    for spec in cfg.tasks:
+        sub = config_mod.single(cfg, spec.name)
+        task = tasks.get(sub.task.type)
+        say(f"== task {spec.name} ({sub.task.type}, weight {spec.weight:g})")
+        splits, report = task.load_splits(sub, cfg.train.seed)
+        say(data.format_report(report))
+        info = task.label_info(splits, sub)
+        model, tokenizer = task.build_model(cfg.model, info)
+        head = task.head_modules(model)
+        if parts:
+            first = next(iter(parts.values()))
+            share_body(first["model"], model, first["head"], head)
+        model.to(device)
+        feats, _ = encode_splits(sub, task, model, tokenizer, info, splits, report)
+        parts[spec.name] = {"task": task, "model": model, "tokenizer": tokenizer, "info": info, "head": head,
+                            "feats": feats, "weight": spec.weight}
+        reports[spec.name] = report
+
+    summary: dict = {"method": cfg.method.name, "task": "multitask", "tasks": {n: p["task"].__name__.rsplit(".", 1)[-1]
+                                                                              for n, p in parts.items()},
+                     "model": cfg.model.path}
+    if cfg.eval.base:
+        summary["base"] = {n: {split: evaluate.run(p["model"], p["task"], f, p["info"], bs, p["tokenizer"].pad_token_id, device)
+                               for split, f in p["feats"].items() if split != "train"} for n, p in parts.items()}
+
+    # The method on the first task's model reaches every task through the shared body children.
+    names = list(parts)
+    owner, owner_head = parts[names[0]]["model"], parts[names[0]]["head"]
+    per_task = cfg.multitask.adapters == "per_task"
+    if per_task:
+        owner = methods.named.record(owner, names[0], cfg.method.name, [],
+                                     lambda m: methods.get(cfg.method.name).apply(m, cfg.method, []))
+        for n in names[1:]:
+            owner = methods.add_adapter(owner, n, cfg.method, [])
+    else:
+        owner = methods.prepare(owner, cfg.method, owner_head)
+    for p in parts.values():  # every head trains in full (apply froze all but the first task's)
+        for h in p["head"]:
+            p["model"].get_submodule(h).requires_grad_(True)
+
+    # One module holding every trainable parameter; parked per-task adapters first, so that each parameter
+    # keeps one name whichever adapter is active.
+    store = {}
+    if per_task:
+        store["adapters"] = nn.ModuleDict({n: nn.ModuleList(m for _, m in e["modules"].values())
+                                           for n, e in methods.named._registry(owner)["adapters"].items()})
+    store["tasks"] = nn.ModuleDict({n: p["model"] for n, p in parts.items()})
+    container = nn.ModuleDict(store)
+    head_names = [f"tasks.{n}.{h}" for n, p in parts.items() for h in p["head"]]
+    trainable, total = models.count_params(container)
+    say(f"trainable: {trainable:,} / total: {total:,} ({100 * trainable / total:.4f}%) over {len(parts)} tasks")
+
+    run_dir = make_run_dir(out_path, overwrite)
+    cfg = resolve_paths(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    write_json(run_dir / "data_report.json", reports)
+    write_json(run_dir / "labels.json", {"tasks": {n: p["info"] for n, p in parts.items()}})
+
+    jobs = [loop.Job(n, p["task"], p["model"], p["feats"]["train"], p["feats"]["validation"], p["info"],
+                     p["tokenizer"].pad_token_id, p["weight"], n if per_task else None) for n, p in parts.items()]
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
+        def log(record: dict) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        result = loop.run_jobs(container, jobs, cfg.train, head_names, device, bs, log,
+                               cfg.multitask.sampling, cfg.multitask.temperature, owner=owner)
+        summary["eval"], summary["test"] = {}, {}
+        for n, p in parts.items():
+            if per_task:
+                methods.set_adapter(owner, n)
+            pad = p["tokenizer"].pad_token_id
+            summary["eval"][n] = evaluate.run(p["model"], p["task"], p["feats"]["validation"], p["info"], bs, pad, device)
+            if "test" in p["feats"]:
+                summary["test"][n] = evaluate.run(p["model"], p["task"], p["feats"]["test"], p["info"], bs, pad, device)
+                log({"type": "eval", "step": result["steps"], "split": "test", "task": n, **summary["test"][n]})
+
+    method = methods.get(cfg.method.name)
+    tokenizer = parts[names[0]]["tokenizer"]
+    if method.ARTIFACT == "model":
+        for n, p in parts.items():
+            out = run_dir / "tasks" / n / "model"
+            method.save(p["model"], out, cfg.model.path, p["head"])
+            p["tokenizer"].save_pretrained(out)
+    else:
+        for n, p in parts.items():
+            save_head(p["model"], p["head"], _head_file(run_dir, n))
+            # Heads are saved apart; frozen now, the method's save does not take the trained head parameters for
+            # base parameters it trained (LoRA's bias rule reads what trains outside the head).
+            for h in p["head"]:
+                p["model"].get_submodule(h).requires_grad_(False)
+        if per_task:
+            for n in names:
+                methods.named.save(owner, n, run_dir / "adapters" / n, cfg.model.path)
+                tokenizer.save_pretrained(run_dir / "adapters" / n)
+        else:
+            method.save(owner, run_dir / "adapter", cfg.model.path, [])
+            tokenizer.save_pretrained(run_dir / "adapter")
+
+    summary.update({
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+        "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(device), "steps": result["steps"],
+        "best_step": result["best_step"], "stopped_early": result["stopped_early"], "metric": result["best_metric"],
+        "artifact": "model" if method.ARTIFACT == "model" else ("adapters" if per_task else "adapter"),
+        "artifact_mb": sum(dir_size_mb(run_dir / d) for d in ("adapter", "adapters", "heads", "tasks") if (run_dir / d).is_dir()),
+        "wall_seconds": time.perf_counter() - t_start,
+        "sampling": cfg.multitask.sampling, "weights": {n: p["weight"] for n, p in parts.items()},
+    })
+    write_json(run_dir / "summary.json", summary)
+    say(headline(summary, parts))
+    return Run(run_dir.resolve(), summary)
+
+
+def headline(summary: dict, parts: dict) -> str:
+    lines = [f"{'task':14} {'split':11} {'metric':10} {'base':>8} {'tuned':>8}"]
+    for n, p in parts.items():
+        for split, key in (("validation", "eval"), ("test", "test")):
+            tuned = summary.get(key, {}).get(n)
+            if not tuned:
+                continue
+            for metric in p["task"].HEADLINE:
+                base = summary.get("base", {}).get(n, {}).get(split, {}).get(metric)
+                fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
+                lines.append(f"{n:14} {split:11} {metric:10} {fmt(base)} {fmt(tuned[metric])}")
+    lines.append(f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} "
+                 f"({summary['trainable_percent']:.2f}%), {summary['train_seconds']:.1f}s, "
+                 f"peak {summary['peak_memory_mb']:.0f} MB, saved {summary['artifact_mb']:.1f} MB")
+    return "\n".join(lines)
+
+
+def load_task(run_dir: Path, cfg: Config, infos: dict, name: str, device):
+    """(model, tokenizer, task module, info, single-task config) of task `name` of a multi-task run."""
+    if name not in infos:
+        raise TunelabError(f"The run '{run_dir}' has no task {name!r}; its tasks are: {', '.join(infos)}. "
+                           f"Pass one with --task.")
+    sub = config_mod.single(cfg, name)
+    task, info = tasks.get(sub.task.type), infos[name]
+    method = methods.get(cfg.method.name)
+    if method.ARTIFACT == "model":
+        model, tok = task.build_model(cfg.model, info, path=run_dir / "tasks" / name / "model")
+        return model.to(device).eval(), tok, task, info, sub
+    model, tok = task.build_model(cfg.model, info)
+    adapter = run_dir / ("adapters" if cfg.multitask.adapters == "per_task" else "adapter")
+    adapter = adapter / name if cfg.multitask.adapters == "per_task" else adapter
+    model = methods.named.record(model, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
+    head = task.head_modules(model)
+    load_head(model, head, _head_file(run_dir, name))
+    return model.to(device).eval(), tok, task, info, sub

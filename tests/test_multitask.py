@@ -1,0 +1,144 @@
+"""Multi-task runs: several tasks with their own data, heads and loss weights on one shared body; the
+combined gradient is the weighted sum; task sampling; per-task adapters; predicting for any task."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tunelab
+from tunelab import config, methods
+from tunelab.cli import app
+from tunelab.errors import TunelabError
+from tunelab.tasks import classification
+from tunelab.training import loop
+from conftest import make_rows, write_jsonl
+
+
+def _topic_rows(n, seed):
+    """A second labelled task on the same kind of text: does it talk about the film or the story?"""
+    rows = make_rows(n, seed=seed)
+    return [{"text": r["text"], "label": "film" if ("film" in r["text"] or "movie" in r["text"]) else "other"} for r in rows]
+
+
+def _recipe(tmp_path, model_path, method="lora", **extra):
+    files = {"sentiment": write_jsonl(tmp_path / "sent.jsonl", make_rows(160, seed=1)),
+             "topic": write_jsonl(tmp_path / "topic.jsonl", _topic_rows(120, seed=2))}
+    tree = {"model": {"path": str(model_path)}, "method": {"name": method},
+            "tasks": [{"name": "sentiment", "weight": 1.0, "data": {"train": str(files["sentiment"])}},
+                      {"name": "topic", "weight": 0.5, "data": {"train": str(files["topic"])}}],
+            "train": {"max_steps": 24, "lr": 5e-3, "batch_size": 8, "eval_every": 12},
+            "eval": {"linear_probe": False, "samples": 1}, "output_dir": str(tmp_path / "run")}
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        tree.setdefault(section, {})[name] = value
+    return config.validate(tree)
+
+
+def test_the_combined_gradient_is_the_weighted_sum_of_the_task_gradients(tiny_bert, tmp_path):
+    cfg = _recipe(tmp_path, tiny_bert, method="full")
+    info_a, info_b = {"labels": ["neg", "pos"]}, {"labels": ["film", "other"]}
+    torch.manual_seed(0)
+    a, tok = classification.build_model(cfg.model, info_a)
+    b, _ = classification.build_model(cfg.model, info_b)
+    from tunelab.multitask import share_body
+    share_body(a, b, classification.head_modules(a), classification.head_modules(b))
+    feats_a, _ = classification.encode(make_rows(6, seed=3), tok, info_a, 32)
+    feats_b, _ = classification.encode(_topic_rows(6, seed=4), tok, info_b, 32)
+    # eval(): no dropout, so both computations see the same function
+    jobs = [loop.Job("a", classification, a.eval(), feats_a, [], info_a, tok.pad_token_id, weight=0.7),
+            loop.Job("b", classification, b.eval(), feats_b, [], info_b, tok.pad_token_id, weight=0.3)]
+    batches = [(jobs[0], classification.collate(feats_a[:3], tok.pad_token_id)),
+               (jobs[1], classification.collate(feats_b, tok.pad_token_id)),
+               (jobs[0], classification.collate(feats_a[3:], tok.pad_token_id))]
+    params = {id(p): p for p in list(a.parameters()) + list(b.parameters())}.values()
+    for p in params:
+        p.grad = None
+    loop.accumulate(batches)
+    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    for p in params:
+        p.grad = None
+    by_hand = 0.7 * classification.loss(a, classification.collate(feats_a, tok.pad_token_id)) / 6 \
+        + 0.3 * classification.loss(b, classification.collate(feats_b, tok.pad_token_id)) / 6
+    by_hand.backward()
+    want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    assert a.bert.encoder is b.bert.encoder and a.classifier is not b.classifier
+
+
+@pytest.mark.parametrize("sampling,expected", [("proportional", {0: 0.75, 1: 0.25}), ("uniform", {0: 0.5, 1: 0.5}),
+                                               ("temperature", {0: 3 ** 0.5 / (3 ** 0.5 + 1), 1: 1 / (3 ** 0.5 + 1)})])
+def test_task_sampling_follows_the_strategy_and_is_seeded(sampling, expected):
+    jobs = [loop.Job(n, classification, None, [{"input_ids": [1]}] * size, [], {}, 0)
+            for n, size in (("a", 300), ("b", 100))]
+    cfg = config.validate({"model": {"path": "m"}, "data": {"train": "x"}, "train": {"batch_size": 4, "grad_accum": 2}}).train
+    draws = [i for _, step, _ in (next(s) for s in [loop.mixed_stream(jobs, cfg, sampling, 2.0)] * 2000) for i, _ in step]
+    counts = Counter(draws)
+    for i, share in expected.items():
+        assert counts[i] / len(draws) == pytest.approx(share, abs=0.03)
+    again = [i for _, step, _ in (next(s) for s in [loop.mixed_stream(jobs, cfg, sampling, 2.0)] * 2000) for i, _ in step]
+    assert again == draws
+
+
+def test_round_robin_alternates_and_every_task_walks_its_own_epochs():
+    jobs = [loop.Job(n, classification, None, [{"input_ids": [1]}] * size, [], {}, 0) for n, size in (("a", 12), ("b", 8))]
+    cfg = config.validate({"model": {"path": "m"}, "data": {"train": "x"}, "train": {"batch_size": 4}}).train
+    stream = loop.mixed_stream(jobs, cfg, "round_robin")
+    steps = [next(stream) for _ in range(10)]
+    assert [step[0][0] for _, step, _ in steps] == [0, 1] * 5
+    seen_a = sorted(i for _, step, _ in steps[:6:2] for j, c in step if j == 0 for i in c)
+    assert seen_a == list(range(12))  # three batches of 4 = one epoch of task a
+    assert [end for _, _, end in steps].index(True) == 4  # (3 + 2) micro-batches make one epoch
+
+
+@pytest.mark.parametrize("method,adapters", [("lora", "shared"), ("lora", "per_task"), ("full", "shared")])
+def test_a_multitask_run_trains_both_heads_and_predicts_for_each_task(tiny_bert, tmp_path, method, adapters):
+    cfg = _recipe(tmp_path, tiny_bert, method, multitask__adapters=adapters, multitask__sampling="round_robin")
+    run = tunelab.pipeline.train(cfg)
+    s = run.summary
+    assert set(s["eval"]) == {"sentiment", "topic"} and "score" in s["metric"]
+    for name in ("sentiment", "topic"):
+        assert s["eval"][name]["accuracy"] > s["base"][name]["validation"]["accuracy"] - 0.05
+    evals = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert "sentiment/accuracy" in evals[0] and "topic/accuracy" in evals[0]
+    assert json.loads((run.dir / "labels.json").read_text())["tasks"]["topic"]["labels"] == ["film", "other"]
+
+    for name, labels in (("sentiment", {"neg", "pos"}), ("topic", {"film", "other"})):
+        model = tunelab.load(run.dir, task=name)
+        pred = model.predict(["the film was great"])[0]
+        assert pred["label"] in labels
+        assert model.evaluate(cfg.tasks[0 if name == "sentiment" else 1].data.train)["accuracy"] == \
+            pytest.approx(s["eval"][name]["accuracy"], abs=0.2)
+    res = CliRunner().invoke(app, ["predict", str(run.dir), "--task", "topic", "--text", "a dull film"])
+    assert res.exit_code == 0 and json.loads(res.output)["label"] in {"film", "other"}
+    with pytest.raises(TunelabError, match="multi-task run; say which task.*sentiment, topic"):
+        tunelab.load(run.dir)
+
+
+def test_per_task_adapters_are_distinct(tiny_bert, tmp_path):
+    cfg = _recipe(tmp_path, tiny_bert, "lora", multitask__adapters="per_task")
+    run = tunelab.pipeline.train(cfg)
+    from safetensors.torch import load_file
+    a = load_file(str(run.dir / "adapters" / "sentiment" / "adapter_model.safetensors"))
+    b = load_file(str(run.dir / "adapters" / "topic" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t["tasks"].append(dict(t["tasks"][0])), "task names must be unique, 'a' appears more than once"),
+    (lambda t: t["tasks"][0].update(weight=0), r"tasks.0.weight' = 0: Input should be greater than 0"),
+    (lambda t: t.update(data={"train": "x.jsonl"}), "either `data` \\(one task\\) or `tasks`"),
+    (lambda t: t["method"].update(name="prompt"), "not supported for multi-task"),
+])
+def test_bad_multitask_configs_say_what_to_fix(change, message):
+    tree = {"model": {"path": "m"}, "method": {"name": "lora"},
+            "tasks": [{"name": "a", "data": {"train": "a.jsonl"}}, {"name": "b", "data": {"train": "b.jsonl"}}]}
+    change(tree)
+    with pytest.raises(TunelabError, match=message):
+        config.validate(tree)
