@@ -239,7 +239,16 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (never applied to biases and norms).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps of linear warmup.")
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps; overrides warmup_ratio.")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    scheduler: Literal["linear", "cosine", "constant", "inverse_sqrt"] = Field(
+        "linear", description="After warmup: linear or cosine decay to 0, constant, or inverse_sqrt (lr * sqrt(warmup / step)).")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise LR decay: block i of L gets lr * decay ** (L - 1 - i) (the top block lr), "
+                                      "embeddings lr * decay ** L, parameters after the blocks lr, the head head_lr.")
+    plateau_factor: float | None = Field(
+        None, gt=0, lt=1, description="Lower the LR when validation stops improving: multiply it by this after "
+                                      "plateau_patience evaluations without improvement (on top of warmup and schedule).")
+    plateau_patience: int = Field(1, ge=1, description="Evaluations without improvement before the LR is lowered.")
+    min_lr: float = Field(0.0, ge=0, description="The plateau rule never takes the LR below this.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; empty disables clipping.")
     eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N optimizer steps, or each 'epoch'.")
     log_every: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")

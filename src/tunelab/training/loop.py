@@ -179,6 +179,11 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                           "params": sum(p.numel() for p in g["params"])} for g in groups]})
 
+    optimized = {id(p) for g in groups for p in g["params"]}  # the best state covers what the optimizer may change
+    plateau_bad = 0
+    if cfg.layer_lr_decay:
+        print("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups if not g["name"].endswith("_no_decay")),
+              flush=True)
     stream = mixed_stream(jobs, cfg, sampling, temperature)
     best = {"value": None, "step": 0, "state": None, "metrics": None}
     bad_evals, tokens, train_seconds, running = 0, 0, 0.0, []
@@ -187,7 +192,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     def evaluate_now(step: int, epoch: float) -> bool:
         """Evaluate, keep the best trainable state; True when patience has run out."""
-        nonlocal bad_evals
+        nonlocal bad_evals, plateau_bad
         metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
         if metric not in metrics:
             raise TunelabError(f"train.metric='{metric}' is not among the validation metrics ({', '.join(metrics)}).")
@@ -196,11 +201,21 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         improved = not math.isnan(value) and (best["value"] is None or (value > best["value"] if greater else value < best["value"]))
         if improved:
             best.update(value=value, step=step, metrics=metrics,
-                        state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-            bad_evals = 0
+                        state={n: p.detach().clone() for n, p in model.named_parameters() if id(p) in optimized})
+            bad_evals = plateau_bad = 0
         else:
             bad_evals += 1
+            plateau_bad += 1
         log({"type": "eval", "step": step, "epoch": round(epoch, 4), "split": "validation", "improved": improved, **metrics})
+        if cfg.plateau_factor and plateau_bad >= cfg.plateau_patience:
+            plateau = sched.plateau
+            lowered = max(plateau["scale"] * cfg.plateau_factor, cfg.min_lr / cfg.lr)
+            if lowered < plateau["scale"]:
+                for g in opt.param_groups:  # at once, not from the scheduler's next step
+                    g["lr"] *= lowered / plateau["scale"]
+                plateau["scale"], plateau_bad = lowered, 0
+                log({"type": "plateau", "step": step, "lr_scale": lowered})
+                bar.write(f"step {step}: no improvement in {cfg.plateau_patience} evaluations, LR x{lowered:.3g} from now on")
         best_so_far = "best" if improved else f"best {best['value'] if best['value'] is not None else float('nan'):.4f} at step {best['step']}"
         bar.write(f"step {step}: validation {metric}={value:.4f} ({best_so_far})")
         return cfg.patience is not None and bad_evals >= cfg.patience
@@ -216,8 +231,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         step_loss = accumulate(batches, owner)
         tokens += sum(int(batch["attention_mask"].sum()) for _, batch in batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-        lrs = {g["name"]: lr for g, lr in zip(groups, sched.get_last_lr())}
-        lr = next((v for k, v in lrs.items() if k.startswith("body")), next(iter(lrs.values())))
+        lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
+        lr = max((v for k, v in lrs.items() if not k.startswith("head")), default=next(iter(lrs.values())))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
