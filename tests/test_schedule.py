@@ -59,3 +59,35 @@ def test_the_lr_is_lowered_after_patience_evaluations_without_improvement(tiny_b
     assert plateaus[-1]["lr_scale"] >= 0.2 - 1e-12  # never below min_lr / lr
     lrs = [r["lr"] for r in records if r["type"] == "train"]
     assert lrs[-1] == pytest.approx(1e-9 * plateaus[-1]["lr_scale"])
+
+
+def test_gradual_unfreezing_opens_one_block_per_stage_from_the_top(tiny_bert, tmp_path):
+    import json
+
+    import tunelab
+    from conftest import write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(80, seed=2))
+    run = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "method.name=freeze",
+                               "method.freeze_layers=all", "train.unfreeze=gradual", "train.unfreeze_every=2",
+                               "train.max_steps=6", "train.lr=1e-2", "train.batch_size=8", "eval.linear_probe=false",
+                               f"output_dir={tmp_path / 'run'}"])
+    records = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    stages = [(r["step"], r["unfrozen"], r["still_frozen"]) for r in records if r["type"] == "unfreeze"]
+    assert stages == [(2, "block_1", ["block_0"]), (4, "block_0", [])]
+    # what trained: both blocks (they are in the saved model and moved from the base), embeddings never
+    from transformers import AutoModelForSequenceClassification
+    tuned = AutoModelForSequenceClassification.from_pretrained(run.dir / "model")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    changed = lambda prefix: any(not torch.equal(p, base.state_dict()[n]) for n, p in tuned.state_dict().items()
+                                 if n.startswith(prefix))
+    assert changed("bert.encoder.layer.1.") and changed("bert.encoder.layer.0.")
+    assert not changed("bert.embeddings.")
+
+
+def test_gradual_unfreezing_needs_the_freeze_method():
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match="train.unfreeze=gradual unfreezes the blocks"):
+        config.validate({"model": {"path": "m"}, "data": {"train": "x"}, "method": {"name": "lora"},
+                         "train": {"unfreeze": "gradual"}})

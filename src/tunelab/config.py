@@ -249,6 +249,10 @@ class TrainConfig(_Section):
                                       "plateau_patience evaluations without improvement (on top of warmup and schedule).")
     plateau_patience: int = Field(1, ge=1, description="Evaluations without improvement before the LR is lowered.")
     min_lr: float = Field(0.0, ge=0, description="The plateau rule never takes the LR below this.")
+    unfreeze: Literal["none", "gradual"] = Field(
+        "none", description="With method.name=freeze: 'gradual' unfreezes the frozen blocks one at a time from the top "
+                            "(ULMFiT), every train.unfreeze_every steps or each epoch.")
+    unfreeze_every: int | Literal["epoch"] = Field("epoch", description="Steps between two unfreezing stages, or 'epoch'.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; empty disables clipping.")
     eval_every: int | Literal["epoch"] = Field("epoch", description="Evaluate every N optimizer steps, or each 'epoch'.")
     log_every: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
@@ -410,6 +414,10 @@ def single(cfg: Config, name: str) -> Config:
 
 
 def _check_single(cfg: Config, source: str) -> Config:
+    if cfg.train.unfreeze == "gradual" and cfg.method.name != "freeze":
+        raise TunelabError(f"Invalid config in {source}: train.unfreeze=gradual unfreezes the blocks that "
+                           f"method.name=freeze froze; set method.name=freeze (with method.freeze_layers), or "
+                           f"train.unfreeze=none.")
     if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")

@@ -82,7 +82,12 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-        result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs, log)
+        stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
+        if stages:
+            say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
+                f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
+        result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
+                          log, stages)
         summary["eval"] = evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
         if "test" in feats:
             summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)

@@ -31,3 +31,17 @@ def apply(model, cfg, head: list[str]):
         for name in names:
             params[name].requires_grad_(group not in frozen)
     return model
+
+
+def unfreeze_stages(model) -> list[tuple[str, list[str]]]:
+    """Gradual unfreezing (ULMFiT): the frozen block groups, from the top down, each with its parameter names.
+    The final norms ("top") come with the highest block; the embeddings stay as the method left them."""
+    groups = parameter_groups(model)
+    params = dict(model.named_parameters())
+    frozen = sorted((int(g.split("_")[1]) for g, names in groups.items()
+                     if g.startswith("block_") and names and not params[names[0]].requires_grad), reverse=True)
+    stages = [(f"block_{i}", list(groups[f"block_{i}"])) for i in frozen]
+    top = [n for n in groups["top"] if not params[n].requires_grad]
+    if stages and top:
+        stages[0] = (stages[0][0], stages[0][1] + top)
+    return stages

@@ -79,10 +79,11 @@ class Job:
 
 
 def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg: TrainConfig, head: list[str],
-        pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None]) -> dict:
+        pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None],
+        unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
     """Train one task: `run_jobs` with a single job of weight 1."""
     return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id)], cfg, head, device,
-                    eval_batch_size, log)
+                    eval_batch_size, log, unfreeze=unfreeze)
 
 
 def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportional", temperature: float = 1.0):
@@ -161,9 +162,11 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None) -> float:
 
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
              log: Callable[[dict], None], sampling: str = "proportional", temperature: float = 1.0,
-             owner=None) -> dict:
+             owner=None, unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
     """The loop. `model` holds every trainable parameter (one task's model, or a container of several sharing
-    a body); each step's loss is sum over jobs of weight_t * (their summed loss / their item count in the step)."""
+    a body); each step's loss is sum over jobs of weight_t * (their summed loss / their item count in the step).
+    `unfreeze`: (label, parameter names) stages made trainable one at a time (gradual unfreezing); they are in the
+    optimizer from the start, and AdamW keeps no state for them and leaves them alone until they get gradients."""
     for j in jobs:
         if not j.train:
             raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty after "
@@ -174,7 +177,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     else:
         metric, greater = (cfg.metric, cfg.metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER) if cfg.metric != "auto" \
             else ("score", True)
-    opt, sched, groups = optim.build(model, head, cfg, total_steps)
+    stages = list(unfreeze)
+    opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
     trainable = [p for g in groups for p in g["params"]]
     log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                           "params": sum(p.numel() for p in g["params"])} for g in groups]})
@@ -249,6 +253,13 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
             if bar.disable:  # no terminal (CI, nohup, a pipe): a plain line stands in for the bar
                 eta = train_seconds / step * (total_steps - step)
                 print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
+        if stages and (epoch_end if cfg.unfreeze_every == "epoch" else step % cfg.unfreeze_every == 0):
+            label, names = stages.pop(0)
+            params = dict(model.named_parameters())
+            for name in names:
+                params[name].requires_grad_(True)
+            log({"type": "unfreeze", "step": step, "unfrozen": label, "still_frozen": [s[0] for s in stages]})
+            bar.write(f"step {step}: unfroze {label}" + (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
         due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
         if due or step == total_steps:
             last_eval = step
