@@ -91,3 +91,38 @@ def test_gradual_unfreezing_needs_the_freeze_method():
     with pytest.raises(TunelabError, match="train.unfreeze=gradual unfreezes the blocks"):
         config.validate({"model": {"path": "m"}, "data": {"train": "x"}, "method": {"name": "lora"},
                          "train": {"unfreeze": "gradual"}})
+
+
+def test_dropout_overrides_reach_the_loaded_model(tiny_bert):
+    cfg_model = config.validate({"model": {"path": str(tiny_bert), "hidden_dropout": 0.3, "attention_dropout": 0.2,
+                                           "classifier_dropout": 0.4}, "data": {"train": "x"}}).model
+    model, _ = classification.build_model(cfg_model, INFO)
+    assert model.config.hidden_dropout_prob == 0.3 and model.config.attention_probs_dropout_prob == 0.2
+    assert model.dropout.p == 0.4 and model.bert.embeddings.dropout.p == 0.3
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy(tiny_bert):
+    cfg_model = config.validate({"model": {"path": str(tiny_bert)}, "data": {"train": "x"}}).model
+    torch.manual_seed(0)
+    model, tok = classification.build_model(cfg_model, INFO)
+    feats, _ = classification.encode(make_rows(8, seed=1), tok, INFO, 32)
+    batch = classification.collate(feats, tok.pad_token_id)
+    with torch.no_grad():
+        logp = classification.forward(model.eval(), batch).log_softmax(-1)
+        smoothed = -(0.9 * logp.gather(1, batch["labels"][:, None]).squeeze(1) + 0.1 * logp.mean(-1)).sum()
+        torch.testing.assert_close(classification.loss(model, batch, label_smoothing=0.1), smoothed)
+
+
+def test_ema_weights_are_what_evaluation_and_the_best_state_use(tiny_bert):
+    cfg_model = config.validate({"model": {"path": str(tiny_bert)}, "data": {"train": "x"}}).model
+    results = {}
+    for ema in (None, 0.999999):
+        torch.manual_seed(0)
+        model, tok = classification.build_model(cfg_model, INFO)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        feats, _ = classification.encode(make_rows(32, seed=1), tok, INFO, 32)
+        cfg = _train_cfg(lr=5e-2, batch_size=8, max_steps=4, eval_every=4, ema_decay=ema)
+        loop.run(model, classification, feats, feats[:8], INFO, cfg, models.head_modules(model), tok.pad_token_id,
+                 torch.device("cpu"), 8, lambda r: None)
+        results[ema] = max((p - start[n]).abs().max().item() for n, p in model.named_parameters())
+    assert results[None] > 1e-2 and results[0.999999] < 1e-4  # the average has barely left the start

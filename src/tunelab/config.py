@@ -27,6 +27,12 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model dir; off unless you trust it.")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's hidden / residual dropout "
+                                         "(hidden_dropout_prob, resid_pdrop, dropout, ...: whichever its config has).")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's attention dropout "
+                                            "(attention_probs_dropout_prob, attn_pdrop, attention_dropout).")
+    classifier_dropout: float | None = Field(None, ge=0, lt=1, description="Override the dropout before the "
+                                             "classification head (classifier_dropout, summary_first_dropout).")
 
 
 class DataConfig(_Section):
@@ -249,6 +255,10 @@ class TrainConfig(_Section):
                                       "plateau_patience evaluations without improvement (on top of warmup and schedule).")
     plateau_patience: int = Field(1, ge=1, description="Evaluations without improvement before the LR is lowered.")
     min_lr: float = Field(0.0, ge=0, description="The plateau rule never takes the LR below this.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Classification: cross-entropy against labels "
+                                                               "smoothed by this much (0 = one-hot).")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the trained "
+                                    "weights (e.g. 0.999); evaluation, best checkpoint and the saved model use it.")
     unfreeze: Literal["none", "gradual"] = Field(
         "none", description="With method.name=freeze: 'gradual' unfreezes the frozen blocks one at a time from the top "
                             "(ULMFiT), every train.unfreeze_every steps or each epoch.")
@@ -414,6 +424,9 @@ def single(cfg: Config, name: str) -> Config:
 
 
 def _check_single(cfg: Config, source: str) -> Config:
+    if cfg.train.label_smoothing and cfg.task.type != "classification":
+        raise TunelabError(f"Invalid config in {source}: train.label_smoothing applies to task.type classification, "
+                           f"not {cfg.task.type}; remove it.")
     if cfg.train.unfreeze == "gradual" and cfg.method.name != "freeze":
         raise TunelabError(f"Invalid config in {source}: train.unfreeze=gradual unfreezes the blocks that "
                            f"method.name=freeze froze; set method.name=freeze (with method.freeze_layers), or "

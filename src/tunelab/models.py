@@ -92,9 +92,36 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+# model.*_dropout -> the config attributes that mean it, across architectures (BERT, GPT-2, Llama, DistilBERT, ...)
+DROPOUT_NAMES = {
+    "hidden_dropout": ("hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout"),
+    "classifier_dropout": ("classifier_dropout", "summary_first_dropout", "seq_classif_dropout"),
+}
+
+
+def dropout_overrides(cfg: ModelConfig, path: str | Path) -> dict:
+    """from_pretrained keyword arguments for the model.*_dropout keys, named as this model's config names them."""
+    wanted = {k: getattr(cfg, k) for k in DROPOUT_NAMES if getattr(cfg, k, None) is not None}
+    if not wanted:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    out = {}
+    for key, value in wanted.items():
+        names = [n for n in DROPOUT_NAMES[key] if hasattr(config, n)]
+        if not names and key != "classifier_dropout":  # BERT's classifier_dropout may be absent: None means hidden
+            raise TunelabError(f"model.{key}={value}: the config of '{path}' ({type(config).__name__}) has none of "
+                               f"{', '.join(DROPOUT_NAMES[key])}; remove model.{key} for this model.")
+        out.update(dict.fromkeys(names or ["classifier_dropout"], value))
+    return out
+
+
 def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_kwargs):
     """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification)."""
     path = check_model_dir(path or cfg.path)
+    model_kwargs = {**dropout_overrides(cfg, path), **model_kwargs}
     tok = load_tokenizer(path, cfg.trust_remote_code)
     # Head weights absent from a base checkpoint are expected; keep transformers' load report quiet.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -98,9 +98,10 @@ def forward(model, batch) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
     """Loss summed over the batch; the loop divides by `count` over the whole accumulated batch."""
-    return F.cross_entropy(forward(model, batch).float(), batch["labels"], reduction="sum")
+    return F.cross_entropy(forward(model, batch).float(), batch["labels"], reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 def count(batch) -> int:

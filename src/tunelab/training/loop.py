@@ -76,14 +76,16 @@ class Job:
     pad_id: int
     weight: float = 1.0
     adapter: str | None = None
+    loss_options: dict | None = None  # keyword arguments of task.loss, e.g. label_smoothing
 
 
 def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg: TrainConfig, head: list[str],
         pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None],
         unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
     """Train one task: `run_jobs` with a single job of weight 1."""
-    return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id)], cfg, head, device,
-                    eval_batch_size, log, unfreeze=unfreeze)
+    options = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else None
+    return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id, loss_options=options)], cfg,
+                    head, device, eval_batch_size, log, unfreeze=unfreeze)
 
 
 def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportional", temperature: float = 1.0):
@@ -154,7 +156,7 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None) -> float:
     for job, batch in batches:
         if job.adapter:
             methods.set_adapter(owner, job.adapter)
-        loss = job.weight * job.task.loss(job.model, batch) / max(n_items[job.name], 1)
+        loss = job.weight * job.task.loss(job.model, batch, **(job.loss_options or {})) / max(n_items[job.name], 1)
         loss.backward()
         total += loss.item()
     return total
@@ -194,8 +196,29 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     stopped_early = False
     bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
+    # EMA of the weights (train.ema_decay): evaluation and the best state use the average, training the raw weights.
+    live = [p for n, p in model.named_parameters() if id(p) in optimized]
+    ema = [p.detach().clone() for p in live] if cfg.ema_decay else None
+
+    def swap_ema() -> None:
+        with torch.no_grad():
+            for p, e in zip(live, ema):
+                tmp = p.detach().clone()
+                p.copy_(e)
+                e.copy_(tmp)
+
     def evaluate_now(step: int, epoch: float) -> bool:
         """Evaluate, keep the best trainable state; True when patience has run out."""
+        nonlocal bad_evals, plateau_bad
+        if ema:
+            swap_ema()  # the average in the model, the raw weights kept aside
+        try:
+            return _evaluate_now(step, epoch)
+        finally:
+            if ema:
+                swap_ema()
+
+    def _evaluate_now(step: int, epoch: float) -> bool:
         nonlocal bad_evals, plateau_bad
         metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
         if metric not in metrics:
@@ -240,6 +263,10 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if ema:
+            with torch.no_grad():
+                for p, e in zip(live, ema):
+                    e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         train_seconds += time.perf_counter() - t0
 
         running.append(step_loss)
