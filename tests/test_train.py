@@ -78,10 +78,12 @@ def _loop(model_dir: Path, rows: list[dict], opt_kind: str, monkeypatch, **train
         # a wrong normalisation (e.g. a mean per micro-batch instead of per optimizer step).
         real_build = optim.build
 
-        def sgd_build(model, head, cfg, total_steps):
-            _, _, groups = real_build(model, head, cfg, total_steps)
+        def sgd_build(model, head, cfg, total_steps, extra=()):
+            _, _, groups = real_build(model, head, cfg, total_steps, extra)
             opt = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]} for g in groups])
-            return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), groups
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+            sched.plateau = {"scale": 1.0}
+            return opt, sched, groups
 
         monkeypatch.setattr(loop.optim, "build", sgd_build)
     torch.manual_seed(0)
