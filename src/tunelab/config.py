@@ -51,6 +51,13 @@ class DataConfig(_Section):
     truncation: Literal["cut", "drop"] = Field(
         "cut", description="sft examples longer than data.max_length: 'cut' prompt tokens from the left (then the response "
                            "from the right if it alone is too long), or 'drop' the example. Counted in the data report.")
+    augment_copies: int = Field(0, ge=0, description="Classification: altered copies added per training example "
+                                                   "(EDA; train split only, seeded; counted in the data report).")
+    augment_ops: list[Literal["delete", "swap", "insert", "synonym"]] = Field(
+        ["delete", "swap", "insert", "synonym"], min_length=1,
+        description="Operations each copy draws from: random deletion, swap, insertion of an in-sentence word, "
+                    "synonym replacement (nearest words in the model's embedding table).")
+    augment_rate: float = Field(0.1, gt=0, le=0.5, description="Fraction of a text's words each operation changes (at least one).")
     packing: bool = Field(False, description="sft / causal_lm: concatenate training examples into rows of data.max_length "
                                              "tokens; each example attends only to itself and keeps its own positions.")
 
@@ -424,6 +431,9 @@ def single(cfg: Config, name: str) -> Config:
 
 
 def _check_single(cfg: Config, source: str) -> Config:
+    if cfg.data.augment_copies and cfg.task.type != "classification":
+        raise TunelabError(f"Invalid config in {source}: data.augment_copies applies to task.type classification "
+                           f"(word-level edits would break {cfg.task.type} labels); remove it.")
     if cfg.train.label_smoothing and cfg.task.type != "classification":
         raise TunelabError(f"Invalid config in {source}: train.label_smoothing applies to task.type classification, "
                            f"not {cfg.task.type}; remove it.")

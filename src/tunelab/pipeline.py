@@ -20,6 +20,7 @@ import torch
 from . import config as config_mod
 from . import data, evaluate, methods, models, tasks
 from .config import Config
+from .data import augment
 from .errors import TunelabError
 from .evaluate import probe
 from .training import loop
@@ -51,6 +52,10 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     info = task.label_info(splits, cfg)
     model, tokenizer = task.build_model(cfg.model, info)
     model.to(device)
+    if cfg.data.augment_copies:
+        splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
+            splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
+        say(f"augmentation: {report['splits']['train']['augmented']}")
     feats, max_length = encode_splits(cfg, task, model, tokenizer, info, splits, report)
     held_out = {name: f for name, f in feats.items() if name != "train"}
     pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
