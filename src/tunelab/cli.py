@@ -41,16 +41,27 @@ def predict(
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Prediction batch size."),
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
+    question: Optional[str] = typer.Option(None, "--question", help="qa runs: a question to answer from --context."),
+    context: Optional[str] = typer.Option(None, "--context", help="qa runs: the passage the answer is taken from."),
 ):
-    """Label texts with a trained run: labels and per-class probabilities."""
+    """Label texts with a trained run: labels and per-class probabilities (qa runs: answer spans)."""
     import tunelab
     from .data.sources import read_examples
 
+    if question is not None or context is not None:
+        if question is None or context is None or file is not None or text:
+            raise TunelabError("--question and --context go together, without FILE or --text: `tunelab predict RUN "
+                               "--question 'Where was Ada born?' --context 'Ada was born in Leeds.'`.")
+        text = [{"question": question, "context": context}]
     if (file is None) == (not text):
         raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
     if output is not None and output.exists() and not overwrite:
         raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
     model = tunelab.load(run_dir, task=task)
+    if file is not None and model.cfg.task.type == "qa":  # SQuAD JSON or rows with question and context
+        from .data import squad
+
+        text = squad.read(str(file), "predict file", dedupe=False, need_answers=False)[0]
     texts = text or [r["text"] for r in read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file")]
     preds = model.predict(texts, batch_size)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
@@ -59,6 +70,20 @@ def predict(
     else:
         write_output(output, lines, "--output")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
+
+
+@app.command()
+def cv(
+    recipe: Path = typer.Argument(..., help="YAML recipe of a classification run."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides."),
+    folds: int = typer.Option(5, "--folds", min=2, help="Number of stratified folds."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Also score the fold models' averaged probabilities on data.test."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier cross-validation in output_dir."),
+):
+    """k-fold cross-validation: one run per fold, mean ± std of every metric in cv_summary.json."""
+    from . import cv as cv_mod
+
+    cv_mod.run(recipe, overrides or [], folds, overwrite, ensemble, echo=typer.echo)
 
 
 @app.command()

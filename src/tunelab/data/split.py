@@ -37,3 +37,21 @@ def stratified_split(examples: list[dict], val_fraction: float, seed: int) -> tu
     train = [ex for i, ex in enumerate(examples) if i not in held_out]
     validation = [ex for i, ex in enumerate(examples) if i in held_out]
     return train, validation
+
+
+def stratified_folds(examples: list[dict], k: int, seed: int) -> list[list[int]]:
+    """k disjoint folds covering every example (indices, input order kept within a fold); each class is dealt
+    round-robin over the folds after a seeded shuffle, so every fold has about 1/k of every class."""
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_class[canonical_label(ex["label"])].append(i)
+    rng = random.Random(seed)
+    folds: list[list[int]] = [[] for _ in range(k)]
+    start = 0  # continue dealing where the previous class stopped: fold sizes differ by at most one
+    for label in sorted(by_class, key=label_sort_key):
+        indices = list(by_class[label])
+        rng.shuffle(indices)
+        for j, i in enumerate(indices):
+            folds[(start + j) % k].append(i)
+        start = (start + len(indices)) % k
+    return [sorted(f) for f in folds]
