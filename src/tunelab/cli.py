@@ -87,6 +87,20 @@ def cv(
 
 
 @app.command()
+def sweep(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides."),
+    space: Path = typer.Option(..., "--space", help="YAML search space: key: {low, high[, log]} or {choices: [...]}."),
+    trials: int = typer.Option(10, "--trials", min=1, help="Number of trials."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier sweep in output_dir."),
+):
+    """Hyperparameter search with Optuna (TPE, median pruning on validation); best config saved as best.yaml."""
+    from . import sweep as sweep_mod
+
+    sweep_mod.run(recipe, overrides or [], space, trials, overwrite, echo=typer.echo)
+
+
+@app.command()
 def generate(
     source: Path = typer.Argument(..., help="An sft / causal_lm run directory, or a plain model dir (e.g. a merged export)."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A user message to answer (repeatable)."),

@@ -34,7 +34,8 @@ class Run:
     summary: dict
 
 
-def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eval=None) -> Run:
+    """`on_eval(record)` is called with every validation record (a sweep's pruner listens there)."""
     if cfg.tasks is not None:
         from .multitask import train as train_multitask
 
@@ -86,6 +87,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
         def log(record: dict) -> None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
+                on_eval(record)
 
         stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
         if stages:
