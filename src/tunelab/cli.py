@@ -211,10 +211,17 @@ def write_output(path: Path, text: str, option: str) -> None:
 
 
 def format_metrics(m: dict) -> str:
-    lines = [f"examples {m.get('examples')}  accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}",
-             f"{'label':20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
-    for name, c in m.get("per_class", {}).items():
-        lines.append(f"{name[:20]:20} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c['support']:8d}")
+    """Every scalar metric on one line, then per-class / per-type rows where the task has them."""
+    scalars = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    lines = [scalars]
+    per = m.get("per_class") or m.get("per_type") or {}
+    if per and all(isinstance(c, dict) and {"precision", "recall", "f1"} <= set(c) for c in per.values()):
+        lines.append(f"{'label':20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    else:
+        per = {}
+    for name, c in per.items():
+        lines.append(f"{name[:20]:20} {c['precision']:9.4f} {c['recall']:9.4f} {c['f1']:9.4f} {c.get('support', 0):8d}")
     cm = m.get("confusion_matrix")
     if cm:
         lines.append("confusion (rows true, cols predicted): " + "  ".join(f"{l}={row}" for l, row in zip(cm["labels"], cm["rows_true_cols_pred"])))
