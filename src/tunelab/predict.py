@@ -148,6 +148,8 @@ class TunedModel:
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
         if self.cfg.task.type == "qa":  # items are {"question", "context"}: answer text, character span, score
             rows = self.task.question_rows(texts)
+            if not rows:
+                return []
             feats = self._features(rows)
             out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
                                       self.tokenizer.pad_token_id, self.device)

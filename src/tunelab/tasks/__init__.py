@@ -2,10 +2,10 @@
 their report), collate, forward, targets, loss (summed), count, metrics, samples, MAIN_METRIC, METRICS,
 HEADLINE, PROBE."""
 
-from . import causal_lm, classification, token_classification
+from . import causal_lm, classification, qa, token_classification
 
 TASKS = {"classification": classification, "sft": causal_lm, "causal_lm": causal_lm,
-         "token_classification": token_classification}
+         "token_classification": token_classification, "qa": qa}
 
 
 def get(name: str):
