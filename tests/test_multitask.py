@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import tunelab
-from tunelab import config, methods
+from tunelab import config, methods, pipeline
 from tunelab.cli import app
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
@@ -100,7 +100,7 @@ def test_round_robin_alternates_and_every_task_walks_its_own_epochs():
 @pytest.mark.parametrize("method,adapters", [("lora", "shared"), ("lora", "per_task"), ("full", "shared")])
 def test_a_multitask_run_trains_both_heads_and_predicts_for_each_task(tiny_bert, tmp_path, method, adapters):
     cfg = _recipe(tmp_path, tiny_bert, method, multitask__adapters=adapters, multitask__sampling="round_robin")
-    run = tunelab.pipeline.train(cfg)
+    run = pipeline.train(cfg)
     s = run.summary
     assert set(s["eval"]) == {"sentiment", "topic"} and "score" in s["metric"]
     for name in ("sentiment", "topic"):
@@ -123,7 +123,7 @@ def test_a_multitask_run_trains_both_heads_and_predicts_for_each_task(tiny_bert,
 
 def test_per_task_adapters_are_distinct(tiny_bert, tmp_path):
     cfg = _recipe(tmp_path, tiny_bert, "lora", multitask__adapters="per_task")
-    run = tunelab.pipeline.train(cfg)
+    run = pipeline.train(cfg)
     from safetensors.torch import load_file
     a = load_file(str(run.dir / "adapters" / "sentiment" / "adapter_model.safetensors"))
     b = load_file(str(run.dir / "adapters" / "topic" / "adapter_model.safetensors"))
@@ -142,3 +142,34 @@ def test_bad_multitask_configs_say_what_to_fix(change, message):
     change(tree)
     with pytest.raises(TunelabError, match=message):
         config.validate(tree)
+
+
+def _tag_rows(n, seed):
+    """Token classification on the same words: sentiment words are entities (B-POS / B-NEG)."""
+    from conftest import NEGATIVE, POSITIVE
+
+    return [{"tokens": r["text"].split(),
+             "tags": ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in r["text"].split()]}
+            for r in make_rows(n, seed=seed)]
+
+
+@pytest.mark.parametrize("adapters", ["shared", "per_task"])
+def test_a_loaded_task_scores_exactly_what_the_run_scored(tiny_bert, tmp_path, adapters):
+    # The token task comes first: its body has no pooler, the classification task's has (its own).
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in (
+        ("tags", _tag_rows(120, 1)), ("tags_test", _tag_rows(30, 2)),
+        ("sent", make_rows(120, seed=3)), ("sent_test", make_rows(30, seed=4)))}
+    cfg = config.validate({
+        "model": {"path": str(tiny_bert)}, "method": {"name": "lora", "target_modules": "all-linear"},
+        "multitask": {"adapters": adapters},
+        "tasks": [{"name": "tags", "task": {"type": "token_classification"},
+                   "data": {"train": str(files["tags"]), "test": str(files["tags_test"])}},
+                  {"name": "sentiment", "data": {"train": str(files["sent"]), "test": str(files["sent_test"])}}],
+        "train": {"max_steps": 12, "lr": 1e-2, "batch_size": 8, "eval_every": 6},
+        "eval": {"linear_probe": False, "samples": 1}, "output_dir": str(tmp_path / "run")})
+    run = pipeline.train(cfg)
+    for name, test_file in (("tags", files["tags_test"]), ("sentiment", files["sent_test"])):
+        got = tunelab.load(run.dir, task=name).evaluate(test_file)
+        main = "f1" if name == "tags" else "accuracy"
+        assert got[main] == pytest.approx(run.summary["test"][name][main], abs=1e-9)
+        assert got["loss"] == pytest.approx(run.summary["test"][name]["loss"], rel=1e-5)

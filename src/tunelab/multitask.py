@@ -110,10 +110,17 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     owner, owner_head = parts[names[0]]["model"], parts[names[0]]["head"]
     per_task = cfg.multitask.adapters == "per_task"
     if per_task:
-        owner = methods.named.record(owner, names[0], cfg.method.name, [],
-                                     lambda m: methods.get(cfg.method.name).apply(m, cfg.method, []))
+        # The method sees the first task's head (so it never wraps it); the named adapters swap no head: every
+        # task's head lives in its own model.
+        def attach(m):
+            m = methods.get(cfg.method.name).apply(m, cfg.method, owner_head)
+            for h in owner_head:  # trained below with the other heads; not a base parameter the adapters share
+                m.get_submodule(h).requires_grad_(False)
+            return m
+
+        owner = methods.named.record(owner, names[0], cfg.method.name, [], attach)
         for n in names[1:]:
-            owner = methods.add_adapter(owner, n, cfg.method, [])
+            owner = methods.named.add(owner, n, cfg.method.name, [], attach)
     else:
         owner = methods.prepare(owner, cfg.method, owner_head)
     for p in parts.values():  # every head trains in full (apply froze all but the first task's)
@@ -212,7 +219,10 @@ def headline(summary: dict, parts: dict) -> str:
 
 
 def load_task(run_dir: Path, cfg: Config, infos: dict, name: str, device):
-    """(model, tokenizer, task module, info, single-task config) of task `name` of a multi-task run."""
+    """(model, tokenizer, task module, info, single-task config) of task `name` of a multi-task run.
+
+    Adapters are put back as they were trained: onto the first task's model, whose body the task's model then
+    shares (an adapter's layer names need not mean the same layers in another task's model: BERT's pooler)."""
     if name not in infos:
         raise TunelabError(f"The run '{run_dir}' has no task {name!r}; its tasks are: {', '.join(infos)}. "
                            f"Pass one with --task.")
@@ -222,10 +232,14 @@ def load_task(run_dir: Path, cfg: Config, infos: dict, name: str, device):
     if method.ARTIFACT == "model":
         model, tok = task.build_model(cfg.model, info, path=run_dir / "tasks" / name / "model")
         return model.to(device).eval(), tok, task, info, sub
-    model, tok = task.build_model(cfg.model, info)
-    adapter = run_dir / ("adapters" if cfg.multitask.adapters == "per_task" else "adapter")
-    adapter = adapter / name if cfg.multitask.adapters == "per_task" else adapter
-    model = methods.named.record(model, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
-    head = task.head_modules(model)
-    load_head(model, head, _head_file(run_dir, name))
+    first = cfg.tasks[0].name
+    first_task = tasks.get(cfg.tasks[0].task.type)
+    owner, tok = first_task.build_model(cfg.model, infos[first])
+    adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
+    owner = methods.named.record(owner, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
+    model = owner
+    if name != first:
+        model, tok = task.build_model(cfg.model, info)
+        share_body(owner, model, first_task.head_modules(owner), task.head_modules(model))
+    load_head(model, task.head_modules(model), _head_file(run_dir, name))
     return model.to(device).eval(), tok, task, info, sub
