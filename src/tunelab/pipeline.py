@@ -216,7 +216,8 @@ def say(msg: str) -> None:
 
 
 def headline(summary: dict, metrics: tuple[str, ...]) -> str:
-    lines = [f"{'split':12} {'base':>8} {'probe':>8} {'tuned':>8}   ({', '.join(metrics)})"]
+    width = 12 if len(metrics) == 1 else 12 + max(len(m) for m in metrics)
+    lines = [f"{'split':{width}} {'base':>8} {'probe':>8} {'tuned':>8}" + (f"   ({metrics[0]})" if len(metrics) == 1 else "")]
     fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"
     for split in ("validation", "test"):
         tuned = summary.get("eval" if split == "validation" else "test")
@@ -225,8 +226,8 @@ def headline(summary: dict, metrics: tuple[str, ...]) -> str:
         for metric in metrics:
             base = summary.get("base", {}).get(split, {}).get(metric)
             lp = summary.get("linear_probe", {}).get(split, {}).get(metric)
-            name = split if len(metrics) == 1 else f"{split[:4]} {metric[:7]}"
-            lines.append(f"{name:12} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
+            name = split if len(metrics) == 1 else f"{split} {metric}"
+            lines.append(f"{name:{width}} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
     lines.append(f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} ({summary['trainable_percent']:.2f}%), "
                  f"{summary['train_seconds']:.1f}s, {summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MB, "
                  f"saved {summary['artifact_mb']:.1f} MB -> {summary.get('artifact')}/")
