@@ -96,7 +96,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
                 f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
         result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
                           log, stages)
-        summary["eval"] = evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
+        # The loop scored the restored best weights on validation already; only a run that never had a finite
+        # metric needs evaluating again.
+        summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
         if "test" in feats:
             summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
