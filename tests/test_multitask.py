@@ -173,3 +173,10 @@ def test_a_loaded_task_scores_exactly_what_the_run_scored(tiny_bert, tmp_path, a
         main = "f1" if name == "tags" else "accuracy"
         assert got[main] == pytest.approx(run.summary["test"][name][main], abs=1e-9)
         assert got["loss"] == pytest.approx(run.summary["test"][name]["loss"], rel=1e-5)
+
+
+def test_a_misspelt_key_inside_a_task_gets_a_did_you_mean():
+    with pytest.raises(TunelabError, match="unknown key 'tasks.0.data.trian' — did you mean 'tasks.0.data.train'"):
+        config.validate({"model": {"path": "m"}, "tasks": [{"name": "a", "data": {"trian": "x"}}]})
+    with pytest.raises(TunelabError, match="did you mean 'tasks.0.weight'"):
+        config.validate({"model": {"path": "m"}, "tasks": [{"name": "a", "wieght": 2, "data": {"train": "x"}}]})

@@ -9,6 +9,7 @@ working directory, like every other command-line tool.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -484,8 +485,12 @@ def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
             section = ".".join(loc[:-1])
-            close = difflib.get_close_matches(loc[-1], valid.get(section, []), n=1, cutoff=0.5)
-            hint = f"did you mean '{section + '.' if section else ''}{close[0]}'?" if close else f"valid keys here: {', '.join(valid.get(section, []))}"
+            allowed = valid.get(section, [])
+            in_task = re.match(r"^tasks\.\d+(?:\.(\w+))?$", section)  # a section of one task of a `tasks:` list
+            if in_task:
+                allowed = valid.get(in_task[1], []) if in_task[1] else list(TaskSpec.model_fields)
+            close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
+            hint = f"did you mean '{section + '.' if section else ''}{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
             msgs.append(f"unknown key '{key}' — {hint}")
         elif err["type"] == "missing":
             msgs.append(f"'{key}' is required")
