@@ -209,7 +209,6 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     def evaluate_now(step: int, epoch: float) -> bool:
         """Evaluate, keep the best trainable state; True when patience has run out."""
-        nonlocal bad_evals, plateau_bad
         if ema:
             swap_ema()  # the average in the model, the raw weights kept aside
         try:
