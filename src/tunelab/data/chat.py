@@ -25,10 +25,10 @@ token closes the last assistant turn when the template has not put it there alre
 
 from __future__ import annotations
 
-import random
 
 from ..errors import TunelabError
 from .sources import read_records
+from .split import random_split
 
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -179,16 +179,8 @@ def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
         if path is not None:
             splits[name], entries[name] = read(path, f"data.{name}", cfg.data, cfg.task.type)
     if cfg.data.validation is None:
-        order = list(range(len(splits["train"])))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.data.val_fraction * len(order)))
-        if len(order) - n_val < 1:
-            raise TunelabError(f"Data file '{cfg.data.train}' (data.train) has {len(order)} usable rows: too few to hold "
-                               f"out a validation set. Add rows, or give data.validation.")
-        held = set(order[:n_val])
-        train = [ex for i, ex in enumerate(splits["train"]) if i not in held]
-        splits["validation"] = [ex for i, ex in enumerate(splits["train"]) if i in held]
-        splits["train"] = train
+        train, splits["validation"] = random_split(splits["train"], cfg.data.val_fraction, seed, cfg.data.train)
+        splits["train"], n_val = train, len(splits["validation"])
         entries["train"].update(rows=len(train), held_out=n_val)
         entries["validation"] = {"from": "train", "rows": n_val}
         split = {"method": "random", "val_fraction": cfg.data.val_fraction, "seed": seed}

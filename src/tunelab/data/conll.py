@@ -19,13 +19,13 @@ text = the tokens joined by single spaces.
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from pathlib import Path
 
 from ..errors import TunelabError
 from .sources import _decode_utf8, _describe, read_records, resolve_path
+from .split import random_split
 
 CONLL_EXTENSIONS = (".conll", ".txt")
 EXTENSIONS = CONLL_EXTENSIONS + (".jsonl", ".json")
@@ -248,16 +248,9 @@ def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
         if path is not None:
             splits[name], entries[name] = read(path, f"data.{name}", cfg.data)
     if cfg.data.validation is None:
-        order = list(range(len(splits["train"])))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.data.val_fraction * len(order)))
-        if len(order) - n_val < 1:
-            raise TunelabError(f"Data file '{cfg.data.train}' (data.train) has {len(order)} sentence(s): too few to hold "
-                               f"out a validation set. Add sentences, or give data.validation.")
-        held = set(order[:n_val])
-        train = [ex for i, ex in enumerate(splits["train"]) if i not in held]
-        splits["validation"] = [ex for i, ex in enumerate(splits["train"]) if i in held]
-        splits["train"] = train
+        train, splits["validation"] = random_split(splits["train"], cfg.data.val_fraction, seed, cfg.data.train,
+                                                   "sentences")
+        splits["train"], n_val = train, len(splits["validation"])
         entries["train"].update(rows=len(train), held_out=n_val, labels=entity_counts(train))
         entries["validation"] = {"from": "train", "rows": n_val, "labels": entity_counts(splits["validation"])}
         split = {"method": "random", "val_fraction": cfg.data.val_fraction, "seed": seed}

@@ -55,3 +55,19 @@ def stratified_folds(examples: list[dict], k: int, seed: int) -> list[list[int]]
             folds[(start + j) % k].append(i)
         start = (start + len(indices)) % k
     return [sorted(f) for f in folds]
+
+
+def random_split(examples: list[dict], val_fraction: float, seed: int, train_path: str,
+                 unit: str = "rows") -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded random `val_fraction` held out (at least one), both in input order; for
+    tasks without class labels to stratify on (sft, causal_lm, token classification)."""
+    from ..errors import TunelabError
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(val_fraction * len(order)))
+    if len(order) - n_val < 1:
+        raise TunelabError(f"Data file '{train_path}' (data.train) has {len(order)} usable {unit}: too few to hold "
+                           f"out a validation set. Add {unit}, or give data.validation.")
+    held = set(order[:n_val])
+    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
