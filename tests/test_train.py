@@ -343,3 +343,39 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tiny_bert, tmp_path):
         tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={tmp_path / 'x.jsonl'}", "model.device=cuda",
                              f"output_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()
+
+
+# -- gradient checkpointing ----------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_gradient_checkpointing_trains_exactly_as_without(method, tmp_path, bert_no_dropout, data):
+    """Recomputing activations in backward changes memory, not the maths: same losses step by step."""
+    runs = [_train(tmp_path / f"gc-{on}", bert_no_dropout, data, f"method.name={method}", "train.max_steps=6",
+                   f"train.gradient_checkpointing={on}") for on in ("false", "true")]
+    losses = [[r["loss"] for r in _records(run.dir, "train")] for run in runs]
+    assert len(losses[0]) == 6
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_gradient_checkpointing_is_active_on_a_decoder_with_frozen_embeddings(tiny_chat_llama):
+    """With a LoRA (frozen embedding) the non-reentrant checkpoint still yields the adapter gradients of a
+    plain backward, and HF's flag is really set on every block."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.config import LoraConfig
+
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_chat_llama)
+        model = methods.prepare(model, LoraConfig(name="lora", r=4, dropout=0.0), ["lm_head"])
+        if on:
+            models.enable_gradient_checkpointing(model)
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        model.train()
+        ids = torch.randint(5, 100, (2, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

@@ -199,6 +199,19 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute block activations in backward. Non-reentrant checkpointing needs no input that requires grad,
+    so it works with a frozen embedding (every adapter method) without peft's enable_input_require_grads hook."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise TunelabError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                           f"checkpointing in transformers. Set train.gradient_checkpointing=false.")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared weights are counted once."""
     seen, trainable, total = set(), 0, 0

@@ -123,6 +123,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
             owner = methods.named.add(owner, n, cfg.method.name, [], attach)
     else:
         owner = methods.prepare(owner, cfg.method, owner_head)
+    if cfg.train.gradient_checkpointing:
+        models.enable_gradient_checkpointing(owner)
     for p in parts.values():  # every head trains in full (apply froze all but the first task's)
         for h in p["head"]:
             p["model"].get_submodule(h).requires_grad_(True)

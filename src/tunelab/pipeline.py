@@ -73,6 +73,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     method = methods.get(cfg.method.name)
     head = task.head_modules(model)
     model = methods.prepare(model, cfg.method, head)
+    if cfg.train.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     trainable, total = models.count_params(model)
     say(models.trainable_summary(model))
 
