@@ -379,3 +379,28 @@ def test_gradient_checkpointing_is_active_on_a_decoder_with_frozen_embeddings(ti
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+# -- TensorBoard -------------------------------------------------------------------------
+
+def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path, bert_no_dropout, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _train(tmp_path / "tb", bert_no_dropout, data, "train.max_steps=4", "train.eval_every=2",
+                 "train.log_to=[tensorboard]")
+    events = EventAccumulator(str(run.dir / "tensorboard"))
+    events.Reload()
+    tb_loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert tb_loss == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in _records(run.dir, "train")]
+    tb_acc = [(e.step, e.value) for e in events.Scalars("validation/accuracy")]
+    assert tb_acc == [(r["step"], pytest.approx(r["accuracy"], rel=1e-6)) for r in _records(run.dir, "eval", "validation")]
+    assert "lr/body" in events.Tags()["scalars"]
+
+
+def test_tensorboard_missing_is_a_clear_error_before_any_run_dir(tmp_path, bert_no_dropout, data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what a machine without the package sees
+    with pytest.raises(tunelab.TunelabError, match=r"train.log_to: 'tensorboard' needs the tensorboard package.*pip install"):
+        _train(tmp_path / "tb", bert_no_dropout, data, "train.log_to=[tensorboard]")
+    assert not (tmp_path / "tb").exists()

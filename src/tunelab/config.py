@@ -277,6 +277,10 @@ class TrainConfig(_Section):
     metric: str = Field("auto", description="Validation metric for best checkpoint and early stopping ('auto': the task's main one, or 'loss').")
     patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement; empty disables.")
     seed: int = Field(42, description="Seed for initialisation, data order and splits.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass "
+                                         "instead of keeping them: far less activation memory for ~30 % more compute.")
+    log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
+                                                 "(event files in <run dir>/tensorboard; needs the tensorboard package).")
     group_by_length: bool = Field(False, description="Form micro-batches of similar length (within windows of 50 "
                                                      "batches), so dynamic padding wastes little; the batch order stays random.")
 

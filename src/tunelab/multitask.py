@@ -17,7 +17,6 @@ Run directory: what a single-task run writes, with `labels.json` = {"tasks": {na
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from .config import Config
 from .errors import TunelabError
 from .pipeline import (Run, check_run_dir, default_output_dir, dir_size_mb, encode_splits, make_run_dir,
                        peak_memory_mb, resolve_paths, say, seed_everything, write_json)
-from .training import loop
+from .training import logs, loop
 
 
 def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
@@ -74,6 +73,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     t_start = time.perf_counter()
     out_path = cfg.output_dir or default_output_dir(recipe_name)
     check_run_dir(out_path, overwrite)
+    logs.check(cfg.train.log_to)
     device = models.device_of(cfg.model)
     seed_everything(cfg.train.seed)
     bs = cfg.eval.batch_size
@@ -149,11 +149,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
 
     jobs = [loop.Job(n, p["task"], p["model"], p["feats"]["train"], p["feats"]["validation"], p["info"],
                      p["tokenizer"].pad_token_id, p["weight"], n if per_task else None) for n, p in parts.items()]
-    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
-        def log(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
+    with logs.open_log(run_dir, cfg.train.log_to) as log:
         result = loop.run_jobs(container, jobs, cfg.train, head_names, device, bs, log,
                                cfg.multitask.sampling, cfg.multitask.temperature, owner=owner)
         summary["eval"], summary["test"] = {}, {}

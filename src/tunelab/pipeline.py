@@ -23,7 +23,7 @@ from .config import Config
 from .data import augment
 from .errors import TunelabError
 from .evaluate import probe
-from .training import loop
+from .training import logs, loop
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json", "samples.json")
 
@@ -43,6 +43,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     t_start = time.perf_counter()
     out_path = cfg.output_dir or default_output_dir(recipe_name)
     check_run_dir(out_path, overwrite)  # fail before any work, but create nothing until the inputs are known good
+    logs.check(cfg.train.log_to)
     device = models.device_of(cfg.model)
     seed_everything(cfg.train.seed)
 
@@ -85,13 +86,11 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     write_json(run_dir / "data_report.json", report)
     write_json(run_dir / "labels.json", info)
 
-    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
-        def log(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-            if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
-                on_eval(record)
+    def listener(record: dict) -> None:
+        if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
+            on_eval(record)
 
+    with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
         stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
         if stages:
             say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
