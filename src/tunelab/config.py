@@ -299,6 +299,11 @@ class EvalConfig(_Section):
     samples: int = Field(3, ge=0, description="Validation examples shown before and after training (samples.json): "
                                             "predictions, or generations for sft / causal_lm.")
     max_new_tokens: int = Field(64, ge=1, description="Length limit of the sample generations (sft / causal_lm).")
+    forgetting: str | None = Field(
+        "auto", description="Catastrophic-forgetting probe, measured before and after training: a text file (.txt, one "
+                            "passage per line; or a 'text' column) -> perplexity of a causal LM; a labelled file ('text', "
+                            "'label': a second task) -> linear-probe accuracy of the pooled features, any model. 'auto': "
+                            "tunelab's general-text probe for sft / causal_lm, none for other tasks; 'none' to skip.")
 
 
 class TaskSpec(_Section):
@@ -421,6 +426,9 @@ def _check_tasks(cfg: Config, source: str) -> Config:
     if cfg.method.name in ("prompt", "ptuning", "prefix"):
         raise TunelabError(f"Invalid config in {source}: method.name={cfg.method.name} is not supported for multi-task "
                            f"runs (its virtual tokens hook one task's model); use lora, dora, ia3, adapter or full.")
+    if cfg.eval.forgetting not in (None, "auto", "none"):
+        raise TunelabError(f"Invalid config in {source}: eval.forgetting is not measured in multi-task runs yet; remove "
+                           f"it (each task's own validation metrics show what the shared body keeps).")
     if cfg.multitask.adapters == "per_task" and cfg.method.name not in ("lora", "dora", "ia3", "adapter"):
         raise TunelabError(f"Invalid config in {source}: multitask.adapters=per_task needs an adapter method (lora, "
                            f"dora, ia3, adapter), not method.name={cfg.method.name}.")

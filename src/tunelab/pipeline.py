@@ -22,7 +22,7 @@ from . import data, evaluate, methods, models, tasks
 from .config import Config
 from .data import augment
 from .errors import TunelabError
-from .evaluate import probe
+from .evaluate import forgetting, probe
 from .training import logs, loop
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json", "samples.json")
@@ -51,6 +51,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     loop.resolve_metric(task, cfg.train.metric)
     splits, report = task.load_splits(cfg, cfg.train.seed)
     say(data.format_report(report))
+    forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
     info = task.label_info(splits, cfg)
     model, tokenizer = task.build_model(cfg.model, info)
     model.to(device)
@@ -70,6 +71,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     if cfg.eval.linear_probe and task.PROBE:
         summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
     samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
+    if forgetting_probe:
+        before = forgetting.measure(forgetting_probe, model, tokenizer, task, device, max_length, bs)
 
     method = methods.get(cfg.method.name)
     head = task.head_modules(model)
@@ -104,6 +107,10 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
             summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
 
+    if forgetting_probe:
+        after = forgetting.measure(forgetting_probe, model, tokenizer, task, device, max_length, bs)
+        summary["forgetting"] = forgetting.summary(forgetting_probe, before, after)
+        say(forgetting.describe(summary["forgetting"]))
     samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)
     write_json(run_dir / "samples.json", samples)
     out = run_dir / method.ARTIFACT
