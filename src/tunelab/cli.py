@@ -1,4 +1,4 @@
-"""`tunelab train|predict|generate|eval|export|data|models|config` — thin: parse arguments, call the library, print."""
+"""`tunelab train|compare|advise|report|predict|generate|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
 
 from __future__ import annotations
 
@@ -84,6 +84,40 @@ def cv(
     from . import cv as cv_mod
 
     cv_mod.run(recipe, overrides or [], folds, overwrite, ensemble, echo=typer.echo)
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(..., help="YAML recipe; its data, seed, split and budget are used for every method."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides."),
+    methods: str = typer.Option("full,freeze,lora,qlora,adapter,prompt,bitfit", "--methods",
+                                help="Comma-separated methods to compare."),
+    lr: Optional[List[str]] = typer.Option(None, "--lr", help="METHOD=LR, e.g. --lr lora=2e-4 (repeatable); "
+                                                              "otherwise each method's usual LR."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per method (default: the recipe's budget)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the comparison (default runs/compare-<recipe>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison in --output."),
+):
+    """Train each method on the same data, seed and budget; table of params, storage, memory, time, latency, metric, forgetting."""
+    from . import compare as compare_mod
+
+    compare_mod.run(recipe, overrides or [], compare_mod.parse_methods(methods), str(output) if output else None,
+                    compare_mod.parse_lrs(lr), steps, overwrite, echo=typer.echo)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory or a `tunelab compare` directory.")):
+    """(Re)write report.html of a run or a comparison: base vs tuned, curves, confusion matrix, samples."""
+    from . import report as report_mod
+    from .compare import rebuild_report
+
+    if (run_dir / "compare.json").is_file():
+        typer.echo(f"report: {rebuild_report(run_dir)}")
+    elif (run_dir / "summary.json").is_file():
+        typer.echo(f"report: {report_mod.write_run(run_dir)}")
+    else:
+        raise TunelabError(f"'{run_dir}' is neither a finished run (no summary.json) nor a comparison (no compare.json); "
+                           f"give the directory `tunelab train` or `tunelab compare` wrote.")
 
 
 @app.command()

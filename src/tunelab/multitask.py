@@ -28,7 +28,7 @@ from . import data, evaluate, methods, models, tasks
 from .config import Config
 from .errors import TunelabError
 from .pipeline import (Run, check_run_dir, default_output_dir, dir_size_mb, encode_splits, make_run_dir,
-                       peak_memory_mb, resolve_paths, say, seed_everything, write_json)
+                       peak_memory_mb, resolve_paths, say, seed_everything, write_json, write_report)
 from .training import logs, loop
 
 
@@ -195,6 +195,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
         "sampling": cfg.multitask.sampling, "weights": {n: p["weight"] for n, p in parts.items()},
     })
     write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
     say(headline(summary, parts))
     return Run(run_dir.resolve(), summary)
 

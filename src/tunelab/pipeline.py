@@ -127,6 +127,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         "device": str(device), "torch": torch.__version__,
     })
     write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
     say(headline(summary, task.HEADLINE))
     return Run(run_dir.resolve(), summary)
 
@@ -211,6 +212,17 @@ def peak_memory_mb(device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is in KiB on Linux: the peak resident set of this process.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html is derived from the run's files; a failure there must not cost the finished run."""
+    from . import report
+
+    try:
+        report.write_run(run_dir)
+    except Exception as e:  # noqa: BLE001  (the run is saved; say what went wrong and go on)
+        say(f"warning: report.html could not be written ({type(e).__name__}: {e}); "
+            f"`tunelab report {run_dir}` tries again.")
 
 
 def dir_size_mb(path: Path) -> float:

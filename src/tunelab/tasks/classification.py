@@ -134,4 +134,6 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
 
     feats, _ = encode(rows, tokenizer, info, max_length)
     out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows) or 1, tokenizer.pad_token_id, device)
-    return [{"row": r.get("row"), "text": r["text"], "label": r["label"], **p} for r, p in zip(rows, predictions(out, info))]
+    # "gold" / "predicted", as the NER and QA samples
+    return [{"row": r.get("row"), "text": r["text"], "gold": r["label"], "predicted": p["label"], "score": p["score"],
+             "probs": p["probs"]} for r, p in zip(rows, predictions(out, info))]
