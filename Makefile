@@ -74,7 +74,7 @@ $(PROBE): $(CORPUS) scripts/prepare_probe.py
 # Every method on the demo task, same data, seed and budget: compare.md / compare.csv / report.html.
 demo-compare: venv demo-data $(PROBE)
 	$(VENV)/bin/tunelab compare configs/classification/minilm-lora.yaml eval.forgetting=$(PROBE) \
-		--methods $(COMPARE_METHODS) --output runs/compare-demo --overwrite
+		--methods $(COMPARE_METHODS) --set freeze.freeze_layers=4 --output runs/compare-demo --overwrite
 
 # The report tests open HTML in headless Chromium (Debian package chromium); installed here when apt can,
 # otherwise those tests skip with a message.

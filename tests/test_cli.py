@@ -539,3 +539,34 @@ def test_ctrl_c_exits_130(monkeypatch, ws, cli_run):
     r = cli_run("train", ws / "recipe.yaml")
     assert r.code == 130, (r.code, r.err)
     assert r.err.strip() == "interrupted"
+
+
+# -- compare and report ------------------------------------------------------------------
+
+def test_compare_from_the_command_line(ws, cli_run):
+    out = ws / "cmp"
+    r = cli_run("compare", ws / "recipe.yaml", "eval.linear_probe=false", "--methods", "lora,bitfit", "--steps", "3",
+                "--set", "lora.r=2", "--lr", "bitfit=5e-3", "--output", out)
+    assert r.code == 0, r.err
+    assert "| lora |" in r.out and "| bitfit |" in r.out and f"compare directory: {out.resolve()}" in r.out
+    rows = json.loads((out / "compare.json").read_text())
+    recipe_lr = yaml.safe_load((ws / "recipe.yaml").read_text())["train"]["lr"]  # the recipe's method keeps its LR
+    assert [(x["method"], x["status"], x["lr"], x["steps"]) for x in rows] == [("lora", "ok", recipe_lr, 3),
+                                                                                ("bitfit", "ok", 5e-3, 3)]
+    assert yaml.safe_load((out / "recipes" / "lora.yaml").read_text())["method"]["r"] == 2
+    again = cli_run("compare", ws / "recipe.yaml", "--methods", "lora", "--output", out)
+    assert_user_error(again, "already exists", "--overwrite")
+    (out / "report.html").unlink()
+    r = cli_run("report", out)
+    assert r.code == 0 and (out / "report.html").is_file()
+
+
+def test_report_of_a_run_and_of_nothing(ws, lora_run, cli_run, tmp_path):
+    (lora_run / "report.html").unlink()
+    r = cli_run("report", lora_run)
+    assert r.code == 0 and "base vs tuned" in (lora_run / "report.html").read_text().lower()
+    assert_user_error(cli_run("report", tmp_path), "neither a finished run", "compare.json")
+
+
+def test_compare_rejects_unknown_methods(ws, cli_run):
+    assert_user_error(cli_run("compare", ws / "recipe.yaml", "--methods", "lora,qlorra"), "qlorra", "did you mean qlora")

@@ -28,7 +28,7 @@ eval: {{forgetting: {probe}}}
 """)
     messages = []
     result = compare.run(str(recipe), [], ["full", "lora", "prefix"], str(root / "cmp"), {"full": 1e-3}, steps=6,
-                         echo=messages.append)
+                         echo=messages.append, settings={"prefix": {"num_virtual_tokens": 5}})
     return root / "cmp", result, messages
 
 
@@ -63,6 +63,9 @@ def test_the_recipe_settings_carry_over_where_the_method_has_them(compared):
     lora = yaml.safe_load((out / "recipes" / "lora.yaml").read_text())["method"]
     prefix = yaml.safe_load((out / "recipes" / "prefix.yaml").read_text())["method"]
     assert (lora["r"], lora["alpha"]) == (4, 8) and "r" not in prefix
+    assert prefix["num_virtual_tokens"] == 5  # from --set prefix.num_virtual_tokens=5
+    summary = json.loads((out / "runs" / "prefix" / "summary.json").read_text())
+    assert summary["trainable_params"] == json.loads((out / "compare.json").read_text())[2]["trainable_params"]
 
 
 def test_tables_and_report_are_written(compared):
@@ -102,3 +105,18 @@ def test_bad_arguments_are_clear(tmp_path):
         compare.parse_methods("lora,lora")
     with pytest.raises(TunelabError, match="expected METHOD=VALUE"):
         compare.parse_lrs(["lora:1e-3"])
+    assert compare.parse_settings(["freeze.freeze_layers=4", "lora.r=16"], ["freeze", "lora"]) == \
+        {"freeze": {"freeze_layers": 4}, "lora": {"r": 16}}
+    with pytest.raises(TunelabError, match="expected METHOD.KEY=VALUE"):
+        compare.parse_settings(["freeze_layers=4"], ["freeze"])
+    with pytest.raises(TunelabError, match="'dora' is not among --methods"):
+        compare.parse_settings(["dora.r=4"], ["lora"])
+
+
+def test_a_bad_method_setting_stops_before_any_training(tmp_path, tiny_bert):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{path: {tiny_bert}}}\ndata: {{train: {train}}}\n")
+    with pytest.raises(TunelabError, match=r"--set for lora: method.r: .*greater than or equal to 1"):
+        compare.run(str(recipe), [], ["full", "lora"], str(tmp_path / "cmp"), settings={"lora": {"r": 0}})
+    assert not (tmp_path / "cmp").exists()

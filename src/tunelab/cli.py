@@ -94,6 +94,8 @@ def compare(
                                 help="Comma-separated methods to compare."),
     lr: Optional[List[str]] = typer.Option(None, "--lr", help="METHOD=LR, e.g. --lr lora=2e-4 (repeatable); "
                                                               "otherwise each method's usual LR."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="METHOD.KEY=VALUE method setting, e.g. --set "
+                                                                 "freeze.freeze_layers=4 (repeatable)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per method (default: the recipe's budget)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Directory for the comparison (default runs/compare-<recipe>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier comparison in --output."),
@@ -101,8 +103,9 @@ def compare(
     """Train each method on the same data, seed and budget; table of params, storage, memory, time, latency, metric, forgetting."""
     from . import compare as compare_mod
 
-    compare_mod.run(recipe, overrides or [], compare_mod.parse_methods(methods), str(output) if output else None,
-                    compare_mod.parse_lrs(lr), steps, overwrite, echo=typer.echo)
+    names = compare_mod.parse_methods(methods)
+    compare_mod.run(recipe, overrides or [], names, str(output) if output else None, compare_mod.parse_lrs(lr), steps,
+                    overwrite, echo=typer.echo, settings=compare_mod.parse_settings(set_, names))
 
 
 @app.command()

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from . import config as config_mod
 from . import evaluate, methods, models, pipeline, tasks
@@ -67,13 +68,34 @@ def parse_lrs(items: list[str] | None) -> dict[str, float]:
     return out
 
 
-def method_config(cfg, name: str, lrs: dict[str, float], steps: int | None, run_dir: Path, first: bool):
-    """The recipe with method `name`: shared method keys carried over, the method's LR, the common budget."""
+def parse_settings(items: list[str] | None, method_names: list[str]) -> dict[str, dict]:
+    """`--set freeze.freeze_layers=4` -> {"freeze": {"freeze_layers": 4}} (values parsed as YAML scalars)."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        target, eq, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not (eq and dot and key):
+            raise TunelabError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. --set freeze.freeze_layers=4.")
+        if name not in method_names:
+            raise TunelabError(f"--set {item!r}: '{name}' is not among --methods ({', '.join(method_names)}).")
+        out.setdefault(name, {}).update(config_mod.parse_overrides([f"{key}={value}"]))
+    return out
+
+
+def method_config(cfg, name: str, lrs: dict[str, float], steps: int | None, run_dir: Path, first: bool,
+                  settings: dict | None = None):
+    """The recipe with method `name`: shared method keys carried over, then `settings` (from --set), the method's
+    LR, the common budget."""
     cls = next(c for c in METHOD_CONFIGS if c.model_fields["name"].annotation.__args__[0] == name)
     own = cfg.method.model_dump(exclude_unset=True)
     carried = {k: v for k, v in own.items() if k in cls.model_fields and k not in ("name", "init_from")}
     out = cfg.model_copy(deep=True)
-    out.method = cls(name=name, **carried)
+    try:
+        out.method = cls(name=name, **(carried | (settings or {})))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise TunelabError(f"--set for {name}: method.{'.'.join(map(str, err['loc']))}: {err['msg']}. "
+                           f"See `tunelab config explain` for the keys of method {name}.") from None
     out.train.lr = lrs.get(name, cfg.train.lr if name == cfg.method.name else DEFAULT_LR[name])
     if steps:
         out.train.max_steps = steps
@@ -86,22 +108,25 @@ def method_config(cfg, name: str, lrs: dict[str, float], steps: int | None, run_
 
 
 def run(recipe, overrides: list[str], method_names: list[str], output: str | None = None, lrs=None,
-        steps: int | None = None, overwrite: bool = False, echo=print) -> list[dict]:
+        steps: int | None = None, overwrite: bool = False, echo=print, settings: dict | None = None) -> list[dict]:
     cfg = config_mod.load(recipe, overrides)
+    settings = settings or {}
     if cfg.tasks is not None:
         raise TunelabError("`tunelab compare` compares methods on one task; this recipe is multi-task. Compare on one "
                            "of its tasks' recipes, or train the multi-task recipe once per method.")
     lrs = lrs or {}
     out = Path(output or f"runs/compare-{Path(recipe).stem if recipe else 'run'}")
     pipeline.check_run_dir(str(out), overwrite)
+    # Every method's config is built (and so checked) before the first one trains.
+    configs = {name: method_config(cfg, name, lrs, steps, (out / "runs" / name).resolve(), first=i == 0,
+                                   settings=settings.get(name)) for i, name in enumerate(method_names)}
     out = pipeline.make_run_dir(str(out), overwrite)
     (out / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")  # marks it as tunelab's
     for sub in ("recipes", "logs", "runs"):
         (out / sub).mkdir()
 
     rows = []
-    for i, name in enumerate(method_names):
-        mcfg = method_config(cfg, name, lrs, steps, (out / "runs" / name).resolve(), first=not rows)
+    for i, (name, mcfg) in enumerate(configs.items()):
         recipe_path = out / "recipes" / f"{name}.yaml"
         recipe_path.write_text(config_mod.to_yaml(mcfg), encoding="utf-8")
         echo(f"== {name} ({i + 1}/{len(method_names)}): lr {mcfg.train.lr:g}, log in {out / 'logs' / (name + '.log')}")
