@@ -570,3 +570,15 @@ def test_report_of_a_run_and_of_nothing(ws, lora_run, cli_run, tmp_path):
 
 def test_compare_rejects_unknown_methods(ws, cli_run):
     assert_user_error(cli_run("compare", ws / "recipe.yaml", "--methods", "lora,qlorra"), "qlorra", "did you mean qlora")
+
+
+def test_advise_from_the_command_line(cli_run, tiny_chat_llama):
+    r = cli_run("advise", "--model", tiny_chat_llama, "--task", "sft", "--seq-len", "64", "--batch", "2",
+                "--memory", "64GB", "--tasks", "3")
+    assert r.code == 0, r.err
+    assert "Recommendations:" in r.out and all(f"\n{m} " in r.out for m in ("full", "lora", "qlora", "prompt"))
+    assert "per task" in r.out.lower()
+    assert_user_error(cli_run("advise", "--model", tiny_chat_llama, "--task", "sft", "--seq-len", "64", "--batch", "2",
+                              "--memory", "lots"), "lots")
+    assert_user_error(cli_run("advise", "--model", "/nonexistent/model", "--task", "sft", "--seq-len", "64",
+                              "--batch", "2"), "/nonexistent/model")

@@ -120,3 +120,19 @@ def test_a_bad_method_setting_stops_before_any_training(tmp_path, tiny_bert):
     with pytest.raises(TunelabError, match=r"--set for lora: method.r: .*greater than or equal to 1"):
         compare.run(str(recipe), [], ["full", "lora"], str(tmp_path / "cmp"), settings={"lora": {"r": 0}})
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
+    """compare's parent process grows (it loads every trained model); ru_maxrss of a child starts at the parent's
+    RSS, so the peak a run reports must come from VmHWM."""
+    import subprocess
+    import sys
+
+    parent = ("import subprocess, sys, torch\n"
+              "big = torch.ones(200 * 2**20)  # 800 MB resident in the parent\n"
+              "child = 'import resource; from tunelab.pipeline import peak_rss; '"
+              " 'print(peak_rss() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)'\n"
+              "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120).stdout
+    own, inherited = map(float, out.split())
+    assert inherited > 800 and own < 400, (own, inherited)

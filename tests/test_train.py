@@ -404,3 +404,8 @@ def test_tensorboard_missing_is_a_clear_error_before_any_run_dir(tmp_path, bert_
     with pytest.raises(tunelab.TunelabError, match=r"train.log_to: 'tensorboard' needs the tensorboard package.*pip install"):
         _train(tmp_path / "tb", bert_no_dropout, data, "train.log_to=[tensorboard]")
     assert not (tmp_path / "tb").exists()
+
+
+def test_no_samples_is_fine(tmp_path, bert_no_dropout, data):
+    run = _train(tmp_path / "r", bert_no_dropout, data, "train.max_steps=2", "eval.samples=0")
+    assert json.loads((run.dir / "samples.json").read_text()) == {"before": [], "after": []}

@@ -109,6 +109,29 @@ def compare(
 
 
 @app.command()
+def advise(
+    model: Path = typer.Option(..., "--model", help="Local Hugging Face model directory."),
+    task: str = typer.Option(..., "--task", help="classification, token_classification, qa, sft or causal_lm."),
+    seq_len: int = typer.Option(..., "--seq-len", min=1, help="Tokens per example."),
+    batch: int = typer.Option(..., "--batch", min=1, help="Examples per micro-batch."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="Memory budget, e.g. 24GB or 16GiB (default: this "
+                                                                "machine's RAM, or the GPU's memory under CUDA)."),
+    tasks: int = typer.Option(1, "--tasks", min=1, help="How many tasks you will fine-tune this model for."),
+    latency_critical: bool = typer.Option(False, "--latency-critical", help="Inference latency matters: "
+                                                                          "recommend only methods that merge."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or bfloat16."),
+    eval_batch_size: Optional[int] = typer.Option(None, "--eval-batch-size", min=1, help="eval.batch_size (default 64)."),
+):
+    """Estimate training memory per method (weights, gradients, optimizer, activations with and without gradient
+    checkpointing, quantized base) and recommend the methods that fit."""
+    from . import advise as advise_mod
+
+    result = advise_mod.advise(model, task, seq_len, batch, advise_mod.parse_memory(memory) if memory else None,
+                               tasks, latency_critical, dtype, eval_batch_size)
+    typer.echo(advise_mod.format_advice(result))
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory or a `tunelab compare` directory.")):
     """(Re)write report.html of a run or a comparison: base vs tuned, curves, confusion matrix, samples."""
     from . import report as report_mod

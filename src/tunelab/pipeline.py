@@ -210,8 +210,19 @@ def seed_everything(seed: int) -> None:
 def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is in KiB on Linux: the peak resident set of this process.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss() / 2**20
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. VmHWM, not ru_maxrss: a child's ru_maxrss starts at its
+    parent's RSS at fork (Linux keeps it across exec), so a run started by a large parent (`tunelab compare`)
+    would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def write_report(run_dir: Path) -> None:

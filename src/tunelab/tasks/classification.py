@@ -132,8 +132,10 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
     """Predictions for the first rows of a split, beside their labels."""
     from .. import evaluate
 
+    if not rows:  # eval.samples=0
+        return []
     feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows) or 1, tokenizer.pad_token_id, device)
+    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows), tokenizer.pad_token_id, device)
     # "gold" / "predicted", as the NER and QA samples
     return [{"row": r.get("row"), "text": r["text"], "gold": r["label"], "predicted": p["label"], "score": p["score"],
              "probs": p["probs"]} for r, p in zip(rows, predictions(out, info))]

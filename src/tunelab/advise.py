@@ -1,0 +1,549 @@
+"""`tunelab advise`: how much memory each fine-tuning method needs, and which to use.
+
+The model is a sum of parts, each in bytes, for one training micro-batch of `batch` x `seq_len` tokens:
+
+- weights       every parameter and buffer in `dtype`, counted exactly on a `meta`-device copy of the
+                architecture (config.json only, no weights read). QLoRA: each quantized linear weight as
+                tunelab's torchao NF4 tensor holds it (4 bits per weight + an int8 scale per 64 weights +
+                one scale per 256 of those + a 16-entry table); the rest stays in `dtype`.
+- gradients     one per trainable parameter, in the parameter's dtype (LoRA & co. keep theirs in float32).
+- optimizer     AdamW's exp_avg and exp_avg_sq: two tensors like each trainable parameter (torch keeps the
+                state in the parameter's dtype).
+- best copy     the training loop keeps a clone of every trainable parameter for restoring the best
+                validation checkpoint (training/loop.py), from the first evaluation on.
+- activations   what autograd saves in the forward pass, per token and per block, from a per-family
+                formula measured with `torch.autograd.graph.saved_tensors_hooks` (see FAMILIES). With
+                gradient checkpointing: every block's input plus one block recomputed at a time.
+- logits        causal LM: the loss runs over every target token at once, so the vocabulary-wide float32
+                tensors are (batch x seq x vocab) x 3 at the start of backward (log-softmax output + two
+                gradient buffers). Classification heads: negligible.
+- allocator     memory the allocator holds beyond the live tensors: on CPU glibc keeps freed activation memory
+                in its heap and the peak RSS creeps up over the first steps; measured on LoRA and full runs
+                at 0.2-0.9 x the transient (activations + logits) bytes after 2 steps and after 30, 0.5 used.
+- runtime       the process itself: a Python with torch + transformers + tunelab imported (measured once
+                in a subprocess), or on CUDA the CUDA context (a documented constant).
+
+The peak is the largest of three phases: loading (the whole model in `dtype`: QLoRA too, since tunelab
+quantizes after loading), training (above), and evaluation (eval.batch_size rows without gradients on top of
+what the allocator kept; a causal LM's logits are materialised for every token of the eval batch, which can
+dominate). `advise` judges fit on loading + training and suggests an eval.batch_size when evaluation would not
+fit. Against real 2-step tunelab runs on CPU (tests/test_advise.py) the totals agree within about +-15 %; sft
+is estimated as if every token were a target (the upper bound). CUDA estimates use the same formulas with
+constants (context, allocator slack) that have not been calibrated on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import models
+from .errors import TunelabError
+
+METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
+# Merging folds the update into the base weights: inference costs what the base model costs.
+MERGEABLE = {"full", "freeze", "lora", "dora", "qlora", "bitfit", "ia3"}
+TASKS = ("classification", "token_classification", "qa", "sft", "causal_lm")
+EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
+
+# Saved activations per token and per transformer block, in float32 bytes = 4 * (a_h*hidden + a_kv*kv_width
+# + a_i*intermediate), for full fine-tuning. Measured on tunelab's own forward (saved_tensors_hooks, unique
+# storages, blocks of 2 vs 4 layers, seq 256 vs 512) with transformers 5 / torch 2.13 on CPU:
+#   llama (h 256, kv 128, I 688): 20,248 B = 8h + 2kv + 4I (RMSNorm in/out, q/k/v after RoPE, attention out,
+#         o_proj in, gate/up/SiLU/product);
+#   gpt2  (h 256, I 1024): 30,736 B = 14h + 4I (LayerNorms, c_attn out, dropout masks, gelu_new's pieces);
+#   bert  (h 256, I 1024): 18,448 B = 10h + 2I.
+# `attention` is stored probabilities per token and block, in units of heads x key length: only when sdpa
+# falls back to its math kernel (attention dropout > 0 on CPU) or the model runs eager attention; then
+# softmax output, dropout mask and dropped probabilities = 3 (48 B = 3 x 4 heads x 4 B per unit of s measured).
+# `methods`: the fraction of full fine-tuning's block activations each method saves, measured the same way
+# with tunelab's default config per method (frozen layers keep only what the backward to the trainable
+# parameters needs). `bfloat16`: measured saved bytes in bf16 relative to float32 (norms stay float32).
+# `eval`: the peak working set of a forward without gradients per token, relative to one block's full
+# activations (measured: llama 0.77-0.93, gpt2 ~1.0, bert 0.64 at 32-64 rows x 512 tokens).
+FAMILIES = {
+    "llama": {"a_h": 8, "a_kv": 2, "a_i": 4, "attention": 3, "bfloat16": 0.56, "eval": 0.85,
+              "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.87, "qlora": 0.87, "dora": 1.02, "ia3": 0.85,
+                          "adapter": 0.72, "prompt": 0.66, "ptuning": 0.66, "prefix": 0.73, "bitfit": 0.70}},
+    "gpt2": {"a_h": 14, "a_kv": 0, "a_i": 4, "attention": 3, "bfloat16": 0.68, "eval": 1.0,
+             "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.84, "qlora": 0.84, "dora": 1.04, "ia3": 1.0,
+                         "adapter": 0.80, "prompt": 0.77, "ptuning": 0.77, "prefix": 0.81, "bitfit": 0.77}},
+    "bert": {"a_h": 10, "a_kv": 0, "a_i": 2, "attention": 3, "bfloat16": 0.74, "eval": 0.65,
+             "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.84, "qlora": 0.84, "dora": 1.06, "ia3": 1.0,
+                         "adapter": 0.67, "prompt": 0.61, "ptuning": 0.61, "prefix": 0.68, "bitfit": 0.61}},
+}
+FAMILY_OF = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta", "deberta-v2",
+                     "albert", "mpnet", "ernie", "layoutlm", "modernbert"], "bert"),
+    **dict.fromkeys(["gpt2", "gpt_bigcode", "gpt_neo", "gptj", "gpt_neox", "bloom", "falcon", "opt", "phi", "codegen",
+                     "biogpt"], "gpt2"),
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo",
+                     "olmo2", "smollm3", "stablelm", "granite", "cohere"], "llama"),
+}
+HEAD_WIDTHS = 3  # per token, in hidden widths: the embedding LayerNorm/dropout (encoders) or final norm + LM-head input
+LOGIT_COPIES = 3  # float32 (tokens x vocab) tensors alive at the start of backward: log-softmax out + 2 gradients
+ALLOCATOR_SLACK = {"cpu": 0.5, "cuda": 0.10}  # of the transient bytes; cpu measured (glibc), cuda assumed
+CUDA_CONTEXT = 500 * 2**20  # CUDA context + kernels, outside torch's allocator (typical; not measured here)
+RUNTIME_FALLBACK = 360 * 2**20  # RSS of python + torch + transformers + tunelab, if it cannot be measured
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification",
+                "qa": "AutoModelForQuestionAnswering", "sft": "AutoModelForCausalLM", "causal_lm": "AutoModelForCausalLM"}
+
+
+# -- memory sizes ------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """'24GB' -> 24e9 bytes. KB/MB/GB/TB are decimal, KiB/MiB/GiB/TiB and bare K/M/G/T binary (as `free -g` and
+    docker's `8g`), a plain number is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and m.group(2).lower()
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise TunelabError(
+            f"Memory size {text!r} is not understood. Write a positive number with an optional unit, e.g. 24GB, "
+            f"24GiB, 512MB, 8G or 1073741824 (bytes): KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB and "
+            f"K/M/G/T powers of 1024.")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def machine_memory() -> tuple[int, str]:
+    """(bytes, what they are): the first CUDA GPU's memory when CUDA is available, else this machine's RAM
+    (capped by a cgroup limit, as in a container)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, f"GPU memory of {torch.cuda.get_device_name(0)}"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            total = min(total, int(Path(limit_file).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            pass
+    return total, "RAM of this machine"
+
+
+@functools.cache
+def runtime_overhead() -> int:
+    """Peak RSS of a fresh Python that imports what a tunelab run imports (measured once per process, ~4 s)."""
+    code = ("import tunelab.pipeline, transformers\n"
+            f"[getattr(transformers, name) for name in {sorted(set(AUTO_CLASSES.values()))!r}]\n"
+            "from tunelab.pipeline import peak_rss\n"
+            "print(peak_rss())")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return RUNTIME_FALLBACK
+
+
+# -- the model, counted on the meta device -----------------------------------------------------------
+
+def _model_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    path = models.check_model_dir(model_dir, key="model_dir")
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise TunelabError(f"'{path}' has a config.json that transformers cannot read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}); the model directory looks damaged or needs custom code.") from None
+    return path, cfg
+
+
+def _dims(cfg) -> dict:
+    """hidden, layers, heads, kv width, intermediate and vocabulary sizes, whatever the config calls them."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    get = lambda *names, default=None: next((getattr(text, n) for n in names if getattr(text, n, None) is not None), default)
+    hidden = get("hidden_size", "n_embd", "d_model", "dim")
+    layers = get("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    heads = get("num_attention_heads", "n_head", "num_heads", "n_heads")
+    if not (hidden and layers and heads):
+        raise TunelabError(f"Cannot read the hidden size, layer count and head count from the config of model type "
+                           f"'{text.model_type}', so its memory cannot be estimated.")
+    head_dim = get("head_dim", default=hidden // heads)
+    return {"hidden": hidden, "layers": layers, "heads": heads,
+            "kv": get("num_key_value_heads", default=heads) * head_dim,
+            "intermediate": get("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", default=4 * hidden),
+            "vocab": get("vocab_size", default=0),
+            "attention_dropout": float(get("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob",
+                                           default=0.0) or 0.0)}
+
+
+def _family(cfg, task: str) -> tuple[str, bool]:
+    """(family, guessed?): the calibrated family whose block layout is nearest."""
+    model_type = getattr(cfg, "model_type", "")
+    if model_type in FAMILY_OF:
+        return FAMILY_OF[model_type], False
+    if getattr(cfg, "num_key_value_heads", None) is not None or "silu" in str(getattr(cfg, "hidden_act", "")):
+        return "llama", True  # gated MLP + RMSNorm decoders
+    return ("gpt2" if task in ("sft", "causal_lm") else "bert"), True
+
+
+def _method_config(method: str, lora_r: int, num_virtual_tokens: int):
+    from . import config as C
+
+    by_name = {"full": C.FullConfig, "freeze": C.FreezeConfig, "lora": C.LoraConfig, "dora": C.DoraConfig,
+               "qlora": C.QLoraConfig, "adapter": C.AdapterConfig, "prefix": C.PrefixConfig, "prompt": C.PromptConfig,
+               "ptuning": C.PTuningConfig, "bitfit": C.BitFitConfig, "ia3": C.IA3Config}
+    if method not in by_name:
+        raise TunelabError(f"Unknown method '{method}'; choose one of {', '.join(METHOD_ORDER)}.")
+    kw = {"r": lora_r} if method in ("lora", "dora", "qlora") else {}
+    if method in ("prompt", "ptuning", "prefix"):
+        kw["num_virtual_tokens"] = num_virtual_tokens
+    return by_name[method](name=method, **kw)
+
+
+def nf4_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes of a torchao NF4Tensor (qlora.BLOCK_SIZE 64, SCALER_BLOCK_SIZE 256): packed 4-bit codes, int8 block
+    scales, one `dtype` factor per 256 scales, the scales' mean and the 16-value code table."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return numel // 2 + numel // 64 + (numel // (64 * 256) + 1 + 16) * size
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@functools.lru_cache(maxsize=64)  # advise asks twice per method (with and without checkpointing)
+def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32", lora_r: int = 16,
+          num_virtual_tokens: int = 20, num_labels: int = 2, device: str = "cpu") -> dict:
+    """Parameters and weight bytes with `method` applied as tunelab applies it, on a meta-device model.
+
+    Returns {"applicable", "reason", "total_params", "trainable_params", "weight_bytes", "load_bytes",
+    "trainable_bytes", "largest_trainable_bytes", "attention_impl"}."""
+    import transformers
+
+    from . import methods
+    from .methods import lora as lora_mod
+    from .methods import qlora as qlora_mod
+
+    path, cfg = _model_config(model_dir)
+    if task in ("classification", "token_classification"):
+        cfg.num_labels = num_labels
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(cfg, dtype=models.DTYPES[dtype])
+    except (ValueError, KeyError, TypeError) as e:
+        raise TunelabError(f"'{path}' cannot be built as {auto.__name__} for task {task}: {str(e).splitlines()[0]}") from None
+    head = [] if task in ("sft", "causal_lm") else models.head_modules(model)
+    # Loading materialises every weight in dtype before any method runs (QLoRA quantizes afterwards).
+    load_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    head_copy = sum(_nbytes(p) for h in head for p in model.get_submodule(h).parameters())  # methods.named keeps one
+    cfg_method = _method_config(method, lora_r, num_virtual_tokens)
+    try:
+        if method == "qlora":  # NF4 tensors cannot be built on meta: LoRA as qlora.apply does, quantization counted below
+            model = lora_mod.apply(model, cfg_method, head)
+        else:
+            model = methods.prepare(model, cfg_method, head)
+    except TunelabError as e:  # e.g. BitFit on a bias-free Llama: the method does not apply to this model
+        return {"applicable": False, "reason": str(e).split(". ")[0] + "."}
+    quantized = set()
+    if method == "qlora":
+        settings = {**qlora_mod.DEFAULTS, "head": head}
+        backend = "bitsandbytes" if device == "cuda" and qlora_mod._bnb_installed() else "torchao"
+        quantized = {id(model.get_submodule(p).weight) for p in qlora_mod._candidates(model, settings)
+                     if qlora_mod._fits(model.get_submodule(p), backend)}
+    seen, weight_bytes, trainable, total, trainable_bytes, largest = set(), head_copy, 0, 0, 0, 0
+    for p in model.parameters():
+        if id(p) in seen:  # tied embeddings are one tensor
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        weight_bytes += nf4_bytes(p.numel(), p.dtype) if id(p) in quantized else _nbytes(p)
+        if p.requires_grad:
+            trainable += p.numel()
+            trainable_bytes += _nbytes(p)
+            largest = max(largest, _nbytes(p))
+    weight_bytes += sum(_nbytes(b) for b in model.buffers())
+    if trainable == 0:
+        return {"applicable": False, "reason": f"{method} leaves nothing to train for task {task} on this model "
+                                               f"(no separate task head)."}
+    return {"applicable": True, "reason": None, "total_params": total, "trainable_params": trainable,
+            "weight_bytes": weight_bytes, "load_bytes": max(load_bytes, weight_bytes),
+            "trainable_bytes": trainable_bytes, "largest_trainable_bytes": largest,
+            "attention_impl": getattr(model.config, "_attn_implementation", None) or "sdpa"}
+
+
+# -- activations -------------------------------------------------------------------------------------
+
+def activation_bytes(dims: dict, family: str, method: str, task: str, seq_len: int, batch: int, dtype: str,
+                     device: str, attention_impl: str, num_virtual_tokens: int, gradient_checkpointing: bool) -> int:
+    """Bytes autograd saves for one micro-batch (see FAMILIES); logits are counted apart (logit_bytes)."""
+    fam = FAMILIES[family]
+    scale = 1.0 if dtype == "float32" else fam["bfloat16"]
+    virtual = num_virtual_tokens if method in ("prompt", "ptuning", "prefix") else 0
+    # Prompt tuning / P-tuning put the virtual tokens into the sequence; prefix tuning only into the keys.
+    tokens = batch * (seq_len + (virtual if method in ("prompt", "ptuning") else 0))
+    keys = seq_len + virtual
+    block = 4 * (fam["a_h"] * dims["hidden"] + fam["a_kv"] * dims["kv"] + fam["a_i"] * dims["intermediate"])
+    block *= fam["methods"][method]
+    math_attention = attention_impl == "eager" or (device == "cpu" and dims["attention_dropout"] > 0)
+    if math_attention and fam["methods"][method] > 0:
+        block += 4 * fam["attention"] * dims["heads"] * keys
+    block *= scale
+    head = 4 * HEAD_WIDTHS * dims["hidden"] * scale
+    if gradient_checkpointing and fam["methods"][method] > 0:  # (frozen blocks keep nothing to checkpoint)
+        # Each block keeps only its input; backward recomputes one block at a time.
+        element = torch.empty((), dtype=models.DTYPES[dtype]).element_size()
+        return int(tokens * (dims["layers"] * dims["hidden"] * element + head) + tokens * block)
+    return int(tokens * (dims["layers"] * block + head))
+
+
+def logit_bytes(dims: dict, task: str, seq_len: int, batch: int, dtype: str, num_labels: int) -> int:
+    """The loss's buffers at the start of backward (float32: tunelab upcasts logits before the loss)."""
+    if task in ("sft", "causal_lm"):
+        # Every target position at once (sft: assume all tokens are targets, the upper bound).
+        width, tokens = dims["vocab"], batch * (seq_len - 1)
+        extra = 2 * width * tokens if dtype != "float32" else 0  # the bf16 logits, cast to float32 and back
+        return LOGIT_COPIES * 4 * width * tokens + extra
+    width = {"classification": num_labels, "token_classification": num_labels, "qa": 2}[task]
+    tokens = batch if task == "classification" else batch * seq_len
+    return LOGIT_COPIES * 4 * width * tokens
+
+
+def eval_bytes(dims: dict, family: str, task: str, seq_len: int, eval_batch: int, dtype: str, num_labels: int) -> int:
+    """Evaluation without gradients: one block's working set, plus a causal LM's logits and log-softmax for
+    every token of the eval batch (evaluate.run calls the task's forward on whole batches)."""
+    fam = FAMILIES[family]
+    block = 4 * (fam["a_h"] * dims["hidden"] + fam["a_kv"] * dims["kv"] + fam["a_i"] * dims["intermediate"])
+    working = eval_batch * seq_len * block * fam["eval"] * (1.0 if dtype == "float32" else fam["bfloat16"])
+    if task in ("sft", "causal_lm"):
+        tokens = eval_batch * (seq_len - 1)
+        logits = 2 * 4 * dims["vocab"] * tokens + (2 * dims["vocab"] * tokens if dtype != "float32" else 0)
+    else:
+        logits = logit_bytes(dims, task, seq_len, eval_batch, dtype, num_labels)
+    return int(working + logits)
+
+
+# -- the estimate --------------------------------------------------------------------------------------
+
+def estimate(model_dir, task: str, seq_len: int, batch: int, method: str | None = None, dtype: str = "float32",
+             gradient_checkpointing: bool = False, lora_r: int = 16, num_virtual_tokens: int = 20, num_labels: int = 2,
+             eval_batch_size: int | None = None, device: str | None = None) -> dict:
+    """Training memory of `method` (None: every method, as {method: estimate}) in bytes, part by part.
+
+    `eval_batch_size` defaults to tunelab's eval.batch_size (64); `device` to cuda when available, else cpu."""
+    if task not in TASKS:
+        raise TunelabError(f"Unknown task '{task}'; choose one of {', '.join(TASKS)}.")
+    if dtype not in models.DTYPES:
+        raise TunelabError(f"dtype '{dtype}' is not one tunelab trains in; use {' or '.join(models.DTYPES)}.")
+    if seq_len < 2 or batch < 1:
+        raise TunelabError(f"seq_len must be >= 2 and batch >= 1 (got seq_len={seq_len}, batch={batch}).")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if method is None:
+        return {m: estimate(model_dir, task, seq_len, batch, m, dtype, gradient_checkpointing, lora_r,
+                            num_virtual_tokens, num_labels, eval_batch_size, device) for m in METHOD_ORDER}
+    path, cfg = _model_config(model_dir)
+    dims = _dims(cfg)
+    family, guessed = _family(cfg, task)
+    out = {"model": str(path), "task": task, "method": method, "dtype": dtype, "device": device, "seq_len": seq_len,
+           "batch": batch, "gradient_checkpointing": gradient_checkpointing, "family": family,
+           "family_guessed": guessed, "mergeable": method in MERGEABLE}
+    counted = count(path, task, method, dtype, lora_r, num_virtual_tokens, num_labels, device)
+    if not counted["applicable"]:
+        return {**out, "applicable": False, "reason": counted["reason"], "total": None}
+
+    trainable = counted["trainable_bytes"]
+    act = {gc: activation_bytes(dims, family, method, task, seq_len, batch, dtype, device, counted["attention_impl"],
+                                num_virtual_tokens, gc) for gc in (False, True)}
+    parts = {
+        "weights": counted["weight_bytes"],
+        "gradients": trainable,
+        "optimizer": 2 * trainable,
+        "best_copy": trainable,
+        "activations": act[gradient_checkpointing],
+        "logits": logit_bytes(dims, task, seq_len, batch, dtype, num_labels),
+    }
+    # AdamW's step runs after backward has freed the activations; its temporaries are one parameter's worth at a
+    # time on CPU, all parameters at once with the foreach kernels torch uses on CUDA.
+    step_temp = 2 * (trainable if device == "cuda" else counted["largest_trainable_bytes"])
+    transient = max(parts["activations"] + parts["logits"], step_temp)
+    parts["allocator"] = int(ALLOCATOR_SLACK[device] * transient)
+    parts["runtime"] = CUDA_CONTEXT if device == "cuda" else runtime_overhead()
+    eval_batch = eval_batch_size or EVAL_BATCH_DEFAULT
+    steady = parts["weights"] + parts["optimizer"] + parts["best_copy"]
+    phases = {
+        "load": counted["load_bytes"] + parts["runtime"],
+        "train": steady + parts["gradients"] + transient + parts["allocator"] + parts["runtime"],
+        # After training the allocator still holds its slack (glibc does not hand the fragmented heap back), and
+        # evaluation's tensors come on top of it.
+        "eval": steady + parts["allocator"] + eval_bytes(dims, family, task, seq_len, eval_batch, dtype, num_labels)
+                + parts["runtime"],
+    }
+    return {**out, "applicable": True, "reason": None,
+            "total_params": counted["total_params"], "trainable_params": counted["trainable_params"],
+            "bytes": parts, "activations_without_checkpointing": act[False], "activations_with_checkpointing": act[True],
+            "eval_batch_size": eval_batch, "phases": phases, "peak_phase": max(phases, key=phases.get),
+            # What the training itself needs (loading + the steps); the evaluation is tuned apart (eval.batch_size).
+            "train_peak": max(phases["load"], phases["train"]),
+            "total": max(phases.values())}
+
+
+def eval_batch_that_fits(est: dict, memory: int) -> int:
+    """The largest eval.batch_size whose evaluation phase fits `memory` (0: none does)."""
+    b = est["bytes"]
+    base = b["weights"] + b["optimizer"] + b["best_copy"] + b["allocator"] + b["runtime"]
+    per_row = (est["phases"]["eval"] - base) / est["eval_batch_size"]
+    return max(0, int((memory - base) // per_row)) if per_row > 0 else est["eval_batch_size"]
+
+
+# -- the advice ----------------------------------------------------------------------------------------
+
+def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | str | None = None, tasks: int = 1,
+           latency_critical: bool = False, dtype: str = "float32", eval_batch_size: int | None = None,
+           device: str | None = None) -> dict:
+    """Every method with and without gradient checkpointing, which fit `memory_bytes` (default: the GPU's memory
+    under CUDA, else this machine's RAM), and recommendations, each with a one-line reason."""
+    if tasks < 1:
+        raise TunelabError(f"tasks must be >= 1 (the number of tasks to fine-tune for), got {tasks}.")
+    if memory_bytes is None:
+        memory, memory_source = machine_memory()
+    else:
+        memory, memory_source = parse_memory(memory_bytes), "given"
+    rows = []
+    for method in METHOD_ORDER:
+        plain, ckpt = (estimate(model_dir, task, seq_len, batch, method, dtype, gc, eval_batch_size=eval_batch_size,
+                                device=device) for gc in (False, True))
+        row = {"method": method, "applicable": plain["applicable"], "reason": plain["reason"],
+               "mergeable": method in MERGEABLE, "plain": plain, "checkpointing": ckpt, "fits": None}
+        if plain["applicable"]:
+            row["fits"] = ("plain" if plain["train_peak"] <= memory else
+                           "checkpointing" if ckpt["train_peak"] <= memory else None)
+        rows.append(row)
+    head = rows[0]["plain"]
+    result = {"model": head["model"], "task": task, "seq_len": seq_len, "batch": batch, "dtype": dtype,
+              "device": head["device"], "memory_bytes": memory, "memory_source": memory_source, "tasks": tasks,
+              "latency_critical": latency_critical, "rows": rows}
+    result["recommendations"], result["notes"] = _recommend(rows, memory, tasks, latency_critical)
+    return result
+
+
+def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool) -> tuple[list[dict], list[str]]:
+    """The design notes' rules: limited memory -> LoRA / QLoRA; several tasks -> one small adapter per task;
+    latency-critical -> mergeable methods only; memory to spare and one task -> full fine-tuning is an option;
+    gradient checkpointing where a method fits only with it."""
+    by = {r["method"]: r for r in rows}
+    fits = lambda m: m in by and by[m]["fits"] is not None
+    allowed = lambda m: not latency_critical or m in MERGEABLE
+    peak = lambda m: by[m]["checkpointing" if by[m]["fits"] == "checkpointing" else "plain"]["train_peak"]
+    recs: list[dict] = []
+
+    def add(method: str, reason: str) -> None:
+        if any(r["method"] == method for r in recs):
+            return
+        gc = by[method]["fits"] == "checkpointing"
+        if gc:
+            reason += (f"; only with train.gradient_checkpointing=true ({fmt_bytes(by[method]['plain']['train_peak'])} "
+                       f"without, {fmt_bytes(by[method]['checkpointing']['train_peak'])} with)")
+        recs.append({"method": method, "gradient_checkpointing": gc, "reason": reason})
+
+    full_size = by["full"]["plain"]["bytes"]["weights"] if by["full"]["applicable"] else None
+    if tasks > 1:
+        for m in ("lora", "adapter"):
+            if fits(m) and allowed(m):
+                per_task = 4 * by[m]["plain"]["trainable_params"]  # float32 adapter tensors on disk
+                add(m, f"{tasks} tasks: one {fmt_bytes(per_task)} adapter per task on one shared base, instead of "
+                       f"{tasks} copies of the {fmt_bytes(full_size)} model" + (
+                           "; merge it for serving a single task" if m in MERGEABLE else ""))
+    if fits("full") and tasks == 1:
+        add("full", f"memory allows it ({fmt_bytes(peak('full'))} of {fmt_bytes(memory)}): full fine-tuning usually "
+                    f"reaches the best task metric, at the cost of a whole model copy per run")
+    if fits("lora"):
+        why = ("full fine-tuning needs " + fmt_bytes(by["full"]["checkpointing"]["train_peak"]) + " even with checkpointing"
+               if by["full"]["applicable"] and not fits("full") else "the light default")
+        add("lora", f"{why}; LoRA trains {by['lora']['plain']['trainable_params']:,} parameters and peaks at "
+                    f"{fmt_bytes(peak('lora'))}, close to full fine-tuning's quality, and merges for serving")
+    elif fits("qlora"):
+        add("qlora", f"even LoRA does not fit ({fmt_bytes(by['lora']['checkpointing']['train_peak'])} with checkpointing): "
+                     f"QLoRA keeps the frozen base in 4-bit NF4 and peaks at {fmt_bytes(peak('qlora'))}")
+    if latency_critical:
+        for m in ("lora", "ia3", "bitfit", "full", "freeze"):
+            if fits(m) and len(recs) < 2:
+                add(m, "merges into the base weights, so serving costs what the base model costs")
+    if not recs:  # only the less usual methods fit
+        for m in sorted((m for m in METHOD_ORDER if fits(m) and allowed(m)), key=peak)[:1]:
+            add(m, f"the only kind of method that fits: peaks at {fmt_bytes(peak(m))} of {fmt_bytes(memory)}")
+
+    notes = []
+    if not any(fits(m) for m in by):
+        smallest = min((r for r in rows if r["applicable"]), key=lambda r: r["checkpointing"]["train_peak"])
+        notes.append(f"Nothing fits in {fmt_bytes(memory)}: the smallest is {smallest['method']} with checkpointing at "
+                     f"{fmt_bytes(smallest['checkpointing']['train_peak'])}. Lower the batch (and raise train.grad_accum to "
+                     f"keep the effective batch), shorten data.max_length, train in bfloat16, or use more memory.")
+    if latency_critical:
+        notes.append("Latency-critical: adapter, prefix, prompt and ptuning add work to every inference call, so they "
+                     "are not recommended.")
+    lora, qlora = by["lora"], by["qlora"]
+    if qlora["applicable"] and not fits("qlora") and qlora["checkpointing"]["phases"]["train"] <= memory:
+        notes.append(f"QLoRA's training would fit ({fmt_bytes(qlora['checkpointing']['phases']['train'])}), but tunelab "
+                     f"loads the base in {lora['plain']['dtype']} before quantizing it "
+                     f"({fmt_bytes(qlora['plain']['phases']['load'])}).")
+    for rec in recs[:1]:  # the evaluation of the first recommendation, at eval.batch_size
+        est = by[rec["method"]]["checkpointing" if rec["gradient_checkpointing"] else "plain"]
+        if est["phases"]["eval"] > memory:
+            fitting = eval_batch_that_fits(est, memory)
+            notes.append(f"Evaluation at eval.batch_size={est['eval_batch_size']} needs {fmt_bytes(est['phases']['eval'])}"
+                         + (" (a causal LM's loss materialises (rows x tokens x vocabulary) logits)"
+                            if est["task"] in ("sft", "causal_lm") else "")
+                         + (f": set eval.batch_size={fitting} or lower." if fitting else
+                            ": even eval.batch_size=1 does not fit; shorten data.max_length."))
+    if rows[0]["plain"].get("family_guessed"):
+        notes.append(f"Model type not calibrated; its activations are estimated as a {rows[0]['plain']['family']}-like "
+                     f"model's.")
+    return recs, notes
+
+
+def format_advice(result: dict) -> str:
+    """What `tunelab advise` prints: a table of the methods, then the recommendations and notes."""
+    mb = lambda n: f"{n / 2**20:,.0f}" if n is not None else "-"
+    title = (f"Training memory for {result['model']} ({result['task']}, {result['batch']} x {result['seq_len']} "
+             f"tokens, {result['dtype']}, {result['device']}); budget {fmt_bytes(result['memory_bytes'])} "
+             f"({result['memory_source']}). MiB:")
+    header = (f"{'method':9} {'trainable':>13} {'weights':>8} {'grad+opt':>9} {'activ.':>7} {'logits':>7} "
+              f"{'peak':>7} {'ckpt act.':>9} {'peak ckpt':>9}  fits")
+    lines = [title, header]
+    for r in result["rows"]:
+        if not r["applicable"]:
+            lines.append(f"{r['method']:9} n/a: {r['reason']}")
+            continue
+        p, c = r["plain"], r["checkpointing"]
+        b = p["bytes"]
+        share = 100 * p["trainable_params"] / p["total_params"]
+        trainable = f"{p['trainable_params']:,}" if p["trainable_params"] < 10**6 else f"{p['trainable_params'] / 1e6:.1f}M"
+        fits = {"plain": "yes", "checkpointing": "with ckpt", None: "no"}[r["fits"]]
+        lines.append(f"{r['method']:9} {trainable:>7} {share:4.1f}% {mb(b['weights']):>8} "
+                     f"{mb(b['gradients'] + b['optimizer'] + b['best_copy']):>9} {mb(b['activations']):>7} "
+                     f"{mb(b['logits']):>7} {mb(p['train_peak']):>7} {mb(c['bytes']['activations']):>9} "
+                     f"{mb(c['train_peak']):>9}  {fits}")
+    first = next(r["plain"] for r in result["rows"] if r["applicable"])
+    lines.append(f"(peak: loading or a training step, whichever is larger, including "
+                 f"{fmt_bytes(first['bytes']['runtime'])} for the "
+                 f"{'CUDA context' if result['device'] == 'cuda' else 'Python process'}; grad+opt = gradients, AdamW "
+                 f"state and the best-checkpoint copy; evaluation at eval.batch_size={first['eval_batch_size']}: "
+                 f"{fmt_bytes(first['phases']['eval'])} for {first['method']})")
+    lines.append("")
+    lines.append("Recommendations:" if result["recommendations"] else "No method fits.")
+    for rec in result["recommendations"]:
+        ckpt = " + gradient checkpointing" if rec["gradient_checkpointing"] else ""
+        lines.append(f"  {rec['method']}{ckpt}: {rec['reason']}.")
+    for note in result["notes"]:
+        lines.append(f"Note: {note}")
+    return "\n".join(lines)
