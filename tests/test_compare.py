@@ -129,10 +129,10 @@ def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
     import sys
 
     parent = ("import subprocess, sys, torch\n"
-              "big = torch.ones(200 * 2**20)  # 800 MB resident in the parent\n"
+              "big = torch.ones(300 * 2**20)  # 1.2 GB resident in the parent\n"
               "child = 'import resource; from tunelab.pipeline import peak_rss; '"
               " 'print(peak_rss() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)'\n"
               "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n")
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120).stdout
     own, inherited = map(float, out.split())
-    assert inherited > 800 and own < 400, (own, inherited)
+    assert inherited > 1200 and own < 800, (own, inherited)  # the child itself: Python + torch + transformers
