@@ -171,13 +171,15 @@ def _dedupe(examples: list[dict]) -> tuple[list[dict], int]:
     return kept, len(examples) - len(kept)
 
 
-def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
-    """Read train (and validation / test); without a validation file hold out a seeded random val_fraction."""
+def load_splits(cfg, seed: int, read_file=None) -> tuple[dict[str, list[dict]], dict]:
+    """Read train (and validation / test) with `read_file` (default: sft / causal_lm rows); without a validation
+    file hold out a seeded random val_fraction."""
+    read_file = read_file or read
     files = {"train": cfg.data.train, "validation": cfg.data.validation, "test": cfg.data.test}
     splits, entries = {}, {}
     for name, path in files.items():
         if path is not None:
-            splits[name], entries[name] = read(path, f"data.{name}", cfg.data, cfg.task.type)
+            splits[name], entries[name] = read_file(path, f"data.{name}", cfg.data, cfg.task.type)
     if cfg.data.validation is None:
         train, splits["validation"] = random_split(splits["train"], cfg.data.val_fraction, seed, cfg.data.train)
         splits["train"], n_val = train, len(splits["validation"])
