@@ -39,7 +39,7 @@ def test_only_the_final_reply_is_labelled_and_both_sides_share_the_prompt(tmp_pa
     tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
     pairs, _ = _read(tmp_path, PAIRS)
     feats, stats = preference.encode(pairs, tok, template, max_length=256)
-    assert stats["pairs"] == 2 and stats["cut_reply"] == 0
+    assert stats["examples"] == 2 and stats["cut_reply"] == 0
     for f, p in zip(feats, pairs):
         for side in ("chosen", "rejected"):
             ids, labels = f[f"{side}_ids"], f[f"{side}_labels"]

@@ -64,12 +64,13 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa"] = Field(
+    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
-                                      "'token_classification' (NER: BIO tags per word), 'qa' (extractive question answering).")
+                                      "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
+                                      "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs).")
     template: Literal["auto", "chat", "alpaca"] = Field(
-        "auto", description="sft prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
+        "auto", description="sft and reward prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
                             "(chat when the tokenizer has a template, else alpaca).")
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")

@@ -131,7 +131,7 @@ def encode(pairs: list[dict], tokenizer, template: str, max_length: int, truncat
             f"leaving no room for the reply (first: row {row}, {n} prompt tokens). Raise data.max_length, shorten those "
             f"prompts, or set data.truncation=drop to skip such pairs (they are counted in the data report).")
     lengths = [len(f[f"{s}_ids"]) for f in feats for s in ("chosen", "rejected")]
-    stats = {"pairs": len(feats), **counts, "tokens": sum(lengths),
-             "reply_tokens": sum(sum(x != -100 for x in f[f"{s}_labels"]) for f in feats for s in ("chosen", "rejected")),
-             "max_length": max(lengths, default=0)}
+    # "examples" are pairs; "target_tokens" the reply tokens of both sides (the keys every task's report uses)
+    stats = {"examples": len(feats), **counts, "tokens": sum(lengths),
+             "target_tokens": sum(sum(x != -100 for x in f[f"{s}_labels"]) for f in feats for s in ("chosen", "rejected"))}
     return feats, stats

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def feature_length(f: dict) -> int:
+    """Tokens of one example; a preference pair (two sequences) gives its longer side as "length"."""
+    return f["length"] if "length" in f else len(f["input_ids"])
+
+
 def length_sorted_batches(features: list[dict], batch_size: int) -> list[list[int]]:
     """Index batches of similar length: padding (and so CPU time) drops several-fold on real text."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    order = sorted(range(len(features)), key=lambda i: feature_length(features[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 

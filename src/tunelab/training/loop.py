@@ -96,7 +96,7 @@ def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportiona
     uniform, or round-robin — from one seeded generator. An "epoch" is as many micro-batches as all jobs'
     epochs together hold.
     """
-    lengths = [[len(f["input_ids"]) for f in j.train] if cfg.group_by_length else None for j in jobs]
+    lengths = [[evaluate.feature_length(f) for f in j.train] if cfg.group_by_length else None for j in jobs]
     if len(jobs) == 1:
         for pos, chunks, end in batch_stream(len(jobs[0].train), cfg, torch.Generator().manual_seed(cfg.seed), lengths[0]):
             yield pos, [(0, c) for c in chunks], end

@@ -1,0 +1,101 @@
+"""Reward model (task.type reward): a scalar head on the body, trained on preference pairs with the Bradley–Terry
+pairwise loss -log sigmoid(r(chosen) - r(rejected)), as TRL's RewardTrainer.
+
+Rows are prompt / chosen / rejected pairs (data/preference.py), rendered with the sft template, so a reward model
+scores exactly the text an sft model of the same template writes. The score of a sequence is the head's output at
+its last non-pad token (transformers' *ForSequenceClassification with num_labels=1). A batch of B pairs is one
+forward over 2B rows (the chosen ones, then the rejected ones). Metrics: pairwise accuracy (chosen scored higher)
+and the mean margin r(chosen) - r(rejected).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .. import models
+from ..data import chat, preference
+
+MAIN_METRIC = "accuracy"
+METRICS = ("accuracy", "margin", "loss")
+HEADLINE = ("accuracy", "margin")
+PROBE = False  # no labels to probe: the pairs are the supervision
+
+
+def load_splits(cfg, seed: int):
+    return preference.load_splits(cfg, seed)
+
+
+def label_info(splits: dict, cfg) -> dict:
+    return {"task": "reward", "template": cfg.task.template, "truncation": cfg.data.truncation}
+
+
+def build_model(model_cfg, info: dict, path=None):
+    from transformers import AutoModelForSequenceClassification
+
+    model, tok = models.load(model_cfg, AutoModelForSequenceClassification, path=path, num_labels=1)
+    info["template"] = chat.resolve_template(info["template"], tok, f"'{path or model_cfg.path}'")
+    return model, tok
+
+
+def head_modules(model) -> list[str]:
+    return models.head_modules(model)
+
+
+def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[list[dict], dict]:
+    feats, stats = preference.encode(rows, tokenizer, info["template"], max_length, info["truncation"])
+    for f in feats:
+        f["length"] = max(len(f["chosen_ids"]), len(f["rejected_ids"]))
+    return feats, stats
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "pairs": torch.zeros(len(features))}
+
+
+def forward(model, batch) -> torch.Tensor:
+    """(pairs, 2) scores: column 0 the chosen reply's, column 1 the rejected one's."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    return scores.view(2, -1).T
+
+
+def loss(model, batch) -> torch.Tensor:
+    scores = forward(model, batch)
+    return -F.logsigmoid(scores[:, 0] - scores[:, 1]).sum()
+
+
+def count(batch) -> int:
+    return int(batch["pairs"].numel())
+
+
+def targets(batch) -> torch.Tensor:
+    return batch["pairs"]
+
+
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
+    diff = outputs[:, 0] - outputs[:, 1]
+    return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
+            "loss": float(-F.logsigmoid(diff).mean()), "pairs": int(diff.numel())}
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+    """The first pairs of a split with the score of each reply."""
+    if not rows:
+        return []
+    from .. import evaluate
+
+    feats, _ = encode(rows, tokenizer, info, max_length)
+    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(feats), tokenizer.pad_token_id, device)
+    by_row = {r["row"]: r for r in rows}
+    return [{"row": f["row"], "prompt": by_row[f["row"]]["prompt"][-1]["content"], "chosen": by_row[f["row"]]["chosen"],
+             "rejected": by_row[f["row"]]["rejected"], "score_chosen": float(o[0]), "score_rejected": float(o[1])}
+            for f, o in zip(feats, out)]

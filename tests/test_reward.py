@@ -1,0 +1,61 @@
+"""The reward model (task.type reward): Bradley–Terry on preference pairs, scored at the last token; it learns
+which of two replies is preferred, and its metrics are computed from the chosen/rejected scores."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tunelab
+from conftest import write_jsonl
+from tunelab.tasks import reward
+
+
+def _pairs(n: int, seed: int = 0) -> list[dict]:
+    """The preferred reply is the polite one: a rule a tiny model can learn from the reply's words."""
+    rng = random.Random(seed)
+    polite, rude = ["thanks", "please", "glad", "kind"], ["no", "go", "away", "never"]
+    out = []
+    for i in range(n):
+        prompt = f"question {i} about " + " ".join(rng.sample(["cats", "rain", "tea", "maps", "code"], 2))
+        out.append({"prompt": prompt, "chosen": " ".join(rng.sample(polite, 3)), "rejected": " ".join(rng.sample(rude, 3))})
+    return out
+
+
+def test_the_loss_is_bradley_terry_on_the_last_token_scores(tiny_chat_llama):
+    from transformers import AutoTokenizer
+
+    from tunelab.config import ModelConfig
+
+    info = {"task": "reward", "template": "auto", "truncation": "cut"}
+    model, tok = reward.build_model(ModelConfig(path=str(tiny_chat_llama)), info)
+    rows = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}], "row": i} for i, p in enumerate(_pairs(4), 1)]
+    feats, _ = reward.encode(rows, tok, info, 128)
+    batch = reward.collate(feats, tok.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        scores = reward.forward(model, batch)
+        # by hand: each side alone, its logit at its last token
+        alone = [[model(input_ids=torch.tensor([f[f"{s}_ids"]])).logits[0, 0].item() for s in ("chosen", "rejected")]
+                 for f in feats]
+        torch.testing.assert_close(scores, torch.tensor(alone), atol=1e-5, rtol=0)
+        expected = -F.logsigmoid(torch.tensor([a - b for a, b in alone])).sum()
+        assert reward.loss(model, batch).item() == pytest.approx(expected.item(), abs=1e-5)
+    m = reward.metrics(torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, -1.0]]), None, info)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx((1 - 1 + 4) / 3)
+
+
+def test_a_reward_model_learns_the_preference(tmp_path, tiny_chat_llama):
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(120, seed=1))
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=reward",
+                               "method.name=lora", "method.r=4", "train.lr=5e-3", "train.head_lr=5e-3",
+                               "train.batch_size=8", "train.max_steps=40", "eval.samples=2", "data.max_length=64",
+                               f"output_dir={tmp_path / 'rm'}"])
+    s = run.summary
+    assert s["eval"]["accuracy"] >= 0.9 and s["eval"]["margin"] > s["base"]["validation"]["margin"] + 0.5
+    samples = json.loads((run.dir / "samples.json").read_text())
+    assert all(x["score_chosen"] > x["score_rejected"] for x in samples["after"])
