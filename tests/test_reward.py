@@ -27,7 +27,6 @@ def _pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_the_loss_is_bradley_terry_on_the_last_token_scores(tiny_chat_llama):
-    from transformers import AutoTokenizer
 
     from tunelab.config import ModelConfig
 

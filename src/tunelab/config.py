@@ -64,16 +64,27 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward"] = Field(
+    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
                                       "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
-                                      "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs).")
+                                      "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs), 'dpo' "
+                                      "(direct preference optimisation of a causal LM on such pairs).")
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="sft and reward prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
                             "(chat when the tokenizer has a template, else alpaca).")
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
+    # -- dpo --
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference policy (IPO's tau).")
+    dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: 'sigmoid' (DPO) or 'ipo' (IPO: squared "
+                                                "loss on per-token averaged log-ratios).")
+    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed rate of flipped preferences "
+                                       "(conservative DPO); 0 is plain DPO.")
+    reference: Literal["auto", "adapters_disabled", "precomputed"] = Field(
+        "auto", description="dpo reference policy: 'adapters_disabled' (the model with its adapters off: no second "
+                            "copy), 'precomputed' (log-probs of every pair computed once before training), 'auto' "
+                            "(adapters_disabled for a fresh adapter method, else precomputed).")
     # -- token_classification (NER) --
     label_all_subwords: bool = Field(False, description="token_classification: train on every subword of a word (B-X "
                                                         "becomes I-X after the first) instead of its first subword only; "

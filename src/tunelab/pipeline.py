@@ -79,6 +79,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     model = methods.prepare(model, cfg.method, head)
     if cfg.train.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
+    if hasattr(task, "precompute_reference") and task.reference_mode(cfg) == "precomputed":
+        say("reference log-probs: computing them once with the starting model")
+        task.precompute_reference(model, feats, pad_id, device, bs)
     trainable, total = models.count_params(model)
     say(models.trainable_summary(model))
 

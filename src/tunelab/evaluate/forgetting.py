@@ -26,7 +26,7 @@ from ..errors import TunelabError
 from . import probe as linear_probe
 from . import run as evaluate_run
 
-CAUSAL = ("sft", "causal_lm")
+CAUSAL = ("sft", "causal_lm", "dpo")
 MAX_ROWS = 2000  # a probe is a check, not a second training set: cap the time it takes
 
 

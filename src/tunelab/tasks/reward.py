@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from .. import models
-from ..data import chat, preference
+from ..data import chat, preference as pairs
+from ..training import preference
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "margin", "loss")
@@ -25,7 +25,7 @@ PROBE = False  # no labels to probe: the pairs are the supervision
 
 
 def load_splits(cfg, seed: int):
-    return preference.load_splits(cfg, seed)
+    return pairs.load_splits(cfg, seed)
 
 
 def label_info(splits: dict, cfg) -> dict:
@@ -45,7 +45,7 @@ def head_modules(model) -> list[str]:
 
 
 def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[list[dict], dict]:
-    feats, stats = preference.encode(rows, tokenizer, info["template"], max_length, info["truncation"])
+    feats, stats = pairs.encode(rows, tokenizer, info["template"], max_length, info["truncation"])
     for f in feats:
         f["length"] = max(len(f["chosen_ids"]), len(f["rejected_ids"]))
     return feats, stats
@@ -70,7 +70,7 @@ def forward(model, batch) -> torch.Tensor:
 
 def loss(model, batch) -> torch.Tensor:
     scores = forward(model, batch)
-    return -F.logsigmoid(scores[:, 0] - scores[:, 1]).sum()
+    return preference.reward_loss(scores[:, 0], scores[:, 1]).sum()  # pinned to TRL's RewardTrainer in the tests
 
 
 def count(batch) -> int:
@@ -82,9 +82,8 @@ def targets(batch) -> torch.Tensor:
 
 
 def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
-    diff = outputs[:, 0] - outputs[:, 1]
-    return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
-            "loss": float(-F.logsigmoid(diff).mean()), "pairs": int(diff.numel())}
+    return {**preference.reward_metrics(outputs[:, 0], outputs[:, 1]),
+            "loss": float(preference.reward_loss(outputs[:, 0], outputs[:, 1]).mean()), "pairs": len(outputs)}
 
 
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:

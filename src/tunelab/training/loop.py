@@ -7,6 +7,7 @@ have requires_grad. So nothing here branches on either.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -83,7 +84,9 @@ def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg:
         pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None],
         unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
     """Train one task: `run_jobs` with a single job of weight 1."""
-    options = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else None
+    options = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
+    if "info" in inspect.signature(task.loss).parameters:  # a loss with settings of its own (dpo: beta, loss type)
+        options["info"] = info
     return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id, loss_options=options)], cfg,
                     head, device, eval_batch_size, log, unfreeze=unfreeze)
 

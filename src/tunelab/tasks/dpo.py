@@ -1,0 +1,139 @@
+"""Direct preference optimisation (task.type dpo): a causal LM learns to prefer `chosen` over `rejected` replies
+relative to a reference policy, without a reward model (Rafailov et al. 2023; IPO with task.dpo_loss=ipo).
+
+Rows are prompt / chosen / rejected pairs (data/preference.py) rendered with the sft template; a reply's
+log-probability is the sum over its tokens only. A batch of B pairs is one forward over 2B rows.
+
+The reference policy is the model as training starts (an sft model: `model.path` a merged or full-FT sft model,
+or `method.init_from` an sft adapter). Where it comes from (task.reference):
+- `adapters_disabled` (default for adapter methods started fresh): the same model with its adapters switched off
+  at each step, so no second copy of the weights is held (as TRL does with peft);
+- `precomputed`: the reference log-probs of every pair, computed once before the first step and stored with the
+  pair (default for methods that change the base weights, full / freeze / bitfit, and for init_from, where
+  disabling the adapter would also remove the sft adapter). It costs one forward pass over the data and no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import methods
+from ..training import preference
+from . import causal_lm, reward
+
+MAIN_METRIC = "loss"
+METRICS = ("loss", "accuracy", "margin")
+HEADLINE = ("loss", "accuracy", "margin")
+PROBE = False
+CHANGES_BASE = ("full", "freeze", "bitfit")
+
+load_splits = reward.load_splits
+head_modules = causal_lm.head_modules
+encode = reward.encode
+
+
+def label_info(splits: dict, cfg) -> dict:
+    return {"task": "dpo", "template": cfg.task.template, "truncation": cfg.data.truncation, "beta": cfg.task.beta,
+            "loss_type": cfg.task.dpo_loss, "label_smoothing": cfg.task.dpo_label_smoothing}
+
+
+def build_model(model_cfg, info: dict, path=None):
+    as_sft = {**info, "task": "sft"}  # load and settle the template exactly as sft does
+    model, tok = causal_lm.build_model(model_cfg, as_sft, path)
+    info["template"] = as_sft["template"]
+    return model, tok
+
+
+def reference_mode(cfg) -> str:
+    if cfg.task.reference != "auto":
+        return cfg.task.reference
+    changes_base = cfg.method.name in CHANGES_BASE or getattr(cfg.method, "bias", "none") != "none"
+    return "precomputed" if changes_base or getattr(cfg.method, "init_from", None) else "adapters_disabled"
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    seqs = [(f["chosen_ids"], f["chosen_labels"]) for f in features] + \
+           [(f["rejected_ids"], f["rejected_labels"]) for f in features]
+    longest = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if all("ref_logps" in f for f in features):  # (chosen, rejected) per pair, from precompute_reference
+        batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
+    return batch
+
+
+def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, 2) summed reply log-probs and (pairs, 2) reply token counts."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, n = preference.sequence_logps(logits, batch["labels"])
+    return logps.view(2, -1).T, n.view(2, -1).T
+
+
+def _reference(model, batch) -> torch.Tensor:
+    if "ref_logps" in batch:
+        return batch["ref_logps"].to(batch["input_ids"].device)
+    with torch.no_grad(), methods.adapters_disabled(model):
+        return _logps(model, batch)[0]
+
+
+def forward(model, batch) -> torch.Tensor:
+    """(pairs, 6): policy chosen / rejected log-probs, reference chosen / rejected, reply tokens chosen / rejected."""
+    policy, n = _logps(model, batch)
+    return torch.cat([policy, _reference(model, batch), n.float()], dim=1)
+
+
+def _loss_terms(out: torch.Tensor, info: dict):
+    return preference.dpo_loss(out[:, 0], out[:, 1], out[:, 2], out[:, 3], info["beta"], info["label_smoothing"],
+                               info["loss_type"], out[:, 4], out[:, 5])
+
+
+def loss(model, batch, info: dict | None = None) -> torch.Tensor:
+    policy, n = _logps(model, batch)
+    out = torch.cat([policy, _reference(model, batch), n.float()], dim=1)
+    return _loss_terms(out, info)[0].sum()
+
+
+def count(batch) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+def targets(batch) -> torch.Tensor:
+    return torch.zeros(count(batch))
+
+
+def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
+    losses, chosen, rejected = _loss_terms(outputs, info)
+    m = preference.dpo_metrics(chosen, rejected)
+    return {"loss": float(losses.mean()), "accuracy": m["rewards/accuracies"], "margin": m["rewards/margins"],
+            "rewards_chosen": m["rewards/chosen"], "rewards_rejected": m["rewards/rejected"], "pairs": len(losses)}
+
+
+@torch.inference_mode()
+def precompute_reference(model, feats: dict, pad_id: int, device, batch_size: int) -> None:
+    """Store the reference log-probs in every pair of every split (the model as it is now: before training)."""
+    from .. import evaluate
+
+    was_training = model.training
+    model.eval()
+    for rows in feats.values():
+        for idx in evaluate.length_sorted_batches(rows, batch_size):
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
+            ref = _logps(model, batch)[0].cpu()
+            for i, r in zip(idx, ref.tolist()):
+                rows[i]["ref_logps"] = r
+    model.train(was_training)
+
+
+generate = causal_lm.generate
+prompt_text = causal_lm.prompt_text
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+    """The model's own reply to the first prompts, beside the chosen one (as sft's samples)."""
+    conversations = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}], "row": r["row"]}
+                     for r in rows]
+    return causal_lm.samples(model, tokenizer, conversations, {**info, "task": "sft"}, device, max_length, max_new_tokens)

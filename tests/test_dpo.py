@@ -1,0 +1,89 @@
+"""DPO (task.type dpo): the loss on one batch from a real model equals TRL's formula on the same log-probs, the
+reference is the adapter-disabled model (or precomputed log-probs), and training raises the chosen-vs-rejected
+margin from 0."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tunelab
+from conftest import write_jsonl
+from tunelab import methods
+from tunelab.config import LoraConfig, ModelConfig
+from tunelab.tasks import dpo
+
+INFO = {"task": "dpo", "template": "auto", "truncation": "cut", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0}
+
+
+def _pairs(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    good, bad = ["thanks", "please", "glad", "kind"], ["no", "go", "away", "never"]
+    return [{"prompt": f"say something {i} about " + rng.choice(["cats", "rain", "tea"]),
+             "chosen": " ".join(rng.sample(good, 3)), "rejected": " ".join(rng.sample(bad, 3))} for i in range(n)]
+
+
+def _batch(model_path):
+    info = dict(INFO)
+    model, tok = dpo.build_model(ModelConfig(path=str(model_path)), info)
+    rows = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}], "row": i} for i, p in enumerate(_pairs(4), 1)]
+    feats, _ = dpo.encode(rows, tok, info, 128)
+    return model, tok, info, feats
+
+
+def test_the_loss_is_dpo_on_reply_log_probs_with_the_adapter_disabled_reference(tiny_chat_llama):
+    base, tok, info, feats = _batch(tiny_chat_llama)
+    batch = dpo.collate(feats, tok.pad_token_id)
+    torch.manual_seed(0)
+    model = methods.prepare(base, LoraConfig(name="lora", r=4), [])
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init, which would make policy == reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval()
+
+    def reply_logp(m, ids, labels):  # by hand: sum of log p(token) over the reply tokens of one sequence
+        logits = m(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        lp = logits.log_softmax(-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        return float(sum(v for v, lab in zip(lp, labels[1:]) if lab != -100))
+
+    with torch.no_grad():
+        policy = [[reply_logp(model, f[f"{s}_ids"], f[f"{s}_labels"]) for s in ("chosen", "rejected")] for f in feats]
+        with methods.adapters_disabled(model):
+            ref = [[reply_logp(model, f[f"{s}_ids"], f[f"{s}_labels"]) for s in ("chosen", "rejected")] for f in feats]
+        out = dpo.forward(model, batch)
+        torch.testing.assert_close(out[:, :2], torch.tensor(policy), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[:, 2:4], torch.tensor(ref), atol=1e-4, rtol=0)
+        h = torch.tensor([(p[0] - r[0]) - (p[1] - r[1]) for p, r in zip(policy, ref)])
+        assert h.abs().max() > 1e-3  # the adapter moved the policy away from the reference
+        expected = -F.logsigmoid(0.1 * h).sum()
+        assert dpo.loss(model, batch, info).item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_precomputed_reference_equals_the_starting_model(tiny_chat_llama):
+    model, tok, info, feats = _batch(tiny_chat_llama)
+    dpo.precompute_reference(model, {"train": feats}, tok.pad_token_id, "cpu", 2)
+    batch = dpo.collate(feats, tok.pad_token_id)
+    with torch.no_grad():
+        out = dpo.forward(model.eval(), batch)
+    torch.testing.assert_close(out[:, 2:4], out[:, :2], atol=1e-5, rtol=0)  # reference == policy before training
+    assert dpo.metrics(out, None, info)["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_training_raises_the_margin(tmp_path, tiny_chat_llama, method):
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(80, seed=1))
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=dpo",
+                               f"method.name={method}", "train.lr=" + ("5e-3" if method == "lora" else "1e-3"),
+                               "train.batch_size=8", "train.max_steps=20", "eval.samples=1", "eval.max_new_tokens=4",
+                               "data.max_length=64", "eval.forgetting=none", f"output_dir={tmp_path / method}"])
+    s = run.summary
+    assert s["base"]["validation"]["margin"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference
+    assert s["eval"]["margin"] > 0.1 and s["eval"]["accuracy"] >= 0.8 and s["eval"]["loss"] < 0.69 - 0.05
+    report = json.loads((run.dir / "summary.json").read_text())
+    assert report["task"] == "dpo"
+    assert tunelab.load(run.dir).generate(["say something about tea"], max_new_tokens=4)
