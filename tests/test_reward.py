@@ -58,3 +58,27 @@ def test_a_reward_model_learns_the_preference(tmp_path, tiny_chat_llama):
     assert s["eval"]["accuracy"] >= 0.9 and s["eval"]["margin"] > s["base"]["validation"]["margin"] + 0.5
     samples = json.loads((run.dir / "samples.json").read_text())
     assert all(x["score_chosen"] > x["score_rejected"] for x in samples["after"])
+
+
+def test_predict_scores_replies_from_the_api_and_the_command_line(tmp_path, tiny_chat_llama, monkeypatch, capsys):
+    import sys
+
+    from tunelab import TunelabError, cli
+
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(120, seed=1))
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=reward",
+                               "method.name=lora", "method.r=4", "train.lr=5e-3", "train.head_lr=5e-3",
+                               "train.batch_size=8", "train.max_steps=40", "eval.samples=0", "data.max_length=64",
+                               f"output_dir={tmp_path / 'rm'}"])
+    model = tunelab.load(run.dir)
+    scored = model.predict([{"prompt": "question 1 about tea", "response": "thanks please kind"},
+                            {"prompt": "question 1 about tea", "response": "no go away"}])
+    assert scored[0]["score"] > scored[1]["score"]
+    with pytest.raises(TunelabError, match="scores a reply to a prompt"):
+        model.predict(["just a text"])
+    monkeypatch.setattr(sys, "argv", ["tunelab", "predict", str(run.dir), "--prompt", "question 1 about tea",
+                                      "--text", "thanks please kind", "--text", "no go away"])
+    capsys.readouterr()
+    cli.main()
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["score"] for x in lines] == pytest.approx([s["score"] for s in scored], abs=1e-5)

@@ -43,8 +43,10 @@ def predict(
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
     question: Optional[str] = typer.Option(None, "--question", help="qa runs: a question to answer from --context."),
     context: Optional[str] = typer.Option(None, "--context", help="qa runs: the passage the answer is taken from."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="reward runs: the prompt that each --text answers."),
 ):
-    """Label texts with a trained run: labels and per-class probabilities (qa runs: answer spans)."""
+    """Label texts with a trained run: labels and per-class probabilities (qa runs: answer spans; reward runs:
+    the reward of each reply)."""
     import tunelab
     from .data.sources import read_examples
 
@@ -53,6 +55,11 @@ def predict(
             raise TunelabError("--question and --context go together, without FILE or --text: `tunelab predict RUN "
                                "--question 'Where was Ada born?' --context 'Ada was born in Leeds.'`.")
         text = [{"question": question, "context": context}]
+    if prompt is not None:
+        if not text or file is not None:
+            raise TunelabError("--prompt goes with one or more --text replies to score, without FILE: `tunelab predict "
+                               "RUN --prompt 'Name a colour.' --text 'Blue.' --text 'No.'`.")
+        text = [{"prompt": prompt, "response": t} for t in text]
     if (file is None) == (not text):
         raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
     if output is not None and output.exists() and not overwrite:
@@ -62,6 +69,10 @@ def predict(
         from .data import squad
 
         text = squad.read(str(file), "predict file", dedupe=False, need_answers=False)[0]
+    if file is not None and model.cfg.task.type == "reward":  # rows with prompt and response
+        from .data.sources import read_records
+
+        text = [r["record"] for r in read_records(file, "predict file")]
     texts = text or [r["text"] for r in read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file")]
     preds = model.predict(texts, batch_size)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)

@@ -146,6 +146,11 @@ class TunedModel:
         if self.cfg.task.type in ("sft", "causal_lm"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
+        if self.cfg.task.type == "reward":  # items are {"prompt", "response"}: the reward of each reply
+            max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
+                                                 getattr(self.cfg.method, "num_virtual_tokens", 0))
+            return self.task.score(self.model, self.tokenizer, list(texts), self.info, self.device, max_length,
+                                   batch_size or self.cfg.eval.batch_size)
         if self.cfg.task.type == "qa":  # items are {"question", "context"}: answer text, character span, score
             rows = self.task.question_rows(texts)
             if not rows:

@@ -98,3 +98,24 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
     return [{"row": f["row"], "prompt": by_row[f["row"]]["prompt"][-1]["content"], "chosen": by_row[f["row"]]["chosen"],
              "rejected": by_row[f["row"]]["rejected"], "score_chosen": float(o[0]), "score_rejected": float(o[1])}
             for f, o in zip(feats, out)]
+
+
+def score(model, tokenizer, items: list[dict], info: dict, device, max_length: int, batch_size: int) -> list[dict]:
+    """The reward of each {"prompt": str or chat messages, "response": str}, rendered as in training."""
+    from .. import evaluate
+    from ..errors import TunelabError
+
+    feats = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("response"), str) or item.get("prompt") is None:
+            raise TunelabError(f"Item #{i} to score is {item!r}: a reward model scores a reply to a prompt; give "
+                               f"{{\"prompt\": ..., \"response\": ...}} (on the command line: --prompt P --text R).")
+        prompt = item["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        text, _ = chat.render(messages + [{"role": "assistant", "content": item["response"]}], info["template"], tokenizer)
+        ids = tokenizer(text, add_special_tokens=info["template"] == "alpaca")["input_ids"][:max_length]
+        feats.append({"input_ids": ids, "label": 0})
+    from . import classification  # plain padding of single sequences
+
+    out, _ = evaluate.outputs(model, classification, feats, batch_size, tokenizer.pad_token_id, device)
+    return [{"prompt": item["prompt"], "response": item["response"], "score": float(o[0])} for item, o in zip(items, out)]
