@@ -3,6 +3,7 @@ adapter-disabled reference; on a tiny model with a simple reward the mean reward
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -51,3 +52,59 @@ def test_completion_logps_match_a_plain_forward(tiny_chat_llama):
             logits = model(input_ids=torch.tensor([prompt + c])).logits[0].log_softmax(-1)
             expected = torch.stack([logits[len(prompt) - 1 + i, t] for i, t in enumerate(c)])
             torch.testing.assert_close(lp, expected, atol=1e-5, rtol=0)
+
+
+# -- task.type grpo through the pipeline --------------------------------------------------
+
+def _prompt_file(tmp_path, n=16):
+    from conftest import write_jsonl
+
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say word {i}"} for i in range(n)])
+
+
+def test_a_grpo_run_raises_the_validation_reward(tmp_path, tiny_chat_llama):
+    import tunelab
+
+    (tmp_path / "rewards.py").write_text(
+        "def share_of_o(prompts, completions):\n"
+        "    return [c.count('o') / max(sum(ch.isalpha() for ch in c), 1) for c in completions]\n")
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={_prompt_file(tmp_path)}",
+                               "task.type=grpo", f"task.reward_function={tmp_path / 'rewards.py'}:share_of_o",
+                               "task.group_size=8", "method.name=full", "train.lr=1e-2", "train.batch_size=2",
+                               "train.max_steps=40", "eval.max_new_tokens=12", "data.val_fraction=0.25",
+                               f"output_dir={tmp_path / 'rl'}"])
+    s = run.summary
+    assert s["eval"]["reward"] > s["base"]["validation"]["reward"] + 0.1, s
+    records = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "train" for r in records) == 40 and (run.dir / "report.html").is_file()
+    assert tunelab.load(run.dir).generate(["say word 3"], max_new_tokens=4)
+
+
+def test_grpo_with_a_reward_model_run(tmp_path, tiny_chat_llama):
+    import tunelab
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q {i}", "chosen": "thanks kind", "rejected": "no go"}
+                                                     for i in range(40)])
+    rm = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={pairs}", "task.type=reward",
+                              "train.max_steps=3", "eval.samples=0", f"output_dir={tmp_path / 'rm'}"])
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={_prompt_file(tmp_path, 8)}",
+                               "task.type=grpo", f"task.reward_model={rm.dir}", "method.name=lora",
+                               "train.max_steps=2", "train.batch_size=2", "eval.max_new_tokens=4",
+                               f"output_dir={tmp_path / 'rl'}"])
+    assert isinstance(run.summary["eval"]["reward"], float) and run.summary["steps"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "needs exactly one reward"),
+    (["task.reward_function=nowhere_module:f"], "could not be loaded"),
+    (["task.reward_function=justaname"], "expected 'module:function'"),
+])
+def test_grpo_reward_errors_are_clear(tmp_path, tiny_chat_llama, extra, message):
+    import tunelab
+    from tunelab import TunelabError
+
+    with pytest.raises(TunelabError, match=message):
+        tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={_prompt_file(tmp_path)}", "task.type=grpo",
+                             f"output_dir={tmp_path / 'rl'}", *extra])
+    assert not (tmp_path / "rl").exists()

@@ -64,19 +64,21 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo"] = Field(
+    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
                                       "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
                                       "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs), 'dpo' "
-                                      "(direct preference optimisation of a causal LM on such pairs).")
+                                      "(direct preference optimisation of a causal LM on such pairs), 'grpo' (online RL: sampled replies to "
+                                      "prompts scored by task.reward_function or task.reward_model).")
     template: Literal["auto", "chat", "alpaca"] = Field(
         "auto", description="sft and reward prompt format: 'chat' (the tokenizer's chat template), 'alpaca' (built-in), 'auto' "
                             "(chat when the tokenizer has a template, else alpaca).")
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
     # -- dpo --
-    beta: float = Field(0.1, gt=0, description="dpo: strength of the pull towards the reference policy (IPO's tau).")
+    beta: float = Field(0.1, ge=0, description="dpo and grpo: strength of the pull towards the reference policy (IPO's "
+                                               "tau; grpo's KL coefficient).")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: 'sigmoid' (DPO) or 'ipo' (IPO: squared "
                                                 "loss on per-token averaged log-ratios).")
     dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: assumed rate of flipped preferences "
@@ -85,6 +87,14 @@ class TaskConfig(_Section):
         "auto", description="dpo reference policy: 'adapters_disabled' (the model with its adapters off: no second "
                             "copy), 'precomputed' (log-probs of every pair computed once before training), 'auto' "
                             "(adapters_disabled for a fresh adapter method, else precomputed).")
+    # -- grpo --
+    reward_function: str | None = Field(None, description="grpo: 'module:function' (importable; a .py file path works "
+                                        "too) called as function(prompts, completions) -> list of floats.")
+    reward_model: str | None = Field(None, description="grpo: run directory of a tunelab reward model (task.type "
+                                     "reward) that scores each completion.")
+    group_size: int = Field(4, ge=2, description="grpo: completions sampled per prompt; rewards are standardised "
+                                                 "within each group.")
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the completions.")
     # -- token_classification (NER) --
     label_all_subwords: bool = Field(False, description="token_classification: train on every subword of a word (B-X "
                                                         "becomes I-X after the first) instead of its first subword only; "
@@ -466,6 +476,13 @@ def _check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: train.unfreeze=gradual unfreezes the blocks that "
                            f"method.name=freeze froze; set method.name=freeze (with method.freeze_layers), or "
                            f"train.unfreeze=none.")
+    if cfg.task.type == "dpo" and cfg.task.beta == 0:
+        raise TunelabError(f"Invalid config in {source}: task.beta=0 makes the DPO loss constant; use a positive beta "
+                           f"(0.1 is usual).")
+    if cfg.task.type == "grpo" and (cfg.task.reward_function is None) == (cfg.task.reward_model is None):
+        raise TunelabError(f"Invalid config in {source}: task.type=grpo needs exactly one reward: task.reward_function "
+                           f"('module:function', called with prompts and completions) or task.reward_model (a reward "
+                           f"run directory).")
     if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")

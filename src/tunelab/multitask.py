@@ -27,8 +27,8 @@ from . import config as config_mod
 from . import data, evaluate, methods, models, tasks
 from .config import Config
 from .errors import TunelabError
-from .pipeline import (Run, check_run_dir, default_output_dir, dir_size_mb, encode_splits, make_run_dir,
-                       peak_memory_mb, resolve_paths, say, seed_everything, write_json, write_report)
+from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir,
+                       peak_memory_mb, resolve_paths, say, write_json, write_report)
 from .training import logs, loop
 
 
@@ -70,12 +70,7 @@ def load_head(model: nn.Module, head: list[str], path: Path) -> None:
 
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
-    t_start = time.perf_counter()
-    out_path = cfg.output_dir or default_output_dir(recipe_name)
-    check_run_dir(out_path, overwrite)
-    logs.check(cfg.train.log_to)
-    device = models.device_of(cfg.model)
-    seed_everything(cfg.train.seed)
+    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
     bs = cfg.eval.batch_size
 
     # Every task as a single-task run would read and encode it, then one body for all.

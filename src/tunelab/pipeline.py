@@ -40,12 +40,11 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         from .multitask import train as train_multitask
 
         return train_multitask(cfg, overwrite, recipe_name)
-    t_start = time.perf_counter()
-    out_path = cfg.output_dir or default_output_dir(recipe_name)
-    check_run_dir(out_path, overwrite)  # fail before any work, but create nothing until the inputs are known good
-    logs.check(cfg.train.log_to)
-    device = models.device_of(cfg.model)
-    seed_everything(cfg.train.seed)
+    if cfg.task.type == "grpo":  # online RL has its own loop: sample, score, update
+        from .rl import train as train_rl
+
+        return train_rl(cfg, overwrite, recipe_name)
+    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
 
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
@@ -155,6 +154,17 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
         report["splits"]["train"]["packed_rows"] = len(feats["train"])
         say(f"packing: {rows_before} training examples in {len(feats['train'])} rows of up to {max_length} tokens")
     return feats, max_length
+
+
+def begin(cfg: Config, overwrite: bool, recipe_name: str):
+    """(start time, output dir, device) of a run; fails before any work when the output dir or a logger is wrong,
+    but creates nothing until the inputs are known good. Seeds everything."""
+    t_start = time.perf_counter()
+    out_path = cfg.output_dir or default_output_dir(recipe_name)
+    check_run_dir(out_path, overwrite)
+    logs.check(cfg.train.log_to)
+    seed_everything(cfg.train.seed)
+    return t_start, out_path, models.device_of(cfg.model)
 
 
 def default_output_dir(recipe_name: str) -> str:

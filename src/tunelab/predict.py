@@ -120,7 +120,7 @@ class TunedModel:
         """Replies of an sft / causal_lm model. Each prompt is a user message (str) or a whole conversation (a list
         of {"role", "content"}); causal_lm models continue the text as it is. Greedy when temperature is 0;
         `stream` prints the reply to the terminal as it is produced."""
-        if self.cfg.task.type not in ("sft", "causal_lm", "dpo"):
+        if self.cfg.task.type not in ("sft", "causal_lm", "dpo", "grpo"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which labels text: use predict, not generate.")
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         items = [prompts] if single else list(prompts)

@@ -5,7 +5,7 @@ HEADLINE, PROBE."""
 from . import causal_lm, classification, dpo, qa, reward, token_classification
 
 TASKS = {"classification": classification, "sft": causal_lm, "causal_lm": causal_lm,
-         "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo}
+         "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo, "grpo": causal_lm}
 
 
 def get(name: str):

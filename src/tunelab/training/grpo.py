@@ -50,6 +50,32 @@ def completion_logps(model, prompt_ids: list[int], completion_ids: list[list[int
     return out
 
 
+@torch.no_grad()
+def sample(model, tokenizer, prompt_texts: list[str], reward_fn: Callable, group_size: int, max_new_tokens: int,
+           temperature: float, add_special_tokens: bool = False) -> tuple[list, list[float]]:
+    """`group_size` sampled completions of each prompt and their rewards: ([(prompt ids, [completion ids])],
+    rewards in prompt-major order). A completion runs up to and including its first EOS."""
+    was_training = model.training
+    model.eval()
+    samples = []
+    for text in prompt_texts:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+        ids = ids.to(next(model.parameters()).device)
+        gen = model.generate(input_ids=ids.repeat(group_size, 1), attention_mask=torch.ones_like(ids).repeat(group_size, 1),
+                             do_sample=True, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        completions = []
+        for row in gen[:, ids.shape[1]:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            completions.append(row or [tokenizer.eos_token_id])
+        samples.append((ids[0].tolist(), completions))
+    model.train(was_training)
+    prompts_flat = [t for t, (_, cs) in zip(prompt_texts, samples) for _ in cs]
+    texts_flat = [tokenizer.decode(c, skip_special_tokens=True) for _, cs in samples for c in cs]
+    return samples, [float(r) for r in reward_fn(prompts_flat, texts_flat)]
+
+
 def has_adapters(model) -> bool:
     return any(hasattr(m, "adapter_disabled") for m in model.modules()) or hasattr(model, "prompt_encoder")
 
@@ -59,25 +85,8 @@ def step(model, tokenizer, optimizer, prompt_texts: list[str], reward_fn: Callab
          add_special_tokens: bool = False, reference=None) -> dict:
     """Sample, score, and take one policy-gradient step; returns the step's mean reward, KL and loss.
     `reference`: a frozen copy of the starting model (full fine-tuning); None = the model with adapters disabled."""
-    model.eval()
-    samples = []  # (prompt_ids, [completion ids] of its group)
-    with torch.no_grad():
-        for text in prompt_texts:
-            ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
-            ids = ids.to(next(model.parameters()).device)
-            gen = model.generate(input_ids=ids.repeat(group_size, 1), attention_mask=torch.ones_like(ids).repeat(group_size, 1),
-                                 do_sample=True, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            completions = []
-            for row in gen[:, ids.shape[1]:].tolist():
-                # up to and including the first EOS: what the policy chose to say
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id) + 1]
-                completions.append(row or [tokenizer.eos_token_id])
-            samples.append((ids[0].tolist(), completions))
-    prompts_flat = [t for t, (_, cs) in zip(prompt_texts, samples) for _ in cs]
-    texts_flat = [tokenizer.decode(c, skip_special_tokens=True) for _, cs in samples for c in cs]
-    rewards = [float(r) for r in reward_fn(prompts_flat, texts_flat)]
+    samples, rewards = sample(model, tokenizer, prompt_texts, reward_fn, group_size, max_new_tokens, temperature,
+                              add_special_tokens)
 
     model.train()
     optimizer.zero_grad(set_to_none=True)

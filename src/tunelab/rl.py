@@ -1,0 +1,135 @@
+"""`task.type: grpo` — online RL after sft: the policy answers prompts, a reward scores the answers, GRPO updates
+the policy (training/grpo.py). A run directory like any other: config, metrics.jsonl, summary (mean reward of
+sampled answers to the validation prompts before and after), report, and the method's artifact (generate works).
+
+Data: rows with a `prompt` (a string, or chat messages ending on a user turn), rendered with the sft template and
+its generation prompt. Reward: `task.reward_function` ('module:function' or 'path/to/file.py:function', called
+with the prompts and completions, returning floats) or `task.reward_model` (a tunelab reward run, which scores
+each completion as the reply to its prompt).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+from . import config as config_mod
+from . import methods, models
+from .config import Config
+from .data import chat
+from .data.sources import read_records
+from .data.split import random_split
+from .errors import TunelabError
+from .pipeline import (Run, begin, dir_size_mb, make_run_dir, peak_memory_mb, resolve_paths,
+                       say, write_json, write_report)
+from .tasks import causal_lm
+from .training import grpo, logs
+
+
+def load_reward(task_cfg):
+    """The reward as a function (prompts, completions) -> list of floats."""
+    if task_cfg.reward_model:
+        from .predict import load
+
+        scorer = load(task_cfg.reward_model)
+        if scorer.cfg.task.type != "reward":
+            raise TunelabError(f"task.reward_model: '{task_cfg.reward_model}' is a {scorer.cfg.task.type} run, not a "
+                               f"reward model (task.type reward).")
+        return lambda prompts, completions: [s["score"] for s in scorer.predict(
+            [{"prompt": p, "response": c} for p, c in zip(prompts, completions)])]
+    spec = task_cfg.reward_function
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise TunelabError(f"task.reward_function={spec!r}: expected 'module:function' or 'file.py:function'.")
+    try:
+        if module_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec_ is None or not Path(module_name).is_file():
+                raise FileNotFoundError(module_name)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        fn = getattr(module, name)
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        raise TunelabError(f"task.reward_function={spec!r} could not be loaded ({type(e).__name__}: {e}). Give an "
+                           f"importable module or an existing .py file, and a function defined in it.") from None
+    return fn
+
+
+def _prompts(path: str, key: str) -> list:
+    out = []
+    for r in read_records(path, key):
+        prompt = r["record"].get("prompt")
+        if isinstance(prompt, str) and prompt.strip():
+            out.append([{"role": "user", "content": prompt}])
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            out.append(prompt)
+        else:
+            raise TunelabError(f"Data file '{path}' ({key}) row {r['row']}: no usable 'prompt' (a non-empty string, or "
+                               f"chat messages ending on a user turn). Fix or remove the row.")
+    return out
+
+
+def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_special: bool) -> float:
+    _, rewards = grpo.sample(model, tokenizer, prompts, reward_fn, cfg.task.group_size, cfg.eval.max_new_tokens,
+                             cfg.task.temperature, add_special)
+    return statistics.fmean(rewards)
+
+
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
+    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+    reward_fn = load_reward(cfg.task)
+    train_rows = _prompts(cfg.data.train, "data.train")
+    if cfg.data.validation:
+        val_rows = _prompts(cfg.data.validation, "data.validation")
+    else:
+        train_rows, val_rows = random_split(train_rows, cfg.data.val_fraction, cfg.train.seed, cfg.data.train)
+    info = {"task": "sft", "template": cfg.task.template, "train_on_prompt": False, "truncation": cfg.data.truncation}
+    model, tokenizer = causal_lm.build_model(cfg.model, info)
+    model.to(device)
+    add_special = info["template"] == "alpaca"
+    render = lambda rows: [chat.render(m, info["template"], tokenizer, add_generation_prompt=True)[0] for m in rows]
+    train_prompts, val_prompts = render(train_rows), render(val_rows)
+    say(f"grpo: {len(train_prompts)} training prompts, {len(val_prompts)} validation prompts, "
+        f"{cfg.task.group_size} samples each")
+
+    summary: dict = {"method": cfg.method.name, "task": "grpo", "model": cfg.model.path,
+                     "base": {"validation": {"reward": mean_reward(model, tokenizer, val_prompts, reward_fn, cfg, add_special)}}}
+    model = methods.prepare(model, cfg.method, [])
+    trainable, total = models.count_params(model)
+    run_dir = make_run_dir(out_path, overwrite)
+    cfg = resolve_paths(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    write_json(run_dir / "labels.json", info)
+    steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * len(train_prompts) / cfg.train.batch_size))
+    t_train = time.perf_counter()
+    with logs.open_log(run_dir, cfg.train.log_to) as log:
+        history = grpo.train(model, tokenizer, train_prompts, reward_fn, steps, lr=cfg.train.lr,
+                             prompts_per_step=cfg.train.batch_size, seed=cfg.train.seed, log=log,
+                             group_size=cfg.task.group_size, max_new_tokens=cfg.eval.max_new_tokens,
+                             temperature=cfg.task.temperature, beta=cfg.task.beta,
+                             max_grad_norm=cfg.train.max_grad_norm or 0.0, add_special_tokens=add_special)
+        train_seconds = time.perf_counter() - t_train
+        summary["eval"] = {"reward": mean_reward(model, tokenizer, val_prompts, reward_fn, cfg, add_special)}
+        log({"type": "eval", "step": steps, "split": "validation", **summary["eval"]})
+    method = methods.get(cfg.method.name)
+    out = run_dir / method.ARTIFACT
+    method.save(model, out, cfg.model.path, [])
+    tokenizer.save_pretrained(out)
+    tokens = sum(h["completion_tokens"] for h in history)
+    summary.update({
+        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+        "train_seconds": train_seconds, "tokens_per_second": tokens / max(train_seconds, 1e-9), "train_tokens": tokens,
+        "peak_memory_mb": peak_memory_mb(device), "steps": steps, "metric": summary["eval"]["reward"],
+        "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
+        "device": str(device),
+    })
+    write_json(run_dir / "summary.json", summary)
+    write_report(run_dir)
+    say(f"validation mean reward: base {summary['base']['validation']['reward']:.4f} -> tuned "
+        f"{summary['eval']['reward']:.4f} ({steps} steps, {train_seconds:.1f}s)")
+    return Run(run_dir.resolve(), summary)
