@@ -47,11 +47,11 @@ def test_a_labelled_probe_is_measured_before_and_after_on_the_same_halves(tmp_pa
     probe = forgetting.load(str(probe_file), "classification", 42)
     model, tok = tunelab.tasks.get("classification").build_model(
         tunelab.config.ModelConfig(path=str(tiny_bert)), {"labels": ["neg", "pos"]})
-    assert forgetting.measure(probe, model, tok, None, "cpu", 128, 64) == pytest.approx(result["before"], abs=1e-6)
+    assert forgetting.measure(probe, model, tok, "cpu", 128, 64) == pytest.approx(result["before"], abs=1e-6)
     assert 0 <= result["after"] <= 1 and result["change"] == pytest.approx(result["after"] - result["before"])
     # The tuned figure is the saved tuned model's, and 25 full-FT steps at a high LR on another task moved it.
     tuned = tunelab.load(run.dir)
-    assert forgetting.measure(probe, tuned.model, tuned.tokenizer, None, "cpu", 128, 64) == pytest.approx(result["after"], abs=1e-6)
+    assert forgetting.measure(probe, tuned.model, tuned.tokenizer, "cpu", 128, 64) == pytest.approx(result["after"], abs=1e-6)
     assert result["after"] != result["before"]
 
 

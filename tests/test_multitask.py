@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import tunelab
-from tunelab import config, methods, pipeline
+from tunelab import config, pipeline
 from tunelab.cli import app
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification

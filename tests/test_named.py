@@ -10,7 +10,6 @@ from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.methods import named
 from tunelab.tasks import classification as task
-from tunelab.training import optim
 from conftest import make_rows
 from test_method_matrix import INFO, METHOD_ARGS, _batch, _build, _logits, tiny_llama  # noqa: F401  (fixture)
 

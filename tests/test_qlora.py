@@ -11,7 +11,6 @@ v_proj (128 x 64) do not fit either and stay in full precision: the report says 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest

@@ -71,7 +71,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
     samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
     if forgetting_probe:
-        before = forgetting.measure(forgetting_probe, model, tokenizer, task, device, max_length, bs)
+        before = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
 
     method = methods.get(cfg.method.name)
     head = task.head_modules(model)
@@ -110,7 +110,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
 
     if forgetting_probe:
-        after = forgetting.measure(forgetting_probe, model, tokenizer, task, device, max_length, bs)
+        after = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
         summary["forgetting"] = forgetting.summary(forgetting_probe, before, after)
         say(forgetting.describe(summary["forgetting"]))
     samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)

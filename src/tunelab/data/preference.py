@@ -14,6 +14,8 @@ row (with data.truncation=drop it is dropped and counted); a reply that does not
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import TunelabError
 from . import chat
 from .sources import read_records
@@ -94,6 +96,19 @@ def _pair(record: dict) -> dict:
 
 def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
     return chat.load_splits(cfg, seed, read_file=read)
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one padded batch of 2B rows: the chosen sides, then the rejected ones (labels -100 on padding)."""
+    seqs = [(f["chosen_ids"], f["chosen_labels"]) for f in features] + \
+           [(f["rejected_ids"], f["rejected_labels"]) for f in features]
+    longest = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, (ids, lab) in enumerate(seqs):
+        input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def encode(pairs: list[dict], tokenizer, template: str, max_length: int, truncation: str = "cut",

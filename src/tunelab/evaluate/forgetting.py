@@ -78,7 +78,7 @@ def load(setting: str | None, task_type: str, seed: int) -> dict | None:
             "fit": fit_rows, "score": score_rows}
 
 
-def measure(probe: dict, model, tokenizer, task, device, max_length: int, batch_size: int) -> float:
+def measure(probe: dict, model, tokenizer, device, max_length: int, batch_size: int) -> float:
     """The probe's figure for the model as it is now (adapters active). Not under inference_mode: the probe's
     logistic regression needs autograd; the forward passes turn it off themselves."""
     if probe["kind"] == "perplexity":

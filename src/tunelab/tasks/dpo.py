@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import methods
+from ..data import preference as pairs
 from ..training import preference
 from . import causal_lm, reward
 
@@ -30,6 +31,8 @@ CHANGES_BASE = ("full", "freeze", "bitfit")
 load_splits = reward.load_splits
 head_modules = causal_lm.head_modules
 encode = reward.encode
+count = reward.count
+targets = reward.targets
 
 
 def label_info(splits: dict, cfg) -> dict:
@@ -52,15 +55,7 @@ def reference_mode(cfg) -> str:
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    seqs = [(f["chosen_ids"], f["chosen_labels"]) for f in features] + \
-           [(f["rejected_ids"], f["rejected_labels"]) for f in features]
-    longest = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), longest), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, (ids, lab) in enumerate(seqs):
-        input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids), torch.tensor(lab), 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = pairs.collate(features, pad_id)
     if all("ref_logps" in f for f in features):  # (chosen, rejected) per pair, from precompute_reference
         batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
     return batch
@@ -91,18 +86,8 @@ def _loss_terms(out: torch.Tensor, info: dict):
                                info["loss_type"], out[:, 4], out[:, 5])
 
 
-def loss(model, batch, info: dict | None = None) -> torch.Tensor:
-    policy, n = _logps(model, batch)
-    out = torch.cat([policy, _reference(model, batch), n.float()], dim=1)
-    return _loss_terms(out, info)[0].sum()
-
-
-def count(batch) -> int:
-    return batch["input_ids"].shape[0] // 2
-
-
-def targets(batch) -> torch.Tensor:
-    return torch.zeros(count(batch))
+def loss(model, batch, info: dict) -> torch.Tensor:
+    return _loss_terms(forward(model, batch), info)[0].sum()
 
 
 def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:

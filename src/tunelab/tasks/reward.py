@@ -51,15 +51,7 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
     return feats, stats
 
 
-def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-    longest = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "pairs": torch.zeros(len(features))}
+collate = pairs.collate  # labels unused: the score is the head's output at the last token
 
 
 def forward(model, batch) -> torch.Tensor:
@@ -74,11 +66,11 @@ def loss(model, batch) -> torch.Tensor:
 
 
 def count(batch) -> int:
-    return int(batch["pairs"].numel())
+    return batch["input_ids"].shape[0] // 2
 
 
 def targets(batch) -> torch.Tensor:
-    return batch["pairs"]
+    return torch.zeros(count(batch))
 
 
 def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: list[dict] | None = None) -> dict:
