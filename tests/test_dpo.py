@@ -87,3 +87,39 @@ def test_dpo_training_raises_the_margin(tmp_path, tiny_chat_llama, method):
     report = json.loads((run.dir / "summary.json").read_text())
     assert report["task"] == "dpo"
     assert tunelab.load(run.dir).generate(["say something about tea"], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("sft_method", ["lora", "full"])
+def test_dpo_starts_from_an_sft_run_dir_whose_model_is_the_reference(tmp_path, tiny_chat_llama, sft_method):
+    from conftest import make_chat_rows
+
+    sft_train = write_jsonl(tmp_path / "sft.jsonl", make_chat_rows(80, seed=3))
+    sft = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={sft_train}", "task.type=sft",
+                               f"method.name={sft_method}", "train.lr=1e-2", "train.max_steps=8", "train.batch_size=8",
+                               "data.dedupe=false", "data.max_length=64", "eval.samples=0", "eval.forgetting=none",
+                               f"output_dir={tmp_path / 'sft'}"])
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(40, seed=1))
+    run = tunelab.train(None, [f"model.path={sft.dir}", f"data.train={train}", "task.type=dpo", "method.name=lora",
+                               "train.lr=5e-3", "train.batch_size=8", "train.max_steps=4", "eval.samples=0",
+                               "data.max_length=64", "eval.forgetting=none", f"output_dir={tmp_path / 'dpo'}"])
+    assert run.summary["base"]["validation"]["margin"] == pytest.approx(0.0, abs=1e-5)
+
+    sft_model = tunelab.load(sft.dir).model
+    base, tok, info, feats = _batch(tiny_chat_llama)
+    batch = dpo.collate(feats, tok.pad_token_id)
+    tuned = tunelab.load(run.dir).model
+    with torch.no_grad():
+        want = dpo.forward(sft_model, batch)[:, :2]  # the sft model's own reply log-probs
+        assert (want - dpo.forward(base.eval(), batch)[:, :2]).abs().max() > 1e-2  # sft moved away from the base
+        reference = dpo.forward(tuned, batch)[:, 2:4]  # the dpo run with its adapter switched off
+    torch.testing.assert_close(reference, want, atol=1e-4, rtol=0)
+
+
+def test_a_run_dir_that_cannot_stand_for_a_model_says_why(tmp_path, tiny_chat_llama):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("model: {path: x}\n")
+    (tmp_path / "half" / "labels.json").write_text("{}")
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(20))
+    with pytest.raises(tunelab.TunelabError, match="is a tunelab run directory, and its model could not be rebuilt"):
+        tunelab.train(None, [f"model.path={tmp_path / 'half'}", f"data.train={train}", "task.type=dpo",
+                             "method.name=lora", f"output_dir={tmp_path / 'out'}"])

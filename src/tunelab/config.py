@@ -24,7 +24,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    path: str = Field(description="Local Hugging Face model directory (config.json + weights + tokenizer).")
+    path: str = Field(description="Local Hugging Face model directory (config.json + weights + tokenizer), or a finished "
+                                  "tunelab run directory: its trained model, adapters merged in (sft -> dpo).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model dir; off unless you trust it.")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +21,37 @@ from .errors import TunelabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A finished tunelab run (config.yaml + labels.json) rather than a Hugging Face model directory."""
+    p = Path(path).expanduser()
+    return (p / "config.yaml").is_file() and (p / "labels.json").is_file() and not (p / "config.json").is_file()
+
+
+@contextmanager
+def model_dir(path: str | Path, key: str = "model.path"):
+    """A Hugging Face model directory for `path`. A tunelab run directory stands for the model it trained: a full
+    fine-tune's own model/, or for a method that keeps its weights apart (an sft LoRA run, say) the base with the
+    method merged in, written to a temporary directory that is removed once loaded. This is how a later stage starts
+    from an earlier one (sft -> reward model / DPO) without an export step."""
+    p = Path(path).expanduser()
+    if not is_run_dir(p):
+        yield check_model_dir(p, key)
+        return
+    if (p / "model" / "config.json").is_file():
+        yield check_model_dir(p / "model", key)
+        return
+    from . import export
+    from .predict import load as load_run
+
+    with tempfile.TemporaryDirectory(prefix="tunelab-merged-") as tmp:
+        try:
+            export.merged(load_run(p, device="cpu"), Path(tmp))
+        except TunelabError as e:
+            raise TunelabError(f"{key}='{path}' is a tunelab run directory, and its model could not be rebuilt "
+                               f"with the method merged in: {e}") from None
+        yield Path(tmp)
 
 
 def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
@@ -119,8 +152,13 @@ def dropout_overrides(cfg: ModelConfig, path: str | Path) -> dict:
 
 
 def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_kwargs):
-    """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification)."""
-    path = check_model_dir(path or cfg.path)
+    """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification) from a model directory
+    or a finished tunelab run (see model_dir)."""
+    with model_dir(path or cfg.path) as p:
+        return _load(cfg, auto_class, p, **model_kwargs)
+
+
+def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
     model_kwargs = {**dropout_overrides(cfg, path), **model_kwargs}
     tok = load_tokenizer(path, cfg.trust_remote_code)
     # Head weights absent from a base checkpoint are expected; keep transformers' load report quiet.
