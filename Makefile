@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-sft demo-sft-data demo-compare browser test clean-demo
+.PHONY: venv demo demo-data demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo
 
 venv: $(STAMP)
 
@@ -64,6 +64,32 @@ demo-sft: venv demo-sft-data
 	@echo "--- base model, before tuning:"
 	$(VENV)/bin/tunelab generate $(SMOLLM2) --max-new-tokens 48 $(SFT_PROMPTS)
 
+# The RLHF stage after demo-sft: a reward model and DPO, both started from the sft run (runs/demo-sft, made once
+# here if missing) on the shipped preference pairs in examples/preference. Prints each run's accuracy and margin
+# before / after; then the reward model scores a held-out pair, the DPO model answers two questions, and the reward
+# model's mean score of the sft and DPO models' replies to the test prompts is printed.
+SFT_RUN := runs/demo-sft/summary.json
+PAIR := --prompt "What is the chemical symbol for gold?"
+
+$(SFT_RUN): | venv demo-sft-data
+	$(VENV)/bin/tunelab train configs/sft/smollm2-lora.yaml output_dir=runs/demo-sft --overwrite
+
+demo-rlhf: venv demo-sft-data $(SFT_RUN)
+	$(VENV)/bin/tunelab train configs/rlhf/smollm2-reward-lora.yaml output_dir=runs/demo-reward --overwrite
+	$(VENV)/bin/tunelab train configs/rlhf/smollm2-dpo-lora.yaml output_dir=runs/demo-dpo --overwrite
+	@echo "--- reward model (runs/demo-reward) on a chosen and a rejected reply:"
+	$(VENV)/bin/tunelab predict runs/demo-reward $(PAIR) --text "The chemical symbol for gold is Au, from the Latin aurum." \
+		--text "The chemical symbol for gold is Go, from the English word gold."
+	@echo "--- DPO model (runs/demo-dpo):"
+	$(VENV)/bin/tunelab generate runs/demo-dpo --max-new-tokens 48 $(SFT_PROMPTS)
+	@echo "--- the reward model judges greedy replies to the 30 test prompts, sft model vs DPO model:"
+	for run in sft dpo; do \
+		$(VENV)/bin/tunelab generate runs/demo-$$run --input examples/preference/test.jsonl --max-new-tokens 64 \
+			--output runs/demo-dpo/replies-$$run.jsonl --overwrite && \
+		$(VENV)/bin/tunelab predict runs/demo-reward runs/demo-dpo/replies-$$run.jsonl \
+			--output runs/demo-dpo/rewards-$$run.jsonl --overwrite || exit 1; \
+	done
+
 # The forgetting probe of the comparison: topic classification of chatterbot-corpus turns (a second task).
 PROBE := demo_data/probe/topics.jsonl
 COMPARE_METHODS := full,freeze,lora,qlora,adapter,prompt,bitfit
@@ -88,4 +114,4 @@ test: venv browser
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf demo_data runs/demo-lora runs/demo-sft runs/compare-demo
+	rm -rf demo_data runs/demo-lora runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo

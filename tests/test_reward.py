@@ -82,3 +82,12 @@ def test_predict_scores_replies_from_the_api_and_the_command_line(tmp_path, tiny
     cli.main()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["score"] for x in lines] == pytest.approx([s["score"] for s in scored], abs=1e-5)
+
+    replies = write_jsonl(tmp_path / "replies.jsonl", [{"prompt": "question 1 about tea", "response": r}
+                                                        for r in ("thanks please kind", "no go away")])
+    monkeypatch.setattr(sys, "argv", ["tunelab", "predict", str(run.dir), str(replies)])
+    cli.main()
+    out = capsys.readouterr()
+    assert [json.loads(x)["score"] for x in out.out.splitlines()] == pytest.approx([s["score"] for s in scored], abs=1e-5)
+    mean = sum(s["score"] for s in scored) / 2
+    assert f"mean reward {mean:.4f} over 2 replies" in out.err

@@ -81,6 +81,8 @@ def predict(
     else:
         write_output(output, lines, "--output")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
+    if model.cfg.task.type == "reward" and preds:  # the figure to compare two policies' replies by
+        typer.echo(f"mean reward {sum(p['score'] for p in preds) / len(preds):.4f} over {len(preds)} replies", err=True)
 
 
 @app.command()
