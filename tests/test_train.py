@@ -409,3 +409,31 @@ def test_tensorboard_missing_is_a_clear_error_before_any_run_dir(tmp_path, bert_
 def test_no_samples_is_fine(tmp_path, bert_no_dropout, data):
     run = _train(tmp_path / "r", bert_no_dropout, data, "train.max_steps=2", "eval.samples=0")
     assert json.loads((run.dir / "samples.json").read_text()) == {"before": [], "after": []}
+
+
+def test_bf16_autocast_trains_with_float32_weights_close_to_fp32(tmp_path, tiny_chat_llama):
+    from conftest import make_chat_rows
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(80, seed=3))
+    runs = {p: tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=sft",
+                                    "data.dedupe=false", "data.max_length=64", "train.batch_size=8", "train.lr=1e-2",
+                                    "train.max_steps=8", "train.log_every=1", "method.name=full", "eval.samples=0",
+                                    "eval.forgetting=none", f"train.precision={p}", f"output_dir={tmp_path / p}"])
+            for p in ("fp32", "bf16")}
+    fp32, bf16 = ([r["loss"] for r in _records(runs[p].dir, "train")] for p in ("fp32", "bf16"))
+    assert bf16[0] == pytest.approx(fp32[0], rel=2e-2)  # the same model and batch, matmuls rounded to bf16
+    assert bf16[0] != fp32[0]  # autocast was on
+    assert bf16[-1] < bf16[0]
+    weights = _weights(runs["bf16"].dir)
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_bf16_autocast_changes_nothing_in_evaluation(tmp_path, tiny_chat_llama):
+    from conftest import make_chat_rows
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(80, seed=3))
+    base = [tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=sft",
+                                 "data.dedupe=false", "data.max_length=64", "train.max_steps=1", "method.name=lora",
+                                 "eval.samples=0", "eval.forgetting=none", f"train.precision={p}",
+                                 f"output_dir={tmp_path / p}"]).summary["base"]["validation"]["loss"] for p in ("fp32", "bf16")]
+    assert base[0] == base[1]

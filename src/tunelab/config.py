@@ -302,6 +302,9 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for initialisation, data order and splits.")
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass "
                                          "instead of keeping them: far less activation memory for ~30 % more compute.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': the training forward runs under bfloat16 "
+                                               "autocast (matmuls in bf16; weights, gradients and AdamW state stay float32). "
+                                               "Evaluation stays float32, so base and tuned are scored alike.")
     log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
                                                  "(event files in <run dir>/tensorboard; needs the tensorboard package).")
     group_by_length: bool = Field(False, description="Form micro-batches of similar length (within windows of 50 "

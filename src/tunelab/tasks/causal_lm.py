@@ -20,11 +20,11 @@ import math
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from .. import models
 from ..data import chat
 from ..errors import TunelabError
+from ..training import lm_loss
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "perplexity")
@@ -170,22 +170,24 @@ def _hidden(model, batch) -> torch.Tensor:
     return out[0]
 
 
-def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3 cap logits in their ForCausalLM.forward, which this path bypasses
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(negative log-likelihood of every target token, the row it belongs to)."""
+def _targets(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states that predict a target, those targets, the row each belongs to)."""
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     hidden = _hidden(model, batch)[:, :-1][keep]
-    nll = F.cross_entropy(_logits(model, hidden).float(), targets[keep], reduction="none")
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    return hidden, targets[keep], rows
+
+
+def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative log-likelihood of every target token, the row it belongs to); logits a chunk at a time."""
+    hidden, targets, rows = _targets(model, batch)
+    nll = lm_loss.token_nll(model.get_output_embeddings(), hidden, targets, _softcap(model))
     return nll, rows
+
+
+def _softcap(model):
+    return getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 apply it in ForCausalLM.forward
 
 
 def forward(model, batch) -> torch.Tensor:
@@ -200,7 +202,8 @@ def targets(batch) -> torch.Tensor:
 
 
 def loss(model, batch) -> torch.Tensor:
-    return _token_nll(model, batch)[0].sum()
+    hidden, targets, _ = _targets(model, batch)
+    return lm_loss.summed_nll(model.get_output_embeddings(), hidden, targets, _softcap(model))
 
 
 def count(batch) -> int:

@@ -62,10 +62,11 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pairs, 2) summed reply log-probs and (pairs, 2) reply token counts."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, n = preference.sequence_logps(logits, batch["labels"])
-    return logps.view(2, -1).T, n.view(2, -1).T
+    """(pairs, 2) summed reply log-probs and (pairs, 2) reply token counts; the same sums as
+    preference.sequence_logps on the model's logits, without holding the logits of the batch (lm_loss)."""
+    nll, rows = causal_lm._token_nll(model, batch)
+    logps = torch.zeros(batch["labels"].shape[0], device=nll.device).index_add(0, rows, -nll)
+    return logps.view(2, -1).T, causal_lm.targets(batch).view(2, -1).T
 
 
 def _reference(model, batch) -> torch.Tensor:

@@ -147,7 +147,16 @@ def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
     return flat
 
 
-def accumulate(batches: list[tuple[Job, dict]], owner=None) -> float:
+def autocast(device, precision: str):
+    """The training forward's precision: bf16 autocast (fp32 master weights), or nothing for fp32."""
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TunelabError(f"train.precision=bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
+                           f"support. Use train.precision=fp32.")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp32") -> float:
     """Backward of one optimizer step's loss, sum over jobs of weight_t * L_t, L_t being job t's summed loss over
     its items in the step (all its micro-batches: accumulation == one big batch). Returns the loss value."""
     from .. import methods
@@ -159,7 +168,9 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None) -> float:
     for job, batch in batches:
         if job.adapter:
             methods.set_adapter(owner, job.adapter)
-        loss = job.weight * job.task.loss(job.model, batch, **(job.loss_options or {})) / max(n_items[job.name], 1)
+        device = next(iter(batch.values())).device
+        with autocast(device, precision):
+            loss = job.weight * job.task.loss(job.model, batch, **(job.loss_options or {})) / max(n_items[job.name], 1)
         loss.backward()
         total += loss.item()
     return total
@@ -257,7 +268,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         batches = [(jobs[i], {k: v.to(device) for k, v in jobs[i].task.collate([jobs[i].train[x] for x in c],
                                                                                   jobs[i].pad_id).items()})
                    for i, c in chunks]
-        step_loss = accumulate(batches, owner)
+        step_loss = accumulate(batches, owner, cfg.precision)
         tokens += sum(int(batch["attention_mask"].sum()) for _, batch in batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
