@@ -14,9 +14,9 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
 - activations   what autograd saves in the forward pass, per token and per block, from a per-family
                 formula measured with `torch.autograd.graph.saved_tensors_hooks` (see FAMILIES). With
                 gradient checkpointing: every block's input plus one block recomputed at a time.
-- logits        causal LM: the loss runs over every target token at once, so the vocabulary-wide float32
-                tensors are (batch x seq x vocab) x 3 at the start of backward (log-softmax output + two
-                gradient buffers). Classification heads: negligible.
+- logits        causal LM: the fused linear + cross-entropy (training/lm_loss.py) holds one chunk of float32
+                logits (64 MiB) at a time and keeps the hidden states' gradient (and the head weight's, when
+                it trains) for backward. Classification heads: negligible.
 - allocator     memory the allocator holds beyond the live tensors: on CPU glibc keeps freed activation memory
                 in its heap and the peak RSS creeps up over the first steps; measured on LoRA and full runs
                 at 0.2-0.9 x the transient (activations + logits) bytes after 2 steps and after 30, 0.5 used.
@@ -25,8 +25,7 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
 
 The peak is the largest of three phases: loading (the whole model in `dtype`: QLoRA too, since tunelab
 quantizes after loading), training (above), and evaluation (eval.batch_size rows without gradients on top of
-what the allocator kept; a causal LM's logits are materialised for every token of the eval batch, which can
-dominate). `advise` judges fit on loading + training and suggests an eval.batch_size when evaluation would not
+what the allocator kept; a causal LM's logits one chunk at a time). `advise` judges fit on loading + training and suggests an eval.batch_size when evaluation would not
 fit. Against real 2-step tunelab runs on CPU (tests/test_advise.py) the totals agree within about +-15 %; sft
 is estimated as if every token were a target (the upper bound). CUDA estimates use the same formulas with
 constants (context, allocator slack) that have not been calibrated on a GPU.
@@ -45,6 +44,7 @@ import torch
 
 from . import models
 from .errors import TunelabError
+from .training import lm_loss
 
 METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
 # Merging folds the update into the base weights: inference costs what the base model costs.
@@ -87,7 +87,7 @@ FAMILY_OF = {
                      "olmo2", "smollm3", "stablelm", "granite", "cohere"], "llama"),
 }
 HEAD_WIDTHS = 3  # per token, in hidden widths: the embedding LayerNorm/dropout (encoders) or final norm + LM-head input
-LOGIT_COPIES = 3  # float32 (tokens x vocab) tensors alive at the start of backward: log-softmax out + 2 gradients
+LOGIT_COPIES = 3  # classification-style heads: float32 logit tensors alive at the start of backward (log-softmax + 2 grads)
 ALLOCATOR_SLACK = {"cpu": 0.5, "cuda": 0.10}  # of the transient bytes; cpu measured (glibc), cuda assumed
 CUDA_CONTEXT = 500 * 2**20  # CUDA context + kernels, outside torch's allocator (typical; not measured here)
 RUNTIME_FALLBACK = 360 * 2**20  # RSS of python + torch + transformers + tunelab, if it cannot be measured
@@ -307,16 +307,26 @@ def activation_bytes(dims: dict, family: str, method: str, task: str, seq_len: i
     return int(tokens * (dims["layers"] * block + head))
 
 
-def logit_bytes(dims: dict, task: str, seq_len: int, batch: int, dtype: str, num_labels: int) -> int:
-    """The loss's buffers at the start of backward (float32: tunelab upcasts logits before the loss)."""
+def loss_saved_bytes(dims: dict, task: str, seq_len: int, batch: int, num_labels: int, head_trains: bool) -> int:
+    """What the loss keeps for backward. A causal LM's fused linear + cross-entropy (training/lm_loss.py) keeps the
+    gradient of every target's hidden state (float32, sft: all tokens assumed targets) and, when the head trains,
+    of the head weight; a classification-style head keeps its float32 log-softmax output."""
     if task in ("sft", "causal_lm"):
-        # Every target position at once (sft: assume all tokens are targets, the upper bound).
-        width, tokens = dims["vocab"], batch * (seq_len - 1)
-        extra = 2 * width * tokens if dtype != "float32" else 0  # the bf16 logits, cast to float32 and back
-        return LOGIT_COPIES * 4 * width * tokens + extra
+        tokens = batch * (seq_len - 1)
+        return 4 * tokens * dims["hidden"] + (4 * dims["vocab"] * dims["hidden"] if head_trains else 0)
     width = {"classification": num_labels, "token_classification": num_labels, "qa": 2}[task]
-    tokens = batch if task == "classification" else batch * seq_len
-    return LOGIT_COPIES * 4 * width * tokens
+    return 4 * width * (batch if task == "classification" else batch * seq_len)
+
+
+def logit_bytes(dims: dict, task: str, seq_len: int, batch: int, dtype: str, num_labels: int,
+                head_trains: bool = False) -> int:
+    """The loss's buffers at their largest. A causal LM's logits exist one chunk of positions at a time (lm_loss:
+    float32 logits turned into their gradient in place, plus the chunk's bf16 logits when the model is bf16)."""
+    if task in ("sft", "causal_lm"):
+        rows = min(batch * (seq_len - 1), lm_loss.chunk_rows(dims["vocab"]))
+        chunk = 4 * rows * dims["vocab"] + (2 * rows * dims["vocab"] if dtype != "float32" else 0)
+        return loss_saved_bytes(dims, task, seq_len, batch, num_labels, head_trains) + chunk
+    return LOGIT_COPIES * loss_saved_bytes(dims, task, seq_len, batch, num_labels, head_trains)
 
 
 def eval_bytes(dims: dict, family: str, task: str, seq_len: int, eval_batch: int, dtype: str, num_labels: int) -> int:
@@ -325,9 +335,9 @@ def eval_bytes(dims: dict, family: str, task: str, seq_len: int, eval_batch: int
     fam = FAMILIES[family]
     block = 4 * (fam["a_h"] * dims["hidden"] + fam["a_kv"] * dims["kv"] + fam["a_i"] * dims["intermediate"])
     working = eval_batch * seq_len * block * fam["eval"] * (1.0 if dtype == "float32" else fam["bfloat16"])
-    if task in ("sft", "causal_lm"):
-        tokens = eval_batch * (seq_len - 1)
-        logits = 2 * 4 * dims["vocab"] * tokens + (2 * dims["vocab"] * tokens if dtype != "float32" else 0)
+    if task in ("sft", "causal_lm"):  # one chunk of logits and its log-softmax (lm_loss.token_nll)
+        rows = min(eval_batch * (seq_len - 1), lm_loss.chunk_rows(dims["vocab"]))
+        logits = 2 * 4 * dims["vocab"] * rows + (2 * dims["vocab"] * rows if dtype != "float32" else 0)
     else:
         logits = logit_bytes(dims, task, seq_len, eval_batch, dtype, num_labels)
     return int(working + logits)
@@ -370,7 +380,7 @@ def estimate(model_dir, task: str, seq_len: int, batch: int, method: str | None 
         "optimizer": 2 * trainable,
         "best_copy": trainable,
         "activations": act[gradient_checkpointing],
-        "logits": logit_bytes(dims, task, seq_len, batch, dtype, num_labels),
+        "logits": logit_bytes(dims, task, seq_len, batch, dtype, num_labels, head_trains=method in ("full", "freeze")),
     }
     # AdamW's step runs after backward has freed the activations; its temporaries are one parameter's worth at a
     # time on CPU, all parameters at once with the foreach kernels torch uses on CUDA.
@@ -501,8 +511,6 @@ def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool
         if est["phases"]["eval"] > memory:
             fitting = eval_batch_that_fits(est, memory)
             notes.append(f"Evaluation at eval.batch_size={est['eval_batch_size']} needs {fmt_bytes(est['phases']['eval'])}"
-                         + (" (a causal LM's loss materialises (rows x tokens x vocabulary) logits)"
-                            if est["task"] in ("sft", "causal_lm") else "")
                          + (f": set eval.batch_size={fitting} or lower." if fitting else
                             ": even eval.batch_size=1 does not fit; shorten data.max_length."))
     if rows[0]["plain"].get("family_guessed"):
