@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo
+.PHONY: venv demo demo-data demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
 
 venv: $(STAMP)
 
@@ -115,3 +115,13 @@ test: venv browser
 
 clean-demo:
 	rm -rf demo_data runs/demo-lora runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo
+
+# tunelab against peft + transformers Trainer and TRL on the same model, data and steps (bench/README.md);
+# runs alternate, each in its own process; prints medians and ratios, writes bench/results.json.
+# Flags after BENCH_ARGS=, e.g. make bench BENCH_ARGS="--scenario lora-58m --bf16".
+bench: venv demo-data demo_data/sft/train.jsonl
+	$(PY) -m bench $(BENCH_ARGS)
+
+# 4 steps, 1 repeat, the 58M scenarios only: proves every runner works, in a few minutes.
+bench-quick: venv demo-data demo_data/sft/train.jsonl
+	$(PY) -m bench --quick $(BENCH_ARGS)
