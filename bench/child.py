@@ -69,8 +69,8 @@ def run_tunelab(spec: dict, clock: StepClock):
         # bf16=True does too). An autocast context around tunelab.train would not do: its loop sets autocast itself.
         f"train.precision={'bf16' if spec['bf16'] else 'fp32'}",
     ]
-    if spec["task"] == "sft":
-        overrides += ["task.type=sft", "task.template=chat"]
+    if spec["task"] == "sft":  # padding-free: each step's 8 examples as one row, as TRL's padding_free
+        overrides += ["task.type=sft", "task.template=chat", "train.padding_free=true"]
     else:
         overrides += ["task.type=classification", "data.text_field=text", "data.label_field=label"]
     if spec["method"] == "lora":
@@ -103,7 +103,7 @@ def run_tunelab(spec: dict, clock: StepClock):
 
     report = json.loads((run.dir / "data_report.json").read_text())
     train_tokens = report["splits"]["train"]["tokens"]
-    info = {"settings": f"{spec['method']}, dynamic padding, torch AdamW",
+    info = {"settings": f"{spec['method']}, {'padding-free' if spec['task'] == 'sft' else 'dynamic padding'}, torch AdamW",
             "trainable_params": run.summary["trainable_params"],
             "target_tokens": train_tokens.get("target_tokens", train_tokens.get("examples")),
             "own_train_seconds": run.summary["train_seconds"],

@@ -295,3 +295,30 @@ def test_group_by_length_batches_similar_lengths_and_still_sees_every_example():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 5  # random batches of 4 would spread ~60
     assert [len(b) for b in batches[:5]] == [4] * 5
+
+
+def test_padding_free_batches_train_exactly_as_padded_ones(tiny_chat_llama, tmp_path):
+    """One row per micro-batch, each example at its own positions and attending only to itself: the same loss
+    step by step as padded rows (same examples and targets per step), without a single pad token."""
+    runs = {pf: _train(tmp_path, tiny_chat_llama, "method.name=full", "train.max_steps=6", "train.log_every=1",
+                       "train.grad_accum=2", "eval.samples=0", "eval.forgetting=none", f"train.padding_free={pf}",
+                       name=f"pf-{pf}")
+            for pf in ("false", "true")}
+    logs = {pf: [json.loads(x) for x in (r.dir / "metrics.jsonl").read_text().splitlines()] for pf, r in runs.items()}
+    losses = {pf: [x["loss"] for x in recs if x["type"] == "train"] for pf, recs in logs.items()}
+    tokens = {pf: [x["tokens"] for x in recs if x["type"] == "train"] for pf, recs in logs.items()}
+    assert len(losses["true"]) == 6
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    assert tokens["true"] == tokens["false"]  # non-padding tokens, the same ones
+    assert runs["true"].summary["eval"]["loss"] == pytest.approx(runs["false"].summary["eval"]["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["task.type=classification"], "applies to task.type sft and causal_lm"),
+    (["data.packing=true"], "both pack examples"),
+    (["method.name=prompt"], "virtual tokens"),
+])
+def test_padding_free_refuses_what_it_cannot_do(tmp_path, tiny_chat_llama, extra, message):
+    overrides = [f"model.path={tiny_chat_llama}", "data.train=x.jsonl", "task.type=sft", "train.padding_free=true", *extra]
+    with pytest.raises(tunelab.TunelabError, match=message):
+        config.load(None, overrides)

@@ -147,6 +147,13 @@ def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
     return flat
 
 
+def _collate(job: Job, rows: list[dict], padding_free: bool) -> dict:
+    """A micro-batch as tensors: padded rows, or (train.padding_free, tasks that pack) one row of its examples."""
+    if padding_free and hasattr(job.task, "pack"):
+        rows = job.task.pack(rows, sum(len(r["input_ids"]) for r in rows))
+    return job.task.collate(rows, job.pad_id)
+
+
 def autocast(device, precision: str):
     """The training forward's precision: bf16 autocast (fp32 master weights), or nothing for fp32."""
     device = torch.device(device)
@@ -265,8 +272,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
         epoch_pos, chunks, epoch_end = next(stream)
-        batches = [(jobs[i], {k: v.to(device) for k, v in jobs[i].task.collate([jobs[i].train[x] for x in c],
-                                                                                  jobs[i].pad_id).items()})
+        batches = [(jobs[i], {k: v.to(device) for k, v in _collate(jobs[i], [jobs[i].train[x] for x in c],
+                                                                    cfg.padding_free).items()})
                    for i, c in chunks]
         step_loss = accumulate(batches, owner, cfg.precision)
         tokens += sum(int(batch["attention_mask"].sum()) for _, batch in batches)
