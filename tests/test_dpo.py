@@ -123,3 +123,20 @@ def test_a_run_dir_that_cannot_stand_for_a_model_says_why(tmp_path, tiny_chat_ll
     with pytest.raises(tunelab.TunelabError, match="is a tunelab run directory, and its model could not be rebuilt"):
         tunelab.train(None, [f"model.path={tmp_path / 'half'}", f"data.train={train}", "task.type=dpo",
                              "method.name=lora", f"output_dir={tmp_path / 'out'}"])
+
+
+def test_chunked_reply_log_probs_equal_the_trl_pinned_sequence_logps(tiny_chat_llama):
+    """dpo._logps (lm_loss, no batch-wide logits) against preference.sequence_logps on the full logits, the
+    function tests/test_preference_loss.py pins to TRL: values and gradients."""
+    from tunelab.training import preference
+
+    model, tok, info, feats = _batch(tiny_chat_llama)
+    batch = dpo.collate(feats, tok.pad_token_id)
+    ours, n = dpo._logps(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref, ref_n = preference.sequence_logps(logits, batch["labels"])
+    torch.testing.assert_close(ours, ref.view(2, -1).T, atol=1e-5, rtol=1e-6)
+    assert torch.equal(n, ref_n.view(2, -1).T)
+    w = model.model.embed_tokens.weight
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), w)[0], torch.autograd.grad(ref.sum(), w)[0],
+                               atol=1e-6, rtol=1e-4)

@@ -21,6 +21,9 @@ _CHUNK = 4096
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of the label tokens' log-probabilities, and how many tokens were summed.
 
+    The reference definition, pinned to TRL in the tests; training computes the same sums without the batch's
+    logits (tasks/dpo._logps over training/lm_loss), tested equal to this.
+
     Args:
         logits: ``(batch, seq, vocab)`` from a causal LM, any float dtype.
         labels: ``(batch, seq)`` token ids, ``-100`` where a position is not scored
