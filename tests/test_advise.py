@@ -23,7 +23,7 @@ from tunelab import advise
 from tunelab.errors import TunelabError
 
 TOLERANCE = 0.30
-SEQ, BATCH = 256, 8  # the measured runs' micro-batch
+SEQ, BATCH = 320, 8  # the measured runs' micro-batch
 WORDS = [f"w{i}" for i in range(100)]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
