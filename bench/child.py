@@ -16,8 +16,6 @@ import sys
 import traceback
 from pathlib import Path
 
-import torch
-
 from . import common
 from .common import StepClock, read_jsonl
 
@@ -28,6 +26,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True)
     args = parser.parse_args(argv)
     spec = json.loads(Path(args.spec).read_text())
+    if args.runner == "tunelab":
+        # first, as `tunelab train` and a script that starts with `import tunelab` do: tunelab sets its allocator
+        # switch (THP_MEM_ALLOC_ENABLE) before torch allocates anything
+        import tunelab  # noqa: F401
+    import torch
+
     # Every runner gets the same threads: all cores, nothing pinned.
     torch.set_num_threads(os.cpu_count())
     clock = StepClock(spec["spawned_at"])
@@ -103,7 +107,8 @@ def run_tunelab(spec: dict, clock: StepClock):
 
     report = json.loads((run.dir / "data_report.json").read_text())
     train_tokens = report["splits"]["train"]["tokens"]
-    info = {"settings": f"{spec['method']}, {'padding-free' if spec['task'] == 'sft' else 'dynamic padding'}, torch AdamW",
+    info = {"settings": f"{spec['method']}, {'padding-free' if spec['task'] == 'sft' else 'length-split micro-batches'}, "
+                        f"fused AdamW",
             "trainable_params": run.summary["trainable_params"],
             "target_tokens": train_tokens.get("target_tokens", train_tokens.get("examples")),
             "own_train_seconds": run.summary["train_seconds"],
@@ -148,6 +153,7 @@ def trainable(model) -> int:
 
 
 def run_trainer(spec: dict, clock: StepClock):
+    import torch
     import transformers
     from datasets import Dataset
     from transformers import AutoTokenizer, Trainer
@@ -231,6 +237,7 @@ def _trl_label(attempt: dict) -> str:
 
 
 def _trl_once(spec: dict, clock: StepClock, attempt: dict):
+    import torch
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer

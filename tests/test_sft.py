@@ -313,6 +313,54 @@ def test_padding_free_batches_train_exactly_as_padded_ones(tiny_chat_llama, tmp_
     assert runs["true"].summary["eval"]["loss"] == pytest.approx(runs["false"].summary["eval"]["loss"], abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny_chat_opt(tiny_chat_llama, tmp_path_factory):
+    """A 2-layer OPT with tiny_chat_llama's tokenizer: its attention lets packed examples see each other."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    path = tmp_path_factory.mktemp("models") / "tiny-chat-opt"
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             bos_token_id=tok.bos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _padding_free_records(run) -> list[dict]:
+    return [r for r in map(json.loads, (run.dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == "padding_free"]
+
+
+def test_padding_free_is_on_by_default_where_the_model_keeps_packed_examples_apart(tiny_chat_llama, tmp_path):
+    cfg = config.load(None, [f"model.path={tiny_chat_llama}", "data.train=x.jsonl", "task.type=sft"])
+    assert cfg.train.padding_free == "auto"
+    run = _train(tmp_path, tiny_chat_llama, "method.name=lora", "train.max_steps=2", "eval.samples=0",
+                 "eval.forgetting=none")
+    assert _padding_free_records(run) == [{"type": "padding_free", "on": True}]
+    assert task.packing_fault(tunelab.load(run.dir).model) is None
+
+
+def test_padding_free_falls_back_on_a_model_whose_attention_mixes_packed_examples(tiny_chat_opt, tmp_path, capsys):
+    run = _train(tmp_path, tiny_chat_opt, "method.name=full", "train.max_steps=2", "eval.samples=0",
+                 "eval.forgetting=none", name="auto")
+    (record,) = _padding_free_records(run)
+    assert record["on"] is False and "does not keep packed examples apart" in record["why_off"]
+    assert "train.padding_free=auto: padded rows" in capsys.readouterr().out
+    with pytest.raises(TunelabError, match="cannot be trained on packed rows.*does not keep packed examples apart"):
+        _train(tmp_path, tiny_chat_opt, "method.name=full", "train.max_steps=2", "train.padding_free=true",
+               name="forced")
+    assert not (tmp_path / "forced" / "model").exists()
+
+
+@pytest.mark.parametrize("extra", [["task.type=classification"], ["task.type=sft", "data.packing=true"],
+                                   ["task.type=sft", "method.name=prompt"]])
+def test_padding_free_auto_is_off_where_it_does_not_apply(tiny_chat_llama, extra):
+    cfg = config.load(None, [f"model.path={tiny_chat_llama}", "data.train=x.jsonl", *extra])
+    assert cfg.train.padding_free is False
+
+
 @pytest.mark.parametrize("extra,message", [
     (["task.type=classification"], "applies to task.type sft and causal_lm"),
     (["data.packing=true"], "both pack examples"),

