@@ -73,7 +73,7 @@ def run_tunelab(spec: dict, clock: StepClock):
         # bf16=True does too). An autocast context around tunelab.train would not do: its loop sets autocast itself.
         f"train.precision={'bf16' if spec['bf16'] else 'fp32'}",
     ]
-    if spec["task"] == "sft":  # padding-free: each step's 8 examples as one row, as TRL's padding_free
+    if spec["task"] == "sft":  # padding-free: each step's 8 examples packed, as TRL's padding_free
         overrides += ["task.type=sft", "task.template=chat", "train.padding_free=true"]
     else:
         overrides += ["task.type=classification", "data.text_field=text", "data.label_field=label"]

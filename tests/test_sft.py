@@ -298,7 +298,7 @@ def test_group_by_length_batches_similar_lengths_and_still_sees_every_example():
 
 
 def test_padding_free_batches_train_exactly_as_padded_ones(tiny_chat_llama, tmp_path):
-    """One row per micro-batch, each example at its own positions and attending only to itself: the same loss
+    """Each micro-batch packed into rows, each example at its own positions and attending only to itself: the same loss
     step by step as padded rows (same examples and targets per step), without a single pad token."""
     runs = {pf: _train(tmp_path, tiny_chat_llama, "method.name=full", "train.max_steps=6", "train.log_every=1",
                        "train.grad_accum=2", "eval.samples=0", "eval.forgetting=none", f"train.padding_free={pf}",
