@@ -307,12 +307,12 @@ class TrainConfig(_Section):
                                                "Evaluation stays float32, so base and tuned are scored alike.")
     log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
                                                  "(event files in <run dir>/tensorboard; needs the tensorboard package).")
-    padding_free: bool | Literal["auto"] = Field("auto", description="sft / causal_lm: each micro-batch's examples are "
-                                                  "packed end to end into rows no longer than its longest, each with its "
-                                                  "own positions and attending only to itself: the same examples and targets per step as padded rows, "
-                                                  "without computing padding. 'auto': on wherever it applies (not with "
-                                                  "data.packing or virtual-token methods) and a check at the start shows "
-                                                  "the model keeps packed examples apart; true: on, or an error saying why not.")
+    padding_free: bool | Literal["auto"] = Field("auto", description=(
+        "sft / causal_lm: each micro-batch's examples are packed end to end into rows no longer than its longest, "
+        "each with its own positions and attending only to itself: the same examples and targets per step as padded "
+        "rows, without computing padding. 'auto': on wherever it applies (not with data.packing or virtual-token "
+        "methods) once a check at the start shows the model keeps packed examples apart; true: on, or an error "
+        "saying why not."))
     split_by_length: bool = Field(True, description="Cut each micro-batch into smaller ones of similar length when "
                                                     "that computes less padding than it costs in extra calls: the same "
                                                     "examples, loss and gradient per step, less time and activation memory.")

@@ -173,8 +173,8 @@ def split_by_length(lengths: list[int], cost: float) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     longest_first = [lengths[i] for i in order]
     best, cut = [0.0], [0]
-    for end in range(1, len(order) + 1):
-        value, start = min((best[s] + (end - s) * longest_first[s] + cost, s) for s in range(max(0, end - 256), end))  # groups of at most 256: O(256 n) per step
+    for end in range(1, len(order) + 1):  # groups of at most 256 rows, so a step costs O(256 n), not O(n^2)
+        value, start = min((best[s] + (end - s) * longest_first[s] + cost, s) for s in range(max(0, end - 256), end))
         best.append(value)
         cut.append(start)
     groups, end = [], len(order)
