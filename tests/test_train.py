@@ -492,3 +492,16 @@ def test_bf16_autocast_changes_nothing_in_evaluation(tmp_path, tiny_chat_llama):
                                  "eval.samples=0", "eval.forgetting=none", f"train.precision={p}",
                                  f"output_dir={tmp_path / p}"]).summary["base"]["validation"]["loss"] for p in ("fp32", "bf16")]
     assert base[0] == base[1]
+
+
+def test_import_tunelab_turns_on_huge_pages_for_torch_unless_the_user_chose():
+    """THP_MEM_ALLOC_ENABLE must be set before torch's first allocation, so `import tunelab` sets it; a value
+    the user set is kept."""
+    import subprocess
+    import sys
+
+    code = "import os, tunelab, torch; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = [subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                          check=True).stdout.strip() for extra in ({}, {"THP_MEM_ALLOC_ENABLE": "0"})]
+    assert out == ["1", "0"]
