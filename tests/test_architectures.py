@@ -3,6 +3,8 @@ their blocks, head and default targets without per-model code, train, save and p
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig, DistilBertModel,
@@ -66,3 +68,54 @@ def test_trains_saves_and_predicts(arch, method, tmp_path):
     # padding in a batch must not change a prediction (decoders read the last real token)
     for a, b in zip(together, alone):
         assert a["label"] == b["label"] and a["probs"]["pos"] == pytest.approx(b["probs"]["pos"], abs=1e-5)
+
+
+def test_padding_free_classification_where_the_classifier_reads_the_first_token(arch, tmp_path):
+    """Encoders (classifier on the first token) train on packed rows with the loss of padded ones; decoders (they
+    pool the last real token) are found out by the check and fall back to padded rows."""
+    from tunelab.tasks import classification
+    from tunelab.training import packing
+
+    name, path, *_ = arch
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    fault = classification.packing_fault(model)
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=4))
+    run = tunelab.train(None, [f"model.path={path}", f"data.train={train}", "method.name=lora", "train.max_steps=2",
+                               "eval.linear_probe=false", "eval.base=false", f"output_dir={tmp_path / 'run'}"])
+    record = next(r for r in map(json.loads, (run.dir / "metrics.jsonl").read_text().splitlines())
+                  if r["type"] == "padding_free")
+    if name in ("llama", "qwen2"):
+        assert fault and "no encoder stack" in fault
+        assert record == {"type": "padding_free", "on": False, "why_off": fault}
+        return
+    assert fault is None and record == {"type": "padding_free", "on": True}
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = make_rows(12, seed=2)
+    rows[0]["text"] = " ".join([rows[0]["text"]] * 4)  # a long one, so the short ones share rows
+    feats, _ = classification.encode(rows, tok, {"labels": ["neg", "pos"]}, 64)
+    longest = max(len(f["input_ids"]) for f in feats)
+    with torch.no_grad():
+        padded = classification.forward(model, classification.collate(feats, tok.pad_token_id))
+        rows = classification.pack(feats, longest)
+        packed = classification.forward(model, classification.collate(rows, tok.pad_token_id))
+    assert len(rows) < len(feats)
+    order = [i for members in packing.first_fit([len(f["input_ids"]) for f in feats], longest) for i in members]
+    torch.testing.assert_close(packed, padded[order], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,passes", [("albert", True), ("electra", True), ("deberta-v2", False)])
+def test_padding_free_check_on_other_encoders(family, passes):
+    """The check decides per model: ALBERT and ELECTRA keep packed examples apart; DeBERTa-v2's relative attention
+    does not take the 4D mask, so it would fall back to padded rows."""
+    from transformers import AlbertConfig, DebertaV2Config, ElectraConfig
+
+    from tunelab.tasks import classification
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=300)
+    config = {"albert": lambda: AlbertConfig(**small, embedding_size=16),
+              "electra": lambda: ElectraConfig(**small, embedding_size=32),
+              "deberta-v2": lambda: DebertaV2Config(**small)}[family]()
+    torch.manual_seed(0)
+    fault = classification.packing_fault(AutoModelForSequenceClassification.from_config(config))
+    assert (fault is None) == passes, fault

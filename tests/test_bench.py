@@ -39,3 +39,19 @@ def test_flops_per_token_is_the_textbook_count():
     adapters = 2 * 2 * (8 + 8 + 8 + 4 + 8 + 4 + 8 + 8 + 8 + 16 + 8 + 16 + 16 + 8)
     assert lora["adapter_params"] == adapters
     assert lora["flops_per_token"] == pytest.approx(4 * n + 6 * adapters + 12 * 2 * 8 * 10.0)
+
+
+def test_merge_keeps_earlier_scenarios_with_their_own_settings():
+    from bench import run
+
+    earlier = {"machine": {"date": "2026-11-20T10:00:00"}, "settings": {"steps": 30, "repeats": 3, "bf16": False},
+               "scenarios": {"lora-58m": {"median": {"old": 1}}, "cls-minilm": {"median": {"old": 2}}}}
+    new = {"machine": {"date": "2026-11-24T15:00:00"}, "settings": {"steps": 10, "repeats": 2, "bf16": False},
+           "scenarios": {"cls-minilm": {"median": {"new": 3},
+                                        "measured": {"steps": 10, "repeats": 2, "bf16": False, "date": "2026-11-24"}}}}
+    merged = run.merge(earlier, new)
+    assert list(merged["scenarios"]) == ["lora-58m", "cls-minilm"]  # the bench's own order
+    assert merged["scenarios"]["cls-minilm"]["median"] == {"new": 3}
+    assert merged["scenarios"]["lora-58m"]["measured"] == {"steps": 30, "repeats": 3, "bf16": False,
+                                                          "date": "2026-11-20T10:00:00"}
+    assert merged["settings"]["steps"] == 10 and earlier["scenarios"]["lora-58m"] == {"median": {"old": 1}}

@@ -354,7 +354,7 @@ def test_padding_free_falls_back_on_a_model_whose_attention_mixes_packed_example
     assert not (tmp_path / "forced" / "model").exists()
 
 
-@pytest.mark.parametrize("extra", [["task.type=classification"], ["task.type=sft", "data.packing=true"],
+@pytest.mark.parametrize("extra", [["task.type=token_classification"], ["task.type=sft", "data.packing=true"],
                                    ["task.type=sft", "method.name=prompt"]])
 def test_padding_free_auto_is_off_where_it_does_not_apply(tiny_chat_llama, extra):
     cfg = config.load(None, [f"model.path={tiny_chat_llama}", "data.train=x.jsonl", *extra])
@@ -362,7 +362,7 @@ def test_padding_free_auto_is_off_where_it_does_not_apply(tiny_chat_llama, extra
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["task.type=classification"], "applies to task.type sft and causal_lm"),
+    (["task.type=token_classification"], "applies to task.type sft, causal_lm, classification, not token_class"),
     (["data.packing=true"], "both pack examples"),
     (["method.name=prompt"], "virtual tokens"),
 ])

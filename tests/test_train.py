@@ -135,7 +135,7 @@ def test_split_by_length_trains_exactly_as_one_micro_batch(bert_no_dropout, monk
     for split in (False, True):
         collated.clear()
         runs[split] = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=12, max_steps=3, lr=lr,
-                            split_by_length=split)
+                            split_by_length=split, padding_free=False)
         runs[split] += (list(collated),)
     (whole, whole_log, whole_calls), (split, split_log, split_calls) = runs[False], runs[True]
     assert whole_calls[:3] == [12, 12, 12] and split_calls[:6] == [3, 9] * 3  # long ones, then short ones
@@ -144,6 +144,33 @@ def test_split_by_length_trains_exactly_as_one_micro_batch(bert_no_dropout, monk
     whole_params = dict(whole.named_parameters())
     for name, p in split.named_parameters():
         torch.testing.assert_close(p, whole_params[name], atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("opt_kind,lr", [("adamw", 1e-3), ("sgd", 0.5)])
+def test_padding_free_classification_trains_exactly_as_padded_rows(bert_no_dropout, monkeypatch, opt_kind, lr):
+    """Each step's examples packed end to end (block-diagonal attention, positions from 0 per example, the
+    classifier reading each example's first token): the same losses, token counts and weights as padded rows."""
+    rows = make_rows(20, seed=7)
+    rows[0]["text"] = " ".join(["great"] * 30)  # one long example, so rows hold several short ones
+    shapes = []
+    real_collate = classification.collate
+    monkeypatch.setattr(classification, "collate",
+                        lambda features, pad_id: shapes.append((len(features), "starts" in features[0]))
+                        or real_collate(features, pad_id))
+    padded, padded_log = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=10, grad_accum=2,
+                               max_steps=4, lr=lr, padding_free=False, split_by_length=False)
+    assert all(not packed for _, packed in shapes)
+    shapes.clear()
+    packed, packed_log = _loop(bert_no_dropout, rows, opt_kind, monkeypatch, batch_size=10, grad_accum=2,
+                               max_steps=4, lr=lr, padding_free=True)
+    packed_rows = [n for n, is_packed in shapes if is_packed]
+    assert len(packed_rows) == 1 + 4 * 2  # packing_fault's check, then every training micro-batch
+    assert sum(packed_rows[1:]) < 4 * 2 * 10  # fewer rows than examples
+    assert [r["loss"] for r in packed_log] == pytest.approx([r["loss"] for r in padded_log], rel=1e-5)
+    assert [r["tokens"] for r in packed_log] == [r["tokens"] for r in padded_log]
+    padded_params = dict(padded.named_parameters())
+    for name, p in packed.named_parameters():
+        torch.testing.assert_close(p, padded_params[name], atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_split_by_length_finds_the_cheapest_cut():

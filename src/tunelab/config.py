@@ -262,6 +262,7 @@ class QLoraConfig(LoraConfig):
 
 
 METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
+PADDING_FREE_TASKS = ("sft", "causal_lm", "classification")  # the tasks with a pack() for train.padding_free
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
 
@@ -308,10 +309,10 @@ class TrainConfig(_Section):
     log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
                                                  "(event files in <run dir>/tensorboard; needs the tensorboard package).")
     padding_free: bool | Literal["auto"] = Field("auto", description=(
-        "sft / causal_lm: each micro-batch's examples are packed end to end into rows no longer than its longest, "
-        "each with its own positions and attending only to itself: the same examples and targets per step as padded "
-        "rows, without computing padding. 'auto': on wherever it applies (not with data.packing or virtual-token "
-        "methods) once a check at the start shows the model keeps packed examples apart; true: on, or an error "
+        "sft, causal_lm, classification: each micro-batch's examples are packed end to end into rows no longer "
+        "than its longest, each with its own positions and attending only to itself: the same examples and targets "
+        "per step as padded rows, without computing padding. 'auto': on wherever it applies (not with data.packing "
+        "or virtual-token methods) once a check at the start shows the model keeps packed examples apart; true: on, or an error "
         "saying why not."))
     split_by_length: bool = Field(True, description="Cut each micro-batch into smaller ones of similar length when "
                                                     "that computes less padding than it costs in extra calls: the same "
@@ -500,10 +501,11 @@ def _check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")
     if cfg.train.padding_free == "auto":  # on where it applies; the loop then checks the model keeps examples apart
-        cfg.train.padding_free = "auto" if (cfg.task.type in ("sft", "causal_lm") and not cfg.data.packing and
+        cfg.train.padding_free = "auto" if (cfg.task.type in PADDING_FREE_TASKS and not cfg.data.packing and
                                             cfg.method.name not in ("prompt", "ptuning", "prefix")) else False
-    if cfg.train.padding_free is True and cfg.task.type not in ("sft", "causal_lm"):
-        raise TunelabError(f"Invalid config in {source}: train.padding_free=true applies to task.type sft and causal_lm, "
+    if cfg.train.padding_free is True and cfg.task.type not in PADDING_FREE_TASKS:
+        raise TunelabError(f"Invalid config in {source}: train.padding_free=true applies to task.type "
+                           f"{', '.join(PADDING_FREE_TASKS)}, "
                            f"not {cfg.task.type}; remove it (train.group_by_length=true cuts padding for any task).")
     if cfg.train.padding_free is True and cfg.data.packing:
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true and data.packing=true both pack "

@@ -24,7 +24,7 @@ import torch
 from .. import models
 from ..data import chat
 from ..errors import TunelabError
-from ..training import lm_loss
+from ..training import lm_loss, packing
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "perplexity")
@@ -122,17 +122,14 @@ def _encode_text(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dic
 def pack(features: list[dict], max_length: int) -> list[dict]:
     """First-fit-decreasing into rows of at most max_length tokens; each row keeps every example's own
     positions (0, 1, ...) and the first label of every example is -100."""
-    rows: list[dict] = []
-    for f in sorted(features, key=lambda f: -len(f["input_ids"])):
-        n = len(f["input_ids"])
-        row = next((r for r in rows if len(r["input_ids"]) + n <= max_length), None)
-        if row is None:
-            row = {"input_ids": [], "labels": [], "position_ids": [], "examples": 0}
-            rows.append(row)
-        row["input_ids"] += f["input_ids"]
-        row["labels"] += [-100] + f["labels"][1:]
-        row["position_ids"] += list(range(n))
-        row["examples"] += 1
+    rows = []
+    for members in packing.first_fit([len(f["input_ids"]) for f in features], max_length):
+        row = {"input_ids": [], "labels": [], "position_ids": [], "examples": len(members)}
+        for f in (features[i] for i in members):
+            row["input_ids"] += f["input_ids"]
+            row["labels"] += [-100] + f["labels"][1:]
+            row["position_ids"] += list(range(len(f["input_ids"])))
+        rows.append(row)
     return rows
 
 

@@ -16,6 +16,7 @@ from .. import data, models
 from ..data.clean import canonical_label, label_sort_key
 from ..errors import TunelabError
 from ..evaluate import metrics as M
+from ..training import packing
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
@@ -83,19 +84,128 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
     return feats, stats
 
 
+def pack(features: list[dict], max_length: int) -> list[dict]:
+    """train.padding_free: examples end to end in rows of at most max_length tokens (first-fit decreasing), each
+    with its own positions; `starts` and `labels` list the row's examples in order."""
+    rows = []
+    for members in packing.first_fit([len(f["input_ids"]) for f in features], max_length):
+        row = {"input_ids": [], "position_ids": [], "starts": [], "labels": []}
+        for f in (features[i] for i in members):
+            row["starts"].append(len(row["input_ids"]))
+            row["input_ids"] += f["input_ids"]
+            row["position_ids"] += list(range(len(f["input_ids"])))
+            row["labels"].append(f["label"])
+        rows.append(row)
+    return rows
+
+
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in the batch (dynamic padding)."""
+    """Pad to the longest sequence in the batch (dynamic padding). Packed rows (`pack`) also carry position ids,
+    `segments` (which example each token belongs to, 0 for padding) and `first`, the flat index of each example's
+    first token, whose state the classifier reads."""
     longest = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
     for i, f in enumerate(features):
         input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
         mask[i, : len(f["input_ids"])] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+    if "starts" not in features[0]:
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+    positions = torch.zeros_like(input_ids)
+    segments = torch.zeros_like(input_ids)
+    first, labels = [], []
+    for i, f in enumerate(features):
+        ends = f["starts"][1:] + [len(f["input_ids"])]
+        for k, (a, b) in enumerate(zip(f["starts"], ends)):
+            segments[i, a:b] = k + 1
+            first.append(i * longest + a)
+        positions[i, : len(f["input_ids"])] = torch.tensor(f["position_ids"])
+        labels += f["labels"]
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "segments": segments,
+            "first": torch.tensor(first), "labels": torch.tensor(labels)}
 
 
 def forward(model, batch) -> torch.Tensor:
+    if "segments" in batch:
+        return _packed_forward(model, batch)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _encoder(model):
+    """The body's stack whose output is every token's final state (BERT, RoBERTa, ELECTRA, ...: encoder;
+    DistilBERT: transformer), or None for a body without one (decoders pool the last token instead)."""
+    _, body = models._body(model)
+    return next((m for m in (getattr(body, "encoder", None), getattr(body, "transformer", None))
+                 if isinstance(m, torch.nn.Module)), None)
+
+
+def _packed_forward(model, batch, keep: list | None = None) -> torch.Tensor:
+    """Logits of packed rows: attention limited to each example by a block-diagonal mask, positions restarting per
+    example, and the encoder's output narrowed to each example's first token, so the model's own pooler and head
+    (which read position 0) see one example per row. `keep` receives the encoder's full output (packing_fault)."""
+    segments = batch["segments"]
+    same = (segments[:, None, :, None] == segments[:, None, None, :])
+    _, body = models._body(model)
+    if model.config._attn_implementation != "sdpa":  # eager attention adds the mask to its scores
+        dtype = body.get_input_embeddings().weight.dtype
+        same = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
+    positions = batch["position_ids"]
+    offset = getattr(getattr(body, "embeddings", None), "padding_idx", None)
+    if offset is not None:  # RoBERTa and its kin number positions from padding_idx + 1
+        positions = positions + offset + 1
+
+    def narrow(module, args, output):
+        states = output[0]
+        if keep is not None:
+            keep.append(states)
+        firsts = states.flatten(0, 1)[batch["first"]][:, None]
+        if isinstance(output, tuple):
+            return (firsts, *output[1:])
+        output["last_hidden_state"] = firsts
+        return output
+
+    handle = _encoder(model).register_forward_hook(narrow)
+    try:
+        return model(input_ids=batch["input_ids"], attention_mask=same, position_ids=positions).logits
+    finally:
+        handle.remove()
+
+
+def packing_fault(model) -> str | None:
+    """None when packed rows give the same encoder states and logits as the examples alone (train.padding_free),
+    else why not: an architecture that pools elsewhere than the first token, numbers positions its own way or
+    ignores a 4D mask falls back to padded rows."""
+    if _encoder(model) is None:
+        return f"{type(model).__name__} has no encoder stack whose first-token state the classifier reads"
+    vocab = model.get_input_embeddings().num_embeddings
+    lengths = (5, 3)
+    examples = [{"input_ids": [(7 * k + 3 + j) % vocab for j in range(n)], "label": 0} for k, n in enumerate(lengths)]
+    device = next(model.parameters()).device
+    packed = {k: v.to(device) for k, v in collate(pack(examples, sum(lengths)), 0).items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            states: list = []
+            together = _packed_forward(model, packed, keep=states)
+            alone_states, alone = [], []
+            for f in examples:
+                one = {k: v.to(device) for k, v in collate([f], 0).items()}
+                out = model(input_ids=one["input_ids"], attention_mask=one["attention_mask"], output_hidden_states=True)
+                alone_states.append(out.hidden_states[-1][0])
+                alone.append(out.logits[0])
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:  # e.g. a forward without position_ids
+        return f"its forward failed on a packed row ({type(e).__name__}: {str(e)[:200]})"
+    finally:
+        model.train(was_training)
+    # pack() puts the longer example first, as `examples` already is
+    gaps = [float((states[0][0].float() - torch.cat(alone_states).float()).abs().max()),
+            float((together.float() - torch.stack(alone).float()).abs().max())]
+    scale = max(float(torch.cat(alone_states).float().abs().max()), float(torch.stack(alone).float().abs().max()), 1e-6)
+    if max(gaps) > 1e-2 * scale:
+        return (f"a packed row's states or logits differ from the examples' own by {max(gaps):.3g}, so its attention, "
+                f"positions or pooling do not keep packed examples apart")
+    return None
 
 
 def loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
