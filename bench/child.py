@@ -107,7 +107,9 @@ def run_tunelab(spec: dict, clock: StepClock):
 
     report = json.loads((run.dir / "data_report.json").read_text())
     train_tokens = report["splits"]["train"]["tokens"]
-    info = {"settings": f"{spec['method']}, {'padding-free' if spec['task'] == 'sft' else 'length-split micro-batches'}, "
+    records = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    packed = any(r["type"] == "padding_free" and r["on"] for r in records)
+    info = {"settings": f"{spec['method']}, {'padding-free rows' if packed else 'length-split micro-batches'}, "
                         f"fused AdamW",
             "trainable_params": run.summary["trainable_params"],
             "target_tokens": train_tokens.get("target_tokens", train_tokens.get("examples")),

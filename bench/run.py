@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, only the 58M scenarios")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before a run is stopped")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other scenarios already in --output (each records its own steps, repeats and date)")
     args = parser.parse_args(argv)
     steps = args.steps or (4 if args.quick else 30)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 run["repeat"] = rep + 1
                 runs.append(run)
                 print(f"[{name}] {rep + 1}/{repeats} {runner:8} {describe_run(run)}", flush=True)
-        results["scenarios"][name] = {"data": data, "spec": spec, "runners": runners, "runs": runs}
+        results["scenarios"][name] = {"data": data, "spec": spec, "runners": runners, "runs": runs,
+                                      "measured": {**results["settings"], "date": machine["date"]}}
         check_targets(name, runs)
 
     # Measured again at the end and the higher kept: a peak taken while another job held a core would be too low.
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if "runs" in sc:
             sc.update(summarize(sc["runs"], sc["runners"], sc["data"], peaks["bfloat16" if args.bf16 else "float32"]))
     results["seconds"] = time.time() - t_start
+    if args.merge and Path(args.output).exists():
+        results = merge(json.loads(Path(args.output).read_text(encoding="utf-8")), results)
     Path(args.output).write_text(json.dumps(results, indent=1, default=str) + "\n", encoding="utf-8")
     print()
     print(table(results))
@@ -119,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the machine --------------------------------------------------------------------------------------------
+
+def merge(earlier: dict, results: dict) -> dict:
+    """`results` plus the scenarios of an earlier results file that it did not run, each keeping the settings and
+    date it was measured with, in SCENARIOS order."""
+    kept = {name: {**sc, "measured": sc.get("measured", {**earlier["settings"], "date": earlier["machine"]["date"]})}
+            for name, sc in earlier["scenarios"].items() if name not in results["scenarios"] and name in SCENARIOS}
+    merged = {**kept, **results["scenarios"]}
+    return {**results, "scenarios": {name: merged[name] for name in sorted(merged, key=list(SCENARIOS).index)}}
+
 
 def describe_machine() -> dict:
     import importlib.metadata as md
@@ -325,6 +339,10 @@ def table(results: dict) -> str:
 def ratio_lines(results: dict) -> str:
     out = ["tunelab / peer, medians (speed > 1: tunelab faster; memory and first step < 1: tunelab smaller, sooner):"]
     for name, sc in results["scenarios"].items():
+        if "measured" in sc:
+            m = sc["measured"]
+            out.append(f"  {name:13} measured {m['date']}: {m['steps']} steps x {m['repeats']} runs"
+                       f"{', bf16' if m['bf16'] else ''}")
         for peer, r in sc.get("ratios_tunelab_over_peer", {}).items():
             out.append(f"  {name:13} vs {peer:8} tok/s {r.get('tokens_per_s', float('nan')):.2f}x   "
                        f"peak RSS {r.get('peak_rss_mb', float('nan')):.2f}x   "
