@@ -88,6 +88,10 @@ def test_padding_free_classification_where_the_classifier_reads_the_first_token(
     if name in ("llama", "qwen2"):
         assert fault and "no encoder stack" in fault
         assert record == {"type": "padding_free", "on": False, "why_off": fault}
+        with pytest.raises(tunelab.TunelabError, match="cannot be trained on packed rows.*no encoder stack"):
+            tunelab.train(None, [f"model.path={path}", f"data.train={train}", "method.name=lora", "train.max_steps=2",
+                                 "train.padding_free=true", f"output_dir={tmp_path / 'forced'}"])
+        assert not (tmp_path / "forced" / "model").exists()
         return
     assert fault is None and record == {"type": "padding_free", "on": True}
     tok = AutoTokenizer.from_pretrained(path)
@@ -119,3 +123,16 @@ def test_padding_free_check_on_other_encoders(family, passes):
     torch.manual_seed(0)
     fault = classification.packing_fault(AutoModelForSequenceClassification.from_config(config))
     assert (fault is None) == passes, fault
+
+
+def test_padding_free_check_catches_positions_numbered_wrongly(tiny_bert, monkeypatch):
+    """A packed row whose examples got positions other than their own (here: RoBERTa's offset applied to BERT)
+    differs from the examples alone, and the check says so."""
+    from tunelab.tasks import classification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    assert classification.packing_fault(model) is None
+    model.bert.embeddings.padding_idx = 1
+    fault = classification.packing_fault(model)
+    assert fault and "hidden states differ" in fault

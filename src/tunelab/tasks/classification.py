@@ -198,13 +198,14 @@ def packing_fault(model) -> str | None:
         return f"its forward failed on a packed row ({type(e).__name__}: {str(e)[:200]})"
     finally:
         model.train(was_training)
-    # pack() puts the longer example first, as `examples` already is
-    gaps = [float((states[0][0].float() - torch.cat(alone_states).float()).abs().max()),
-            float((together.float() - torch.stack(alone).float()).abs().max())]
-    scale = max(float(torch.cat(alone_states).float().abs().max()), float(torch.stack(alone).float().abs().max()), 1e-6)
-    if max(gaps) > 1e-2 * scale:
-        return (f"a packed row's states or logits differ from the examples' own by {max(gaps):.3g}, so its attention, "
-                f"positions or pooling do not keep packed examples apart")
+    # pack() puts the longer example first, as `examples` already is; states and logits each against their own
+    # scale, since a new head's logits are far smaller than the states and a leak would hide in the states' scale
+    for name, got, want in (("hidden states", states[0][0], torch.cat(alone_states)),
+                            ("logits", together, torch.stack(alone))):
+        gap, scale = float((got.float() - want.float()).abs().max()), float(want.float().abs().max())
+        if gap > 1e-2 * max(scale, 1e-6):
+            return (f"a packed row's {name} differ from the examples' own by {gap:.3g} (scale {scale:.3g}), so its "
+                    f"attention, positions or pooling do not keep packed examples apart")
     return None
 
 
