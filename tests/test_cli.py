@@ -524,7 +524,7 @@ def test_eval_file_problems(tmp_path, lora_run, cli_run):
 
 def test_usage_errors_are_not_tracebacks(cli_run):
     r = cli_run("train")
-    assert r.code == 2 and "Traceback" not in r.err and "Missing argument" in r.err
+    assert r.code == 2 and "Traceback" not in r.err and "Give a recipe" in r.err and "--resume RUN_DIR" in r.err
     r = cli_run("frobnicate")
     assert r.code == 2 and "Traceback" not in r.err and "No such command" in r.err
 

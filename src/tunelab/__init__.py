@@ -26,7 +26,7 @@ from .errors import TunelabError  # noqa: E402
 from .predict import TunedModel, load  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "TunedModel", "TunelabError", "__version__"]
+__all__ = ["train", "resume", "load", "TunedModel", "TunelabError", "__version__"]
 
 
 def train(recipe: str | Path | None = None, overrides: list[str] | None = None, overwrite: bool = False, **kw):
@@ -35,3 +35,12 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
 
     cfg = config.load(recipe, overrides, **kw)
     return pipeline.train(cfg, overwrite=overwrite, recipe_name=Path(recipe).stem if recipe else "run")
+
+
+def resume(run_dir: str | Path):
+    """Continue an unfinished run from its last good checkpoint, exactly where it stopped."""
+    from . import config, pipeline
+
+    pipeline.check_resumable(Path(run_dir))
+    cfg = config.load(Path(run_dir) / "config.yaml", [])
+    return pipeline.train(cfg, resume=Path(run_dir))

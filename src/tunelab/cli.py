@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,14 +21,37 @@ app.add_typer(config_app, name="config")
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. configs/classification/minilm-lora.yaml"),
+    recipe: Optional[Path] = typer.Argument(None, help="YAML recipe, e.g. configs/classification/minilm-lora.yaml"),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=3e-4 output_dir=runs/try1"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output_dir."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this unfinished run directory from its "
+                                          "last good checkpoint (no recipe: the run's own config.yaml)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes on this machine (torchrun "
+                              "--nproc-per-node N; gloo on CPU, nccl on GPU). Several machines: run torchrun yourself."),
 ):
     """Fine-tune a model as the recipe says; writes a run directory."""
     import tunelab
 
-    run = tunelab.train(recipe, overrides or [], overwrite=overwrite)
+    if nproc > 1:
+        # torchrun starts the processes, each runs this same command without --nproc
+        args = list(sys.argv[1:])
+        if "--nproc" in args:
+            i = args.index("--nproc")
+            del args[i : i + 2]
+        args = [a for a in args if not a.startswith("--nproc=")]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "tunelab", *args]
+        sys.exit(subprocess.call(command))
+    if resume is not None:
+        if recipe is not None or overrides:
+            raise TunelabError(f"--resume {resume} continues that run with its own config.yaml; give no recipe or "
+                               f"overrides with it (edit {resume / 'config.yaml'} to change a setting).")
+        run = tunelab.resume(resume)
+    elif recipe is None:
+        raise TunelabError("Give a recipe (`tunelab train configs/classification/minilm-lora.yaml`), or "
+                           "--resume RUN_DIR to continue a run that stopped.")
+    else:
+        run = tunelab.train(recipe, overrides or [], overwrite=overwrite)
     typer.echo(f"run directory: {run.dir}")
 
 

@@ -314,6 +314,14 @@ class TrainConfig(_Section):
         "per step as padded rows, without computing padding. 'auto': on wherever it applies (not with data.packing "
         "or virtual-token methods) once a check at the start shows the model keeps packed examples apart; true: on, or an error "
         "saying why not."))
+    save_checkpoints: bool = Field(True, description="Write a checkpoint (trainable weights, optimizer, schedule, "
+                                   "RNG and data position) at each evaluation and every checkpoint_every steps, so "
+                                   "`tunelab train --resume RUN_DIR` can continue the run exactly.")
+    checkpoint_every: int | None = Field(None, ge=1, description="Also checkpoint every this many steps (empty: "
+                                         "only at evaluations).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the last this many, plus the best one.")
+    max_bad_steps: int = Field(5, ge=1, description="A step whose loss or gradient is not finite is skipped and "
+                               "logged; this many in a row stop the run, keeping the last good checkpoint.")
     split_by_length: bool = Field(True, description="Cut each micro-batch into smaller ones of similar length when "
                                                     "that computes less padding than it costs in extra calls: the same "
                                                     "examples, loss and gradient per step, less time and activation memory.")

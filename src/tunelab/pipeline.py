@@ -10,6 +10,7 @@ import random
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import data, evaluate, methods, models, tasks
+from . import data, evaluate, methods, models, tasks, versions
 from .config import Config
 from .data import augment
 from .errors import TunelabError
 from .evaluate import forgetting, probe
-from .training import logs, loop
+from .training import checkpoint, distributed, logs, loop
 
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json", "samples.json")
 
@@ -34,8 +35,16 @@ class Run:
     summary: dict
 
 
-def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eval=None) -> Run:
-    """`on_eval(record)` is called with every validation record (a sweep's pruner listens there)."""
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eval=None,
+          resume: Path | None = None) -> Run:
+    """`on_eval(record)` is called with every validation record (a sweep's pruner listens there). `resume`: the
+    directory of an unfinished run (its config is `cfg`), continued from its last good checkpoint."""
+    distributed.setup(models.device_of(cfg.model))
+    if cfg.tasks is not None or cfg.task.type == "grpo":
+        distributed.refuse("multi-task training" if cfg.tasks is not None else "grpo")
+    if resume is not None and (cfg.tasks is not None or cfg.task.type == "grpo"):
+        raise TunelabError(f"--resume {resume}: resuming is not supported yet for "
+                           f"{'multi-task' if cfg.tasks is not None else 'grpo'} runs; start the run again.")
     if cfg.tasks is not None:
         from .multitask import train as train_multitask
 
@@ -44,7 +53,15 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         from .rl import train as train_rl
 
         return train_rl(cfg, overwrite, recipe_name)
-    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+    if resume is None:
+        t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+        saved = None
+    else:
+        t_start, out_path, device = time.perf_counter(), str(resume), models.device_of(cfg.model)
+        saved = resumable(resume)
+        logs.check(cfg.train.log_to)
+        versions.check(resume, "resuming", say)
+        seed_everything(cfg.train.seed)
 
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
@@ -85,9 +102,18 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     say(models.trainable_summary(model))
 
     # Every input has been checked by now: only a run that can start gets a directory.
-    run_dir = make_run_dir(out_path, overwrite)
-    cfg = resolve_paths(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    # Only the first process writes the run directory; the others write theirs to scratch, dropped at the end.
+    main = distributed.is_main()
+    if saved is None:
+        run_dir = make_run_dir(out_path, overwrite) if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
+        cfg = resolve_paths(cfg, Path(out_path))
+        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+        write_json(run_dir / "versions.json", versions.current())
+    else:  # the log goes on from the checkpoint: what was logged after it is logged again
+        run_dir = Path(resume) if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
+        if main:
+            with open(run_dir / "metrics.jsonl", "r+b") as f:
+                f.truncate(saved[1]["log_bytes"])
     write_json(run_dir / "data_report.json", report)
     write_json(run_dir / "labels.json", info)
 
@@ -100,8 +126,10 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         if stages:
             say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
                 f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
+        checkpoints = checkpoint.Checkpoints(run_dir, cfg.train.keep_checkpoints) \
+            if cfg.train.save_checkpoints and main else None
         result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
-                          log, stages)
+                          log, stages, checkpoints=checkpoints, resume=saved)
         # The loop scored the restored best weights on validation already; only a run that never had a finite
         # metric needs evaluating again.
         summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
@@ -129,6 +157,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         "device": str(device), "torch": torch.__version__,
     })
     write_json(run_dir / "summary.json", summary)
+    if not main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return Run(Path(out_path).resolve(), summary)
     write_report(run_dir)
     say(headline(summary, task.HEADLINE))
     return Run(run_dir.resolve(), summary)
@@ -156,12 +187,34 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
     return feats, max_length
 
 
+def resumable(run_dir: Path):
+    """The last good checkpoint of an unfinished run, or a clear error saying why it cannot be resumed."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir)
+    found = checkpoint.Checkpoints(run_dir, 1).latest(say)
+    if found is None:
+        raise TunelabError(f"--resume {run_dir}: the run has no usable checkpoint in {run_dir / checkpoint.DIR} (it "
+                           f"stopped before its first evaluation, or train.save_checkpoints was off). Start it again; "
+                           f"train.checkpoint_every=N checkpoints every N steps.")
+    return found
+
+
+def check_resumable(run_dir: Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise TunelabError(f"--resume {run_dir}: not a tunelab run directory (no config.yaml). Give the output_dir "
+                           f"of the run that stopped.")
+    if (run_dir / "summary.json").is_file():
+        raise TunelabError(f"--resume {run_dir}: that run finished (summary.json is there), so there is nothing to "
+                           f"resume. To train further, start a new run with model.path={run_dir}.")
+
+
 def begin(cfg: Config, overwrite: bool, recipe_name: str):
     """(start time, output dir, device) of a run; fails before any work when the output dir or a logger is wrong,
     but creates nothing until the inputs are known good. Seeds everything."""
     t_start = time.perf_counter()
-    out_path = cfg.output_dir or default_output_dir(recipe_name)
-    check_run_dir(out_path, overwrite)
+    out_path = distributed.broadcast(cfg.output_dir or default_output_dir(recipe_name))  # one name for all processes
+    if distributed.is_main():
+        check_run_dir(out_path, overwrite)
     logs.check(cfg.train.log_to)
     seed_everything(cfg.train.seed)
     return t_start, out_path, models.device_of(cfg.model)
@@ -258,7 +311,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stdout, flush=True)
+    if distributed.is_main():
+        print(msg, file=sys.stdout, flush=True)
 
 
 def headline(summary: dict, metrics: tuple[str, ...]) -> str:

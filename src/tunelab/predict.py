@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from . import config as config_mod
-from . import evaluate, methods, models, tasks
+from . import evaluate, methods, models, tasks, versions
 from .data.clean import clean_examples
 from .data.sources import read_examples
 from .errors import TunelabError
@@ -18,6 +19,7 @@ class TunedModel:
     def __init__(self, run_dir: str | Path, device: str | None = None, task: str | None = None):
         self.dir = Path(run_dir)
         self.cfg, self.info = _read_run(self.dir)
+        versions.check(self.dir, "loading", lambda msg: print(msg, file=sys.stderr, flush=True))
         if self.cfg.tasks is None:
             self._setup(device)
             return

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .. import evaluate
 from ..config import TrainConfig
 from ..errors import TunelabError
-from . import optim
+from . import checkpoint, distributed, optim
 
 
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -82,13 +82,13 @@ class Job:
 
 def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg: TrainConfig, head: list[str],
         pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None],
-        unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
+        unfreeze: list[tuple[str, list[str]]] = (), checkpoints=None, resume=None) -> dict:
     """Train one task: `run_jobs` with a single job of weight 1."""
     options = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
     if "info" in inspect.signature(task.loss).parameters:  # a loss with settings of its own (dpo: beta, loss type)
         options["info"] = info
     return run_jobs(model, [Job("default", task, model, train, validation, info, pad_id, loss_options=options)], cfg,
-                    head, device, eval_batch_size, log, unfreeze=unfreeze)
+                    head, device, eval_batch_size, log, unfreeze=unfreeze, checkpoints=checkpoints, resume=resume)
 
 
 def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportional", temperature: float = 1.0):
@@ -216,33 +216,46 @@ def autocast(device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp32") -> float:
+def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp32", ddp=None,
+               real: list[bool] | None = None) -> float:
     """Backward of one optimizer step's loss, sum over jobs of weight_t * L_t, L_t being job t's summed loss over
-    its items in the step (all its micro-batches: accumulation == one big batch). Returns the loss value."""
+    its items in the step (all its micro-batches: accumulation == one big batch). Returns the loss value.
+    Several processes (`ddp`, one job): each holds its share of the step's items, the count is the step's over
+    all of them, and each loss is scaled by the process count, which DDP's gradient average divides out again;
+    a batch not `real` (a process whose share of a micro-batch is empty) only takes part, with weight 0."""
     from .. import methods
 
+    real = real or [True] * len(batches)
     n_items: dict[str, int] = {}
-    for job, batch in batches:
-        n_items[job.name] = n_items.get(job.name, 0) + job.task.count(batch)
+    for (job, batch), counts in zip(batches, real):
+        n_items[job.name] = n_items.get(job.name, 0) + (job.task.count(batch) if counts else 0)
+    if ddp is not None:
+        (name,) = n_items
+        n_items[name] = distributed.total([n_items[name]])[0]
+    scale = distributed.world() if ddp is not None else 1
     total = 0.0
-    for job, batch in batches:
+    for i, ((job, batch), counts) in enumerate(zip(batches, real)):
         if job.adapter:
             methods.set_adapter(owner, job.adapter)
         device = next(iter(batch.values())).device
-        with autocast(device, precision):
-            loss = job.weight * job.task.loss(job.model, batch, **(job.loss_options or {})) / max(n_items[job.name], 1)
-        loss.backward()
-        total += loss.item()
-    return total
+        with distributed.no_sync(ddp, last=i == len(batches) - 1), autocast(device, precision):
+            options = job.loss_options or {}
+            summed = ddp(batch, options) if ddp is not None else job.task.loss(job.model, batch, **options)
+            loss = job.weight * summed * (scale if counts else 0.0) / max(n_items[job.name], 1)
+            loss.backward()
+        total += loss.item() / scale
+    return distributed.total([total])[0] if ddp is not None else total
 
 
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
              log: Callable[[dict], None], sampling: str = "proportional", temperature: float = 1.0,
-             owner=None, unfreeze: list[tuple[str, list[str]]] = ()) -> dict:
+             owner=None, unfreeze: list[tuple[str, list[str]]] = (), checkpoints=None, resume=None) -> dict:
     """The loop. `model` holds every trainable parameter (one task's model, or a container of several sharing
     a body); each step's loss is sum over jobs of weight_t * (their summed loss / their item count in the step).
     `unfreeze`: (label, parameter names) stages made trainable one at a time (gradual unfreezing); they are in the
-    optimizer from the start, and AdamW keeps no state for them and leaves them alone until they get gradients."""
+    optimizer from the start, and AdamW keeps no state for them and leaves them alone until they get gradients.
+    `checkpoints` (checkpoint.Checkpoints): saved at each evaluation and every train.checkpoint_every steps;
+    `resume` (what Checkpoints.latest returned): the loop goes on from that step as if it had never stopped."""
     for j in jobs:
         if not j.train:
             raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty after "
@@ -256,21 +269,24 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     stages = list(unfreeze)
     opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
     trainable = [p for g in groups for p in g["params"]]
-    log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
-                                          "params": sum(p.numel() for p in g["params"])} for g in groups]})
+    header_log = log if resume is None else (lambda record: None)  # a resumed run's log has its header already
+    header_log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                                                 "params": sum(p.numel() for p in g["params"])} for g in groups]})
 
     optimized = {id(p) for g in groups for p in g["params"]}  # the best state covers what the optimizer may change
     plateau_bad = 0
     if cfg.layer_lr_decay:
         print("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups if not g["name"].endswith("_no_decay")),
               flush=True)
-    padding_free = resolve_padding_free(cfg.padding_free, jobs, log)
+    padding_free = resolve_padding_free(cfg.padding_free, jobs, header_log)
     split_cost = (SPLIT_COST_GPU if torch.device(device).type == "cuda" else SPLIT_COST_CPU) if cfg.split_by_length else None
     stream = mixed_stream(jobs, cfg, sampling, temperature)
     best = {"value": None, "step": 0, "state": None, "metrics": None}
     bad_evals, tokens, train_seconds, running = 0, 0, 0.0, []
     stopped_early = False
-    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if distributed.is_main() else True)
+    write = bar.write if distributed.is_main() else (lambda message: None)  # one process speaks for all
 
     # EMA of the weights (train.ema_decay): evaluation and the best state use the average, training the raw weights.
     live = [p for n, p in model.named_parameters() if id(p) in optimized]
@@ -317,42 +333,126 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
                     g["lr"] *= lowered / plateau["scale"]
                 plateau["scale"], plateau_bad = lowered, 0
                 log({"type": "plateau", "step": step, "lr_scale": lowered})
-                bar.write(f"step {step}: no improvement in {cfg.plateau_patience} evaluations, LR x{lowered:.3g} from now on")
+                write(f"step {step}: no improvement in {cfg.plateau_patience} evaluations, LR x{lowered:.3g} from now on")
         best_so_far = "best" if improved else f"best {best['value'] if best['value'] is not None else float('nan'):.4f} at step {best['step']}"
-        bar.write(f"step {step}: validation {metric}={value:.4f} ({best_so_far})")
+        write(f"step {step}: validation {metric}={value:.4f} ({best_so_far})")
         return cfg.patience is not None and bad_evals >= cfg.patience
 
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    rank, world = distributed.rank(), distributed.world()
+    ddp = None
+    if world > 1:
+        if len(jobs) > 1 or stages:
+            distributed.refuse("multi-task training" if len(jobs) > 1 else "gradual unfreezing (train.unfreeze)")
+        ddp = distributed.wrap(model, jobs[0].task, device)
+    bad_steps, spikes = 0, {"mean": None, "var": 0.0}  # the NaN guard's count in a row; the loss's running mean/var
+    last_eval, first_step = 0, 1
+
+    def save_checkpoint(step: int, epoch: float) -> None:
+        tensors, rng = checkpoint.rng_state()
+        moments, opt_groups = checkpoint.optimizer_state(opt)
+        files = {"trainable": {name_of[id(p)]: p for p in live}, "optimizer": moments, "rng": tensors}
+        if ema:
+            files["ema"] = {name_of[id(p)]: e for p, e in zip(live, ema)}
+        state = {"step": step, "epoch": epoch, "total_steps": total_steps, "tokens": tokens,
+                 "train_seconds": train_seconds, "running": running, "bad_evals": bad_evals, "plateau_bad": plateau_bad,
+                 "last_eval": last_eval, "bad_steps": bad_steps, "spikes": spikes,
+                 "stages_done": len(unfreeze) - len(stages), "plateau": sched.plateau, "scheduler": sched.state_dict(),
+                 "optimizer_groups": opt_groups, "rng": rng, "log_bytes": checkpoints.log_bytes(),
+                 "best": {k: best[k] for k in ("value", "step", "metrics")}}
+        checkpoints.save(step, files, state, best["step"] if best["state"] is not None else None)
+
+    if resume is not None:
+        path, state, files = resume
+        with torch.no_grad():
+            for p in live:
+                p.copy_(files["trainable"][name_of[id(p)]])
+            for p, e in zip(live, ema or []):
+                e.copy_(files["ema"][name_of[id(p)]])
+        checkpoint.load_optimizer_state(opt, files["optimizer"], state["optimizer_groups"])
+        sched.load_state_dict(state["scheduler"])
+        sched.plateau.update(state["plateau"])  # in place: the schedule's lambda reads this dict
+        for _ in range(state["stages_done"]):
+            for name in stages.pop(0)[1]:
+                dict(model.named_parameters())[name].requires_grad_(True)
+        for _ in range(state["step"]):  # the data order is a seeded stream: replayed, it is where it was
+            next(stream)
+        tokens, train_seconds, running = state["tokens"], state["train_seconds"], state["running"]
+        bad_evals, plateau_bad, last_eval = state["bad_evals"], state["plateau_bad"], state["last_eval"]
+        bad_steps, spikes = state["bad_steps"], state["spikes"]
+        best.update(state["best"])
+        if best["value"] is not None:  # the best weights are the trainable (or EMA) ones of the best step's checkpoint
+            kept = checkpoints.read(best["step"])
+            best["state"] = {name_of[id(p)]: kept["ema" if ema else "trainable"][name_of[id(p)]].clone() for p in live}
+        checkpoint.set_rng_state(files["rng"], state["rng"])
+        first_step = state["step"] + 1
+        bar.update(state["step"])
+        log({"type": "resume", "step": state["step"], "checkpoint": path.name})
+        write(f"resumed from {path.name}: step {state['step']} of {total_steps}")
+
     model.train()
-    last_eval = 0
-    for step in range(1, total_steps + 1):
+    step = first_step - 1
+    for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
         epoch_pos, chunks, epoch_end = next(stream)
-        batches = [(jobs[i], {k: v.to(device) for k, v in _collate(jobs[i], [jobs[i].train[x] for x in part],
-                                                                    padding_free).items()})
-                   for i, c in chunks for part in _split(jobs[i], c, padding_free, split_cost)]
-        step_loss = accumulate(batches, owner, cfg.precision)
-        tokens += sum(int(batch["attention_mask"].sum()) for _, batch in batches)
+        # Each process takes every N-th example of each micro-batch (all of it in one process).
+        shares = [(i, c[rank::world] or c[:1], bool(c[rank::world])) for i, c in chunks]
+        batches, real = [], []
+        for i, share, counts in shares:
+            for part in _split(jobs[i], share, padding_free, split_cost):
+                batches.append((jobs[i], {k: v.to(device) for k, v in
+                                          _collate(jobs[i], [jobs[i].train[x] for x in part], padding_free).items()}))
+                real.append(counts)
+        step_loss = accumulate(batches, owner, cfg.precision, ddp, real)
+        tokens += int(distributed.total([sum(int(b["attention_mask"].sum()) for (_, b), r in zip(batches, real) if r)])[0])
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
         lr = max((v for k, v in lrs.items() if not k.startswith("head")), default=next(iter(lrs.values())))
-        opt.step()
-        sched.step()
+        finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
+        if finite:
+            opt.step()
+            if ema:
+                with torch.no_grad():
+                    for p, e in zip(live, ema):
+                        e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        sched.step()  # the schedule follows the step count, skipped steps included
         opt.zero_grad(set_to_none=True)
-        if ema:
-            with torch.no_grad():
-                for p, e in zip(live, ema):
-                    e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         train_seconds += time.perf_counter() - t0
 
-        running.append(step_loss)
+        if not finite:  # the NaN guard: the weights stay as they were
+            bad_steps += 1
+            log({"type": "skipped", "step": step, "loss": step_loss, "grad_norm": float(grad_norm), "in_a_row": bad_steps})
+            write(f"step {step}: loss {step_loss:.4g}, gradient norm {float(grad_norm):.4g}: not finite, step skipped")
+            if bad_steps >= cfg.max_bad_steps:
+                bar.close()
+                kept = checkpoints.list() if checkpoints else []
+                raise TunelabError(
+                    f"Training stopped at step {step}: the loss or gradient was not finite for {bad_steps} steps in a "
+                    f"row (train.max_bad_steps={cfg.max_bad_steps}), so every update since step {step - bad_steps} "
+                    f"was skipped. " + (f"The last good checkpoint is {kept[-1]}. " if kept else "") +
+                    f"Lower train.lr (now {cfg.lr:g}), set train.max_grad_norm (e.g. 1.0), use train.precision=fp32, or "
+                    f"look for extreme values in the data; then start again" +
+                    (f", or edit config.yaml in the run directory and `tunelab train --resume` it." if kept else "."))
+            running.append(float("nan"))
+        else:
+            bad_steps = 0
+            running.append(step_loss)
+            mean = spikes["mean"]
+            # a loss far above its running mean (4 standard deviations, and 50 % over it) is reported, not acted on
+            if mean is not None and step > 10 and step_loss > mean + 4 * spikes["var"] ** 0.5 and step_loss > 1.5 * mean:
+                log({"type": "loss_spike", "step": step, "loss": step_loss, "running_mean": mean})
+                write(f"step {step}: loss spike, {step_loss:.4f} against a running mean of {mean:.4f}")
+            spikes["mean"] = step_loss if mean is None else 0.9 * mean + 0.1 * step_loss
+            spikes["var"] = 0.9 * spikes["var"] + 0.1 * (step_loss - spikes["mean"]) ** 2
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if step % cfg.log_every == 0 or step == total_steps:
-            mean_loss = sum(running) / len(running)
+            finite_losses = [x for x in running if math.isfinite(x)]
+            mean_loss = sum(finite_losses) / len(finite_losses) if finite_losses else float("nan")
             log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
                  "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": tokens})
             running = []
-            if bar.disable:  # no terminal (CI, nohup, a pipe): a plain line stands in for the bar
+            if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line stands in for the bar
                 eta = train_seconds / step * (total_steps - step)
                 print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
         if stages and (epoch_end if cfg.unfreeze_every == "epoch" else step % cfg.unfreeze_every == 0):
@@ -361,20 +461,25 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
             for name in names:
                 params[name].requires_grad_(True)
             log({"type": "unfreeze", "step": step, "unfrozen": label, "still_frozen": [s[0] for s in stages]})
-            bar.write(f"step {step}: unfroze {label}" + (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
+            write(f"step {step}: unfroze {label}" + (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
         due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
+        stop = False
         if due or step == total_steps:
             last_eval = step
-            if evaluate_now(step, epoch_pos) and step < total_steps:
-                stopped_early = True
-                bar.write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
-                break
+            stop = evaluate_now(step, epoch_pos) and step < total_steps
+        if checkpoints is not None and (due or step == total_steps or
+                                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            save_checkpoint(step, epoch_pos)
+        if stop:
+            stopped_early = True
+            write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
+            break
     bar.close()
 
     # Restore the best weights; frozen parameters never changed, so the trainable ones suffice.
     params = dict(model.named_parameters())
     if best["state"] is None:
-        bar.write(f"warning: validation {metric} was never a number (diverged?); keeping the last weights")
+        write(f"warning: validation {metric} was never a number (diverged?); keeping the last weights")
     with torch.no_grad():
         for name, value in (best["state"] or {}).items():
             params[name].copy_(value)

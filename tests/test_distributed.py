@@ -1,0 +1,87 @@
+"""Several processes on PyTorch's own engine: torchrun (through `tunelab train --nproc 2`), gloo on CPU, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.training import checkpoint
+from conftest import make_rows, write_jsonl
+
+# dropout off: each process draws its own masks, so with dropout the runs would differ by design
+SETTINGS = ["model.hidden_dropout=0", "model.attention_dropout=0", "eval.base=false", "eval.linear_probe=false",
+            "eval.samples=0", "eval.forgetting=none", "train.max_steps=6", "train.batch_size=8", "train.grad_accum=2",
+            "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=1", "train.keep_checkpoints=6"]
+METHODS = {"lora": ["method.name=lora", "method.r=4"], "full": ["method.name=full"]}
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "tunelab", "train", str(recipe), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    artifact = run_dir / json.loads((run_dir / "summary.json").read_text())["artifact"]
+    return {k: v for f in sorted(artifact.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_follow_the_loss_curve_of_one(method, tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(90, seed=2))  # uneven: the last step's share differs
+    overrides = [f"model.path={tiny_bert}", f"data.train={train}", *METHODS[method], *SETTINGS]
+    one = tunelab.train(None, overrides + [f"output_dir={tmp_path / 'one'}"])
+    done = _cli(tmp_path, "--nproc", "2", *overrides, f"output_dir={tmp_path / 'two'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two"
+
+    steps = lambda d: [(r["step"], r["loss"], r["tokens"]) for r in _records(d, "train")]
+    got, want = steps(two), steps(one.dir)
+    # the gradient, not only the loss: AdamW would hide a gradient off by a constant factor in the weights
+    norms = lambda d: [r["grad_norm"] for r in _records(d, "train")]
+    assert norms(two) == pytest.approx(norms(one.dir), rel=1e-3, abs=1e-4)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]
+    assert [t for _, _, t in got] == [t for _, _, t in want]  # the same examples, all of them, once
+    assert [l for _, l, _ in got] == pytest.approx([l for _, l, _ in want], abs=1e-5)
+    evals = lambda d: [r["loss"] for r in _records(d, "eval")]
+    assert evals(two) == pytest.approx(evals(one.dir), abs=1e-5)
+    a, b = _weights(one.dir), _weights(two)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    # only the first process wrote: one log, one header, no scratch directories left behind
+    assert len(_records(two, "optimizer")) == 1
+    assert done.stdout.count("step 3: validation") == 1, done.stdout[-2000:]
+
+
+def test_a_ddp_checkpoint_resumes_in_a_different_number_of_processes(tiny_bert, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(90, seed=2))
+    overrides = [f"model.path={tiny_bert}", f"data.train={train}", *METHODS["lora"], *SETTINGS]
+    two = tmp_path / "two"
+    done = _cli(tmp_path, "--nproc", "2", *overrides, f"output_dir={two}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = tmp_path / "crashed"
+    shutil.copytree(two, crashed)
+    for p in (crashed / checkpoint.DIR).glob("step-*"):
+        if int(p.name.split("-")[1]) > 4:
+            shutil.rmtree(p)
+    (crashed / "summary.json").unlink()
+    resumed = tunelab.resume(crashed)  # one process now
+    losses = lambda d: [r["loss"] for r in _records(d, "train")]
+    assert losses(resumed.dir) == pytest.approx(losses(two), abs=1e-5)
+    a, b = _weights(two), _weights(resumed.dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
