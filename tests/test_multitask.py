@@ -135,6 +135,9 @@ def test_per_task_adapters_are_distinct(tiny_bert, tmp_path):
     (lambda t: t["tasks"][0].update(weight=0), r"tasks.0.weight' = 0: Input should be greater than 0"),
     (lambda t: t.update(data={"train": "x.jsonl"}), "either `data` \\(one task\\) or `tasks`"),
     (lambda t: t["method"].update(name="prompt"), "not supported for multi-task"),
+    # a task's name names files of the run directory: it may not lead out of it
+    (lambda t: t["tasks"][0].update(name="../../outside"), r"tasks.0.name' = '../../outside'.*no '/', no '..'"),
+    (lambda t: t["tasks"][0].update(name="/etc/x"), r"tasks.0.name'.*letters, digits"),
 ])
 def test_bad_multitask_configs_say_what_to_fix(change, message):
     tree = {"model": {"path": "m"}, "method": {"name": "lora"},

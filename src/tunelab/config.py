@@ -355,6 +355,15 @@ class TaskSpec(_Section):
 
     name: str = Field(description="Task name: used in metrics (<name>/<metric>), the run directory and `--task`.")
     weight: float = Field(1.0, gt=0, description="Loss weight alpha_t: each step's loss is the sum of alpha_t * L_t.")
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, v: str) -> str:
+        # it names files and folders of the run directory (heads/<name>.safetensors): nothing may lead outside it
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v) or ".." in v:
+            raise ValueError("use letters, digits, '_', '-' and '.' only (no '/', no '..'), starting with a letter "
+                             "or digit, at most 64 characters")
+        return v
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig
 
