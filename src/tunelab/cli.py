@@ -26,6 +26,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output_dir."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this unfinished run directory from its "
                                           "last good checkpoint (no recipe: the run's own config.yaml)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load model weights stored as pickle "
+                                      "(.bin/.pt), which can run code when loaded: only for files you trust."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes on this machine (torchrun "
                               "--nproc-per-node N; gloo on CPU, nccl on GPU). Several machines: run torchrun yourself."),
 ):
@@ -51,7 +53,8 @@ def train(
         raise TunelabError("Give a recipe (`tunelab train configs/classification/minilm-lora.yaml`), or "
                            "--resume RUN_DIR to continue a run that stopped.")
     else:
-        run = tunelab.train(recipe, overrides or [], overwrite=overwrite)
+        run = tunelab.train(recipe, [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])],
+                            overwrite=overwrite)
     typer.echo(f"run directory: {run.dir}")
 
 

@@ -28,6 +28,8 @@ class ModelConfig(_Section):
                                   "tunelab run directory: its trained model, adapters merged in (sft -> dpo).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model dir; off unless you trust it.")
+    allow_pickle: bool = Field(False, description="Also load weights stored as pickle (.bin/.pt), which can run code "
+                                                  "when loaded; off unless you trust the files (safetensors only).")
     device: str = Field("auto", description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     hidden_dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's hidden / residual dropout "
                                          "(hidden_dropout_prob, resid_pdrop, dropout, ...: whichever its config has).")

@@ -158,7 +158,21 @@ def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_k
         return _load(cfg, auto_class, p, **model_kwargs)
 
 
+def refuse_pickle(path: Path, allowed: bool) -> None:
+    """Weights only as safetensors: a pickle file (.bin, .pt, .pth) runs whatever code it holds when loaded."""
+    if allowed or any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt") and p.is_file())
+    if pickles:
+        raise TunelabError(
+            f"'{path}' (model.path) has its weights only as pickle files ({', '.join(pickles[:3])}), which can run "
+            f"arbitrary code when loaded, so tunelab does not load them. Convert them to safetensors once (load the "
+            f"model with transformers and save_pretrained it, which writes model.safetensors), or, for a file you "
+            f"trust, pass --allow-pickle (model.allow_pickle=true).")
+
+
 def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
+    refuse_pickle(path, cfg.allow_pickle)
     model_kwargs = {**dropout_overrides(cfg, path), **model_kwargs}
     tok = load_tokenizer(path, cfg.trust_remote_code)
     # Head weights absent from a base checkpoint are expected; keep transformers' load report quiet.
@@ -169,7 +183,8 @@ def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
     hf_logging.disable_progress_bar()
     try:
         model = auto_class.from_pretrained(
-            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **model_kwargs
+            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=None if cfg.allow_pickle else True, **model_kwargs
         )
     except ValueError as e:
         raise TunelabError(
