@@ -63,14 +63,18 @@ def test_two_processes_follow_the_loss_curve_of_one(method, tiny_bert, tmp_path)
     assert evals(two) == pytest.approx(evals(one.dir), abs=1e-5)
     a, b = _weights(one.dir), _weights(two)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
-    # only the first process wrote: one log, one header, no scratch directories left behind
+    # full fine-tuning is sharded (FSDP2), adapters replicated (DDP); only the first process wrote the log
+    assert _records(two, "distributed") == [{"type": "distributed", "processes": 2, "backend": "gloo",
+                                             "strategy": "fsdp2" if method == "full" else "ddp"}]
     assert len(_records(two, "optimizer")) == 1
     assert done.stdout.count("step 3: validation") == 1, done.stdout[-2000:]
 
 
-def test_a_ddp_checkpoint_resumes_in_a_different_number_of_processes(tiny_bert, tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_checkpoint_of_two_processes_resumes_in_one(method, tiny_bert, tmp_path):
+    """Checkpoints hold whole tensors (FSDP2's shards gathered), so any process count can go on from them."""
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(90, seed=2))
-    overrides = [f"model.path={tiny_bert}", f"data.train={train}", *METHODS["lora"], *SETTINGS]
+    overrides = [f"model.path={tiny_bert}", f"data.train={train}", *METHODS[method], *SETTINGS]
     two = tmp_path / "two"
     done = _cli(tmp_path, "--nproc", "2", *overrides, f"output_dir={two}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -126,10 +126,13 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         if stages:
             say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
                 f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
-        checkpoints = checkpoint.Checkpoints(run_dir, cfg.train.keep_checkpoints) \
-            if cfg.train.save_checkpoints and main else None
+        # every process takes part in a checkpoint (sharded weights are gathered); the first one writes it
+        checkpoints = checkpoint.Checkpoints(Path(out_path), cfg.train.keep_checkpoints) \
+            if cfg.train.save_checkpoints else None
         result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
                           log, stages, checkpoints=checkpoints, resume=saved)
+        if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
+            model = unsharded(model, task, cfg, info, head, device)
         # The loop scored the restored best weights on validation already; only a run that never had a finite
         # metric needs evaluating again.
         summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
@@ -185,6 +188,18 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
         report["splits"]["train"]["packed_rows"] = len(feats["train"])
         say(f"packing: {rows_before} training examples in {len(feats['train'])} rows of up to {max_length} tokens")
     return feats, max_length
+
+
+def unsharded(model, task, cfg: Config, info: dict, head: list[str], device):
+    """The trained weights of a model sharded across processes, in a fresh whole copy of it."""
+    state = distributed.plain_state(model)
+    whole, _ = task.build_model(cfg.model, info)
+    whole = methods.prepare(whole.to(device), cfg.method, head)
+    missing = set(dict(whole.named_parameters())) - set(state)
+    if missing:
+        raise TunelabError(f"Internal error: the sharded model lacks {sorted(missing)[:3]} when gathered whole.")
+    whole.load_state_dict(state, strict=False)
+    return whole.eval()
 
 
 def resumable(run_dir: Path):

@@ -77,11 +77,14 @@ def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict, list]:
     return tensors, sd["param_groups"]
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, groups: list, like=lambda t, ref: t) -> None:
+    """`like(tensor, param)`: a moment saved whole, sharded as its parameter is (several processes, FSDP2)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
+        param = params[int(index)]
+        state.setdefault(int(index), {})[name] = like(value, param) if value.shape == param.shape else value
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -94,7 +97,11 @@ class Checkpoints:
 
     def save(self, step: int, files: dict[str, dict[str, torch.Tensor]], state: dict, best_step: int | None) -> Path:
         """Write `files` (name -> tensors, saved as name.safetensors) and `state` as the checkpoint of `step`,
-        atomically, then drop all but the last `keep` and the one of `best_step`."""
+        atomically, then drop all but the last `keep` and the one of `best_step`. Only the first process writes."""
+        from . import distributed
+
+        if not distributed.is_main():
+            return self.root / f"step-{step:07d}"
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:07d}"
         tmp = self.root / f".tmp-step-{step:07d}"

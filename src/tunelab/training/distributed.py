@@ -75,18 +75,68 @@ class TaskLoss(nn.Module):
 
 
 def wrap(model: nn.Module, task, device):
-    """DistributedDataParallel around the task's loss, or None in one process."""
+    """(module whose forward is the task's loss, sharded?) in several processes, (None, False) in one.
+    Full fine-tuning (every parameter trains) is sharded with FSDP2: each transformer block and then the rest
+    own a 1/N slice of the weights, gradients and AdamW moments, gathered block by block as the forward needs
+    them. Anything else (adapters, frozen layers) is small to train, so DDP keeps a whole copy per process."""
     if not active():
-        return None
-    from torch.nn.parallel import DistributedDataParallel
+        return None, False
+    from .. import models
 
     device = torch.device(device)
-    return DistributedDataParallel(TaskLoss(model, task), device_ids=[device.index] if device.type == "cuda" else None)
+    root = TaskLoss(model, task)
+    if all(p.requires_grad for p in model.parameters()):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in models.blocks(model)[1]:
+            fully_shard(block)
+        return fully_shard(root), True
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None), False
 
 
-def no_sync(ddp, last: bool):
-    """Gradients are averaged once per optimizer step, at its last micro-batch."""
-    return ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
+def no_sync(wrapped, last: bool):
+    """DDP averages the gradients once per optimizer step, at its last micro-batch (FSDP2 reduces each one)."""
+    if wrapped is not None and not last and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def gathered(wrapped):
+    """The sharded weights outside the blocks gathered whole, for a forward that does not go through the task
+    loss (evaluation); the blocks gather their own."""
+    if wrapped is None or not hasattr(wrapped, "unshard"):
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+def full(t):
+    """A sharded tensor (DTensor) gathered whole on every process (every process must call this); others as
+    they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like(whole: torch.Tensor, ref):
+    """`whole` sharded as `ref` is (its own slice on this process), or itself when `ref` is not sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(ref, DTensor):
+        return whole
+    return distribute_tensor(whole.to(ref.device_mesh.device_type), ref.device_mesh, ref.placements)
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of a sharded model, whole (every process must call this)."""
+    return {name: full(t.detach()) for name, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def refuse(what: str) -> None:

@@ -267,9 +267,18 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         metric, greater = (cfg.metric, cfg.metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER) if cfg.metric != "auto" \
             else ("score", True)
     stages = list(unfreeze)
+    header_log = log if resume is None else (lambda record: None)  # a resumed run's log has its header already
+    padding_free = resolve_padding_free(cfg.padding_free, jobs, header_log)  # checked on the model as it is
+    rank, world = distributed.rank(), distributed.world()
+    ddp, sharded = None, False
+    if world > 1:  # before the optimizer: sharding (FSDP2) replaces the parameters
+        if len(jobs) > 1 or stages:
+            distributed.refuse("multi-task training" if len(jobs) > 1 else "gradual unfreezing (train.unfreeze)")
+        ddp, sharded = distributed.wrap(model, jobs[0].task, device)
+        header_log({"type": "distributed", "processes": world, "strategy": "fsdp2" if sharded else "ddp",
+                    "backend": torch.distributed.get_backend()})
     opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
     trainable = [p for g in groups for p in g["params"]]
-    header_log = log if resume is None else (lambda record: None)  # a resumed run's log has its header already
     header_log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                                  "params": sum(p.numel() for p in g["params"])} for g in groups]})
 
@@ -278,8 +287,9 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     if cfg.layer_lr_decay:
         print("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups if not g["name"].endswith("_no_decay")),
               flush=True)
-    padding_free = resolve_padding_free(cfg.padding_free, jobs, header_log)
-    split_cost = (SPLIT_COST_GPU if torch.device(device).type == "cuda" else SPLIT_COST_CPU) if cfg.split_by_length else None
+    # Sharded, every process must make the same forward calls (each gathers weights): no per-process cut.
+    split_cost = (SPLIT_COST_GPU if torch.device(device).type == "cuda" else SPLIT_COST_CPU) \
+        if cfg.split_by_length and not sharded else None
     stream = mixed_stream(jobs, cfg, sampling, temperature)
     best = {"value": None, "step": 0, "state": None, "metrics": None}
     bad_evals, tokens, train_seconds, running = 0, 0, 0.0, []
@@ -311,7 +321,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     def _evaluate_now(step: int, epoch: float) -> bool:
         nonlocal bad_evals, plateau_bad
-        metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
+        with distributed.gathered(ddp):
+            metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
         if metric not in metrics:
             raise TunelabError(f"train.metric='{metric}' is not among the validation metrics ({', '.join(metrics)}).")
         value = metrics[metric]
@@ -339,21 +350,18 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         return cfg.patience is not None and bad_evals >= cfg.patience
 
     name_of = {id(p): n for n, p in model.named_parameters()}
-    rank, world = distributed.rank(), distributed.world()
-    ddp = None
-    if world > 1:
-        if len(jobs) > 1 or stages:
-            distributed.refuse("multi-task training" if len(jobs) > 1 else "gradual unfreezing (train.unfreeze)")
-        ddp = distributed.wrap(model, jobs[0].task, device)
     bad_steps, spikes = 0, {"mean": None, "var": 0.0}  # the NaN guard's count in a row; the loss's running mean/var
     last_eval, first_step = 0, 1
 
     def save_checkpoint(step: int, epoch: float) -> None:
+        # sharded tensors are gathered whole (every process takes part); the first process writes them
         tensors, rng = checkpoint.rng_state()
         moments, opt_groups = checkpoint.optimizer_state(opt)
-        files = {"trainable": {name_of[id(p)]: p for p in live}, "optimizer": moments, "rng": tensors}
+        full = distributed.full
+        files = {"trainable": {name_of[id(p)]: full(p) for p in live}, "optimizer": {k: full(v) for k, v in moments.items()},
+                 "rng": tensors}
         if ema:
-            files["ema"] = {name_of[id(p)]: e for p, e in zip(live, ema)}
+            files["ema"] = {name_of[id(p)]: full(e) for p, e in zip(live, ema)}
         state = {"step": step, "epoch": epoch, "total_steps": total_steps, "tokens": tokens,
                  "train_seconds": train_seconds, "running": running, "bad_evals": bad_evals, "plateau_bad": plateau_bad,
                  "last_eval": last_eval, "bad_steps": bad_steps, "spikes": spikes,
@@ -364,12 +372,13 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     if resume is not None:
         path, state, files = resume
+        like = distributed.like  # a whole tensor, sharded as the parameter is
         with torch.no_grad():
             for p in live:
-                p.copy_(files["trainable"][name_of[id(p)]])
+                p.copy_(like(files["trainable"][name_of[id(p)]], p))
             for p, e in zip(live, ema or []):
-                e.copy_(files["ema"][name_of[id(p)]])
-        checkpoint.load_optimizer_state(opt, files["optimizer"], state["optimizer_groups"])
+                e.copy_(like(files["ema"][name_of[id(p)]], e))
+        checkpoint.load_optimizer_state(opt, files["optimizer"], state["optimizer_groups"], like)
         sched.load_state_dict(state["scheduler"])
         sched.plateau.update(state["plateau"])  # in place: the schedule's lambda reads this dict
         for _ in range(state["stages_done"]):
@@ -383,7 +392,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         best.update(state["best"])
         if best["value"] is not None:  # the best weights are the trainable (or EMA) ones of the best step's checkpoint
             kept = checkpoints.read(best["step"])
-            best["state"] = {name_of[id(p)]: kept["ema" if ema else "trainable"][name_of[id(p)]].clone() for p in live}
+            best["state"] = {name_of[id(p)]: like(kept["ema" if ema else "trainable"][name_of[id(p)]], p).clone()
+                             for p in live}
         checkpoint.set_rng_state(files["rng"], state["rng"])
         first_step = state["step"] + 1
         bar.update(state["step"])
@@ -405,7 +415,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
                 real.append(counts)
         step_loss = accumulate(batches, owner, cfg.precision, ddp, real)
         tokens += int(distributed.total([sum(int(b["attention_mask"].sum()) for (_, b), r in zip(batches, real) if r)])[0])
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+        grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
         lr = max((v for k, v in lrs.items() if not k.startswith("head")), default=next(iter(lrs.values())))
         finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))
@@ -489,4 +499,5 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         "stopped_early": stopped_early, "last_eval_step": last_eval, "train_seconds": train_seconds,
         "train_tokens": tokens, "tokens_per_second": tokens / max(train_seconds, 1e-9), "eval": best["metrics"],
         "optimizer_groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]} for g in groups],
+        "sharded": sharded,
     }
