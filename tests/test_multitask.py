@@ -4,6 +4,7 @@ combined gradient is the weighted sum; task sampling; per-task adapters; predict
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -183,3 +184,30 @@ def test_a_misspelt_key_inside_a_task_gets_a_did_you_mean():
         config.validate({"model": {"path": "m"}, "tasks": [{"name": "a", "data": {"trian": "x"}}]})
     with pytest.raises(TunelabError, match="did you mean 'tasks.0.weight'"):
         config.validate({"model": {"path": "m"}, "tasks": [{"name": "a", "wieght": 2, "data": {"train": "x"}}]})
+
+
+@pytest.mark.parametrize("adapters", ["shared", "per_task"])
+def test_a_multitask_run_resumes_to_the_same_weights(tiny_bert, tmp_path, adapters):
+    """Checkpointed every step; a copy cut back to step 9 (as a crash would leave it) resumes to the same heads and
+    adapters as the run that went through, bit for bit: task sampling, data order and dropout all replayed."""
+    from safetensors.torch import load_file
+
+    from tunelab.training import checkpoint
+
+    cfg = _recipe(tmp_path, tiny_bert, "lora", multitask__adapters=adapters, train__checkpoint_every=1,
+                  train__keep_checkpoints=30)
+    run = pipeline.train(cfg)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(run.dir, crashed)
+    for p in (crashed / checkpoint.DIR).glob("step-*"):
+        if int(p.name.split("-")[1]) > 9:
+            shutil.rmtree(p)
+    (crashed / "summary.json").unlink()
+    resumed = tunelab.resume(crashed)
+    files = lambda d: {f.relative_to(d): load_file(str(f)) for sub in ("heads", "adapter", "adapters")
+                       for f in sorted((d / sub).rglob("*.safetensors"))}
+    a, b = files(run.dir), files(resumed.dir)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+    assert resumed.summary["eval"] == run.summary["eval"]

@@ -24,12 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import config as config_mod
-from . import data, evaluate, methods, models, tasks
+from . import data, evaluate, methods, models, tasks, versions
 from .config import Config
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir,
-                       peak_memory_mb, resolve_paths, say, write_json, write_report)
-from .training import logs, loop
+from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir, peak_memory_mb, resolve_paths,
+                       resumable, say, seed_everything, write_json, write_report)
+from .training import checkpoint, logs, loop
 
 
 def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
@@ -69,8 +69,16 @@ def load_head(model: nn.Module, head: list[str], path: Path) -> None:
         module.load_state_dict({k[len(h) + 1:]: v for k, v in saved.items() if k.startswith(h + ".")})
 
 
-def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
-    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume: Path | None = None) -> Run:
+    """`resume`: an unfinished multi-task run directory, continued from its last good checkpoint."""
+    if resume is None:
+        t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+        saved = None
+    else:
+        t_start, out_path, device = time.perf_counter(), str(resume), models.device_of(cfg.model)
+        saved = resumable(resume)
+        versions.check(resume, "resuming", say)
+        seed_everything(cfg.train.seed)
     bs = cfg.eval.batch_size
 
     # Every task as a single-task run would read and encode it, then one body for all.
@@ -136,17 +144,25 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     trainable, total = models.count_params(container)
     say(f"trainable: {trainable:,} / total: {total:,} ({100 * trainable / total:.4f}%) over {len(parts)} tasks")
 
-    run_dir = make_run_dir(out_path, overwrite)
-    cfg = resolve_paths(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    if saved is None:
+        run_dir = make_run_dir(out_path, overwrite)
+        cfg = resolve_paths(cfg, run_dir)
+        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+        write_json(run_dir / "versions.json", versions.current())
+    else:  # the log goes on from the checkpoint
+        run_dir = Path(resume)
+        with open(run_dir / "metrics.jsonl", "r+b") as f:
+            f.truncate(saved[1]["log_bytes"])
     write_json(run_dir / "data_report.json", reports)
     write_json(run_dir / "labels.json", {"tasks": {n: p["info"] for n, p in parts.items()}})
 
     jobs = [loop.Job(n, p["task"], p["model"], p["feats"]["train"], p["feats"]["validation"], p["info"],
                      p["tokenizer"].pad_token_id, p["weight"], n if per_task else None) for n, p in parts.items()]
     with logs.open_log(run_dir, cfg.train.log_to) as log:
+        checkpoints = checkpoint.Checkpoints(run_dir, cfg.train.keep_checkpoints) if cfg.train.save_checkpoints else None
         result = loop.run_jobs(container, jobs, cfg.train, head_names, device, bs, log,
-                               cfg.multitask.sampling, cfg.multitask.temperature, owner=owner)
+                               cfg.multitask.sampling, cfg.multitask.temperature, owner=owner,
+                               checkpoints=checkpoints, resume=saved)
         summary["eval"], summary["test"] = {}, {}
         for n, p in parts.items():
             if per_task:

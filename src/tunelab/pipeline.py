@@ -42,13 +42,13 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     distributed.setup(models.device_of(cfg.model))
     if cfg.tasks is not None or cfg.task.type == "grpo":
         distributed.refuse("multi-task training" if cfg.tasks is not None else "grpo")
-    if resume is not None and (cfg.tasks is not None or cfg.task.type == "grpo"):
-        raise TunelabError(f"--resume {resume}: resuming is not supported yet for "
-                           f"{'multi-task' if cfg.tasks is not None else 'grpo'} runs; start the run again.")
+    if resume is not None and cfg.task is not None and cfg.task.type == "grpo":
+        raise TunelabError(f"--resume {resume}: resuming is not supported yet for grpo runs (online RL keeps its own "
+                           f"loop); start the run again.")
     if cfg.tasks is not None:
         from .multitask import train as train_multitask
 
-        return train_multitask(cfg, overwrite, recipe_name)
+        return train_multitask(cfg, overwrite, recipe_name, resume)
     if cfg.task.type == "grpo":  # online RL has its own loop: sample, score, update
         from .rl import train as train_rl
 
