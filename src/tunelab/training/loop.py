@@ -7,6 +7,7 @@ have requires_grad. So nothing here branches on either.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -157,7 +158,7 @@ def resolve_padding_free(setting: bool | str, jobs: list[Job], log: Callable[[di
         raise TunelabError(f"train.padding_free=true, but this model cannot be trained on packed rows: {fault}. "
                            f"Set train.padding_free=false (or leave it 'auto', which falls back to padded rows).")
     log({"type": "padding_free", "on": fault is None, **({"why_off": fault} if fault else {})})
-    if fault:
+    if fault and distributed.is_main():
         print(f"train.padding_free=auto: padded rows, since {fault}", flush=True)
     return fault is None
 
@@ -207,10 +208,15 @@ def _collate(job: Job, rows: list[dict], padding_free: bool) -> dict:
     return job.task.collate(rows, job.pad_id)
 
 
+@functools.lru_cache(maxsize=None)
+def _bf16_ok(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()  # asked once per device, not per micro-batch
+
+
 def autocast(device, precision: str):
     """The training forward's precision: bf16 autocast (fp32 master weights), or nothing for fp32."""
     device = torch.device(device)
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and not _bf16_ok(device):
         raise TunelabError(f"train.precision=bf16: the GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
                            f"support. Use train.precision=fp32.")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
