@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -197,3 +200,37 @@ def _save_chat_llama(path: Path) -> Path:
 def tiny_chat_llama(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 32, tied embeddings) with a byte-level BPE, ChatML template and EOS <|im_end|>."""
     return _save_chat_llama(tmp_path_factory.mktemp("models") / "tiny-chat-llama")
+
+
+# -- the CLI, in-process ---------------------------------------------------------------
+
+@dataclass
+class Result:
+    code: int | None
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli_run(monkeypatch, capsys):
+    """Call the console entry point in-process. An exception escaping main() is what a user
+    would see as a traceback: it is returned as code None with the traceback as stderr."""
+
+    from tunelab import cli
+
+    def call(*args) -> Result:
+        capsys.readouterr()  # drop anything printed before
+        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
+        monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer installs its own; restore it afterwards
+        code: int | None = 0
+        tb = ""
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - exactly what must never reach a user
+            code, tb = None, traceback.format_exc()
+        out, err = capsys.readouterr()
+        return Result(code, out, err + tb)
+
+    return call

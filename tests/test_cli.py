@@ -15,25 +15,16 @@ import json
 import os
 import subprocess
 import sys
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 import tunelab
-from conftest import make_rows, write_jsonl
-from tunelab import cli
+from conftest import Result, make_rows, write_jsonl
 
 FAST = ["train.epochs=1", "eval.linear_probe=false"]
 
-
-@dataclass
-class Result:
-    code: int | None
-    out: str
-    err: str
 
 
 def run_sub(*args, cwd: Path) -> Result:
@@ -44,27 +35,6 @@ def run_sub(*args, cwd: Path) -> Result:
     return Result(p.returncode, p.stdout, p.stderr)
 
 
-@pytest.fixture
-def cli_run(monkeypatch, capsys):
-    """Call the console entry point in-process. An exception escaping main() is what a user
-    would see as a traceback: it is returned as code None with the traceback as stderr."""
-
-    def call(*args) -> Result:
-        capsys.readouterr()  # drop anything printed before
-        monkeypatch.setattr(sys, "argv", ["tunelab", *map(str, args)])
-        monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # typer installs its own; restore it afterwards
-        code: int | None = 0
-        tb = ""
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001 - exactly what must never reach a user
-            code, tb = None, traceback.format_exc()
-        out, err = capsys.readouterr()
-        return Result(code, out, err + tb)
-
-    return call
 
 
 def assert_user_error(r: Result, *fragments: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -403,13 +404,27 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
+        shown = item if item.isprintable() else repr(item)[1:-1]  # a newline in it would split the message
         if not sep or not key.strip():
             raise TunelabError(
-                f"Override '{item}' is not of the form key=value. Write dotted keys with a value, "
+                f"Override '{shown}' is not of the form key=value. Write dotted keys with a value, "
                 f"e.g. train.lr=3e-4 or method.target_modules=[query,value]."
             )
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise TunelabError(
+                f"Override '{shown}': the value is not valid YAML ({_yaml_problem(e)}). Give a number, a word or a list "
+                f"like [query,value], and quote text with special characters, e.g. \"data.train='my [1].jsonl'\"."
+            ) from None
     return out
+
+
+def _yaml_problem(e: Exception) -> str:
+    """What PyYAML found wrong, on one line (its own messages run over several)."""
+    if isinstance(e, RecursionError):
+        return "lists or mappings nested too deeply"
+    return str(getattr(e, "problem", None) or e).splitlines()[0]
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -432,11 +447,25 @@ def load(path: str | Path | None, overrides: list[str] | dict[str, Any] | None =
         if not p.is_file():
             raise TunelabError(f"Config file '{path}' does not exist. Pass the path of a YAML recipe, e.g. configs/classification/minilm-lora.yaml.")
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+            data = p.read_bytes()
+        except OSError as e:
+            raise TunelabError(f"Config file '{path}' could not be read ({e.strerror or e}). Check its permissions, or "
+                               f"copy the recipe somewhere readable.") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # UTF-16 is what Windows editors save as "Unicode"; other bad bytes are usually Latin-1.
+            utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+            line = data.count(b"\n", 0, e.start) + 1
+            found = " (it starts with a UTF-16 byte-order mark)" if utf16 else f": line {line} has the byte 0x{data[e.start]:02x}"
+            raise TunelabError(f"Config file '{path}' is not UTF-8 text{found}. Re-save it as UTF-8, e.g. `iconv -f "
+                               f"{'UTF-16' if utf16 else 'latin1'} -t UTF-8 {path} > fixed.yaml`.") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, RecursionError) as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise TunelabError(f"Config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}. Fix the syntax there.") from None
+            raise TunelabError(f"Config file '{path}' is not valid YAML{where}: {_yaml_problem(e)}. Fix the syntax there.") from None
         if not isinstance(tree, dict):
             raise TunelabError(f"Config file '{path}' must hold a mapping of sections (model, data, task, method, train), not {type(tree).__name__}.")
     changes = {**parse_overrides(overrides), **kw}
@@ -563,13 +592,26 @@ def _section(ann):
     return None
 
 
+# Names recipes copied from Hugging Face / peft scripts use, which spelling similarity would match to the wrong key
+# (learning_rate is closer to padding_free than to lr).
+_ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size":
+            "batch_size", "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "model_name_or_path": "path", "max_seq_length": "max_length", "lora_r": "r", "lora_alpha": "alpha",
+            "lora_dropout": "dropout"}
+_short_repr = reprlib.Repr()
+_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother, _short_repr.maxlist, _short_repr.maxdict = 2, 60, 60, 4, 4
+
+
 def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
     valid = _valid_keys(Config, tree)
     msgs = []
     for err in e.errors():
-        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in METHOD_NAMES)]
-        # pydantic appends type names for unions (e.g. 'int', "literal['all']"); keep field names only.
-        loc = [x for x in loc if not (x in ("int", "str", "float", "list[str]") or x.startswith("literal["))]
+        loc = [str(x) for x in err["loc"]]
+        # pydantic appends union members (method.lora.r) and type names (e.g. 'int', "literal['all']"); keep field
+        # names only. Never the first: a top-level key named `lora:` or `str:` is the user's own mistake to report.
+        loc = loc[:1] + [x for x in loc[1:] if not (x in METHOD_NAMES or x in ("int", "str", "float", "list[str]")
+                                                     or x.startswith("literal["))]
+        loc = [x if x.isprintable() else repr(x)[1:-1] for x in loc]  # a key with a newline would split the message
         key = ".".join(loc)
         if err["type"] == "extra_forbidden":
             section = ".".join(loc[:-1])
@@ -577,7 +619,8 @@ def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
             in_task = re.match(r"^tasks\.\d+(?:\.(\w+))?$", section)  # a section of one task of a `tasks:` list
             if in_task:
                 allowed = valid.get(in_task[1], []) if in_task[1] else list(TaskSpec.model_fields)
-            close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
+            alias = _ALIASES.get(loc[-1])
+            close = [alias] if alias in allowed else difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.5)
             hint = f"did you mean '{section + '.' if section else ''}{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
             msgs.append(f"unknown key '{key}' — {hint}")
         elif err["type"] == "missing":
@@ -585,8 +628,8 @@ def _explain_errors(e: ValidationError, tree: dict, source: str) -> str:
         elif err["type"] == "union_tag_invalid" or err["type"] == "union_tag_not_found":
             msgs.append(f"'{key or 'method'}.name' must be one of {', '.join(METHOD_NAMES)}")
         else:
-            value = err.get("input")
-            msgs.append(f"'{key}' = {value!r}: {err['msg']}")
+            value = _short_repr.repr(err.get("input"))  # a value may be a whole (even self-referencing) YAML tree
+            msgs.append(f"'{key}' = {value}: {err['msg']}")
     unique = list(dict.fromkeys(msgs))
     return f"Invalid config in {source}: " + "; ".join(unique) + " — fix these keys in the YAML file or override them as key=value (`tunelab config explain` lists every key)."
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .config import ModelConfig
@@ -67,9 +69,13 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
             f"that holds config.json, model.safetensors (or pytorch_model.bin) and the tokenizer files."
         )
     try:
-        json.loads((p / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        model_config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise TunelabError(f"'{p / 'config.json'}' ({key}) is not valid JSON ({e}); the model directory looks damaged — re-export or re-copy it.") from None
+    if not isinstance(model_config, dict):
+        # transformers would fail on it later with a TypeError about keyword arguments, blamed on the tokenizer
+        raise TunelabError(f"'{p / 'config.json'}' ({key}) holds a JSON {type(model_config).__name__}, not the JSON "
+                           f"object of a model config; the model directory looks damaged — re-export or re-copy it.")
     if not any((p / f).is_file() for f in WEIGHT_FILES):
         raise TunelabError(
             f"Model directory '{path}' ({key}) has a config.json but no weights ({', '.join(WEIGHT_FILES)}). "
@@ -116,6 +122,14 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
             f"Could not load a tokenizer from '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}). The model directory needs "
             f"its tokenizer files (tokenizer.json, or vocab.txt / vocab.json + merges.txt, and tokenizer_config.json)."
         ) from None
+    if not set(tok.get_vocab()) - set(tok.all_special_tokens):
+        # transformers builds a tokenizer of special tokens alone when the vocabulary files are missing: every word
+        # would become the unknown token, and training would run on nothing.
+        raise TunelabError(
+            f"The tokenizer in '{path}' has no vocabulary besides its special tokens: the vocabulary files are missing "
+            f"(tokenizer.json, or vocab.txt / vocab.json + merges.txt / tokenizer.model). Copy the tokenizer files "
+            f"from the model you downloaded into that directory."
+        )
     if tok.pad_token is None:
         # Decoder-only models ship without a pad token; padding positions are masked, so reusing EOS is safe.
         if tok.eos_token is None:
@@ -191,9 +205,42 @@ def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
             f"'{path}' ({'model.path'}) cannot be loaded as {auto_class.__name__}: {str(e).splitlines()[0]} "
             f"Use a model whose architecture transformers supports for this task, or set model.trust_remote_code=true for custom code you trust."
         ) from None
+    except (SafetensorError, pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:
+        mismatch = "mismatched_sizes" in str(e) or "size mismatch" in str(e)
+        # Other RuntimeErrors (out of memory, a bug) are not the model directory's fault: let them surface as they are.
+        if isinstance(e, RuntimeError) and not (mismatch or "PytorchStreamReader" in str(e)):
+            raise
+        if mismatch:
+            why = ("its weights do not have the shapes config.json describes (hidden_size, vocab_size, ...): the two "
+                   "come from different models. Put the config.json that came with these weights back")
+        else:
+            weights = next((f for f in WEIGHT_FILES if (path / f).is_file()), "its weights file")
+            detail = (str(e).splitlines() or [""])[0].split(". ")[0][:200]  # torch goes on about weights_only
+            why = (f"{weights} is damaged or incomplete ({type(e).__name__}: {detail}). "
+                   f"Copy or download the model again")
+        raise TunelabError(f"'{path}' (model.path) could not be loaded: {why}, or point model.path at a complete model "
+                           f"directory.") from None
+    check_vocabulary(model, tok, path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def check_vocabulary(model, tok, path) -> None:
+    """A tokenizer whose token ids run past the model's embedding table makes the first forward pass fail with an
+    IndexError, in the middle of a run."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    # vocab_size counts the base vocabulary; tokens added on top are checked only where tunelab itself uses them
+    highest = max([tok.vocab_size - 1] + [i for i in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if i is not None])
+    if highest >= rows:
+        raise TunelabError(
+            f"The tokenizer in '{path}' (model.path) does not belong to its model: it gives token ids up to {highest}, "
+            f"but the model's embedding table has {rows} rows (vocab_size in config.json). Put the tokenizer files that "
+            f"came with the model back in that directory."
+        )
 
 
 # -- anatomy ------------------------------------------------------------------

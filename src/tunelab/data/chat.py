@@ -27,7 +27,7 @@ from __future__ import annotations
 
 
 from ..errors import TunelabError
-from .sources import read_records
+from .sources import field_names, read_records
 from .split import random_split
 
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -55,7 +55,7 @@ def detect_format(record: dict, text_field: str, what: str) -> str:
     if text_field in record:
         return "text"
     raise TunelabError(
-        f"{what}: cannot tell the data format from the first row's fields ({', '.join(record) or 'none'}). sft data "
+        f"{what}: cannot tell the data format from the first row's fields ({field_names(record)}). sft data "
         f"needs 'instruction'/'output' (alpaca), 'messages' or 'conversations' (sharegpt); causal_lm needs a text column "
         f"(data.text_field='{text_field}'). Rename the columns, or set data.format and data.text_field.")
 

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import TunelabError
-from .sources import _decode_utf8, _describe, read_records, resolve_path
+from .sources import _decode_utf8, _describe, field_names, read_records, resolve_path
 from .split import random_split
 
 CONLL_EXTENSIONS = (".conll", ".txt")
@@ -182,7 +182,7 @@ def _read_jsonl(path, key: str, what: str, text_field: str) -> list[dict]:
                 ex = _entity_row(rec, text_field)
             else:
                 raise ValueError(f"has neither 'tokens' + 'tags' nor '{text_field}' + 'entities' (its fields: "
-                                 f"{', '.join(rec) or 'none'})")
+                                 f"{field_names(rec)})")
         except ValueError as e:
             problems.append((r["row"], str(e)))
             continue

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import TunelabError
 from . import chat
-from .sources import read_records
+from .sources import field_names, read_records
 
 ROW_EXAMPLE = '{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not."}'
 
@@ -68,7 +68,7 @@ def _reply(value, field: str) -> str:
 def _pair(record: dict) -> dict:
     for field in ("prompt", "chosen", "rejected"):
         if record.get(field) is None:
-            raise ValueError(f"no '{field}' field (found: {', '.join(record) or 'none'})")
+            raise ValueError(f"no '{field}' field (found: {field_names(record)})")
     prompt = record["prompt"]
     if isinstance(prompt, str):
         if not prompt.strip():

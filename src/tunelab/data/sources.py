@@ -14,6 +14,8 @@ import csv
 import difflib
 import io
 import json
+import math
+import numbers
 from pathlib import Path
 
 from ..errors import TunelabError
@@ -48,7 +50,7 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
             examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field)
     if not examples:
         raise TunelabError(f"{what} has no data rows. It should hold {_FORMAT_HINTS[ext]}.")
-    _check_label_types(examples, what, label_field, "row" if ext == ".parquet" else "line")
+    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line")
     return examples
 
 
@@ -68,7 +70,7 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
         try:
             rows = pq.read_table(p).to_pylist()
         except (pa.ArrowException, OSError) as e:
-            raise TunelabError(f"{what} could not be read as Parquet: {e}. Re-export it (e.g. pandas `df.to_parquet`).") from None
+            raise TunelabError(f"{what} could not be read as Parquet: {str(e).rstrip('.')}. Re-export it (e.g. pandas `df.to_parquet`).") from None
         return [{"row": i, "record": r} for i, r in enumerate(rows, start=1)]
     text = _decode_utf8(p.read_bytes(), path, what)
     if ext == ".txt":
@@ -83,11 +85,23 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
         return out
     if ext in (".jsonl", ".json"):
         return [{"row": r["row"], "record": r["record"]} for r in _jsonl_objects(text, path, what)]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if ext == ".tsv" else ",")
+    delimiter = "\t" if ext == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    out = []
     try:
-        return [{"row": i, "record": dict(r)} for i, r in enumerate(reader, start=1)]
+        for i, r in enumerate(reader, start=1):
+            # DictReader files surplus fields under the key None and fills missing ones with None.
+            if None in r or None in r.values():
+                n = sum(v is not None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+                raise TunelabError(
+                    f"{what} line {reader.line_num} has {n} field(s) but the header has {len(reader.fieldnames)}. "
+                    f"Quote fields that contain the delimiter {'(tab)' if delimiter == chr(9) else repr(delimiter)}, "
+                    f"newlines or quotes, and check for an unclosed quote at or before that line."
+                )
+            out.append({"row": i, "record": dict(r)})
     except csv.Error as e:
         raise TunelabError(f"{what} could not be parsed near line {reader.line_num}: {e}. Fix that record.") from None
+    return out
 
 
 def _jsonl_objects(text: str, path: str | Path, what: str) -> list[dict]:
@@ -107,6 +121,12 @@ def _jsonl_objects(text: str, path: str | Path, what: str) -> list[dict]:
             raise TunelabError(
                 f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
                 f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+            ) from None
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, or arrays nested too deep to parse
+            problem = "lists or objects nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+            raise TunelabError(
+                f"{what} line {line_no} cannot be read: {problem}. Each line must be one JSON object, "
+                f"e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
             ) from None
         if not isinstance(obj, dict):
             raise TunelabError(
@@ -136,11 +156,35 @@ def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str
     return p
 
 
+def field_names(keys) -> str:
+    """Column / field names for a message, comma-separated: a name with a newline or other control character is
+    shown escaped, so the message stays one paragraph."""
+    return ", ".join(k if str(k).isprintable() else repr(str(k))[1:-1] for k in keys) or "none"
+
+
 def _describe(path: str | Path, key: str | None) -> str:
     return f"Data file '{path}' ({key})" if key else f"Data file '{path}'"
 
 
 def _decode_utf8(data: bytes, path: str | Path, what: str) -> str:
+    # UTF-16/32 (what Excel's "Unicode text" and PowerShell write) and binary files would otherwise be reported as
+    # a stray byte with advice for Latin-1, which does not fit them.
+    wide = next((name for name, bom in (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE),
+                                        ("UTF-16", codecs.BOM_UTF16_LE), ("UTF-16", codecs.BOM_UTF16_BE))
+                 if data.startswith(bom)), None)
+    if wide:
+        raise TunelabError(
+            f"{what} is encoded as {wide} (it starts with a {wide} byte-order mark), not UTF-8. Re-save it as UTF-8, "
+            f"e.g. `iconv -f {wide} -t UTF-8 {path} > fixed{Path(path).suffix}`, or choose UTF-8 when exporting it."
+        )
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise TunelabError(
+            f"{what} holds a NUL byte (line {line}, byte offset {nul} in the file), so it is binary or UTF-16/UTF-32 "
+            f"text, not UTF-8 text. Check that it is the data file you meant, or re-save it as UTF-8 (e.g. "
+            f"`iconv -f UTF-16 -t UTF-8 {path} > fixed{Path(path).suffix}`)."
+        )
     # A BOM is what Excel and Notepad write at the start of "UTF-8" files; accept it silently.
     bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
@@ -166,7 +210,7 @@ def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_f
                 if first:
                     raise _missing_column(what, field, config_key, list(obj), f"the first object (line {line_no})")
                 raise TunelabError(
-                    f"{what} line {line_no} has no '{field}' field (its fields: {', '.join(obj) or 'none'}), "
+                    f"{what} line {line_no} has no '{field}' field (its fields: {field_names(obj)}), "
                     f"although earlier lines do. Every line needs '{field}'; add it there or remove the line. "
                     f"If '{field}' is the wrong name altogether, set {config_key}."
                 )
@@ -223,7 +267,7 @@ def _read_parquet(p: Path, what: str, text_field: str, label_field: str) -> list
         table = pq.read_table(p, columns=[field for field, _ in required])
     except (pa.ArrowException, OSError) as e:
         raise TunelabError(
-            f"{what} could not be read as Parquet: {e}. Check that it is a complete Parquet file "
+            f"{what} could not be read as Parquet: {str(e).rstrip('.')}. Check that it is a complete Parquet file "
             f"(re-export it, e.g. with pandas `df.to_parquet(...)`), or give it the extension of its real format."
         ) from None
     texts = table.column(text_field).to_pylist()
@@ -237,7 +281,7 @@ def _required(text_field: str, label_field: str | None) -> list[tuple[str, str]]
 
 
 def _missing_column(what: str, field: str, config_key: str, found: list[str], where: str) -> TunelabError:
-    found_text = ", ".join(f"'{c}'" for c in found) if found else "none"
+    found_text = field_names(f"'{c}'" for c in found)
     close = difflib.get_close_matches(field, found, n=1, cutoff=0.6)
     close += [c for c in found if c.lower() == field.lower() and c not in close]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -250,11 +294,24 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     return TunelabError(f"{what} has no '{field}' column in {where}; columns found: {found_text}. {fix}")
 
 
-def _check_label_types(examples: list[dict], what: str, label_field: str, unit: str) -> None:
+def _check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str) -> None:
     # A list/dict label means a multi-label or structured file; single-label classification
-    # would otherwise silently treat "['a', 'b']" as a class of its own.
+    # would otherwise silently treat "['a', 'b']" as a class of its own. Likewise for texts, and an
+    # infinite label (JSON's Infinity) would become a class named "inf".
     for ex in examples:
-        if isinstance(ex["label"], (list, dict)):
+        if isinstance(ex["text"], (list, dict, bytes)):
+            raise TunelabError(
+                f"{what} {unit} {ex['row']} has a {type(ex['text']).__name__} in '{text_field}': {ex['text']!r:.80}. "
+                f"Texts must be strings; fix that row or point data.text_field at the column that holds the text."
+            )
+        label = ex["label"]
+        if isinstance(label, numbers.Real) and not isinstance(label, numbers.Integral) and math.isinf(label):
+            raise TunelabError(
+                f"{what} {unit} {ex['row']} has an infinite number ({'-' if label < 0 else ''}Infinity) in "
+                f"'{label_field}'. Labels must be class names or integers; fix that row or point data.label_field at "
+                f"the column that holds the label."
+            )
+        if isinstance(label, (list, dict)):
             raise TunelabError(
                 f"{what} {unit} {ex['row']} has a {type(ex['label']).__name__} in '{label_field}': {ex['label']!r:.80}. "
                 f"Labels must be single strings or integers (one class per example); fix that row or point "

@@ -72,8 +72,19 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
         if text.lstrip().startswith("{"):
             try:
                 tree = json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError) as e:
                 tree = None  # several objects: JSON lines, read below
+                first = text.lstrip().split("\n", 1)[0]
+                try:
+                    json.loads(first)
+                except (ValueError, RecursionError):
+                    # Not even the first line is an object of its own: one JSON document (SQuAD JSON), broken, which
+                    # the JSON-lines reader would misreport as "line 1 is not one object per line".
+                    where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+                    raise TunelabError(
+                        f"{what} is not valid JSON: {getattr(e, 'msg', None) or 'nested too deeply'}{where}. It should "
+                        f"hold SQuAD JSON ({{\"data\": [{{\"paragraphs\": [...]}}]}}) or one question per line; if "
+                        f"the file was cut short, download or export it again.") from None
             if isinstance(tree, dict) and "data" in tree:
                 return _nested(tree, what), "SQuAD JSON"
     rows = sources.read_records(path, key)

@@ -448,7 +448,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
                     f"was skipped. " + (f"The last good checkpoint is {kept[-1]}. " if kept else "") +
                     f"Lower train.lr (now {cfg.lr:g}), set train.max_grad_norm (e.g. 1.0), use train.precision=fp32, or "
                     f"look for extreme values in the data; then start again" +
-                    (f", or edit config.yaml in the run directory and `tunelab train --resume` it." if kept else "."))
+                    (", or edit config.yaml in the run directory and `tunelab train --resume` it." if kept else "."))
             running.append(float("nan"))
         else:
             bad_steps = 0
