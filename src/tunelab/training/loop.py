@@ -222,35 +222,36 @@ def autocast(device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp32", ddp=None,
+def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp32", parallel=None,
                real: list[bool] | None = None) -> float:
     """Backward of one optimizer step's loss, sum over jobs of weight_t * L_t, L_t being job t's summed loss over
     its items in the step (all its micro-batches: accumulation == one big batch). Returns the loss value.
-    Several processes (`ddp`, one job): each holds its share of the step's items, the count is the step's over
-    all of them, and each loss is scaled by the process count, which DDP's gradient average divides out again;
-    a batch not `real` (a process whose share of a micro-batch is empty) only takes part, with weight 0."""
+    Several processes (`parallel`: the DDP or FSDP2 module of the task loss, one job): each holds its share of the
+    step's items, the count is the step's over all of them, and each loss is scaled by the process count, which
+    the gradient average divides out again; a batch not `real` (a process whose share of a micro-batch is empty)
+    only takes part, with weight 0."""
     from .. import methods
 
     real = real or [True] * len(batches)
     n_items: dict[str, int] = {}
     for (job, batch), counts in zip(batches, real):
         n_items[job.name] = n_items.get(job.name, 0) + (job.task.count(batch) if counts else 0)
-    if ddp is not None:
+    if parallel is not None:
         (name,) = n_items
         n_items[name] = distributed.total([n_items[name]])[0]
-    scale = distributed.world() if ddp is not None else 1
+    scale = distributed.world() if parallel is not None else 1
     total = 0.0
     for i, ((job, batch), counts) in enumerate(zip(batches, real)):
         if job.adapter:
             methods.set_adapter(owner, job.adapter)
         device = next(iter(batch.values())).device
-        with distributed.no_sync(ddp, last=i == len(batches) - 1), autocast(device, precision):
+        with distributed.no_sync(parallel, last=i == len(batches) - 1), autocast(device, precision):
             options = job.loss_options or {}
-            summed = ddp(batch, options) if ddp is not None else job.task.loss(job.model, batch, **options)
+            summed = parallel(batch, options) if parallel is not None else job.task.loss(job.model, batch, **options)
             loss = job.weight * summed * (scale if counts else 0.0) / max(n_items[job.name], 1)
             loss.backward()
         total += loss.item() / scale
-    return distributed.total([total])[0] if ddp is not None else total
+    return distributed.total([total])[0] if parallel is not None else total
 
 
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
@@ -276,11 +277,11 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     header_log = log if resume is None else (lambda record: None)  # a resumed run's log has its header already
     padding_free = resolve_padding_free(cfg.padding_free, jobs, header_log)  # checked on the model as it is
     rank, world = distributed.rank(), distributed.world()
-    ddp, sharded = None, False
+    parallel, sharded = None, False
     if world > 1:  # before the optimizer: sharding (FSDP2) replaces the parameters
         if len(jobs) > 1 or stages:
             distributed.refuse("multi-task training" if len(jobs) > 1 else "gradual unfreezing (train.unfreeze)")
-        ddp, sharded = distributed.wrap(model, jobs[0].task, device)
+        parallel, sharded = distributed.wrap(model, jobs[0].task, device)
         header_log({"type": "distributed", "processes": world, "strategy": "fsdp2" if sharded else "ddp",
                     "backend": torch.distributed.get_backend()})
     opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
@@ -327,7 +328,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     def _evaluate_now(step: int, epoch: float) -> bool:
         nonlocal bad_evals, plateau_bad
-        with distributed.gathered(ddp):
+        with distributed.gathered(parallel):
             metrics = evaluate_jobs(jobs, owner, eval_batch_size, device)
         if metric not in metrics:
             raise TunelabError(f"train.metric='{metric}' is not among the validation metrics ({', '.join(metrics)}).")
@@ -419,7 +420,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
                 batches.append((jobs[i], {k: v.to(device) for k, v in
                                           _collate(jobs[i], [jobs[i].train[x] for x in part], padding_free).items()}))
                 real.append(counts)
-        step_loss = accumulate(batches, owner, cfg.precision, ddp, real)
+        step_loss = accumulate(batches, owner, cfg.precision, parallel, real)
         tokens += int(distributed.total([sum(int(b["attention_mask"].sum()) for (_, b), r in zip(batches, real) if r)])[0])
         grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
         lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
