@@ -27,8 +27,8 @@ from . import config as config_mod
 from . import data, evaluate, methods, models, tasks, versions
 from .config import Config
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir, peak_memory_mb, resolve_paths,
-                       resumable, say, seed_everything, write_json, write_report)
+from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir, peak_memory_mb, resolve_paths, say,
+                       write_json, write_report)
 from .training import checkpoint, logs, loop
 
 
@@ -71,14 +71,7 @@ def load_head(model: nn.Module, head: list[str], path: Path) -> None:
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume: Path | None = None) -> Run:
     """`resume`: an unfinished multi-task run directory, continued from its last good checkpoint."""
-    if resume is None:
-        t_start, out_path, device = begin(cfg, overwrite, recipe_name)
-        saved = None
-    else:
-        t_start, out_path, device = time.perf_counter(), str(resume), models.device_of(cfg.model)
-        saved = resumable(resume)
-        versions.check(resume, "resuming", say)
-        seed_everything(cfg.train.seed)
+    t_start, out_path, device, saved = begin(cfg, overwrite, recipe_name, resume)
     bs = cfg.eval.batch_size
 
     # Every task as a single-task run would read and encode it, then one body for all.

@@ -53,15 +53,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         from .rl import train as train_rl
 
         return train_rl(cfg, overwrite, recipe_name)
-    if resume is None:
-        t_start, out_path, device = begin(cfg, overwrite, recipe_name)
-        saved = None
-    else:
-        t_start, out_path, device = time.perf_counter(), str(resume), models.device_of(cfg.model)
-        saved = resumable(resume)
-        logs.check(cfg.train.log_to)
-        versions.check(resume, "resuming", say)
-        seed_everything(cfg.train.seed)
+    t_start, out_path, device, saved = begin(cfg, overwrite, recipe_name, resume)
 
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
@@ -223,16 +215,22 @@ def check_resumable(run_dir: Path) -> None:
                            f"resume. To train further, start a new run with model.path={run_dir}.")
 
 
-def begin(cfg: Config, overwrite: bool, recipe_name: str):
-    """(start time, output dir, device) of a run; fails before any work when the output dir or a logger is wrong,
-    but creates nothing until the inputs are known good. Seeds everything."""
+def begin(cfg: Config, overwrite: bool, recipe_name: str, resume: Path | None = None):
+    """(start time, output dir, device, the checkpoint to resume from or None) of a run; fails before any work when
+    the output dir or a logger is wrong, but creates nothing until the inputs are known good. Seeds everything."""
     t_start = time.perf_counter()
+    if resume is not None:
+        saved = resumable(resume)
+        logs.check(cfg.train.log_to)
+        versions.check(resume, "resuming", say)
+        seed_everything(cfg.train.seed)
+        return t_start, str(resume), models.device_of(cfg.model), saved
     out_path = distributed.broadcast(cfg.output_dir or default_output_dir(recipe_name))  # one name for all processes
     if distributed.is_main():
         check_run_dir(out_path, overwrite)
     logs.check(cfg.train.log_to)
     seed_everything(cfg.train.seed)
-    return t_start, out_path, models.device_of(cfg.model)
+    return t_start, out_path, models.device_of(cfg.model), None
 
 
 def default_output_dir(recipe_name: str) -> str:

@@ -81,7 +81,7 @@ def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_specia
 
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
-    t_start, out_path, device = begin(cfg, overwrite, recipe_name)
+    t_start, out_path, device, _ = begin(cfg, overwrite, recipe_name)
     reward_fn = load_reward(cfg.task)
     train_rows = _prompts(cfg.data.train, "data.train")
     if cfg.data.validation:
