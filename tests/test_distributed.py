@@ -21,7 +21,8 @@ from conftest import make_rows, write_jsonl
 # dropout off: each process draws its own masks, so with dropout the runs would differ by design
 SETTINGS = ["model.hidden_dropout=0", "model.attention_dropout=0", "eval.base=false", "eval.linear_probe=false",
             "eval.samples=0", "eval.forgetting=none", "train.max_steps=6", "train.batch_size=8", "train.grad_accum=2",
-            "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=1", "train.keep_checkpoints=6"]
+            "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=1", "train.keep_checkpoints=6",
+            "train.keep_finished_checkpoints=true"]
 METHODS = {"lora": ["method.name=lora", "method.r=4"], "full": ["method.name=full"]}
 
 

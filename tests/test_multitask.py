@@ -194,7 +194,7 @@ def test_a_multitask_run_resumes_to_the_same_weights(tiny_bert, tmp_path, adapte
 
     from tunelab.training import checkpoint
 
-    cfg = _recipe(tmp_path, tiny_bert, "lora", multitask__adapters=adapters, train__checkpoint_every=1,
+    cfg = _recipe(tmp_path, tiny_bert, "lora", multitask__adapters=adapters, train__checkpoint_every=1, train__keep_finished_checkpoints=True,
                   train__keep_checkpoints=30)
     run = pipeline.train(cfg)
     crashed = tmp_path / "crashed"

@@ -31,7 +31,7 @@ METHODS = {"full": ["method.name=full"], "lora": ["method.name=lora", "method.r=
 
 def _overrides(model_dir: Path, train: Path, method: str, **train_kw) -> list[str]:
     settings = {"max_steps": 24, "batch_size": 4, "grad_accum": 2, "checkpoint_every": 1, "eval_every": 10,
-                "log_every": 1, **train_kw}
+                "log_every": 1, "keep_finished_checkpoints": True, **train_kw}
     return [f"model.path={model_dir}", f"data.train={train}", *METHODS[method], *QUIET,
             *(f"train.{k}={v}" for k, v in settings.items())]
 
@@ -218,3 +218,9 @@ def test_versions_are_recorded_and_a_difference_is_named(tiny_bert, train_file, 
     tunelab.load(run.dir)
     err = capsys.readouterr().err
     assert "made with other library versions: transformers 4.0.0 -> " in err
+
+
+def test_a_finished_run_drops_its_checkpoints_unless_asked(tiny_bert, train_file, tmp_path):
+    run = tunelab.train(None, _overrides(tiny_bert, train_file, "lora", max_steps=4, keep_finished_checkpoints=False)
+                        + [f"output_dir={tmp_path / 'r'}"])
+    assert not (run.dir / checkpoint.DIR).exists() and (run.dir / "summary.json").is_file()

@@ -323,6 +323,9 @@ class TrainConfig(_Section):
     checkpoint_every: int | None = Field(None, ge=1, description="Also checkpoint every this many steps (empty: "
                                          "only at evaluations).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the last this many, plus the best one.")
+    keep_finished_checkpoints: bool = Field(False, description="Keep the checkpoints once the run has finished; by "
+                                            "default they go, since they serve only --resume, which a finished run "
+                                            "does not take (full fine-tuning's are 3x the model each).")
     max_bad_steps: int = Field(5, ge=1, description="A step whose loss or gradient is not finite is skipped and "
                                "logged; this many in a row stop the run, keeping the last good checkpoint.")
     split_by_length: bool = Field(True, description="Cut each micro-batch into smaller ones of similar length when "

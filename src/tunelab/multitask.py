@@ -27,8 +27,8 @@ from . import config as config_mod
 from . import data, evaluate, methods, models, tasks, versions
 from .config import Config
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, encode_splits, make_run_dir, peak_memory_mb, resolve_paths, say,
-                       write_json, write_report)
+from .pipeline import (Run, begin, dir_size_mb, drop_checkpoints, encode_splits, make_run_dir, peak_memory_mb,
+                       resolve_paths, say, write_json, write_report)
 from .training import checkpoint, logs, loop
 
 
@@ -199,6 +199,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
         "sampling": cfg.multitask.sampling, "weights": {n: p["weight"] for n, p in parts.items()},
     })
     write_json(run_dir / "summary.json", summary)
+    drop_checkpoints(run_dir, cfg)
     write_report(run_dir)
     say(headline(summary, parts))
     return Run(run_dir.resolve(), summary)

@@ -152,6 +152,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         "device": str(device), "torch": torch.__version__,
     })
     write_json(run_dir / "summary.json", summary)
+    drop_checkpoints(run_dir, cfg)
     if not main:
         shutil.rmtree(run_dir, ignore_errors=True)
         return Run(Path(out_path).resolve(), summary)
@@ -192,6 +193,12 @@ def unsharded(model, task, cfg: Config, info: dict, head: list[str], device):
         raise TunelabError(f"Internal error: the sharded model lacks {sorted(missing)[:3]} when gathered whole.")
     whole.load_state_dict(state, strict=False)
     return whole.eval()
+
+
+def drop_checkpoints(run_dir: Path, cfg: Config) -> None:
+    """A finished run's checkpoints serve nothing (--resume takes only unfinished runs) unless asked to stay."""
+    if not cfg.train.keep_finished_checkpoints:
+        shutil.rmtree(run_dir / checkpoint.DIR, ignore_errors=True)
 
 
 def resumable(run_dir: Path):
