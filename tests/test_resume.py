@@ -224,3 +224,16 @@ def test_a_finished_run_drops_its_checkpoints_unless_asked(tiny_bert, train_file
     run = tunelab.train(None, _overrides(tiny_bert, train_file, "lora", max_steps=4, keep_finished_checkpoints=False)
                         + [f"output_dir={tmp_path / 'r'}"])
     assert not (run.dir / checkpoint.DIR).exists() and (run.dir / "summary.json").is_file()
+
+
+def test_gradual_unfreezing_resumes_with_the_blocks_it_had_opened(tiny_bert, train_file, tmp_path):
+    overrides = [f"model.path={tiny_bert}", f"data.train={train_file}", "method.name=freeze", "method.freeze_layers=2",
+                 "train.unfreeze=gradual", "train.unfreeze_every=3", *QUIET,
+                 *(f"train.{k}={v}" for k, v in {"max_steps": 10, "batch_size": 4, "checkpoint_every": 1,
+                                                  "eval_every": 100, "keep_checkpoints": 20,
+                                                  "keep_finished_checkpoints": True}.items())]
+    run = tunelab.train(None, overrides + [f"output_dir={tmp_path / 'whole'}"])
+    assert [r["step"] for r in _records(run.dir) if r["type"] == "unfreeze"][:2] == [3, 6]
+    resumed = tunelab.resume(_crashed_copy(run.dir, tmp_path / "crashed", 7))
+    a, b = _weights(run.dir), _weights(resumed.dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

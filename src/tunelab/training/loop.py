@@ -388,9 +388,10 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         checkpoint.load_optimizer_state(opt, files["optimizer"], state["optimizer_groups"], like)
         sched.load_state_dict(state["scheduler"])
         sched.plateau.update(state["plateau"])  # in place: the schedule's lambda reads this dict
-        for _ in range(state["stages_done"]):
+        params = dict(model.named_parameters())
+        for _ in range(state["stages_done"]):  # the blocks unfrozen by then train again
             for name in stages.pop(0)[1]:
-                dict(model.named_parameters())[name].requires_grad_(True)
+                params[name].requires_grad_(True)
         for _ in range(state["step"]):  # the data order is a seeded stream: replayed, it is where it was
             next(stream)
         tokens, train_seconds, running = state["tokens"], state["train_seconds"], state["running"]
