@@ -63,6 +63,9 @@ class DataConfig(_Section):
         description="Operations each copy draws from: random deletion, swap, insertion of an in-sentence word, "
                     "synonym replacement (nearest words in the model's embedding table).")
     augment_rate: float = Field(0.1, gt=0, le=0.5, description="Fraction of a text's words each operation changes (at least one).")
+    streaming: bool = Field(False, description="Classification: keep the data on disk and read rows when training needs "
+                                               "them (files larger than memory); only where each row lies is kept, "
+                                               "about 40 bytes a row. .jsonl, .csv and .tsv.")
     packing: bool = Field(False, description="sft / causal_lm: concatenate training examples into rows of data.max_length "
                                              "tokens; each example attends only to itself and keeps its own positions.")
 
@@ -520,6 +523,9 @@ def _check_tasks(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: multitask.adapters=per_task needs an adapter method (lora, "
                            f"dora, ia3, adapter), not method.name={cfg.method.name}.")
     for spec in cfg.tasks:
+        if spec.data.streaming:
+            raise TunelabError(f"Invalid config in {source}: data.streaming=true is not supported in multi-task runs "
+                               f"yet (task {spec.name!r}); set it to false there.")
         _check_single(single(cfg, spec.name), f"{source} (task {spec.name!r})")
     return cfg
 
@@ -548,6 +554,12 @@ def _check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: task.type=grpo needs exactly one reward: task.reward_function "
                            f"('module:function', called with prompts and completions) or task.reward_model (a reward "
                            f"run directory).")
+    if cfg.data.streaming and cfg.task.type != "classification":
+        raise TunelabError(f"Invalid config in {source}: data.streaming=true is supported for task.type classification, "
+                           f"not {cfg.task.type} yet; set data.streaming=false (the data is then read into memory).")
+    if cfg.data.streaming and cfg.data.augment_copies:
+        raise TunelabError(f"Invalid config in {source}: data.augment_copies keeps the altered copies in memory, which "
+                           f"data.streaming=true exists to avoid; remove one of them.")
     if cfg.data.packing and cfg.task.type not in ("sft", "causal_lm"):
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type sft and causal_lm, not "
                            f"{cfg.task.type}; remove it (classification batches are padded per batch).")

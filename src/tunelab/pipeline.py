@@ -21,7 +21,7 @@ import torch
 from . import config as config_mod
 from . import data, evaluate, methods, models, tasks, versions
 from .config import Config
-from .data import augment
+from .data import augment, stream
 from .errors import TunelabError
 from .evaluate import forgetting, probe
 from .training import checkpoint, distributed, logs, loop
@@ -170,7 +170,9 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
         say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
     feats = {}
     for name, rows in splits.items():
-        feats[name], report["splits"][name]["tokens"] = task.encode(rows, tokenizer, info, max_length)
+        encode = stream.encode if isinstance(rows, stream.Rows) else task.encode
+        feats[name], report["splits"][name]["tokens"] = encode(rows, tokenizer, info, max_length) \
+            if encode is task.encode else encode(rows, task, tokenizer, info, max_length)
         say(f"{name} tokens: {data.format_tokens(report['splits'][name]['tokens'])}")
         if not feats[name]:
             raise TunelabError(f"No {name} example is left after tokenisation ({report['splits'][name]['tokens']}); "

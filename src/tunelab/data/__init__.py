@@ -27,7 +27,12 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict
     validation file hold out a stratified, seeded cfg.val_fraction of train. Returns
     (splits, report): splits = {"train": [...], "validation": [...], "test": [...] (only when cfg.test)}.
     Each example is {"text": str, "label": <raw label value>, "row": int} where row is the 1-based
-    data row number in the source file (line number for JSONL; for CSV the line the record starts on)."""
+    data row number in the source file (line number for JSONL; for CSV the line the record starts on).
+    With cfg.streaming the splits are `stream.Rows`, read from the files on access."""
+    if cfg.streaming:
+        from . import stream
+
+        return stream.load_splits(cfg, seed)
     files = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
     splits: dict[str, list[dict]] = {}
     entries: dict[str, dict] = {}
@@ -42,11 +47,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict
         split_info = {"method": "stratified", "val_fraction": cfg.val_fraction, "seed": seed}
         train, validation = stratified_split(splits["train"], cfg.val_fraction, seed)
         if not validation:
-            raise TunelabError(
-                f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
-                f"after cleaning no label has 2 or more rows ({len(train)} rows in all). "
-                f"Add more training data, or give a separate validation file in data.validation."
-            )
+            raise too_few_to_split(cfg, len(train))
         splits["train"], splits["validation"] = train, validation
         entries["train"].update(rows=len(train), labels=label_counts(train), held_out=len(validation))
         entries["validation"] = {
@@ -64,7 +65,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict
             entries[name]["overlap_with_train"] = sum(ex["text"] in train_texts for ex in splits[name])
 
     report = {
-        "files": {name: _absolute(path) for name, path in files.items()},
+        "files": {name: absolute(path) for name, path in files.items()},
         "split": split_info,
         "splits": {name: entries[name] for name in ("train", "validation", "test") if name in entries},
     }
@@ -78,7 +79,7 @@ def inspect(path, text_field: str = "text", label_field: str = "label", dedupe: 
     kept, dropped = clean_examples(examples, dedupe=dedupe)
     texts = [ex["text"] for ex in kept]
     return {
-        "file": _absolute(path),
+        "file": absolute(path),
         "rows_read": len(examples),
         "dropped": dropped,
         "rows": len(kept),
@@ -128,17 +129,29 @@ def _load_file(path: str, key: str, cfg: DataConfig) -> tuple[list[dict], dict]:
     examples = read_examples(path, cfg.text_field, cfg.label_field, key=key)
     kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
     if not kept:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-        raise TunelabError(
-            f"Data file '{path}' ({key}) has no rows left after cleaning: all {len(examples)} rows were dropped ({reasons}). "
-            f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
-            f"name the columns holding the text and the label, and that those columns are filled in."
-        )
+        raise no_rows_left(path, key, cfg, len(examples), dropped)
     entry = {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), "labels": label_counts(kept)}
     return kept, entry
 
 
-def _absolute(path) -> str | None:
+def no_rows_left(path: str, key: str, cfg: DataConfig, rows_read: int, dropped: dict) -> TunelabError:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+    return TunelabError(
+        f"Data file '{path}' ({key}) has no rows left after cleaning: all {rows_read} rows were dropped ({reasons}). "
+        f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
+        f"name the columns holding the text and the label, and that those columns are filled in."
+    )
+
+
+def too_few_to_split(cfg: DataConfig, rows: int) -> TunelabError:
+    return TunelabError(
+        f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
+        f"after cleaning no label has 2 or more rows ({rows} rows in all). "
+        f"Add more training data, or give a separate validation file in data.validation."
+    )
+
+
+def absolute(path) -> str | None:
     return None if path is None else str(Path(path).expanduser().absolute())
 
 

@@ -105,36 +105,42 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
 
 
 def _jsonl_objects(text: str, path: str | Path, what: str) -> list[dict]:
+    check_not_array(text, path, what)
+    # split("\n") rather than splitlines(): JSON strings may legally contain raw U+2028 etc.
+    return [{"row": line_no, "record": parse_json_line(line, line_no, what)}
+            for line_no, line in enumerate(text.split("\n"), start=1) if line.strip()]
+
+
+def check_not_array(text: str, path: str | Path, what: str) -> None:
+    """`text`: the file's text, or its first non-blank line."""
     if text.lstrip().startswith("["):
         raise TunelabError(
             f"{what} holds a JSON array, but tunelab reads JSON lines: one object per line. "
             f"Convert it, e.g. `jq -c '.[]' {path} > {Path(path).with_suffix('.jsonl')}`."
         )
-    out = []
-    # split("\n") rather than splitlines(): JSON strings may legally contain raw U+2028 etc.
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TunelabError(
-                f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
-                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
-            ) from None
-        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, or arrays nested too deep to parse
-            problem = "lists or objects nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
-            raise TunelabError(
-                f"{what} line {line_no} cannot be read: {problem}. Each line must be one JSON object, "
-                f"e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
-            ) from None
-        if not isinstance(obj, dict):
-            raise TunelabError(
-                f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
-                f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
-            )
-        out.append({"row": line_no, "record": obj})
-    return out
+
+
+def parse_json_line(line: str, line_no: int, what: str) -> dict:
+    """One JSON-lines row as a dict, or the error naming its line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TunelabError(
+            f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
+            f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+        ) from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, or arrays nested too deep to parse
+        problem = "lists or objects nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise TunelabError(
+            f"{what} line {line_no} cannot be read: {problem}. Each line must be one JSON object, "
+            f"e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+        ) from None
+    if not isinstance(obj, dict):
+        raise TunelabError(
+            f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
+            f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
+        )
+    return obj
 
 
 def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> Path:
@@ -166,36 +172,37 @@ def _describe(path: str | Path, key: str | None) -> str:
     return f"Data file '{path}' ({key})" if key else f"Data file '{path}'"
 
 
-def _decode_utf8(data: bytes, path: str | Path, what: str) -> str:
+def _decode_utf8(data: bytes, path: str | Path, what: str, first_line: int = 1, first_offset: int = 0) -> str:
+    """`data` decoded; `first_line` / `first_offset`: where it starts in the file, when it is a part of it."""
     # UTF-16/32 (what Excel's "Unicode text" and PowerShell write) and binary files would otherwise be reported as
     # a stray byte with advice for Latin-1, which does not fit them.
     wide = next((name for name, bom in (("UTF-32", codecs.BOM_UTF32_LE), ("UTF-32", codecs.BOM_UTF32_BE),
                                         ("UTF-16", codecs.BOM_UTF16_LE), ("UTF-16", codecs.BOM_UTF16_BE))
                  if data.startswith(bom)), None)
-    if wide:
+    if wide and first_offset == 0:
         raise TunelabError(
             f"{what} is encoded as {wide} (it starts with a {wide} byte-order mark), not UTF-8. Re-save it as UTF-8, "
             f"e.g. `iconv -f {wide} -t UTF-8 {path} > fixed{Path(path).suffix}`, or choose UTF-8 when exporting it."
         )
     nul = data.find(b"\0")
     if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
+        line = data.count(b"\n", 0, nul) + first_line
         raise TunelabError(
-            f"{what} holds a NUL byte (line {line}, byte offset {nul} in the file), so it is binary or UTF-16/UTF-32 "
+            f"{what} holds a NUL byte (line {line}, byte offset {nul + first_offset} in the file), so it is binary or UTF-16/UTF-32 "
             f"text, not UTF-8 text. Check that it is the data file you meant, or re-save it as UTF-8 (e.g. "
             f"`iconv -f UTF-16 -t UTF-8 {path} > fixed{Path(path).suffix}`)."
         )
     # A BOM is what Excel and Notepad write at the start of "UTF-8" files; accept it silently.
-    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    bom = len(codecs.BOM_UTF8) if first_offset == 0 and data.startswith(codecs.BOM_UTF8) else 0
     try:
         return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
         offset = e.start + bom
-        line = data.count(b"\n", 0, offset) + 1
+        line = data.count(b"\n", 0, offset) + first_line
         column = offset - (data.rfind(b"\n", 0, offset) + 1)
         raise TunelabError(
-            f"{what} is not valid UTF-8: line {line}, byte {column + 1} of that line (byte offset {offset} in the file) "
-            f"is 0x{data[offset]:02x}. Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}` "
+            f"{what} is not valid UTF-8: line {line}, byte {column + 1} of that line (byte offset {offset + first_offset} "
+            f"in the file) is 0x{data[offset]:02x}. Re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{Path(path).suffix}` "
             f"if it is Latin-1, or choose UTF-8 when exporting it."
         ) from None
 
@@ -203,55 +210,79 @@ def _decode_utf8(data: bytes, path: str | Path, what: str) -> str:
 def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_field: str) -> list[dict]:
     examples = []
     for item in _jsonl_objects(text, path, what):
-        obj, line_no = item["record"], item["row"]
-        first = not examples
-        for field, config_key in _required(text_field, label_field):
-            if field not in obj:
-                if first:
-                    raise _missing_column(what, field, config_key, list(obj), f"the first object (line {line_no})")
-                raise TunelabError(
-                    f"{what} line {line_no} has no '{field}' field (its fields: {field_names(obj)}), "
-                    f"although earlier lines do. Every line needs '{field}'; add it there or remove the line. "
-                    f"If '{field}' is the wrong name altogether, set {config_key}."
-                )
-        examples.append({"text": obj[text_field], "label": obj.get(label_field) if label_field else None, "row": line_no})
+        examples.append(example_of(item["record"], item["row"], not examples, what, text_field, label_field))
     return examples
+
+
+def example_of(obj: dict, line_no: int, first: bool, what: str, text_field: str, label_field: str | None) -> dict:
+    """{"text", "label", "row"} of one JSON-lines object, or the error naming the field it lacks."""
+    for field, config_key in _required(text_field, label_field):
+        if field not in obj:
+            if first:
+                raise _missing_column(what, field, config_key, list(obj), f"the first object (line {line_no})")
+            raise TunelabError(
+                f"{what} line {line_no} has no '{field}' field (its fields: {field_names(obj)}), "
+                f"although earlier lines do. Every line needs '{field}'; add it there or remove the line. "
+                f"If '{field}' is the wrong name altogether, set {config_key}."
+            )
+    return {"text": obj[text_field], "label": obj.get(label_field) if label_field else None, "row": line_no}
 
 
 def _read_delimited(text: str, what: str, delimiter: str, text_field: str, label_field: str) -> list[dict]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     examples: list[dict] = []
-    header: list[str] | None = None
+    columns: tuple[int, int | None] | None = None
     line_before = 0  # reader.line_num after the previous record, so a record starts on line_before + 1
     try:
         for record in reader:
             start = line_before + 1
             line_before = reader.line_num
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue  # blank line
-            if header is None:
-                header = [h.strip() for h in record]
-                for field, config_key in _required(text_field, label_field):
-                    if field not in header:
-                        raise _missing_column(what, field, config_key, header, f"the header row (line {start})")
-                text_col = header.index(text_field)
-                label_col = header.index(label_field) if label_field else None
+            if is_blank(record):
                 continue
-            if len(record) != len(header):
-                raise TunelabError(
-                    f"{what} line {start} has {len(record)} field(s) but the header has {len(header)}. "
-                    f"Quote fields that contain the delimiter {'(tab)' if delimiter == chr(9) else repr(delimiter)}, "
-                    f"newlines or quotes, and check for an unclosed quote at or before that line."
-                )
+            if columns is None:
+                columns = header_columns(record, start, what, text_field, label_field)
+                continue
+            text_col, label_col, _ = columns
+            check_width(record, columns, start, what, delimiter)
             examples.append({"text": record[text_col], "label": record[label_col] if label_col is not None else None, "row": start})
     except csv.Error as e:
-        raise TunelabError(
-            f"{what} could not be parsed as {'TSV' if delimiter == chr(9) else 'CSV'} near line {reader.line_num}: {e}. "
-            f"Fix that record (quotes must be balanced; NUL bytes are not allowed)."
-        ) from None
-    if header is None:
-        raise TunelabError(f"{what} has no header row. The first line must name the columns, e.g. text{delimiter}label.")
+        raise csv_error(e, reader.line_num, what, delimiter) from None
+    if columns is None:
+        raise no_header(what, delimiter)
     return examples
+
+
+def is_blank(record: list[str]) -> bool:
+    return not record or (len(record) == 1 and not record[0].strip())
+
+
+def header_columns(record: list[str], start: int, what: str, text_field: str, label_field: str | None):
+    """(text column, label column or None, width) of a CSV header row, or the error naming the missing column."""
+    header = [h.strip() for h in record]
+    for field, config_key in _required(text_field, label_field):
+        if field not in header:
+            raise _missing_column(what, field, config_key, header, f"the header row (line {start})")
+    return header.index(text_field), header.index(label_field) if label_field else None, len(header)
+
+
+def check_width(record: list[str], columns: tuple, start: int, what: str, delimiter: str) -> None:
+    if len(record) != columns[-1]:
+        raise TunelabError(
+            f"{what} line {start} has {len(record)} field(s) but the header has {columns[-1]}. "
+            f"Quote fields that contain the delimiter {'(tab)' if delimiter == chr(9) else repr(delimiter)}, "
+            f"newlines or quotes, and check for an unclosed quote at or before that line."
+        )
+
+
+def csv_error(e: csv.Error, line_num: int, what: str, delimiter: str) -> TunelabError:
+    return TunelabError(
+        f"{what} could not be parsed as {'TSV' if delimiter == chr(9) else 'CSV'} near line {line_num}: {e}. "
+        f"Fix that record (quotes must be balanced; NUL bytes are not allowed)."
+    )
+
+
+def no_header(what: str, delimiter: str) -> TunelabError:
+    return TunelabError(f"{what} has no header row. The first line must name the columns, e.g. text{delimiter}label.")
 
 
 def _read_parquet(p: Path, what: str, text_field: str, label_field: str) -> list[dict]:

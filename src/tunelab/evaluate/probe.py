@@ -7,23 +7,33 @@ on the features the pretrained model already has.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from ..models import _body
 from . import length_sorted_batches
 
+MAX_TRAIN_ROWS = 20_000  # the probe is a baseline: a sample this size fits it as well, in bounded memory
+
 
 @torch.inference_mode()
-def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: int, device) -> torch.Tensor:
+def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: int, device, then=None) -> torch.Tensor:
+    """Mean-pooled final states of every example; `then` maps each batch of them (to the probe's scores), so a
+    long split's features are never held whole."""
     _, body = _body(model)
     model.eval()
-    out = torch.empty(len(features), model.config.hidden_size)
+    out = None
     for idx in length_sorted_batches(features, batch_size):
         batch = task.collate([features[i] for i in idx], pad_id)
         mask = batch["attention_mask"].to(device)
         hidden = body(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
         m = mask.unsqueeze(-1).float()
-        out[idx] = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+        pooled = then(pooled) if then is not None else pooled
+        if out is None:
+            out = torch.empty(len(features), pooled.shape[1])
+        out[idx] = pooled
     return out
 
 
@@ -47,8 +57,15 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, st
 
 
 def run(model, task, feats: dict[str, list[dict]], info: dict, batch_size: int, pad_id: int, device) -> dict:
-    """Fit on train, report the task's metrics on every other split."""
-    x = {name: pooled_features(model, task, f, batch_size, pad_id, device) for name, f in feats.items()}
-    y = {name: torch.tensor([f["label"] for f in fs]) for name, fs in feats.items()}
-    score = fit(x["train"], y["train"], len(info["labels"]))
-    return {name: task.metrics(score(x[name]), y[name], info) for name in feats if name != "train"}
+    """Fit on train (a seeded sample of MAX_TRAIN_ROWS when it is longer), report the task's metrics on every
+    other split."""
+    train = feats["train"]
+    if len(train) > MAX_TRAIN_ROWS:
+        print(f"linear probe: fitted on a seeded sample of {MAX_TRAIN_ROWS:,} of the {len(train):,} training rows",
+              flush=True)
+        train = [train[i] for i in sorted(random.Random(0).sample(range(len(train)), MAX_TRAIN_ROWS))]
+    x = pooled_features(model, task, train, batch_size, pad_id, device)
+    score = fit(x, torch.tensor([f["label"] for f in train]), len(info["labels"]))
+    return {name: task.metrics(pooled_features(model, task, f, batch_size, pad_id, device, then=score),
+                               torch.tensor([r["label"] for r in f]), info)
+            for name, f in feats.items() if name != "train"}

@@ -35,7 +35,7 @@ def head_modules(model) -> list[str]:
 def label_info(splits: dict[str, list[dict]], cfg) -> dict:
     """Label names from the training split; integer-like labels sort numerically."""
     data_cfg = cfg.data
-    train = sorted({canonical_label(r["label"]) for r in splits["train"]}, key=label_sort_key)
+    train = sorted(labels_of(splits["train"]), key=label_sort_key)
     if len(train) < 2:
         only = train[0] if train else "none"
         raise TunelabError(
@@ -50,12 +50,17 @@ def label_info(splits: dict[str, list[dict]], cfg) -> dict:
 
 
 def check_labels(rows: list[dict], info: dict, where: str) -> None:
-    unseen = sorted({canonical_label(r["label"]) for r in rows} - set(info["labels"]), key=label_sort_key)
+    unseen = sorted(labels_of(rows) - set(info["labels"]), key=label_sort_key)
     if unseen:
         raise TunelabError(
             f"The {where} has labels never seen in training: {', '.join(map(repr, unseen[:10]))} (training labels: "
             f"{', '.join(map(repr, info['labels'][:20]))}). Fix those labels, or add examples of them to data.train and retrain."
         )
+
+
+def labels_of(rows) -> set[str]:
+    """The canonical labels of a split; streamed rows (data.streaming) know theirs without reading the file."""
+    return rows.labels() if hasattr(rows, "labels") else {canonical_label(r["label"]) for r in rows}
 
 
 def build_model(model_cfg, info: dict, path=None):

@@ -100,7 +100,7 @@ def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportiona
     uniform, or round-robin — from one seeded generator. An "epoch" is as many micro-batches as all jobs'
     epochs together hold.
     """
-    lengths = [[evaluate.feature_length(f) for f in j.train] if cfg.group_by_length else None for j in jobs]
+    lengths = [_lengths(j.train) if cfg.group_by_length else None for j in jobs]
     if len(jobs) == 1:
         for pos, chunks, end in batch_stream(len(jobs[0].train), cfg, torch.Generator().manual_seed(cfg.seed), lengths[0]):
             yield pos, [(0, c) for c in chunks], end
@@ -120,6 +120,12 @@ def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportiona
             step.append((i, next(streams[i])[1][0]))
             drawn += 1
         yield drawn / per_epoch, step, drawn // per_epoch != (drawn - cfg.grad_accum) // per_epoch
+
+
+def _lengths(features) -> list[int]:
+    """Token lengths of a split's examples; streamed features (data.streaming) know them without tokenising."""
+    known = getattr(features, "lengths", None)
+    return known.tolist() if known is not None else [evaluate.feature_length(f) for f in features]
 
 
 def _steps_per_epoch(jobs: list[Job], cfg: TrainConfig) -> int:

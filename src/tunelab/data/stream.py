@@ -1,0 +1,317 @@
+"""data.streaming: classification data kept on disk and read row by row, so memory stays flat however big the file.
+
+One pass over each file checks and cleans every row with the same rules, errors and drop reasons as the in-memory
+path (same kept rows, same order, same seeded validation split), keeping of each row only where it lies in the file,
+its line number, a 64-bit hash of its text, its label id and its position in its split: about 40 bytes a row, 40 MB
+for a million. `Rows` reads the rows back when asked; `Features` tokenises them when the loop asks for them. A token
+pass fills in the report and the lengths that batching sorts by, without keeping the tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import weakref
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TunelabError
+from . import sources
+from .clean import DROP_REASONS, canonical_label, is_missing_label, label_sort_key, normalise_text
+
+FORMATS = (".jsonl", ".json", ".csv", ".tsv")
+ENCODE_CHUNK = 1024  # rows tokenised at a time in the token pass
+CACHE = 4096  # tokenised rows kept for the loop's repeated reads of one step's examples
+
+
+class Index:
+    """Where each usable row of one file is: byte offset and size, line number, text hash and label id, as arrays."""
+
+    def __init__(self, path: Path, what: str, delimiter: str | None, text_field: str, label_field: str):
+        self.path, self.what, self.delimiter = path, what, delimiter
+        self.text_field, self.label_field = text_field, label_field
+        self.columns: tuple | None = None  # CSV: (text column, label column, width)
+        self.names: list[str] = []  # canonical labels; label ids index this list
+        self.rows_read = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self._fd: int | None = None
+
+    def read(self, i: int) -> str:
+        """The normalised text of row i (a position in the index arrays)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
+        raw = os.pread(self._fd, int(self.sizes[i]), int(self.offsets[i])).decode("utf-8")
+        if self.delimiter is None:
+            return normalise_text(json.loads(raw)[self.text_field])
+        record = next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))
+        return normalise_text(record[self.columns[0]])
+
+
+def index(path, key: str, text_field: str, label_field: str) -> Index:
+    """Check and clean every row of a .jsonl/.csv/.tsv file in one pass, as read_examples + clean_examples would,
+    keeping only the row's whereabouts (before dedupe: `deduped` does that)."""
+    p = sources.resolve_path(path, key)
+    what = sources._describe(path, key)
+    ext = p.suffix.lower()
+    if ext not in FORMATS:
+        raise TunelabError(
+            f"{what}: data.streaming reads {', '.join(FORMATS)} files, not {ext}. Convert it to JSON lines, e.g. "
+            f"`python -c \"import pandas as pd; pd.read_parquet('{p}').to_json('{p.with_suffix('.jsonl')}', "
+            f"orient='records', lines=True)\"`, or set data.streaming=false to read it into memory.")
+    if p.stat().st_size == 0:
+        raise TunelabError(f"{what} is empty. It should hold {sources._FORMAT_HINTS[ext]}.")
+    delimiter = None if ext in (".jsonl", ".json") else ("\t" if ext == ".tsv" else ",")
+    ix = Index(p, what, delimiter, text_field, label_field)
+    offsets, sizes, rows, hashes, labels = array("q"), array("i"), array("q"), array("Q"), array("i")
+    ids: dict[str, int] = {}
+    records = _jsonl(ix, path) if delimiter is None else _delimited(ix)
+    for offset, size, row, text, label in records:
+        ix.rows_read += 1
+        text = normalise_text(text)
+        if not text:
+            ix.dropped["empty_text"] += 1
+            continue
+        if is_missing_label(label):
+            ix.dropped["missing_label"] += 1
+            continue
+        name = canonical_label(label)
+        if name not in ids:
+            ids[name] = len(ix.names)
+            ix.names.append(name)
+        offsets.append(offset)
+        sizes.append(size)
+        rows.append(row)
+        hashes.append(int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little"))
+        labels.append(ids[name])
+    if ix.rows_read == 0:
+        raise TunelabError(f"{what} has no data rows. It should hold {sources._FORMAT_HINTS[ext]}.")
+    ix.offsets, ix.rows, ix.hashes = np.frombuffer(offsets, np.int64), np.frombuffer(rows, np.int64), np.frombuffer(hashes, np.uint64)
+    ix.sizes, ix.labels = np.frombuffer(sizes, np.int32), np.frombuffer(labels, np.int32)
+    return ix
+
+
+def _lines(path: Path, what: str):
+    """(byte offset, line number, bytes, text) of every line, split on \n as the in-memory reader does; the first
+    line's UTF-8 byte-order mark is left out."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            # decoded line by line: the same checks (UTF-16/32 mark, NUL bytes, invalid UTF-8) and messages as a
+            # whole-file read, with the file's own line numbers and byte offsets
+            if line_no == 1 or b"\0" in raw:
+                text = sources._decode_utf8(raw, path, what, line_no, offset)
+            else:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = sources._decode_utf8(raw, path, what, line_no, offset)
+            bom = 3 if line_no == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            yield offset + bom, line_no, raw[bom:], text
+            offset += len(raw)
+
+
+def _jsonl(ix: Index, given_path):
+    first = True
+    for offset, line_no, raw, text in _lines(ix.path, ix.what):
+        if not text.strip():
+            continue
+        if first:
+            sources.check_not_array(text, given_path, ix.what)
+        obj = sources.parse_json_line(text[:-1] if text.endswith("\n") else text, line_no, ix.what)
+        ex = sources.example_of(obj, line_no, first, ix.what, ix.text_field, ix.label_field)
+        sources._check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
+        first = False
+        yield offset, len(raw), line_no, ex["text"], ex["label"]
+
+
+_LINE_ENDS = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
+
+
+def _delimited(ix: Index):
+    """CSV/TSV records with the byte range each spans: csv.reader pulls exactly the lines of one record."""
+    where = {"offset": 0, "line": 0}  # the end of the last line handed to the reader
+
+    def lines():
+        for offset, _, raw, _ in _lines(ix.path, ix.what):
+            # a lone \r ends a line too, as in the in-memory reader's io.StringIO(newline="")
+            for piece in [raw] if b"\r" not in raw[:-2] else [m for m in _LINE_ENDS.findall(raw) if m]:
+                offset += len(piece)
+                where.update(offset=offset, line=where["line"] + 1)
+                yield piece.decode("utf-8")
+
+    reader = csv.reader(lines(), delimiter=ix.delimiter)
+    try:
+        while True:
+            start, first_line = where["offset"], where["line"] + 1
+            record = next(reader, None)
+            if record is None:
+                break
+            if sources.is_blank(record):
+                continue
+            if ix.columns is None:
+                ix.columns = sources.header_columns(record, first_line, ix.what, ix.text_field, ix.label_field)
+                continue
+            sources.check_width(record, ix.columns, first_line, ix.what, ix.delimiter)
+            text_col, label_col, _ = ix.columns
+            ex = {"text": record[text_col], "label": record[label_col], "row": first_line}
+            sources._check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
+            yield start, where["offset"] - start, first_line, ex["text"], ex["label"]
+    except csv.Error as e:
+        raise sources.csv_error(e, reader.line_num, ix.what, ix.delimiter) from None
+    if ix.columns is None:
+        raise sources.no_header(ix.what, ix.delimiter)
+
+
+def deduped(ix: Index, dedupe: bool) -> np.ndarray:
+    """Positions of the rows kept, in file order: a text seen with two or more labels loses all its rows, then
+    repeats of a text keep the first (clean_examples' rules, on 64-bit hashes of the normalised texts)."""
+    keep = np.arange(len(ix.hashes))
+    if not dedupe or not len(keep):
+        return keep
+    pairs = np.unique(np.stack([ix.hashes, ix.labels.astype(np.uint64)], axis=1), axis=0)
+    texts, label_sets = np.unique(pairs[:, 0], return_counts=True)
+    conflicting = np.isin(ix.hashes, texts[label_sets > 1])
+    ix.dropped["conflicting_label"] += int(conflicting.sum())
+    keep = keep[~conflicting]
+    _, first = np.unique(ix.hashes[keep], return_index=True)
+    kept = np.sort(keep[first])
+    ix.dropped["duplicate"] += len(keep) - len(kept)
+    return kept
+
+
+def stratified(ix: Index, keep: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """split.stratified_split on positions: the same generator calls in the same order, so the same rows."""
+    rng = random.Random(seed)
+    held = []
+    labels = ix.labels[keep]
+    for label_id in sorted(range(len(ix.names)), key=lambda i: label_sort_key(ix.names[i])):
+        indices = np.flatnonzero(labels == label_id).tolist()
+        n = len(indices)
+        k = min(max(round(n * val_fraction), 1), n - 1) if n >= 2 else 0
+        rng.shuffle(indices)
+        held += indices[:k]
+    out = np.zeros(len(keep), dtype=bool)
+    out[np.asarray(held, dtype=np.int64)] = True
+    return keep[~out], keep[out]
+
+
+class Rows(Sequence):
+    """The kept rows of one split as {"text", "label", "row"} dicts, read from the file on access."""
+
+    def __init__(self, ix: Index, positions: np.ndarray):
+        self.index, self.positions = ix, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(int(p)) for p in self.positions[i]]
+        return self._row(int(self.positions[i]))
+
+    def _row(self, p: int) -> dict:
+        ix = self.index
+        return {"text": ix.read(p), "label": ix.names[ix.labels[p]], "row": int(ix.rows[p])}
+
+    def label_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.index.labels[self.positions], minlength=len(self.index.names))
+        return {self.index.names[i]: int(counts[i]) for i in sorted(range(len(counts)),
+                key=lambda i: label_sort_key(self.index.names[i])) if counts[i]}
+
+    def labels(self) -> set[str]:
+        return {self.index.names[i] for i in np.unique(self.index.labels[self.positions])}
+
+    def hashes(self) -> np.ndarray:
+        return self.index.hashes[self.positions]
+
+
+class Features(Sequence):
+    """A split's model inputs, tokenised from `rows` when asked (`encode`: rows -> one feature per row)."""
+
+    def __init__(self, rows: Rows, encode, lengths: np.ndarray):
+        self.rows, self.encode, self.lengths = rows, encode, lengths
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.encode(self.rows[i])
+        i = range(len(self))[i]
+        if i not in self._cache:
+            if len(self._cache) >= CACHE:
+                self._cache.clear()
+            self._cache[i] = self.encode([self.rows[i]])[0]
+        return self._cache[i]
+
+
+def encode(rows: Rows, task, tokenizer, info: dict, max_length: int) -> tuple[Features, dict]:
+    """Lazy features of a split, and the token report of its rows (one tokenising pass, nothing kept but lengths)."""
+    from ..evaluate import feature_length
+
+    def one_per_row(chunk: list[dict]) -> list[dict]:
+        feats, _ = task.encode(chunk, tokenizer, info, max_length)
+        if len(feats) != len(chunk):
+            raise TunelabError(f"Internal error: task {task.__name__} dropped rows while encoding; data.streaming "
+                               f"needs one feature per row.")
+        return feats
+
+    lengths = np.zeros(len(rows), dtype=np.int32)
+    stats: dict = {}
+    for start in range(0, len(rows), ENCODE_CHUNK):
+        chunk = rows[start:start + ENCODE_CHUNK]
+        feats, part = task.encode(chunk, tokenizer, info, max_length)
+        lengths[start:start + len(feats)] = [feature_length(f) for f in feats]
+        for k, v in part.items():
+            if isinstance(v, int):
+                stats[k] = stats.get(k, 0) + v
+    return Features(rows, one_per_row, lengths), stats
+
+
+def load_splits(cfg, seed: int) -> tuple[dict, dict]:
+    """data.load_splits, streamed: the same report, and Rows in place of lists."""
+    from . import no_rows_left, too_few_to_split, absolute
+
+    files = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
+    splits, entries = {}, {}
+    for name, path in files.items():
+        if path is None:
+            continue
+        ix = index(path, f"data.{name}", cfg.text_field, cfg.label_field)
+        keep = deduped(ix, cfg.dedupe)
+        if not len(keep):
+            raise no_rows_left(path, f"data.{name}", cfg, ix.rows_read, ix.dropped)
+        splits[name] = Rows(ix, keep)
+        entries[name] = {"rows_read": ix.rows_read, "dropped": ix.dropped, "rows": len(keep),
+                         "labels": splits[name].label_counts()}
+    if cfg.validation is not None:
+        split_info = {"method": "file", "val_fraction": None, "seed": seed}
+    else:
+        split_info = {"method": "stratified", "val_fraction": cfg.val_fraction, "seed": seed}
+        whole = splits["train"]
+        train, validation = stratified(whole.index, whole.positions, cfg.val_fraction, seed)
+        if not len(validation):
+            raise too_few_to_split(cfg, len(train))
+        splits["train"], splits["validation"] = Rows(whole.index, train), Rows(whole.index, validation)
+        entries["train"].update(rows=len(train), labels=splits["train"].label_counts(), held_out=len(validation))
+        entries["validation"] = {"from": "train", "rows_read": len(validation), "dropped": dict.fromkeys(DROP_REASONS, 0),
+                                 "rows": len(validation), "labels": splits["validation"].label_counts()}
+    train_hashes = splits["train"].hashes()
+    for name in ("validation", "test"):
+        if name in splits:
+            entries[name]["overlap_with_train"] = int(np.isin(splits[name].hashes(), train_hashes).sum())
+    for entry in entries.values():
+        entry["streamed"] = True
+    report = {"files": {name: absolute(path) for name, path in files.items()}, "split": split_info,
+              "splits": {name: entries[name] for name in ("train", "validation", "test") if name in entries}}
+    return {name: splits[name] for name in ("train", "validation", "test") if name in splits}, report
