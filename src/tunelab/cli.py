@@ -63,6 +63,8 @@ def predict(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     file: Optional[Path] = typer.Argument(None, help="JSONL/CSV/Parquet file of texts to label."),
     text: Optional[List[str]] = typer.Option(None, "--text", help="A text to label (repeatable)."),
+    pair: Optional[List[str]] = typer.Option(None, "--pair", help="Runs trained on text pairs: the second text of each "
+                                             "--text, in the same order (repeatable)."),
     text_field: Optional[str] = typer.Option(None, help="Text column of FILE (default: the run's data.text_field)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write predictions as JSONL here instead of stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
@@ -100,8 +102,15 @@ def predict(
         from .data.sources import read_records
 
         text = [r["record"] for r in read_records(file, "predict file")]
-    texts = text or [r["text"] for r in read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file")]
-    preds = model.predict(texts, batch_size)
+    pairs = pair or None
+    if text:
+        texts = text
+    else:
+        rows = read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file",
+                             pair_field=model.cfg.data.text_pair_field if model.cfg.data is not None else None)
+        texts = [r["text"] for r in rows]
+        pairs = [r["pair"] for r in rows] if rows and "pair" in rows[0] else None
+    preds = model.predict(texts, batch_size, pairs=pairs) if pairs else model.predict(texts, batch_size)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
     if output is None:
         sys.stdout.write(lines)

@@ -45,7 +45,10 @@ class DataConfig(_Section):
     validation: str | None = Field(None, description="Validation file; when absent a stratified split of train is held out.")
     test: str | None = Field(None, description="Optional test file, evaluated once with the best model.")
     text_field: str = Field("text", description="Column holding the input text.")
-    label_field: str = Field("label", description="Column holding the label (string or integer).")
+    label_field: str = Field("label", description="Column holding the label (string or integer; regression: a number).")
+    text_pair_field: str | None = Field(None, description="Classification / regression of text pairs (NLI, paraphrase, "
+                                        "similarity): the column holding each row's second text; the tokenizer encodes "
+                                        "the two as a pair, cutting the longer first.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
     max_length: int = Field(128, ge=8, le=8192, description="Inputs are truncated to this many tokens.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows and texts that appear with conflicting labels.")
@@ -71,8 +74,9 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
-        "classification", description="What is learned: 'classification' (single-label), 'sft' (instruction / chat "
+    type: Literal["classification", "regression", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
+        "classification", description="What is learned: 'classification' (single-label), 'regression' (a score per "
+                                      "text; MSE on standardised targets), 'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
                                       "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
                                       "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs), 'dpo' "
@@ -83,6 +87,11 @@ class TaskConfig(_Section):
                             "(chat when the tokenizer has a template, else alpaca).")
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
+    # -- regression --
+    regression_loss: Literal["mse", "huber"] = Field("mse", description="regression: 'mse', or 'huber' (less pulled "
+                                                     "by outliers), on targets standardised with train's mean and std.")
+    huber_delta: float = Field(1.0, gt=0, description="regression with huber: where the loss turns from squared to "
+                                                      "linear, in standard deviations of the training targets.")
     # -- dpo --
     beta: float = Field(0.1, ge=0, description="dpo and grpo: strength of the pull towards the reference policy (IPO's "
                                                "tau; grpo's KL coefficient).")
@@ -268,7 +277,7 @@ class QLoraConfig(LoraConfig):
 
 
 METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
-PADDING_FREE_TASKS = ("sft", "causal_lm", "classification")  # the tasks with a pack() for train.padding_free
+PADDING_FREE_TASKS = ("sft", "causal_lm", "classification", "regression")  # the tasks with a pack() for train.padding_free
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
 
@@ -554,6 +563,12 @@ def _check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: task.type=grpo needs exactly one reward: task.reward_function "
                            f"('module:function', called with prompts and completions) or task.reward_model (a reward "
                            f"run directory).")
+    if cfg.data.text_pair_field and cfg.task.type not in ("classification", "regression"):
+        raise TunelabError(f"Invalid config in {source}: data.text_pair_field applies to task.type classification and "
+                           f"regression, not {cfg.task.type}; remove it.")
+    if cfg.data.streaming and cfg.data.text_pair_field:
+        raise TunelabError(f"Invalid config in {source}: data.streaming=true reads single texts; with "
+                           f"data.text_pair_field set data.streaming=false.")
     if cfg.data.streaming and cfg.task.type != "classification":
         raise TunelabError(f"Invalid config in {source}: data.streaming=true is supported for task.type classification, "
                            f"not {cfg.task.type} yet; set data.streaming=false (the data is then read into memory).")

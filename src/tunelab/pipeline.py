@@ -74,7 +74,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
 
     # The baselines see the model before the method touches it.
     summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
-    if cfg.eval.base:
+    if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
         summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
     if cfg.eval.linear_probe and task.PROBE:
         summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)

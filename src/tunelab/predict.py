@@ -109,7 +109,7 @@ class TunedModel:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.info["labels"])
+        return list(self.info.get("labels", []))
 
     def _features(self, rows: list[dict], with_stats: bool = False):
         max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
@@ -143,8 +143,9 @@ class TunedModel:
         return self.task.generate(self.model, self.tokenizer, texts, self.info, max_new_tokens, temperature, top_p,
                                   streamer, self.device)
 
-    def predict(self, texts: list[str] | str, batch_size: int | None = None) -> list[dict]:
-        """Label, its probability and the probability of every class, for each text."""
+    def predict(self, texts: list[str] | str, batch_size: int | None = None, pairs: list[str] | str | None = None) -> list[dict]:
+        """Label, its probability and the probability of every class, for each text (regression: the score, in the
+        label's own scale). `pairs`: each text's second text, for a run trained on pairs (data.text_pair_field)."""
         if self.cfg.task.type in ("sft", "causal_lm"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
@@ -176,10 +177,30 @@ class TunedModel:
             preds = self.task.predict_texts(self.model, self.tokenizer, texts, self.info, self.device, max_length,
                                             batch_size or self.cfg.eval.batch_size)
             return [{"text": t, **p} for t, p in zip(texts, preds)]
-        feats = self._features([{"text": " ".join(str(t).split()), "label": None} for t in texts])
+        rows = [{"text": " ".join(str(t).split()), "label": None} for t in texts]
+        pairs = self._pairs(pairs, len(texts))
+        for row, pair in zip(rows, pairs or []):
+            row["pair"] = " ".join(str(pair).split())
+        feats = self._features(rows)
         out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
                                   self.tokenizer.pad_token_id, self.device)
-        return [{"text": t, **p} for t, p in zip(texts, self.task.predictions(out, self.info))]
+        return [{"text": t, **({"pair": pairs[i]} if pairs else {}), **p}
+                for i, (t, p) in enumerate(zip(texts, self.task.predictions(out, self.info)))]
+
+    def _pairs(self, pairs, n: int) -> list[str] | None:
+        """The second texts, checked against what the run was trained on."""
+        pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
+        trained_on = getattr(self.cfg.data, "text_pair_field", None)
+        if trained_on and pairs is None:
+            raise TunelabError(f"'{self.dir}' was trained on text pairs (data.text_pair_field={trained_on}): give each "
+                               f"text its second text, `--text A --pair B` (or a file with a '{trained_on}' column).")
+        if pairs is not None and not trained_on:
+            raise TunelabError(f"'{self.dir}' was trained on single texts, not pairs: leave out --pair.")
+        if pairs is not None and len(pairs) != n:
+            raise TunelabError(f"{n} texts but {len(pairs)} pairs: give one --pair per --text, in the same order.")
+        if pairs is not None and not all(isinstance(p, str) for p in pairs):
+            raise TunelabError("Every --pair (pair column value) must be a string.")
+        return pairs
 
     def evaluate(self, path: str | Path, text_field: str | None = None, label_field: str | None = None,
                  batch_size: int | None = None) -> dict:
@@ -203,7 +224,12 @@ class TunedModel:
             return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
         text_field = text_field or self.cfg.data.text_field
         label_field = label_field or self.cfg.data.label_field
-        rows, dropped = clean_examples(read_examples(path, text_field, label_field, key="eval file"), dedupe=False)
+        examples = read_examples(path, text_field, label_field, key="eval file", pair_field=self.cfg.data.text_pair_field)
+        if self.cfg.task.type == "regression":
+            from .data import number
+
+            examples = [{**ex, "label": number(ex, path, "eval file", label_field)} for ex in examples]
+        rows, dropped = clean_examples(examples, dedupe=False)
         if not rows:
             reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
             raise TunelabError(f"Eval file '{path}' has no rows with both a text and a label ({reasons}). "

@@ -10,6 +10,7 @@ and the label counts; it is saved as data_report.json in each run directory.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -17,18 +18,20 @@ from ..config import DataConfig
 from ..errors import TunelabError
 from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts
 from .sources import SUPPORTED_EXTENSIONS, read_examples
-from .split import stratified_split
+from .split import random_split, stratified_split
 
 __all__ = ["load_splits", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
+def load_splits(cfg: DataConfig, seed: int, numeric: bool = False) -> tuple[dict[str, list[dict]], dict]:
     """Read cfg.train (and cfg.validation / cfg.test when given), clean each, and when there is no
     validation file hold out a stratified, seeded cfg.val_fraction of train. Returns
     (splits, report): splits = {"train": [...], "validation": [...], "test": [...] (only when cfg.test)}.
     Each example is {"text": str, "label": <raw label value>, "row": int} where row is the 1-based
     data row number in the source file (line number for JSONL; for CSV the line the record starts on).
-    With cfg.streaming the splits are `stream.Rows`, read from the files on access."""
+    With cfg.streaming the splits are `stream.Rows`, read from the files on access. `numeric` (regression): labels
+    are numbers (a row whose label is not one is an error), validation is a seeded random hold-out, and the report
+    gives the targets' range instead of label counts."""
     if cfg.streaming:
         from . import stream
 
@@ -39,10 +42,17 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict
 
     for name, path in files.items():
         if path is not None:
-            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg)
+            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg, numeric)
 
     if cfg.validation is not None:
         split_info = {"method": "file", "val_fraction": None, "seed": seed}
+    elif numeric:
+        split_info = {"method": "random", "val_fraction": cfg.val_fraction, "seed": seed}
+        train, validation = random_split(splits["train"], cfg.val_fraction, seed, cfg.train)
+        splits["train"], splits["validation"] = train, validation
+        entries["train"].update(rows=len(train), targets=target_stats(train), held_out=len(validation))
+        entries["validation"] = {"from": "train", "rows_read": len(validation), "dropped": dict.fromkeys(DROP_REASONS, 0),
+                                 "rows": len(validation), "targets": target_stats(validation)}
     else:
         split_info = {"method": "stratified", "val_fraction": cfg.val_fraction, "seed": seed}
         train, validation = stratified_split(splits["train"], cfg.val_fraction, seed)
@@ -58,11 +68,11 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict]], dict
             "labels": label_counts(validation),
         }
 
-    train_texts = {ex["text"] for ex in splits["train"]}
+    train_texts = {(ex["text"], ex.get("pair")) for ex in splits["train"]}
     for name in ("validation", "test"):
         if name in splits:
             # Reported, not dropped: the user decides whether leakage matters for their data.
-            entries[name]["overlap_with_train"] = sum(ex["text"] in train_texts for ex in splits[name])
+            entries[name]["overlap_with_train"] = sum((ex["text"], ex.get("pair")) in train_texts for ex in splits[name])
 
     report = {
         "files": {name: absolute(path) for name, path in files.items()},
@@ -125,13 +135,39 @@ def format_tokens(stats: dict) -> str:
 
 # -- helpers -------------------------------------------------------------------
 
-def _load_file(path: str, key: str, cfg: DataConfig) -> tuple[list[dict], dict]:
-    examples = read_examples(path, cfg.text_field, cfg.label_field, key=key)
+def _load_file(path: str, key: str, cfg: DataConfig, numeric: bool = False) -> tuple[list[dict], dict]:
+    examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field)
+    if numeric:
+        examples = [{**ex, "label": number(ex, path, key, cfg.label_field)} for ex in examples]
     kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
     if not kept:
         raise no_rows_left(path, key, cfg, len(examples), dropped)
-    entry = {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), "labels": label_counts(kept)}
+    entry = {"rows_read": len(examples), "dropped": dropped, "rows": len(kept)}
+    entry.update(targets=target_stats(kept)) if numeric else entry.update(labels=label_counts(kept))
     return kept, entry
+
+
+def number(ex: dict, path, key: str, field: str) -> float | None:
+    """A regression row's label as a float; None (no label) is left for cleaning to drop and count."""
+    value = ex["label"]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        out = float(value.strip() if isinstance(value, str) else value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError, OverflowError):
+        out = None
+    if out is None or not math.isfinite(out):
+        raise TunelabError(
+            f"Data file '{path}' ({key}) row {ex['row']} has {value!r:.60} in '{field}', which is not a finite number; "
+            f"task.type regression needs a numeric label in every row. Fix or remove that row (an empty label is "
+            f"dropped and counted), or point data.label_field at the column that holds the score.")
+    return out
+
+
+def target_stats(rows: list[dict]) -> dict:
+    values = [float(r["label"]) for r in rows]
+    return {"min": min(values), "mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.pstdev(values), 4), "max": max(values)}
 
 
 def no_rows_left(path: str, key: str, cfg: DataConfig, rows_read: int, dropped: dict) -> TunelabError:
@@ -179,6 +215,9 @@ def _format_entry(title: str, entry: dict) -> list[str]:
             lines.append(f"  held out for validation: {entry['held_out']}, left in train: {entry['rows']}")
     if "format" in entry:
         lines.append(f"  format: {entry['format']}" + (f", {entry['assistant_turns']} assistant turns" if "assistant_turns" in entry else ""))
+    if "targets" in entry:
+        t = entry["targets"]
+        lines.append(f"  targets: min {t['min']:g}, mean {t['mean']:g}, std {t['std']:g}, max {t['max']:g}")
     if "labels" in entry:
         total = sum(entry["labels"].values()) or 1
         labels = ", ".join(f"{label or '(empty)'} {n} ({n / total:.0%})" for label, n in entry["labels"].items())

@@ -47,7 +47,8 @@ def normalise_text(value) -> str:
 
 
 def clean_examples(examples: list[dict], dedupe: bool = True) -> tuple[list[dict], dict[str, int]]:
-    """Return (kept examples with normalised text, {reason: rows dropped}).
+    """Return (kept examples with normalised text (and pair), {reason: rows dropped}); an empty pair counts as an
+    empty text.
 
     With `dedupe`, a text seen with two or more different labels loses ALL its rows
     (we cannot tell which label is right), and only then are exact repeats of
@@ -57,29 +58,31 @@ def clean_examples(examples: list[dict], dedupe: bool = True) -> tuple[list[dict
     kept = []
     for ex in examples:
         text = normalise_text(ex["text"])
-        if not text:
+        pair = normalise_text(ex["pair"]) if "pair" in ex else None
+        if not text or pair == "":
             dropped["empty_text"] += 1
         elif is_missing_label(ex["label"]):
             dropped["missing_label"] += 1
         else:
-            kept.append({**ex, "text": text})
+            kept.append({**ex, "text": text, **({"pair": pair} if pair is not None else {})})
     if not dedupe:
         return kept, dropped
 
+    key = lambda ex: (ex["text"], ex["pair"]) if "pair" in ex else ex["text"]  # a text pair is one input
     labels_of = defaultdict(set)
     for ex in kept:
-        labels_of[ex["text"]].add(canonical_label(ex["label"]))
+        labels_of[key(ex)].add(canonical_label(ex["label"]))
     seen = set()
     result = []
     for ex in kept:
-        if len(labels_of[ex["text"]]) > 1:
+        if len(labels_of[key(ex)]) > 1:
             dropped["conflicting_label"] += 1
             continue
-        # One label per text remains, so the text alone identifies a duplicate.
-        if ex["text"] in seen:
+        # One label per input remains, so the input alone identifies a duplicate.
+        if key(ex) in seen:
             dropped["duplicate"] += 1
             continue
-        seen.add(ex["text"])
+        seen.add(key(ex))
         result.append(ex)
     return result, dropped
 

@@ -32,7 +32,7 @@ _FORMAT_HINTS = {
 
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
-                  key: str | None = None) -> list[dict]:
+                  key: str | None = None, pair_field: str | None = None) -> list[dict]:
     """Read one data file. `key` (e.g. "data.train") is the config key named in error messages.
     With label_field=None (texts to predict) no label column is needed and every label is None."""
     p = resolve_path(path, key)
@@ -41,16 +41,16 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
     if p.stat().st_size == 0:
         raise TunelabError(f"{what} is empty. It should hold {_FORMAT_HINTS[ext]}.")
     if ext == ".parquet":
-        examples = _read_parquet(p, what, text_field, label_field)
+        examples = _read_parquet(p, what, text_field, label_field, pair_field)
     else:
         text = _decode_utf8(p.read_bytes(), path, what)
         if ext in (".jsonl", ".json"):
-            examples = _read_jsonl(text, path, what, text_field, label_field)
+            examples = _read_jsonl(text, path, what, text_field, label_field, pair_field)
         else:
-            examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field)
+            examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field, pair_field)
     if not examples:
         raise TunelabError(f"{what} has no data rows. It should hold {_FORMAT_HINTS[ext]}.")
-    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line")
+    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line", pair_field)
     return examples
 
 
@@ -207,16 +207,18 @@ def _decode_utf8(data: bytes, path: str | Path, what: str, first_line: int = 1, 
         ) from None
 
 
-def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_field: str) -> list[dict]:
+def _read_jsonl(text: str, path: str | Path, what: str, text_field: str, label_field: str,
+                pair_field: str | None = None) -> list[dict]:
     examples = []
     for item in _jsonl_objects(text, path, what):
-        examples.append(example_of(item["record"], item["row"], not examples, what, text_field, label_field))
+        examples.append(example_of(item["record"], item["row"], not examples, what, text_field, label_field, pair_field))
     return examples
 
 
-def example_of(obj: dict, line_no: int, first: bool, what: str, text_field: str, label_field: str | None) -> dict:
-    """{"text", "label", "row"} of one JSON-lines object, or the error naming the field it lacks."""
-    for field, config_key in _required(text_field, label_field):
+def example_of(obj: dict, line_no: int, first: bool, what: str, text_field: str, label_field: str | None,
+               pair_field: str | None = None) -> dict:
+    """{"text", "label", "row"} (and "pair") of one JSON-lines object, or the error naming the field it lacks."""
+    for field, config_key in _required(text_field, label_field, pair_field):
         if field not in obj:
             if first:
                 raise _missing_column(what, field, config_key, list(obj), f"the first object (line {line_no})")
@@ -225,10 +227,14 @@ def example_of(obj: dict, line_no: int, first: bool, what: str, text_field: str,
                 f"although earlier lines do. Every line needs '{field}'; add it there or remove the line. "
                 f"If '{field}' is the wrong name altogether, set {config_key}."
             )
-    return {"text": obj[text_field], "label": obj.get(label_field) if label_field else None, "row": line_no}
+    ex = {"text": obj[text_field], "label": obj.get(label_field) if label_field else None, "row": line_no}
+    if pair_field:
+        ex["pair"] = obj[pair_field]
+    return ex
 
 
-def _read_delimited(text: str, what: str, delimiter: str, text_field: str, label_field: str) -> list[dict]:
+def _read_delimited(text: str, what: str, delimiter: str, text_field: str, label_field: str,
+                    pair_field: str | None = None) -> list[dict]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     examples: list[dict] = []
     columns: tuple[int, int | None] | None = None
@@ -240,11 +246,10 @@ def _read_delimited(text: str, what: str, delimiter: str, text_field: str, label
             if is_blank(record):
                 continue
             if columns is None:
-                columns = header_columns(record, start, what, text_field, label_field)
+                columns = header_columns(record, start, what, text_field, label_field, pair_field)
                 continue
-            text_col, label_col, _ = columns
             check_width(record, columns, start, what, delimiter)
-            examples.append({"text": record[text_col], "label": record[label_col] if label_col is not None else None, "row": start})
+            examples.append(from_columns(record, columns, start))
     except csv.Error as e:
         raise csv_error(e, reader.line_num, what, delimiter) from None
     if columns is None:
@@ -256,19 +261,29 @@ def is_blank(record: list[str]) -> bool:
     return not record or (len(record) == 1 and not record[0].strip())
 
 
-def header_columns(record: list[str], start: int, what: str, text_field: str, label_field: str | None):
-    """(text column, label column or None, width) of a CSV header row, or the error naming the missing column."""
+def header_columns(record: list[str], start: int, what: str, text_field: str, label_field: str | None,
+                   pair_field: str | None = None):
+    """(width, text column, label column or None, pair column or None) of a CSV header row, or the error naming
+    the missing column."""
     header = [h.strip() for h in record]
-    for field, config_key in _required(text_field, label_field):
+    for field, config_key in _required(text_field, label_field, pair_field):
         if field not in header:
             raise _missing_column(what, field, config_key, header, f"the header row (line {start})")
-    return header.index(text_field), header.index(label_field) if label_field else None, len(header)
+    return (len(header), *(header.index(f) if f else None for f in (text_field, label_field, pair_field)))
+
+
+def from_columns(record: list[str], columns: tuple, start: int) -> dict:
+    _, text_col, label_col, pair_col = columns
+    ex = {"text": record[text_col], "label": record[label_col] if label_col is not None else None, "row": start}
+    if pair_col is not None:
+        ex["pair"] = record[pair_col]
+    return ex
 
 
 def check_width(record: list[str], columns: tuple, start: int, what: str, delimiter: str) -> None:
-    if len(record) != columns[-1]:
+    if len(record) != columns[0]:
         raise TunelabError(
-            f"{what} line {start} has {len(record)} field(s) but the header has {columns[-1]}. "
+            f"{what} line {start} has {len(record)} field(s) but the header has {columns[0]}. "
             f"Quote fields that contain the delimiter {'(tab)' if delimiter == chr(9) else repr(delimiter)}, "
             f"newlines or quotes, and check for an unclosed quote at or before that line."
         )
@@ -285,13 +300,13 @@ def no_header(what: str, delimiter: str) -> TunelabError:
     return TunelabError(f"{what} has no header row. The first line must name the columns, e.g. text{delimiter}label.")
 
 
-def _read_parquet(p: Path, what: str, text_field: str, label_field: str) -> list[dict]:
+def _read_parquet(p: Path, what: str, text_field: str, label_field: str, pair_field: str | None = None) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         columns = pq.read_schema(p).names
-        required = _required(text_field, label_field)
+        required = _required(text_field, label_field, pair_field)
         for field, config_key in required:
             if field not in columns:
                 raise _missing_column(what, field, config_key, columns, "the Parquet schema")
@@ -303,12 +318,17 @@ def _read_parquet(p: Path, what: str, text_field: str, label_field: str) -> list
         ) from None
     texts = table.column(text_field).to_pylist()
     labels = table.column(label_field).to_pylist() if label_field else [None] * len(texts)
-    return [{"text": t, "label": y, "row": i} for i, (t, y) in enumerate(zip(texts, labels), start=1)]
+    examples = [{"text": t, "label": y, "row": i} for i, (t, y) in enumerate(zip(texts, labels), start=1)]
+    if pair_field:
+        for ex, pair in zip(examples, table.column(pair_field).to_pylist()):
+            ex["pair"] = pair
+    return examples
 
 
-def _required(text_field: str, label_field: str | None) -> list[tuple[str, str]]:
+def _required(text_field: str, label_field: str | None, pair_field: str | None = None) -> list[tuple[str, str]]:
     """(column, config key) pairs a file must have."""
-    return [(text_field, "data.text_field")] + ([(label_field, "data.label_field")] if label_field else [])
+    return [(text_field, "data.text_field")] + ([(pair_field, "data.text_pair_field")] if pair_field else []) + \
+        ([(label_field, "data.label_field")] if label_field else [])
 
 
 def _missing_column(what: str, field: str, config_key: str, found: list[str], where: str) -> TunelabError:
@@ -316,7 +336,7 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     close = difflib.get_close_matches(field, found, n=1, cutoff=0.6)
     close += [c for c in found if c.lower() == field.lower() and c not in close]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    kind = "text" if config_key.endswith("text_field") else "label"
+    kind = {"data.text_field": "text", "data.text_pair_field": "pair"}.get(config_key, "label")
     option = f"--{kind}-field"
     # Training data is configured by recipe keys; files given to a command are named by its options.
     fix = (f"Set {config_key} to the column that holds the {kind}{hint}, e.g. {config_key}={close[0] if close else '<column>'} "
@@ -325,16 +345,18 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     return TunelabError(f"{what} has no '{field}' column in {where}; columns found: {found_text}. {fix}")
 
 
-def _check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str) -> None:
+def _check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str,
+                 pair_field: str | None = None) -> None:
     # A list/dict label means a multi-label or structured file; single-label classification
     # would otherwise silently treat "['a', 'b']" as a class of its own. Likewise for texts, and an
     # infinite label (JSON's Infinity) would become a class named "inf".
     for ex in examples:
-        if isinstance(ex["text"], (list, dict, bytes)):
-            raise TunelabError(
-                f"{what} {unit} {ex['row']} has a {type(ex['text']).__name__} in '{text_field}': {ex['text']!r:.80}. "
-                f"Texts must be strings; fix that row or point data.text_field at the column that holds the text."
-            )
+        for field, key, value in ((text_field, "text_field", ex["text"]), (pair_field, "text_pair_field", ex.get("pair"))):
+            if isinstance(value, (list, dict, bytes)):
+                raise TunelabError(
+                    f"{what} {unit} {ex['row']} has a {type(value).__name__} in '{field}': {value!r:.80}. "
+                    f"Texts must be strings; fix that row or point data.{key} at the column that holds the text."
+                )
         label = ex["label"]
         if isinstance(label, numbers.Real) and not isinstance(label, numbers.Integral) and math.isinf(label):
             raise TunelabError(

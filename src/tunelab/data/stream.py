@@ -38,7 +38,7 @@ class Index:
     def __init__(self, path: Path, what: str, delimiter: str | None, text_field: str, label_field: str):
         self.path, self.what, self.delimiter = path, what, delimiter
         self.text_field, self.label_field = text_field, label_field
-        self.columns: tuple | None = None  # CSV: (text column, label column, width)
+        self.columns: tuple | None = None  # CSV: sources.header_columns
         self.names: list[str] = []  # canonical labels; label ids index this list
         self.rows_read = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
@@ -53,7 +53,7 @@ class Index:
         if self.delimiter is None:
             return normalise_text(json.loads(raw)[self.text_field])
         record = next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))
-        return normalise_text(record[self.columns[0]])
+        return normalise_text(record[self.columns[1]])
 
 
 def index(path, key: str, text_field: str, label_field: str) -> Index:
@@ -161,8 +161,7 @@ def _delimited(ix: Index):
                 ix.columns = sources.header_columns(record, first_line, ix.what, ix.text_field, ix.label_field)
                 continue
             sources.check_width(record, ix.columns, first_line, ix.what, ix.delimiter)
-            text_col, label_col, _ = ix.columns
-            ex = {"text": record[text_col], "label": record[label_col], "row": first_line}
+            ex = sources.from_columns(record, ix.columns, first_line)
             sources._check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
             yield start, where["offset"] - start, first_line, ex["text"], ex["label"]
     except csv.Error as e:

@@ -1,4 +1,4 @@
-"""Classification metrics from predicted and true label ids (no sklearn needed)."""
+"""Task metrics from predictions and targets (no sklearn needed): classification, regression."""
 
 from __future__ import annotations
 
@@ -27,3 +27,29 @@ def classification(pred: np.ndarray, true: np.ndarray, names: list[str]) -> dict
         "confusion_matrix": {"labels": list(names), "rows_true_cols_pred": cm.tolist()},
         "examples": int(cm.sum()),
     }
+
+
+def regression(pred: np.ndarray, true: np.ndarray) -> dict:
+    """MSE, RMSE, MAE, Pearson and Spearman (average ranks for ties) of predictions against targets, in the targets'
+    own scale. A constant prediction or target has no correlation: 0.0, not NaN, so early stopping can compare it."""
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    err = pred - true
+    mse = float(np.mean(err ** 2)) if len(err) else 0.0
+    return {"mse": mse, "rmse": mse ** 0.5, "mae": float(np.mean(np.abs(err))) if len(err) else 0.0,
+            "pearson": _pearson(pred, true), "spearman": _pearson(_ranks(pred), _ranks(true)), "examples": len(err)}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean() if len(a) else a, b - b.mean() if len(b) else b
+    scale = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / scale) if scale > 0 else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, tied values sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]

@@ -1,4 +1,5 @@
-"""Linear probe: logistic regression on the frozen base model's mean-pooled features.
+"""Linear probe: logistic regression (ridge regression, for regression tasks) on the frozen base model's mean-pooled
+features.
 
 A classification head at initialisation predicts nothing meaningful, so the
 honest baseline for "was fine-tuning worth it?" is the best linear classifier
@@ -56,6 +57,32 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, st
     return lambda z: ((z - mean) / std) @ w.detach() + b.detach()
 
 
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, alphas=(0.1, 1.0, 10.0, 100.0, 1000.0), folds: int = 5):
+    """Ridge regression on standardised features, its penalty picked from `alphas` by `folds`-fold cross-validation
+    on the training rows; returns a scoring function giving one column."""
+    x, y = x.double(), y.double().reshape(-1)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    xs = (x - mean) / std
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+
+    def solve(a: torch.Tensor, b: torch.Tensor, alpha: float):
+        centre = b.mean()
+        return torch.linalg.solve(a.T @ a + alpha * eye, a.T @ (b - centre)), centre
+
+    fold = torch.arange(len(y)) % folds
+    def cv_error(alpha: float) -> float:
+        err = 0.0
+        for k in range(folds):
+            held = fold == k
+            w, c = solve(xs[~held], y[~held], alpha)
+            err += float(((xs[held] @ w + c - y[held]) ** 2).sum())
+        return err
+
+    alpha = min(alphas, key=cv_error) if len(y) >= 2 * folds else alphas[-1]
+    w, c = solve(xs, y, alpha)
+    return lambda z: (((z.double() - mean) / std) @ w + c).float()[:, None]
+
+
 def run(model, task, feats: dict[str, list[dict]], info: dict, batch_size: int, pad_id: int, device) -> dict:
     """Fit on train (a seeded sample of MAX_TRAIN_ROWS when it is longer), report the task's metrics on every
     other split."""
@@ -65,7 +92,8 @@ def run(model, task, feats: dict[str, list[dict]], info: dict, batch_size: int, 
               flush=True)
         train = [train[i] for i in sorted(random.Random(0).sample(range(len(train)), MAX_TRAIN_ROWS))]
     x = pooled_features(model, task, train, batch_size, pad_id, device)
-    score = fit(x, torch.tensor([f["label"] for f in train]), len(info["labels"]))
+    y = torch.tensor([f["label"] for f in train])
+    score = fit_ridge(x, y) if getattr(task, "PROBE", True) == "ridge" else fit(x, y, len(info["labels"]))
     return {name: task.metrics(pooled_features(model, task, f, batch_size, pad_id, device, then=score),
                                torch.tensor([r["label"] for r in f]), info)
             for name, f in feats.items() if name != "train"}

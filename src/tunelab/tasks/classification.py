@@ -77,45 +77,65 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
     """Tokenize once up front; labels become ids (absent labels -> -1 for unlabelled prediction).
     Also returns {"examples", "truncated", "tokens"} for the data report."""
     ids = {l: i for i, l in enumerate(info["labels"])}
-    texts = [r["text"] for r in rows]
-    enc = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if rows else []
-    feats = [
-        {"input_ids": input_ids, "label": ids.get(canonical_label(r["label"]), -1) if r.get("label") is not None else -1}
-        for input_ids, r in zip(enc, rows)
-    ]
-    # Counted on an untruncated pass: a text of exactly max_length tokens is not a cut one.
-    cut = sum(len(x) == max_length and len(tokenizer(t)["input_ids"]) > max_length for x, t in zip(enc, texts))
-    stats = {"examples": len(feats), "truncated": cut, "tokens": sum(len(f["input_ids"]) for f in feats)}
+    feats, stats = encode_texts(rows, tokenizer, max_length)
+    for f, r in zip(feats, rows):
+        f["label"] = ids.get(canonical_label(r["label"]), -1) if r.get("label") is not None else -1
     return feats, stats
+
+
+def encode_texts(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """{"input_ids"} per row, with "token_type_ids" for text pairs (rows with a "pair": the tokenizer's own pair
+    encoding, the longer side cut first); and the report's counts."""
+    texts = [r["text"] for r in rows]
+    pairs = [r["pair"] for r in rows] if rows and "pair" in rows[0] else None
+    if not rows:
+        return [], {"examples": 0, "truncated": 0, "tokens": 0}
+    enc = tokenizer(texts, pairs, truncation="longest_first" if pairs else True, max_length=max_length)
+    feats = [{"input_ids": x} for x in enc["input_ids"]]
+    if pairs is not None and "token_type_ids" in enc:
+        for f, types in zip(feats, enc["token_type_ids"]):
+            f["token_type_ids"] = types
+    # Counted on an untruncated pass: a text of exactly max_length tokens is not a cut one.
+    full = lambda i: len(tokenizer(texts[i], pairs[i] if pairs else None)["input_ids"])
+    cut = sum(len(f["input_ids"]) == max_length and full(i) > max_length for i, f in enumerate(feats))
+    return feats, {"examples": len(feats), "truncated": cut, "tokens": sum(len(f["input_ids"]) for f in feats)}
 
 
 def pack(features: list[dict], max_length: int) -> list[dict]:
     """train.padding_free: examples end to end in rows of at most max_length tokens (first-fit decreasing), each
-    with its own positions; `starts` and `labels` list the row's examples in order."""
+    with its own positions (and segment ids, for pairs); `starts` and `labels` list the row's examples in order."""
     rows = []
+    types = "token_type_ids" in features[0]
     for members in packing.first_fit([len(f["input_ids"]) for f in features], max_length):
-        row = {"input_ids": [], "position_ids": [], "starts": [], "labels": []}
+        row = {"input_ids": [], "position_ids": [], "starts": [], "labels": [], **({"token_type_ids": []} if types else {})}
         for f in (features[i] for i in members):
             row["starts"].append(len(row["input_ids"]))
             row["input_ids"] += f["input_ids"]
             row["position_ids"] += list(range(len(f["input_ids"])))
             row["labels"].append(f["label"])
+            if types:
+                row["token_type_ids"] += f["token_type_ids"]
         rows.append(row)
     return rows
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence in the batch (dynamic padding). Packed rows (`pack`) also carry position ids,
-    `segments` (which example each token belongs to, 0 for padding) and `first`, the flat index of each example's
-    first token, whose state the classifier reads."""
+    """Pad to the longest sequence in the batch (dynamic padding); pairs carry their segment ids. Packed rows
+    (`pack`) also carry position ids, `segments` (which example each token belongs to, 0 for padding) and `first`,
+    the flat index of each example's first token, whose state the classifier reads."""
     longest = max(len(f["input_ids"]) for f in features)
     input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(features), longest), dtype=torch.long)
+    types = torch.zeros((len(features), longest), dtype=torch.long) if "token_type_ids" in features[0] else None
     for i, f in enumerate(features):
         input_ids[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
         mask[i, : len(f["input_ids"])] = 1
+        if types is not None:
+            types[i, : len(f["input_ids"])] = torch.tensor(f["token_type_ids"])
+    extra = {"token_type_ids": types} if types is not None else {}
     if "starts" not in features[0]:
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([f["label"] for f in features])}
+        return {"input_ids": input_ids, "attention_mask": mask, **extra,
+                "labels": torch.tensor([f["label"] for f in features])}
     positions = torch.zeros_like(input_ids)
     segments = torch.zeros_like(input_ids)
     first, labels = [], []
@@ -127,13 +147,14 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         positions[i, : len(f["input_ids"])] = torch.tensor(f["position_ids"])
         labels += f["labels"]
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "segments": segments,
-            "first": torch.tensor(first), "labels": torch.tensor(labels)}
+            "first": torch.tensor(first), "labels": torch.tensor(labels), **extra}
 
 
 def forward(model, batch) -> torch.Tensor:
     if "segments" in batch:
         return _packed_forward(model, batch)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **types).logits
 
 
 def _encoder(model):
@@ -171,7 +192,8 @@ def _packed_forward(model, batch, keep: list | None = None) -> torch.Tensor:
 
     handle = _encoder(model).register_forward_hook(narrow)
     try:
-        return model(input_ids=batch["input_ids"], attention_mask=same, position_ids=positions).logits
+        types = {"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}
+        return model(input_ids=batch["input_ids"], attention_mask=same, position_ids=positions, **types).logits
     finally:
         handle.remove()
 
@@ -253,5 +275,5 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
     feats, _ = encode(rows, tokenizer, info, max_length)
     out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows), tokenizer.pad_token_id, device)
     # "gold" / "predicted", as the NER and QA samples
-    return [{"row": r.get("row"), "text": r["text"], "gold": r["label"], "predicted": p["label"], "score": p["score"],
-             "probs": p["probs"]} for r, p in zip(rows, predictions(out, info))]
+    return [{"row": r.get("row"), "text": r["text"], **({"pair": r["pair"]} if "pair" in r else {}), "gold": r["label"],
+             "predicted": p["label"], "score": p["score"], "probs": p["probs"]} for r, p in zip(rows, predictions(out, info))]

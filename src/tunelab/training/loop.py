@@ -23,7 +23,7 @@ from ..errors import TunelabError
 from . import checkpoint, distributed, optim
 
 
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae", "hamming_loss")
 
 
 def resolve_metric(task, name: str) -> tuple[str, bool]:
