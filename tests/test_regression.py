@@ -5,7 +5,6 @@ the tokenizer's own pair encoding, and clear errors for labels that are not numb
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -99,13 +98,13 @@ def test_a_label_that_is_not_a_number_is_named(value, shown, tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(TunelabError, match=rf"row 7 has {shown} in 'score', which is not a finite number"):
-        data.load_splits(DataConfig(train=str(path), label_field="score"), 0, numeric=True)
+        data.load_splits(DataConfig(train=str(path), label_field="score"), 0, kind="number")
 
 
 def test_an_empty_regression_label_is_dropped_and_counted(tmp_path):
     rows = [{"text": f"row {i}", "score": i if i % 4 else None} for i in range(40)]
     splits, report = data.load_splits(DataConfig(train=str(write_jsonl(tmp_path / "t.jsonl", rows)),
-                                                 label_field="score"), 0, numeric=True)
+                                                 label_field="score"), 0, kind="number")
     assert report["splits"]["train"]["dropped"]["missing_label"] == 10
     assert report["split"]["method"] == "random" and len(splits["validation"]) == 3
     assert report["splits"]["train"]["targets"]["max"] == 39.0
@@ -114,7 +113,7 @@ def test_an_empty_regression_label_is_dropped_and_counted(tmp_path):
 
 def test_constant_targets_are_refused(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}", "score": 3} for i in range(20)])
-    splits, _ = data.load_splits(DataConfig(train=str(train), label_field="score"), 0, numeric=True)
+    splits, _ = data.load_splits(DataConfig(train=str(train), label_field="score"), 0, kind="number")
     fake = type("C", (), {"data": DataConfig(train=str(train), label_field="score"),
                           "task": type("T", (), {"regression_loss": "mse", "huber_delta": 1.0})})
     with pytest.raises(TunelabError, match="is 3, so there is nothing to learn"):

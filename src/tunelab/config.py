@@ -46,6 +46,10 @@ class DataConfig(_Section):
     test: str | None = Field(None, description="Optional test file, evaluated once with the best model.")
     text_field: str = Field("text", description="Column holding the input text.")
     label_field: str = Field("label", description="Column holding the label (string or integer; regression: a number).")
+    label_separator: str | None = Field(None, description="multilabel: labels given as one string are split on this "
+                                        "(e.g. ',' or '|'); lists need none.")
+    allow_empty_labels: bool = Field(False, description="multilabel: keep rows with no label at all (they teach 'none of "
+                                     "these'); off, they are dropped and counted as missing_label.")
     text_pair_field: str | None = Field(None, description="Classification / regression of text pairs (NLI, paraphrase, "
                                         "similarity): the column holding each row's second text; the tokenizer encodes "
                                         "the two as a pair, cutting the longer first.")
@@ -74,9 +78,9 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "regression", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
+    type: Literal["classification", "regression", "multilabel", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'regression' (a score per "
-                                      "text; MSE on standardised targets), 'sft' (instruction / chat "
+                                      "text; MSE on standardised targets), 'multilabel' (any number of labels per text; BCE), 'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
                                       "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
                                       "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs), 'dpo' "
@@ -92,6 +96,10 @@ class TaskConfig(_Section):
                                                      "by outliers), on targets standardised with train's mean and std.")
     huber_delta: float = Field(1.0, gt=0, description="regression with huber: where the loss turns from squared to "
                                                       "linear, in standard deviations of the training targets.")
+    # -- multilabel --
+    threshold: float | Literal["tuned"] = Field(0.5, description="multilabel: a label is predicted when its probability "
+                                                "reaches this; 'tuned': per label, the threshold with the best F1 on "
+                                                "validation, chosen after training and stored with the run.")
     # -- dpo --
     beta: float = Field(0.1, ge=0, description="dpo and grpo: strength of the pull towards the reference policy (IPO's "
                                                "tau; grpo's KL coefficient).")
@@ -277,7 +285,7 @@ class QLoraConfig(LoraConfig):
 
 
 METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
-PADDING_FREE_TASKS = ("sft", "causal_lm", "classification", "regression")  # the tasks with a pack() for train.padding_free
+PADDING_FREE_TASKS = ("sft", "causal_lm", "classification", "regression", "multilabel")  # the tasks with a pack() for train.padding_free
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
 
@@ -563,9 +571,12 @@ def _check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: task.type=grpo needs exactly one reward: task.reward_function "
                            f"('module:function', called with prompts and completions) or task.reward_model (a reward "
                            f"run directory).")
-    if cfg.data.text_pair_field and cfg.task.type not in ("classification", "regression"):
-        raise TunelabError(f"Invalid config in {source}: data.text_pair_field applies to task.type classification and "
-                           f"regression, not {cfg.task.type}; remove it.")
+    if isinstance(cfg.task.threshold, float) and not 0 < cfg.task.threshold < 1:
+        raise TunelabError(f"Invalid config in {source}: task.threshold={cfg.task.threshold} must lie between 0 and 1 "
+                           f"(a probability), or be 'tuned'.")
+    if cfg.data.text_pair_field and cfg.task.type not in ("classification", "regression", "multilabel"):
+        raise TunelabError(f"Invalid config in {source}: data.text_pair_field applies to task.type classification, "
+                           f"regression and multilabel, not {cfg.task.type}; remove it.")
     if cfg.data.streaming and cfg.data.text_pair_field:
         raise TunelabError(f"Invalid config in {source}: data.streaming=true reads single texts; with "
                            f"data.text_pair_field set data.streaming=false.")

@@ -128,6 +128,11 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         # The loop scored the restored best weights on validation already; only a run that never had a finite
         # metric needs evaluating again.
         summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
+        if info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
+            info = task.calibrate(*evaluate.outputs(model, task, feats["validation"], bs, pad_id, device), info)
+            write_json(run_dir / "labels.json", info)
+            summary["thresholds"] = info["threshold"]
+            say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in info["threshold"].items()))
         if "test" in feats:
             summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})

@@ -224,11 +224,17 @@ class TunedModel:
             return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
         text_field = text_field or self.cfg.data.text_field
         label_field = label_field or self.cfg.data.label_field
-        examples = read_examples(path, text_field, label_field, key="eval file", pair_field=self.cfg.data.text_pair_field)
+        examples = read_examples(path, text_field, label_field, key="eval file", pair_field=self.cfg.data.text_pair_field,
+                                 label_lists=self.cfg.task.type == "multilabel")
         if self.cfg.task.type == "regression":
             from .data import number
 
             examples = [{**ex, "label": number(ex, path, "eval file", label_field)} for ex in examples]
+        elif self.cfg.task.type == "multilabel":
+            from .data import label_set
+
+            data_cfg = self.cfg.data.model_copy(update={"label_field": label_field})
+            examples = [{**ex, "label": label_set(ex, path, "eval file", data_cfg)} for ex in examples]
         rows, dropped = clean_examples(examples, dedupe=False)
         if not rows:
             reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)

@@ -12,26 +12,28 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import TunelabError
-from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts
+from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts, label_sort_key
 from .sources import SUPPORTED_EXTENSIONS, read_examples
 from .split import random_split, stratified_split
 
 __all__ = ["load_splits", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
 
 
-def load_splits(cfg: DataConfig, seed: int, numeric: bool = False) -> tuple[dict[str, list[dict]], dict]:
+def load_splits(cfg: DataConfig, seed: int, kind: str = "class") -> tuple[dict[str, list[dict]], dict]:
     """Read cfg.train (and cfg.validation / cfg.test when given), clean each, and when there is no
     validation file hold out a stratified, seeded cfg.val_fraction of train. Returns
     (splits, report): splits = {"train": [...], "validation": [...], "test": [...] (only when cfg.test)}.
     Each example is {"text": str, "label": <raw label value>, "row": int} where row is the 1-based
     data row number in the source file (line number for JSONL; for CSV the line the record starts on).
-    With cfg.streaming the splits are `stream.Rows`, read from the files on access. `numeric` (regression): labels
-    are numbers (a row whose label is not one is an error), validation is a seeded random hold-out, and the report
-    gives the targets' range instead of label counts."""
+    With cfg.streaming the splits are `stream.Rows`, read from the files on access. `kind` is what a label is:
+    "class" (one name), "number" (regression: a row whose label is not a number is an error; the report gives the
+    targets' range) or "set" (multi-label: a list of names, or a string split on cfg.label_separator, kept as a
+    sorted tuple). Numbers and sets are held out at random, not stratified."""
     if cfg.streaming:
         from . import stream
 
@@ -42,17 +44,17 @@ def load_splits(cfg: DataConfig, seed: int, numeric: bool = False) -> tuple[dict
 
     for name, path in files.items():
         if path is not None:
-            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg, numeric)
+            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg, kind)
 
     if cfg.validation is not None:
         split_info = {"method": "file", "val_fraction": None, "seed": seed}
-    elif numeric:
+    elif kind != "class":
         split_info = {"method": "random", "val_fraction": cfg.val_fraction, "seed": seed}
         train, validation = random_split(splits["train"], cfg.val_fraction, seed, cfg.train)
         splits["train"], splits["validation"] = train, validation
-        entries["train"].update(rows=len(train), targets=target_stats(train), held_out=len(validation))
+        entries["train"].update(rows=len(train), held_out=len(validation), **_label_summary(train, kind))
         entries["validation"] = {"from": "train", "rows_read": len(validation), "dropped": dict.fromkeys(DROP_REASONS, 0),
-                                 "rows": len(validation), "targets": target_stats(validation)}
+                                 "rows": len(validation), **_label_summary(validation, kind)}
     else:
         split_info = {"method": "stratified", "val_fraction": cfg.val_fraction, "seed": seed}
         train, validation = stratified_split(splits["train"], cfg.val_fraction, seed)
@@ -135,16 +137,47 @@ def format_tokens(stats: dict) -> str:
 
 # -- helpers -------------------------------------------------------------------
 
-def _load_file(path: str, key: str, cfg: DataConfig, numeric: bool = False) -> tuple[list[dict], dict]:
-    examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field)
-    if numeric:
+def _load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tuple[list[dict], dict]:
+    examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field,
+                             label_lists=kind == "set")
+    if kind == "number":
         examples = [{**ex, "label": number(ex, path, key, cfg.label_field)} for ex in examples]
+    elif kind == "set":
+        examples = [{**ex, "label": label_set(ex, path, key, cfg)} for ex in examples]
     kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
     if not kept:
         raise no_rows_left(path, key, cfg, len(examples), dropped)
-    entry = {"rows_read": len(examples), "dropped": dropped, "rows": len(kept)}
-    entry.update(targets=target_stats(kept)) if numeric else entry.update(labels=label_counts(kept))
-    return kept, entry
+    return kept, {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), **_label_summary(kept, kind)}
+
+
+def _label_summary(rows: list[dict], kind: str) -> dict:
+    if kind == "number":
+        return {"targets": target_stats(rows)}
+    if kind == "set":
+        counts = Counter(name for r in rows for name in r["label"])
+        sizes = Counter(len(r["label"]) for r in rows)
+        return {"labels": {n: counts[n] for n in sorted(counts, key=label_sort_key)},
+                "labels_per_row": {str(k): sizes[k] for k in sorted(sizes)}}
+    return {"labels": label_counts(rows)}
+
+
+def label_set(ex: dict, path, key: str, cfg: DataConfig) -> tuple | None:
+    """A multi-label row's labels as a sorted tuple of names: a list, or a string split on data.label_separator.
+    An empty set is None (dropped as a missing label) unless data.allow_empty_labels."""
+    value = ex["label"]
+    if value is None or isinstance(value, float) and math.isnan(value):
+        names = []
+    elif isinstance(value, str):
+        names = value.split(cfg.label_separator) if cfg.label_separator else [value]
+    elif isinstance(value, list) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        names = [str(v) for v in value]
+    else:
+        raise TunelabError(
+            f"Data file '{path}' ({key}) row {ex['row']} has {value!r:.60} in '{cfg.label_field}': task.type multilabel "
+            f"needs a list of label names (e.g. [\"sports\", \"politics\"]) or a string of them joined by "
+            f"data.label_separator. Fix that row, or point data.label_field at the column that holds the labels.")
+    names = tuple(sorted({canonical_label(n) for n in names} - {""}, key=label_sort_key))
+    return names if names or cfg.allow_empty_labels else None
 
 
 def number(ex: dict, path, key: str, field: str) -> float | None:

@@ -32,7 +32,7 @@ _FORMAT_HINTS = {
 
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
-                  key: str | None = None, pair_field: str | None = None) -> list[dict]:
+                  key: str | None = None, pair_field: str | None = None, label_lists: bool = False) -> list[dict]:
     """Read one data file. `key` (e.g. "data.train") is the config key named in error messages.
     With label_field=None (texts to predict) no label column is needed and every label is None."""
     p = resolve_path(path, key)
@@ -50,7 +50,8 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
             examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field, pair_field)
     if not examples:
         raise TunelabError(f"{what} has no data rows. It should hold {_FORMAT_HINTS[ext]}.")
-    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line", pair_field)
+    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line", pair_field,
+                 label_lists)
     return examples
 
 
@@ -346,7 +347,7 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
 
 
 def _check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str,
-                 pair_field: str | None = None) -> None:
+                 pair_field: str | None = None, label_lists: bool = False) -> None:
     # A list/dict label means a multi-label or structured file; single-label classification
     # would otherwise silently treat "['a', 'b']" as a class of its own. Likewise for texts, and an
     # infinite label (JSON's Infinity) would become a class named "inf".
@@ -364,9 +365,9 @@ def _check_types(examples: list[dict], what: str, text_field: str, label_field: 
                 f"'{label_field}'. Labels must be class names or integers; fix that row or point data.label_field at "
                 f"the column that holds the label."
             )
-        if isinstance(label, (list, dict)):
+        if isinstance(label, (list, dict)) and not (label_lists and isinstance(label, list)):
             raise TunelabError(
                 f"{what} {unit} {ex['row']} has a {type(ex['label']).__name__} in '{label_field}': {ex['label']!r:.80}. "
                 f"Labels must be single strings or integers (one class per example); fix that row or point "
-                f"data.label_field at a single-valued column."
+                f"data.label_field at a single-valued column (task.type multilabel takes lists of labels)."
             )

@@ -173,18 +173,18 @@ def _delimited(ix: Index):
 def deduped(ix: Index, dedupe: bool) -> np.ndarray:
     """Positions of the rows kept, in file order: a text seen with two or more labels loses all its rows, then
     repeats of a text keep the first (clean_examples' rules, on 64-bit hashes of the normalised texts)."""
-    keep = np.arange(len(ix.hashes))
-    if not dedupe or not len(keep):
-        return keep
-    pairs = np.unique(np.stack([ix.hashes, ix.labels.astype(np.uint64)], axis=1), axis=0)
-    texts, label_sets = np.unique(pairs[:, 0], return_counts=True)
-    conflicting = np.isin(ix.hashes, texts[label_sets > 1])
-    ix.dropped["conflicting_label"] += int(conflicting.sum())
-    keep = keep[~conflicting]
-    _, first = np.unique(ix.hashes[keep], return_index=True)
-    kept = np.sort(keep[first])
-    ix.dropped["duplicate"] += len(keep) - len(kept)
-    return kept
+    if not dedupe or not len(ix.hashes):
+        return np.arange(len(ix.hashes))
+    order = np.argsort(ix.hashes, kind="stable")  # equal texts side by side, each group in file order
+    hashes = ix.hashes[order]
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    del hashes
+    labels = ix.labels[order]
+    conflicting = np.minimum.reduceat(labels, starts) != np.maximum.reduceat(labels, starts)
+    sizes = np.diff(np.r_[starts, len(order)])
+    ix.dropped["conflicting_label"] += int(sizes[conflicting].sum())
+    ix.dropped["duplicate"] += int((sizes[~conflicting] - 1).sum())
+    return np.sort(order[starts[~conflicting]])
 
 
 def stratified(ix: Index, keep: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

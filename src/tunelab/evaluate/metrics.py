@@ -53,3 +53,24 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
     sums = np.bincount(inverse, weights=ranks)
     return sums[inverse] / counts[inverse]
+
+
+def multilabel(pred: np.ndarray, true: np.ndarray, names: list[str]) -> dict:
+    """Micro and macro F1 (macro over every label, 0 for a label never true nor predicted, as scikit-learn's
+    zero_division=0), per-label precision / recall / F1 / support, subset accuracy (the whole set right) and Hamming
+    loss (the fraction of label decisions wrong), from (examples, labels) 0/1 arrays."""
+    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
+    tp, fp, fn = (pred & true).sum(0), (pred & ~true).sum(0), (~pred & true).sum(0)
+    f1 = lambda t, p, n: np.divide(2 * t, 2 * t + p + n, out=np.zeros(np.shape(t)), where=(2 * t + p + n) > 0)
+    precision = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
+    per_label = f1(tp.astype(float), fp, fn)
+    return {
+        "micro_f1": float(f1(float(tp.sum()), fp.sum(), fn.sum())),
+        "macro_f1": float(per_label.mean()) if len(per_label) else 0.0,
+        "subset_accuracy": float((pred == true).all(1).mean()) if len(true) else 0.0,
+        "hamming_loss": float((pred != true).mean()) if true.size else 0.0,
+        "per_label": {n: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(per_label[i]),
+                          "support": int(true[:, i].sum())} for i, n in enumerate(names)},
+        "examples": int(len(true)),
+    }

@@ -39,7 +39,8 @@ def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: 
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, steps: int = 200):
-    """Multinomial logistic regression by L-BFGS on standardised features; returns a scoring function."""
+    """Multinomial logistic regression by L-BFGS on standardised features; returns a scoring function. With `y`
+    of 0/1 rows (multi-label), one independent logistic regression per label."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
     xs = (x - mean) / std
     w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
@@ -48,7 +49,9 @@ def fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-3, st
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xs @ w + b, y) + l2 * (w * w).sum()
+        logits = xs @ w + b
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float(), reduction="sum") / len(y)
+                if y.ndim == 2 else torch.nn.functional.cross_entropy(logits, y)) + l2 * (w * w).sum()
         loss.backward()
         return loss
 

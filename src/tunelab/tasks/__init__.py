@@ -2,9 +2,9 @@
 their report), collate, forward, targets, loss (summed), count, metrics, samples, MAIN_METRIC, METRICS,
 HEADLINE, PROBE."""
 
-from . import causal_lm, classification, dpo, qa, regression, reward, token_classification
+from . import causal_lm, classification, dpo, multilabel, qa, regression, reward, token_classification
 
-TASKS = {"classification": classification, "regression": regression, "sft": causal_lm, "causal_lm": causal_lm,
+TASKS = {"classification": classification, "regression": regression, "multilabel": multilabel, "sft": causal_lm, "causal_lm": causal_lm,
          "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo, "grpo": causal_lm}
 
 

@@ -29,7 +29,7 @@ BASE = False  # an untrained regression head says nothing about the base model
 
 
 def load_splits(cfg, seed: int):
-    return data.load_splits(cfg.data, seed, numeric=True)
+    return data.load_splits(cfg.data, seed, kind="number")
 
 
 def label_info(splits: dict[str, list[dict]], cfg) -> dict:

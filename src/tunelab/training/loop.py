@@ -49,18 +49,20 @@ def batch_stream(n: int, cfg: TrainConfig, generator: torch.Generator, lengths: 
     permutation is sorted by length before cutting, and the micro-batches are
     then shuffled: similar lengths share a batch, the order stays random.
     """
-    epoch = 0
+    epoch, size = 0, cfg.batch_size
     while True:
-        perm = torch.randperm(n, generator=generator).tolist()
+        # a tensor, not a list: a million-row epoch is 8 MB of indices instead of ~40 MB of Python ints
+        perm = torch.randperm(n, generator=generator)
         if lengths is not None:
-            window = GROUP_WINDOW * cfg.batch_size
-            perm = [i for w in range(0, n, window) for i in sorted(perm[w : w + window], key=lambda i: -lengths[i])]
-        chunks = [perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-        if lengths is not None:
-            chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
-        for start in range(0, len(chunks), cfg.grad_accum):
-            done = min(start + cfg.grad_accum, len(chunks))
-            yield epoch + done / len(chunks), chunks[start:done], done == len(chunks)
+            window = GROUP_WINDOW * size
+            perm = torch.tensor([i for w in range(0, n, window)
+                                 for i in sorted(perm[w : w + window].tolist(), key=lambda i: -lengths[i])])
+        n_chunks = math.ceil(n / size)
+        order = torch.randperm(n_chunks, generator=generator).tolist() if lengths is not None else range(n_chunks)
+        for start in range(0, n_chunks, cfg.grad_accum):
+            done = min(start + cfg.grad_accum, n_chunks)
+            yield (epoch + done / n_chunks, [perm[c * size : (c + 1) * size].tolist() for c in order[start:done]],
+                   done == n_chunks)
         epoch += 1
 
 
@@ -122,10 +124,10 @@ def mixed_stream(jobs: list[Job], cfg: TrainConfig, sampling: str = "proportiona
         yield drawn / per_epoch, step, drawn // per_epoch != (drawn - cfg.grad_accum) // per_epoch
 
 
-def _lengths(features) -> list[int]:
+def _lengths(features):
     """Token lengths of a split's examples; streamed features (data.streaming) know them without tokenising."""
     known = getattr(features, "lengths", None)
-    return known.tolist() if known is not None else [evaluate.feature_length(f) for f in features]
+    return known if known is not None else [evaluate.feature_length(f) for f in features]
 
 
 def _steps_per_epoch(jobs: list[Job], cfg: TrainConfig) -> int:
