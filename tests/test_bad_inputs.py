@@ -62,6 +62,12 @@ def ws(tmp_path_factory, tiny_bert, tiny_chat_llama) -> dict:
         "ner": _recipe(d / "ner.yaml", tiny_bert, write_conll(d / "ner.conll", make_sentences(20, seed=4)),
                        "token_classification", 32),
         "qa": _recipe(d / "qa.yaml", tiny_bert, squad, "qa", 48),
+        "regression": _recipe(d / "regression.yaml", tiny_bert, write_jsonl(
+            d / "scores.jsonl", [{"text": r["text"], "label": i % 7 - 3.5} for i, r in enumerate(make_rows(40, seed=5))]),
+            "regression", 32),
+        "multilabel": _recipe(d / "multilabel.yaml", tiny_bert, write_jsonl(
+            d / "tags.jsonl", [{"text": r["text"], "label": [r["label"], "x"] if i % 3 else [r["label"]]}
+                               for i, r in enumerate(make_rows(40, seed=6))]), "multilabel", 32),
     }
     return {"dir": d, "recipes": recipes, "models": {"tiny_bert": tiny_bert, "tiny_chat_llama": tiny_chat_llama}}
 
