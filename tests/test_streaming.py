@@ -222,3 +222,11 @@ def test_parquet_is_refused_with_the_conversion(tmp_path):
     pd.DataFrame(make_rows(10)).to_parquet(path)
     with pytest.raises(TunelabError, match=r"data.streaming reads .*to_json"):
         data.load_splits(DataConfig(train=str(path), streaming=True), 0)
+
+
+def test_a_file_changed_under_a_streamed_run_is_named(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=0))
+    splits, _ = data.load_splits(DataConfig(train=str(train), streaming=True), 0)
+    train.write_text("x" * train.stat().st_size, encoding="utf-8")  # rewritten in place, same size
+    with pytest.raises(TunelabError, match=r"changed while training read it \(line \d+"):
+        splits["train"][3]

@@ -10,6 +10,7 @@ pass fills in the report and the lengths that batching sorts by, without keeping
 from __future__ import annotations
 
 import csv
+import ctypes
 import hashlib
 import io
 import json
@@ -49,11 +50,16 @@ class Index:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             weakref.finalize(self, os.close, self._fd)
-        raw = os.pread(self._fd, int(self.sizes[i]), int(self.offsets[i])).decode("utf-8")
-        if self.delimiter is None:
-            return normalise_text(json.loads(raw)[self.text_field])
-        record = next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))
-        return normalise_text(record[self.columns[1]])
+        try:
+            raw = os.pread(self._fd, int(self.sizes[i]), int(self.offsets[i])).decode("utf-8")
+            if self.delimiter is None:
+                return normalise_text(json.loads(raw)[self.text_field])
+            return normalise_text(next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))[self.columns[1]])
+        except (ValueError, KeyError, IndexError, TypeError, StopIteration):  # UnicodeDecodeError and JSON's are ValueErrors
+            raise TunelabError(
+                f"{self.what} changed while training read it (line {int(self.rows[i])} is no longer the row indexed at "
+                f"the start). With data.streaming the file is read throughout the run: leave it unchanged until the "
+                f"run ends, and resume it (`tunelab train --resume RUN_DIR`).") from None
 
 
 def index(path, key: str, text_field: str, label_field: str) -> Index:
@@ -274,7 +280,17 @@ def encode(rows: Rows, task, tokenizer, info: dict, max_length: int) -> tuple[Fe
         for k, v in part.items():
             if isinstance(v, int):
                 stats[k] = stats.get(k, 0) + v
+    release_freed_memory()
     return Features(rows, one_per_row, lengths), stats
+
+
+def release_freed_memory() -> None:
+    """Hand the heap freed by a pass over every row back to the system (glibc keeps it otherwise, and the resident
+    set would grow with the file's size although nothing of it is in use). A no-op where glibc is not the libc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_splits(cfg, seed: int) -> tuple[dict, dict]:
@@ -311,6 +327,7 @@ def load_splits(cfg, seed: int) -> tuple[dict, dict]:
             entries[name]["overlap_with_train"] = int(np.isin(splits[name].hashes(), train_hashes).sum())
     for entry in entries.values():
         entry["streamed"] = True
+    release_freed_memory()
     report = {"files": {name: absolute(path) for name, path in files.items()}, "split": split_info,
               "splits": {name: entries[name] for name in ("train", "validation", "test") if name in entries}}
     return {name: splits[name] for name in ("train", "validation", "test") if name in splits}, report

@@ -15,7 +15,7 @@ import torch
 from ..models import _body
 from . import length_sorted_batches
 
-MAX_TRAIN_ROWS = 20_000  # the probe is a baseline: a sample this size fits it as well, in bounded memory
+MAX_TRAIN_ROWS = 10_000  # the probe is a baseline: a sample this size fits it as well, in bounded memory
 
 
 @torch.inference_mode()

@@ -267,13 +267,18 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
 
 
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
-    """Predictions for the first rows of a split, beside their labels."""
+    """Predictions for the first rows of a split, beside their labels ("gold" / "predicted", as NER and QA)."""
+    return [{**shown, "gold": r["label"], "predicted": p["label"], "score": p["score"], "probs": p["probs"]}
+            for r, shown, p in predicted(sys.modules[__name__], model, tokenizer, rows, info, device, max_length)]
+
+
+def predicted(task, model, tokenizer, rows: list[dict], info: dict, device, max_length: int) -> list[tuple]:
+    """(row, its row number and text (and pair), the task's prediction) for each row: the samples of a run."""
     from .. import evaluate
 
     if not rows:  # eval.samples=0
         return []
-    feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows), tokenizer.pad_token_id, device)
-    # "gold" / "predicted", as the NER and QA samples
-    return [{"row": r.get("row"), "text": r["text"], **({"pair": r["pair"]} if "pair" in r else {}), "gold": r["label"],
-             "predicted": p["label"], "score": p["score"], "probs": p["probs"]} for r, p in zip(rows, predictions(out, info))]
+    feats, _ = task.encode(rows, tokenizer, info, max_length)
+    out, _ = evaluate.outputs(model, task, feats, len(rows), tokenizer.pad_token_id, device)
+    return [(r, {"row": r.get("row"), "text": r["text"], **({"pair": r["pair"]} if "pair" in r else {})}, p)
+            for r, p in zip(rows, task.predictions(out, info))]

@@ -101,11 +101,6 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
 
 
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
-    from .. import evaluate
-
-    if not rows:
-        return []
-    feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows), tokenizer.pad_token_id, device)
-    return [{"row": r.get("row"), "text": r["text"], **({"pair": r["pair"]} if "pair" in r else {}),
-             "gold": r["label"], "predicted": p["score"]} for r, p in zip(rows, predictions(out, info))]
+    return [{**shown, "gold": r["label"], "predicted": p["score"]}
+            for r, shown, p in classification.predicted(sys.modules[__name__], model, tokenizer, rows, info, device,
+                                                        max_length)]
