@@ -178,3 +178,22 @@ def test_a_missing_pair_column_lists_the_columns(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "second": "b", "label": "x"}])
     with pytest.raises(TunelabError, match=r"no 'hypothesis' column .*'text', 'second', 'label'.*data.text_pair_field"):
         data.load_splits(DataConfig(train=str(train), text_pair_field="hypothesis"), 0)
+
+
+def test_huber_is_squared_near_and_linear_far(tiny_bert):
+    """task.regression_loss=huber: the same as MSE/2 for errors under task.huber_delta, linear beyond it."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=1).eval()
+    batch = {"input_ids": torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    with torch.no_grad():
+        pred = regression.forward(model, batch).squeeze(-1)
+        for offsets, delta in (([0.3, -0.2], 1.0), ([5.0, -4.0], 1.0), ([5.0, -4.0], 10.0)):
+            batch["labels"] = pred + torch.tensor(offsets)
+            huber = regression.loss(model, batch, {"loss": "huber", "huber_delta": delta})
+            mse = regression.loss(model, batch, {"loss": "mse"})
+            err = torch.tensor(offsets).abs()
+            want = torch.where(err <= delta, 0.5 * err ** 2, delta * (err - 0.5 * delta)).sum()
+            assert float(huber) == pytest.approx(float(want), rel=1e-5)
+            assert float(mse) == pytest.approx(float((err ** 2).sum()), rel=1e-5)
