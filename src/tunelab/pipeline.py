@@ -175,9 +175,10 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
         say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
     feats = {}
     for name, rows in splits.items():
-        encode = stream.encode if isinstance(rows, stream.Rows) else task.encode
-        feats[name], report["splits"][name]["tokens"] = encode(rows, tokenizer, info, max_length) \
-            if encode is task.encode else encode(rows, task, tokenizer, info, max_length)
+        if isinstance(rows, stream.Rows):  # data.streaming: tokenised again whenever the loop reads them
+            feats[name], report["splits"][name]["tokens"] = stream.encode(rows, task, tokenizer, info, max_length)
+        else:
+            feats[name], report["splits"][name]["tokens"] = task.encode(rows, tokenizer, info, max_length)
         say(f"{name} tokens: {data.format_tokens(report['splits'][name]['tokens'])}")
         if not feats[name]:
             raise TunelabError(f"No {name} example is left after tokenisation ({report['splits'][name]['tokens']}); "
