@@ -362,7 +362,7 @@ def test_padding_free_auto_is_off_where_it_does_not_apply(tiny_chat_llama, extra
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["task.type=token_classification"], "applies to task.type sft, causal_lm, classification, not token_class"),
+    (["task.type=token_classification"], "applies to task.type sft, causal_lm, classification, regression, multilabel, not token_class"),
     (["data.packing=true"], "both pack examples"),
     (["method.name=prompt"], "virtual tokens"),
 ])
