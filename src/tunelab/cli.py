@@ -1,4 +1,4 @@
-"""`tunelab train|compare|advise|report|predict|generate|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
+"""`tunelab train|compare|advise|report|predict|embed|search|generate|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
 
 from __future__ import annotations
 
@@ -119,6 +119,73 @@ def predict(
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
     if model.cfg.task.type == "reward" and preds:  # the figure to compare two policies' replies by
         typer.echo(f"mean reward {sum(p['score'] for p in preds) / len(preds):.4f} over {len(preds)} replies", err=True)
+
+
+def read_texts(path: Path, field: str, key: str) -> tuple[list[str], list[int]]:
+    """The `field` column of a JSONL/CSV/TSV/Parquet file (or the paragraphs of a .txt), with their row numbers."""
+    from .data.sources import field_names, read_records
+
+    records = read_records(path, key)
+    if not records:
+        raise TunelabError(f"{key} '{path}' has no rows.")
+    if field not in records[0]["record"]:
+        raise TunelabError(f"{key} '{path}' has no '{field}' column (found: {field_names(records[0]['record'])}). "
+                           f"Name the text column with --text-field.")
+    bad = [r["row"] for r in records if not isinstance(r["record"].get(field), str) or not r["record"][field].strip()]
+    if bad:
+        raise TunelabError(f"{key} '{path}' row {bad[0]} has no text in '{field}' ({len(bad)} such rows: "
+                           f"{', '.join(map(str, bad[:10]))}). Fill or remove those rows.")
+    return [r["record"][field] for r in records], [r["row"] for r in records]
+
+
+@app.command()
+def embed(
+    run_dir: Path = typer.Argument(..., help="A finished embedding run directory."),
+    input: Path = typer.Option(..., "--input", "-i", help="JSONL/CSV/Parquet file of texts (or a .txt of paragraphs)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the vectors: a NumPy .npy file, one row "
+                                "per input row, in input order."),
+    text_field: str = typer.Option("text", help="Text column of the input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+):
+    """Turn texts into vectors with an embedding run (L2-normalised when it was trained with task.normalize)."""
+    import numpy as np
+
+    import tunelab
+
+    if output.suffix != ".npy":
+        raise TunelabError(f"--output '{output}' should end in .npy (NumPy's format, read with numpy.load).")
+    if output.exists() and not overwrite:
+        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+    texts, _ = read_texts(input, text_field, "input file")
+    vectors = tunelab.load(run_dir).embed(texts, batch_size)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.save(output, vectors)
+    except OSError as e:
+        raise TunelabError(f"Could not write '{output}': {e.strerror or e}. Choose another --output.") from None
+    typer.echo(f"{len(texts)} vectors of {vectors.shape[1]} dimensions -> {output}", err=True)
+
+
+@app.command()
+def search(
+    run_dir: Path = typer.Argument(..., help="A finished embedding run directory."),
+    corpus: Path = typer.Option(..., "--corpus", help="JSONL/CSV/Parquet file of documents (or a .txt of paragraphs)."),
+    query: List[str] = typer.Option(..., "--query", "-q", help="A text to search for (repeatable)."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Documents shown per query."),
+    text_field: str = typer.Option("text", help="Text column of the corpus."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+):
+    """The corpus documents nearest to each query by cosine similarity of an embedding run's vectors (exact)."""
+    import tunelab
+
+    texts, rows = read_texts(corpus, text_field, "corpus file")
+    for q, found in zip(query, tunelab.load(run_dir).search(query, texts, top_k, batch_size)):
+        typer.echo(f"query: {q}")
+        for hit in found:
+            text = " ".join(hit["text"].split())
+            typer.echo(f"  {hit['rank']:>3}  {hit['score']:.4f}  row {rows[hit['index']]}: "
+                       f"{text[:117] + '...' if len(text) > 120 else text}")
 
 
 @app.command()
@@ -296,15 +363,17 @@ def eval_(
 def export(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     out: Path = typer.Argument(..., help="Directory to write."),
-    fmt: str = typer.Option("peft", "--format", help="peft (adapter in Hugging Face peft layout) or tunelab (tunelab's own layout)."),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter in Hugging Face peft layout), tunelab (tunelab's "
+                            "own layout), or sentence-transformers (embedding runs: a merged model with its pooling, "
+                            "for SentenceTransformer(OUT))."),
     merge: bool = typer.Option(False, "--merge", help="Fold the method into the base weights: a plain transformers model dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export in OUT."),
 ):
     """Write a run's adapter (peft layout) or, with --merge, a plain model that loads with transformers alone."""
     from . import export as export_mod
 
-    if fmt not in ("peft", "tunelab"):
-        raise TunelabError(f"--format must be peft or tunelab, not '{fmt}'.")
+    if fmt not in ("peft", "tunelab", "sentence-transformers"):
+        raise TunelabError(f"--format must be peft, tunelab or sentence-transformers, not '{fmt}'.")
     written = export_mod.run(run_dir, out, fmt, merge, overwrite)
     typer.echo(f"exported -> {written}")
 

@@ -53,6 +53,10 @@ class DataConfig(_Section):
     text_pair_field: str | None = Field(None, description="Classification / regression of text pairs (NLI, paraphrase, "
                                         "similarity): the column holding each row's second text; the tokenizer encodes "
                                         "the two as a pair, cutting the longer first.")
+    anchor_field: str = Field("anchor", description="embedding: the column holding each row's query / anchor text.")
+    positive_field: str = Field("positive", description="embedding: the column holding the text that matches the anchor.")
+    negative_field: str | None = Field(None, description="embedding: optional column holding a hard negative per row "
+                                       "(a text that does not match the anchor).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
     max_length: int = Field(128, ge=8, le=8192, description="Inputs are truncated to this many tokens.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows and texts that appear with conflicting labels.")
@@ -78,9 +82,12 @@ class DataConfig(_Section):
 
 
 class TaskConfig(_Section):
-    type: Literal["classification", "regression", "multilabel", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
+    type: Literal["classification", "regression", "multilabel", "embedding", "mlm", "sft", "causal_lm", "token_classification", "qa", "reward", "dpo", "grpo"] = Field(
         "classification", description="What is learned: 'classification' (single-label), 'regression' (a score per "
-                                      "text; MSE on standardised targets), 'multilabel' (any number of labels per text; BCE), 'sft' (instruction / chat "
+                                      "text; MSE on standardised targets), 'multilabel' (any number of labels per text; BCE), "
+                                      "'embedding' (a bi-encoder for search: (anchor, positive) rows, in-batch "
+                                      "negatives), 'mlm' (masked-LM domain adaptation of an encoder on plain text), "
+                                      "'sft' (instruction / chat "
                                       "tuning of a causal LM), 'causal_lm' (continued pretraining on plain text), "
                                       "'token_classification' (NER: BIO tags per word), 'qa' (extractive question "
                                       "answering), 'reward' (a scalar reward model on prompt/chosen/rejected pairs), 'dpo' "
@@ -100,6 +107,25 @@ class TaskConfig(_Section):
     threshold: float | Literal["tuned"] = Field(0.5, description="multilabel: a label is predicted when its probability "
                                                 "reaches this; 'tuned': per label, the threshold with the best F1 on "
                                                 "validation, chosen after training and stored with the run.")
+    # -- embedding --
+    pooling: Literal["mean", "cls", "last"] = Field("mean", description="embedding: a text's vector is the mean of its "
+                                                    "token states, the first token's ([CLS]) or the last token's (decoders).")
+    normalize: bool = Field(True, description="embedding: L2-normalise the vectors (cosine similarity).")
+    scale: float = Field(20.0, gt=0, description="embedding: similarities are multiplied by this before the softmax of "
+                                                 "the contrastive loss (inverse temperature; sentence-transformers' 20).")
+    symmetric: bool = Field(False, description="embedding: also pick each positive's anchor among the batch's anchors "
+                                               "(the loss averaged over both directions).")
+    gradient_cache: int = Field(0, ge=0, description="embedding: embed each batch in chunks of this many rows without "
+                                "keeping activations, then backpropagate chunk by chunk (GradCache): a large contrastive "
+                                "batch in the memory of a small one, at about one more forward pass. 0: off.")
+    # -- mlm --
+    mask_probability: float = Field(0.15, gt=0, lt=1, description="mlm: fraction of tokens (words with "
+                                    "task.whole_word_mask) chosen for prediction; of those 80 % become the mask token, "
+                                    "10 % a random token and 10 % stay as they are.")
+    whole_word_mask: bool = Field(False, description="mlm: choose whole words, masking every subword of a chosen word.")
+    new_mlm_head: bool = Field(False, description="mlm: train a masked-LM head from scratch when the model has none (a "
+                                                  "sentence-transformers encoder); the base model's figures then show "
+                                                  "that untrained head.")
     # -- dpo --
     beta: float = Field(0.1, ge=0, description="dpo and grpo: strength of the pull towards the reference policy (IPO's "
                                                "tau; grpo's KL coefficient).")

@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from . import config as config_mod
 from . import evaluate, methods, models, tasks, versions
 from .data.clean import clean_examples
@@ -149,6 +152,10 @@ class TunedModel:
         if self.cfg.task.type in ("sft", "causal_lm"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
+        if self.cfg.task.type == "embedding":
+            raise TunelabError(f"'{self.dir}' is an embedding run, which turns texts into vectors: use embed or search "
+                               f"(`tunelab embed {self.dir} --input texts.jsonl --output vectors.npy`, `tunelab search "
+                               f"{self.dir} --corpus docs.jsonl --query ...`), not predict.")
         if self.cfg.task.type == "reward":  # items are {"prompt", "response"}: the reward of each reply
             max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
                                                  getattr(self.cfg.method, "num_virtual_tokens", 0))
@@ -187,6 +194,36 @@ class TunedModel:
         return [{"text": t, **({"pair": pairs[i]} if pairs else {}), **p}
                 for i, (t, p) in enumerate(zip(texts, self.task.predictions(out, self.info)))]
 
+    def embed(self, texts: list[str] | str, batch_size: int | None = None) -> np.ndarray:
+        """(texts, dim) float32 vectors of an embedding run, L2-normalised when it was trained with task.normalize."""
+        if self.cfg.task.type != "embedding":
+            raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run; embed and search need an embedding run "
+                               f"(task.type embedding).")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TunelabError(f"Text #{bad[0] + 1} to embed is {texts[bad[0]]!r}, not a string ({len(bad)} such in "
+                               f"all). Give strings only; in a file, fill or remove rows whose text is empty.")
+        if not texts:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
+                                             getattr(self.cfg.method, "num_virtual_tokens", 0))
+        feats = self.task.texts_features(texts, self.tokenizer, self.info, max_length)
+        out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
+                                  self.tokenizer.pad_token_id, self.device)
+        return self.task.vectors(out, self.info).numpy()
+
+    def search(self, queries: list[str] | str, corpus: list[str], top_k: int = 5,
+               batch_size: int | None = None) -> list[list[dict]]:
+        """For each query, the `top_k` corpus texts nearest by cosine similarity (exact): rank, score, index, text."""
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        docs = torch.from_numpy(self.embed(corpus, batch_size))
+        if not len(docs):
+            raise TunelabError("The search corpus is empty: give at least one text to search.")
+        scores, top = self.task.search(torch.from_numpy(self.embed(queries, batch_size)), docs, top_k)
+        return [[{"rank": r + 1, "score": float(s), "index": int(i), "text": corpus[int(i)]}
+                 for r, (s, i) in enumerate(zip(row_s, row_i))] for row_s, row_i in zip(scores, top)]
+
     def _pairs(self, pairs, n: int) -> list[str] | None:
         """The second texts, checked against what the run was trained on."""
         pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
@@ -216,6 +253,12 @@ class TunedModel:
                                    self.tokenizer.pad_token_id, self.device)
             return {**metrics, "dropped": {**entry["dropped"], **{k: v for k, v in stats.items()
                                                                  if k in ("dropped_too_long", "no_target")}}}
+        if self.cfg.task.type == "embedding":  # (anchor, positive) rows: a search over the file's own texts
+            rows, entry = self.task.read(str(path), "eval file", self.cfg.data)
+            feats, stats = self._features(rows, with_stats=True)
+            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
+                                   self.tokenizer.pad_token_id, self.device)
+            return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
         if hasattr(self.task, "read_labelled"):  # files whose rows are more than a text and a label (NER)
             rows, entry = self.task.read_labelled(path, self.cfg, self.info)
             feats, stats = self._features(rows, with_stats=True)

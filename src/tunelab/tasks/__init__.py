@@ -2,10 +2,10 @@
 their report), collate, forward, targets, loss (summed), count, metrics, samples, MAIN_METRIC, METRICS,
 HEADLINE, PROBE."""
 
-from . import causal_lm, classification, dpo, multilabel, qa, regression, reward, token_classification
+from . import causal_lm, classification, dpo, embedding, multilabel, qa, regression, reward, token_classification
 
-TASKS = {"classification": classification, "regression": regression, "multilabel": multilabel, "sft": causal_lm, "causal_lm": causal_lm,
-         "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo, "grpo": causal_lm}
+TASKS = {"classification": classification, "regression": regression, "multilabel": multilabel, "embedding": embedding,
+         "sft": causal_lm, "causal_lm": causal_lm, "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo, "grpo": causal_lm}
 
 
 def get(name: str):
