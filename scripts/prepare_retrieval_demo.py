@@ -6,12 +6,17 @@ assistant reply after it becomes one {"anchor": question, "positive": answer, "c
 a longer dialog is kept only when it reads on its own (it is not a reply to the previous answer: at least three
 words). Exact duplicate pairs are dropped, and a held-out pair whose question is also asked in train is dropped
 (later turns were not covered by the first-question split). Writes retrieval/{train,validation,test}.jsonl.
+
+Also writes retrieval/pairs_{train,validation,test}.jsonl for sentence-pair classification (does this answer
+reply to this question?): each pair as {"question", "answer", "label": "match"}, and the same question with an
+answer drawn (seeded) from another pair of the same split, "other".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 
 
@@ -30,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", type=Path, default=Path("demo_data/sft"))
     ap.add_argument("--out", type=Path, default=Path("demo_data"))
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     seen: set = set()
     train_questions: set = set()
@@ -50,6 +56,15 @@ def main() -> None:
             train_questions = {p["anchor"].lower() for p in kept}
         with (args.out / "retrieval" / f"{name}.jsonl").open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in kept)
+        rng = random.Random(f"{args.seed}-{name}")
+        with (args.out / "retrieval" / f"pairs_{name}.jsonl").open("w", encoding="utf-8") as f:
+            for i, p in enumerate(kept):
+                other = kept[(i + rng.randrange(1, len(kept))) % len(kept)]["positive"]
+                f.write(json.dumps({"question": p["anchor"], "answer": p["positive"], "label": "match"},
+                                   ensure_ascii=False) + "\n")
+                if other != p["positive"]:
+                    f.write(json.dumps({"question": p["anchor"], "answer": other, "label": "other"},
+                                       ensure_ascii=False) + "\n")
         print(f"{name}: {len(kept)} question/answer pairs, {len({p['positive'] for p in kept})} distinct answers"
               f"{f', {leaked} dropped (question asked in train)' if leaked else ''}")
 

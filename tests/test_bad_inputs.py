@@ -68,6 +68,9 @@ def ws(tmp_path_factory, tiny_bert, tiny_chat_llama) -> dict:
         "multilabel": _recipe(d / "multilabel.yaml", tiny_bert, write_jsonl(
             d / "tags.jsonl", [{"text": r["text"], "label": [r["label"], "x"] if i % 3 else [r["label"]]}
                                for i, r in enumerate(make_rows(40, seed=6))]), "multilabel", 32),
+        "embedding": _recipe(d / "embedding.yaml", tiny_bert, write_jsonl(
+            d / "qa_pairs.jsonl", [{"anchor": r["text"], "positive": r["text"][::-1]} for r in make_rows(40, seed=7)]),
+            "embedding", 32),
     }
     return {"dir": d, "recipes": recipes, "models": {"tiny_bert": tiny_bert, "tiny_chat_llama": tiny_chat_llama}}
 
@@ -167,6 +170,7 @@ MAKERS = {  # name -> (tmp dir, source model dir) -> the bad input's path
     "model_weights_mismatch_config": _broken_model(lambda m: _edit_config(m, hidden_size=48, intermediate_size=96)),
     "model_no_tokenizer": _broken_model(_no_tokenizer),
     "model_tokenizer_bigger_than_embeddings": _broken_model(_small_embeddings),
+    "model_as_is": _broken_model(lambda m: None),  # a sound model, wrong for the task (mlm on a decoder)
 }
 
 
