@@ -280,3 +280,12 @@ def test_missing_columns_are_listed(tiny_bert, tmp_path):
                                            r"columns found: question, answer"):
         tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "task.type=embedding",
                              f"output_dir={tmp_path / 'run'}"])
+
+
+def test_evaluate_a_file_of_pairs(lora_run, tmp_path, cli_run):
+    test = write_jsonl(tmp_path / "test.jsonl", pairs(30, seed=9))
+    got = tunelab.load(lora_run.dir).evaluate(test)
+    assert {"recall@1", "mrr@10", "ndcg@10"} <= got.keys() and got["queries"] == 30 - got["dropped"]["duplicate"]
+    res = cli_run("eval", lora_run.dir, test)
+    assert res.code == 0, res.err
+    assert "mrr@10" in res.out

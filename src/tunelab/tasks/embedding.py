@@ -16,8 +16,8 @@
 - Metrics on validation / test: the split is a search problem: queries are its distinct anchors, the corpus its
   distinct positives and negatives, and an anchor's relevant documents are the positives it has in the split.
   recall@1/5/10, MRR@10, nDCG@10 by exact cosine search, and the contrastive loss over the whole corpus.
-- A batch stacks every side's token rows (anchors, then positives, then negatives) in one padded tensor, so one
-  forward embeds them all and the loop's token count covers every side.
+- A batch stacks every side's token rows (anchors, then positives, then negatives) in one padded tensor, so the
+  loop's token count covers every side; each side is embedded on its own, cut to its own longest text.
 """
 
 from __future__ import annotations
@@ -177,14 +177,24 @@ def pooled(states: torch.Tensor, mask: torch.Tensor, pool: int) -> torch.Tensor:
 
 
 def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool: int) -> torch.Tensor:
-    """Pooled vectors (not normalised) of token rows, in float32."""
+    """Pooled vectors (not normalised) of token rows, in float32; columns past the rows' longest are not computed."""
+    longest = int(attention_mask.sum(1).max())
+    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
     states = model(input_ids=input_ids, attention_mask=attention_mask)[0]
     return pooled(states.float(), attention_mask, pool)
 
 
+def embed_sides(model, batch) -> torch.Tensor:
+    """The vectors of every row of a batch, one side at a time: a batch's questions are not padded to the length of
+    its answers."""
+    rows, pool = len(batch["keys"]), int(batch["pool"])
+    return torch.cat([embed(model, batch["input_ids"][i : i + rows], batch["attention_mask"][i : i + rows], pool)
+                      for i in range(0, len(batch["input_ids"]), rows)])
+
+
 def forward(model, batch) -> torch.Tensor:
     """(rows, sides, hidden): the vectors of each row's anchor, positive (and negative)."""
-    vectors = embed(model, batch["input_ids"], batch["attention_mask"], int(batch["pool"]))
+    vectors = embed_sides(model, batch)
     return vectors.view(-1, len(batch["keys"]), vectors.shape[-1]).transpose(0, 1)
 
 
@@ -219,8 +229,7 @@ def loss(model, batch, info: dict) -> torch.Tensor:
     chunk = info.get("gradient_cache") or 0
     if chunk and torch.is_grad_enabled() and chunk < len(batch["input_ids"]):
         return cached_loss(model, batch, info, chunk)
-    vectors = embed(model, batch["input_ids"], batch["attention_mask"], int(batch["pool"]))
-    return contrastive(vectors, batch["keys"], info["scale"], info["symmetric"])
+    return contrastive(embed_sides(model, batch), batch["keys"], info["scale"], info["symmetric"])
 
 
 def _rng_state(device: torch.device):
