@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tunelab
-from conftest import FILLER, NEGATIVE, POSITIVE, write_jsonl
+from conftest import FILLER, NEGATIVE, POSITIVE, make_rows, write_jsonl
 from tunelab import config, data
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
@@ -131,3 +131,23 @@ def test_a_multilabel_run_learns_and_predicts_label_sets(tiny_bert, tmp_path, cl
     assert pred["labels"] == [n for n in info["labels"] if pred["scores"][n] >= info["threshold"][n]]
     ev = tunelab.load(run.dir).evaluate(test, label_field="tags")
     assert ev["micro_f1"] == pytest.approx(s["test"]["micro_f1"], abs=1e-6)
+
+
+def test_a_multitask_run_tunes_its_multilabel_tasks_thresholds(tiny_bert, tmp_path):
+    from tunelab import config, pipeline
+
+    tags = write_jsonl(tmp_path / "tags.jsonl", make_tagged(120, seed=3))
+    sentiment = write_jsonl(tmp_path / "sent.jsonl", make_rows(120, seed=4))
+    cfg = config.validate({
+        "model": {"path": str(tiny_bert)}, "method": {"name": "full"},
+        "tasks": [{"name": "tags", "data": {"train": str(tags), "label_field": "tags"},
+                   "task": {"type": "multilabel", "threshold": "tuned"}},
+                  {"name": "sentiment", "data": {"train": str(sentiment)}}],
+        "train": {"max_steps": 4, "batch_size": 8}, "eval": {"linear_probe": False, "samples": 0,
+                                                            "forgetting": "none"},
+        "output_dir": str(tmp_path / "run")})
+    run = pipeline.train(cfg)
+    saved = json.loads((run.dir / "labels.json").read_text())["tasks"]["tags"]["threshold"]
+    assert set(saved) == set(TOPICS) == set(run.summary["thresholds"]["tags"])
+    model = tunelab.load(run.dir, task="tags")
+    assert model.info["threshold"] == saved

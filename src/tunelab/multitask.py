@@ -162,9 +162,14 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
                 methods.set_adapter(owner, n)
             pad = p["tokenizer"].pad_token_id
             summary["eval"][n] = evaluate.run(p["model"], p["task"], p["feats"]["validation"], p["info"], bs, pad, device)
+            if p["info"].get("tune_threshold"):  # multilabel, task.threshold=tuned: thresholds from validation
+                p["info"] = p["task"].calibrate(*evaluate.outputs(p["model"], p["task"], p["feats"]["validation"], bs,
+                                                                  pad, device), p["info"])
+                summary.setdefault("thresholds", {})[n] = p["info"]["threshold"]
             if "test" in p["feats"]:
                 summary["test"][n] = evaluate.run(p["model"], p["task"], p["feats"]["test"], p["info"], bs, pad, device)
                 log({"type": "eval", "step": result["steps"], "split": "test", "task": n, **summary["test"][n]})
+        write_json(run_dir / "labels.json", {"tasks": {n: p["info"] for n, p in parts.items()}})
 
     method = methods.get(cfg.method.name)
     tokenizer = parts[names[0]]["tokenizer"]
