@@ -152,6 +152,9 @@ class TunedModel:
         if self.cfg.task.type in ("sft", "causal_lm"):
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
                                f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
+        if self.cfg.task.type == "mlm":
+            raise TunelabError(f"'{self.dir}' is an mlm (domain adaptation) run: it labels nothing. Start a later "
+                               f"recipe from it (model.path={self.dir}), or score text with `tunelab eval`.")
         if self.cfg.task.type == "embedding":
             raise TunelabError(f"'{self.dir}' is an embedding run, which turns texts into vectors: use embed or search "
                                f"(`tunelab embed {self.dir} --input texts.jsonl --output vectors.npy`, `tunelab search "
@@ -243,7 +246,7 @@ class TunedModel:
                  batch_size: int | None = None) -> dict:
         """Task metrics on a labelled file (whitespace normalised; empty or unlabelled rows dropped and counted).
         For sft / causal_lm runs: loss and perplexity on a file of the run's row format."""
-        if self.cfg.task.type in ("sft", "causal_lm"):
+        if self.cfg.task.type in ("sft", "causal_lm", "mlm"):  # mlm: masked once, from the run's seed
             from .data import chat
 
             data_cfg = self.cfg.data.model_copy(update={"text_field": text_field or self.cfg.data.text_field})

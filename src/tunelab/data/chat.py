@@ -68,10 +68,11 @@ def read(path: str, key: str, data_cfg, task_type: str) -> tuple[list[dict], dic
         raise TunelabError(f"{what} has no rows.")
     fmt = data_cfg.format
     if fmt == "auto":
-        fmt = "text" if task_type == "causal_lm" else detect_format(records[0]["record"], data_cfg.text_field, what)
-    if task_type == "causal_lm" and fmt != "text":
-        raise TunelabError(f"{what}: task.type=causal_lm trains on plain text, but data.format={fmt}. Use task.type=sft "
-                           f"for {fmt} rows, or point data.text_field at a text column with data.format=text.")
+        fmt = "text" if task_type in ("causal_lm", "mlm") else detect_format(records[0]["record"], data_cfg.text_field, what)
+    if task_type in ("causal_lm", "mlm") and fmt != "text":
+        hint = f"Use task.type=sft for {fmt} rows, or point" if task_type == "causal_lm" else "Point"
+        raise TunelabError(f"{what}: task.type={task_type} trains on plain text, but data.format={fmt}. {hint} "
+                           f"data.text_field at a text column with data.format=text.")
     if task_type == "sft" and fmt == "text":
         raise TunelabError(f"{what}: task.type=sft needs prompts and responses (alpaca, messages or sharegpt rows), "
                            f"not plain text. Use task.type=causal_lm for continued pretraining on text.")
