@@ -30,8 +30,7 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def info(**kw) -> dict:
-    return {"pooling": "mean", "normalize": True, "scale": 20.0, "symmetric": False, "gradient_cache": 0,
-            "negatives": False, "max_length": 64, **kw}
+    return {"pooling": "mean", "normalize": True, "scale": 20.0, "symmetric": False, "gradient_cache": 0, **kw}
 
 
 def vectors_and_keys(rows: int, sides: int, seed: int = 0):

@@ -105,8 +105,7 @@ def label_info(splits: dict, cfg) -> dict:
                                "distributed wrapper's forward; it runs in one process. Set task.gradient_cache=0, or "
                                "train in one process.")
     return {"pooling": cfg.task.pooling, "normalize": cfg.task.normalize, "scale": cfg.task.scale,
-            "symmetric": cfg.task.symmetric, "gradient_cache": cfg.task.gradient_cache,
-            "negatives": bool(cfg.data.negative_field), "max_length": cfg.data.max_length}
+            "symmetric": cfg.task.symmetric, "gradient_cache": cfg.task.gradient_cache}
 
 
 def key(text: str) -> int:
