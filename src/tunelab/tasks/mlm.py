@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .. import models
 from ..data import chat
 from ..errors import TunelabError
+from . import token_classification
 from .causal_lm import _stats
 
 MAIN_METRIC = "loss"
@@ -222,21 +223,12 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest window; training windows are masked here (torch's global RNG), the others carry theirs."""
-    longest = max(len(f["input_ids"]) for f in features)
-    input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), longest), -100, dtype=torch.long)
-    mask = torch.zeros((len(features), longest), dtype=torch.long)
-    for i, f in enumerate(features):
-        if "labels" in f:
-            ids, targets = f["input_ids"], f["labels"]
-        else:
-            ids, targets = _masked(f["input_ids"], f.get("word_ids"), f["mask"], None)
-        n = len(ids)
-        input_ids[i, :n] = torch.tensor(ids)
-        labels[i, :n] = torch.tensor(targets)
-        mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    """Pad to the longest window (token classification's padding, labels -100 on padding); training windows are
+    masked here (torch's global RNG), the others carry theirs."""
+    masked = [f if "labels" in f else dict(zip(("input_ids", "labels"),
+                                               _masked(f["input_ids"], f.get("word_ids"), f["mask"], None)))
+              for f in features]
+    return token_classification.collate(masked, pad_id)
 
 
 # -- forward, loss, metrics -------------------------------------------------------------
