@@ -178,6 +178,19 @@ def test_file_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("keep", [8, 24, 100, 1000, 5000, 0.5, -10])
+def test_truncated_gguf_is_one_paragraph_and_writes_nothing(tiny, tmp_path, keep):
+    """A GGUF file cut short (magic intact): in the header, the metadata, the tensor table or the weights."""
+    data = tiny[0].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(TunelabError) as e:
+        import_gguf(cut, tmp_path / "out", echo=None)
+    msg = str(e.value)
+    assert str(cut) in msg and "not a complete GGUF file" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]  # no OUT, no staging directory
+
+
 def test_bad_dtype(tiny, tmp_path):
     with pytest.raises(TunelabError, match="float32, bfloat16"):
         import_gguf(tiny[0], tmp_path / "out", dtype="float16", echo=None)

@@ -59,6 +59,23 @@ def check_gguf(path: Path) -> None:
         raise TunelabError(f"'{path}' is named .gguf but does not start with the GGUF magic bytes (found {magic!r}); it is damaged or another format. Download or copy the file again.")
     if importlib.util.find_spec("gguf") is None:
         raise TunelabError(f"Reading '{path}' needs the `gguf` package, which is not installed. Run `pip install gguf` (or `pip install 'tunelab[llm]'`) and try again.")
+    check_gguf_complete(path)
+
+
+def check_gguf_complete(path: Path) -> None:
+    """Parse the header, metadata and tensor table (memory-mapped: the weights are not read) before anything is
+    loaded or written: a file cut short fails here with struct / numpy errors that would otherwise escape as a
+    traceback, or be reported by transformers as an architecture it cannot load."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - struct.error, ValueError, IndexError...: any of them means a damaged file
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise TunelabError(
+            f"'{path}' starts with the GGUF magic bytes but is not a complete GGUF file ({path.stat().st_size:,} "
+            f"bytes; reading its header, metadata and tensor table failed: {detail}). It was probably cut short by an "
+            f"interrupted download or copy, or damaged; download or copy it again. Nothing was written.") from None
 
 
 def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
