@@ -54,6 +54,8 @@ def test_unknown_key_did_you_mean(override, expected):
     ("train.batch_size=0", "train.batch_size"),
     ("model.dtype=float8", "model.dtype"),
     ("train.eval_every=0", "train.eval_every"),
+    ("train.seed=-1", "train.seed"),  # numpy's seed range is 0 ... 2**32 - 1
+    ("train.seed=4294967296", "train.seed"),
 ])
 def test_out_of_range_names_the_key(override, key):
     with pytest.raises(TunelabError) as e:

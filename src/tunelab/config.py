@@ -349,7 +349,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="Log the training loss every N optimizer steps.")
     metric: str = Field("auto", description="Validation metric for best checkpoint and early stopping ('auto': the task's main one, or 'loss').")
     patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without improvement; empty disables.")
-    seed: int = Field(42, description="Seed for initialisation, data order and splits.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and splits "
+                      "(0 to 2**32 - 1 = 4294967295, the range numpy's generator takes).")
     gradient_checkpointing: bool = Field(False, description="Recompute each block's activations in the backward pass "
                                          "instead of keeping them: far less activation memory for ~30 % more compute.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': the training forward runs under bfloat16 "
