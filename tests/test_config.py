@@ -112,3 +112,31 @@ def test_switching_method_on_the_command_line_replaces_the_method_section(tmp_pa
     cfg = config.load(p, ["method.name=freeze", "method.freeze_layers=1"])
     assert cfg.method.freeze_layers == 1
     assert config.load(p, ["method.r=2"]).method.r == 2  # same method: keys merge
+
+
+def test_a_key_given_twice_is_an_error_at_any_depth(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word; a recipe with one is an error naming both lines."""
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {path: m}\ndata: {train: t.jsonl}\ntrain:\n  lr: 1.0e-3\n  batch_size: 4\n  lr: 1.0e-4\n")
+    with pytest.raises(TunelabError, match=r"'.*r\.yaml' gives the key 'train\.lr' twice, at lines 4 and 6"):
+        config.load(p)
+    p.write_text("model: {path: m}\ntasks:\n  - name: a\n    data: {train: a.jsonl, train: b.jsonl}\n")
+    with pytest.raises(TunelabError, match=r"'tasks\.0\.data\.train' twice, at lines 4 and 4"):
+        config.load(p)
+    p.write_text("model: {path: m}\ndata: {train: t.jsonl}\nmodel: {path: n}\n")
+    with pytest.raises(TunelabError, match=r"'model' twice, at lines 1 and 3"):
+        config.load(p)
+    with pytest.raises(TunelabError, match=r"Override 'method.rank_pattern=\{q: 4, q: 8\}'.*'q' twice"):
+        config.load(None, BASE + ["method.name=lora", "method.rank_pattern={q: 4, q: 8}"])
+    # not duplicates: a merge key overridden by an explicit one, an alias used twice, equal keys in two sections
+    p.write_text("defaults: &d {lr: 1.0e-3, batch_size: 4}\nmodel: {path: m}\ndata: {train: t.jsonl, dedupe: true}\n"
+                 "eval: {batch_size: 8}\n")
+    with pytest.raises(TunelabError, match="unknown key 'defaults'"):
+        config.load(p)
+    p.write_text("model: {path: m}\ndata: {train: t.jsonl}\ntrain: &t\n  <<: {lr: 1.0e-3, batch_size: 4}\n  lr: 3.0e-4\n"
+                 "tasks_: *t\n")
+    with pytest.raises(TunelabError, match="unknown key 'tasks_'"):
+        config.load(p)
+    p.write_text("model: {path: m}\ndata: {train: t.jsonl}\ntrain:\n  <<: {lr: 1.0e-3, batch_size: 4}\n  lr: 3.0e-4\n")
+    cfg = config.load(p)
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.batch_size == 4

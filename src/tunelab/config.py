@@ -461,13 +461,49 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
                 f"e.g. train.lr=3e-4 or method.target_modules=[query,value]."
             )
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            out[key.strip()], twice = _parse_yaml(value) if value.strip() else (None, [])
         except (yaml.YAMLError, RecursionError) as e:
             raise TunelabError(
                 f"Override '{shown}': the value is not valid YAML ({_yaml_problem(e)}). Give a number, a word or a list "
                 f"like [query,value], and quote text with special characters, e.g. \"data.train='my [1].jsonl'\"."
             ) from None
+        if twice:
+            raise TunelabError(f"Override '{shown}': the value gives the key '{twice[0][0]}' twice, and YAML would keep "
+                               f"only the last one. Give each key once.")
     return out
+
+
+def _parse_yaml(text: str) -> tuple[Any, list[tuple[str, int, int]]]:
+    """yaml.safe_load, and the keys given twice in one mapping at any depth (which PyYAML resolves silently, the last
+    one winning): [(dotted key, first line, second line)], sorted by the second line. Each node is visited once, so
+    aliases (an anchor bomb) cost nothing extra."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        twice = []
+        stack, visited = [(root, "")] if root is not None else [], set()
+        while stack:
+            node, path = stack.pop()
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                stack += [(item, f"{path}{i}.") for i, item in enumerate(node.value)]
+            elif isinstance(node, yaml.MappingNode):
+                lines: dict[tuple[str, str], int] = {}
+                for key, value in node.value:
+                    if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                        stack.append((value, path))
+                        continue
+                    name = key.value if key.value.isprintable() else repr(key.value)[1:-1]
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in lines:
+                        twice.append((f"{path}{name}", lines[key.tag, key.value], line))
+                    lines[key.tag, key.value] = line
+                    stack.append((value, f"{path}{name}."))
+        return (loader.construct_document(root) if root is not None else None), sorted(twice, key=lambda t: t[2])
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(e: Exception) -> str:
@@ -511,11 +547,17 @@ def load(path: str | Path | None, overrides: list[str] | dict[str, Any] | None =
             raise TunelabError(f"Config file '{path}' is not UTF-8 text{found}. Re-save it as UTF-8, e.g. `iconv -f "
                                f"{'UTF-16' if utf16 else 'latin1'} -t UTF-8 {path} > fixed.yaml`.") from None
         try:
-            tree = yaml.safe_load(text) or {}
+            tree, twice = _parse_yaml(text)
+            tree = tree or {}
         except (yaml.YAMLError, RecursionError) as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise TunelabError(f"Config file '{path}' is not valid YAML{where}: {_yaml_problem(e)}. Fix the syntax there.") from None
+        if twice:
+            key, first, second = twice[0]
+            more = f" ({len(twice) - 1} more key(s) are given twice too)" if len(twice) > 1 else ""
+            raise TunelabError(f"Config file '{path}' gives the key '{key}' twice, at lines {first} and {second}{more}; "
+                               f"YAML would silently keep only the last one. Remove one of them.")
         if not isinstance(tree, dict):
             raise TunelabError(f"Config file '{path}' must hold a mapping of sections (model, data, task, method, train), not {type(tree).__name__}.")
     changes = {**parse_overrides(overrides), **kw}
