@@ -350,7 +350,147 @@ def test_error_no_rows_after_cleaning(tmp_path):
     assert "t.jsonl" in msg and "data.train" in msg and "1 empty_text" in msg and "1 missing_label" in msg
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": 0, "label": 1}\n', "line 2 gives the key 'label' twice"),
+    ('{"text": "a", "label": 1, "meta": [{"by": "x", "by": "y"}]}\n', "line 1 gives the key 'by' twice"),
+    # a whole pair is one character (an emoji); half of one is not a character at all
+    ('{"text": "ok \\ud83d\\ude00", "label": 1}\n{"text": "cut \\ud83d", "label": 0}\n',
+     "line 2 holds a lone surrogate escape (\\ud83d) in 'text'"),
+    ('{"text": "ok", "label": 1, "meta": {"tags": ["x", "\\uDC00"]}}\n', "(\\udc00) in 'meta' 'tags' item 2"),
+    ("label\ttext\tlabel\nx\ty\tz\n", "line 1 (the header row) names the column 'label' twice (columns 1 and 3)"),
+])
+def test_error_key_given_twice_or_lone_surrogate(tmp_path, text, fragment):
+    from tunelab.data.sources import read_records
+
+    p = tmp_path / ("t.tsv" if "\t" in text else "t.jsonl")
+    p.write_text(text, encoding="utf-8")
+    for read in (read_examples, read_records):
+        msg = error_of(read, p, key="data.train")
+        assert str(p) in msg and fragment in msg
+
+
+def test_unnamed_columns_may_repeat(tmp_path):
+    p = tmp_path / "t.tsv"
+    p.write_text("text\tlabel\t\t\nx\ty\t\t\n", encoding="utf-8")  # trailing delimiters: empty names, never read
+    assert [ex["text"] for ex in read_examples(p)] == ["x"]
+
+
 def test_error_too_few_rows_to_hold_out(tmp_path):
     p = write_jsonl(tmp_path / "t.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}])
     msg = error_of(load_splits, DataConfig(train=str(p)), 0)
     assert "t.jsonl" in msg and "data.validation" in msg
+
+
+# -- invisible texts, labels spelled two ways, huge rows -----------------------------------------------------------
+
+INVISIBLE = ["\u200b", "\ufeff", "\u200c\u200d", " \u2060 ", "\u200b \u200b\t", "\u200e\u200f", "\u00ad", "\u2063"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_texts_of_only_invisible_format_characters_are_dropped_as_empty(tmp_path, streaming):
+    rows = [{"text": t, "label": "pos"} for t in INVISIBLE] + make_rows(20, seed=1)
+    rows += [{"text": "\U0001f469\u200d\U0001f52c works", "label": "pos"},  # a joiner inside an emoji: a real text
+             {"text": "\u200bsee\u200b", "label": "neg"}]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    splits, report = load_splits(DataConfig(train=str(p), streaming=streaming), 0)
+    entry = report["splits"]["train"]
+    assert entry["dropped"]["empty_text"] == len(INVISIBLE) and entry["rows_read"] == len(rows)
+    texts = {ex["text"] for name in ("train", "validation") for ex in splits[name]}
+    assert {"\U0001f469\u200d\U0001f52c works", "\u200bsee\u200b"} <= texts
+    assert not any(t.strip("\u200b\ufeff\u200c\u200d\u2060\u200e\u200f\u00ad\u2063 ") == "" for t in texts)
+    assert f"{len(INVISIBLE)} empty_text" in format_report(report)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_labels_that_read_as_the_same_number_are_a_warning_not_an_error(tmp_path, streaming):
+    rows = [{"text": r["text"], "label": [1, "1.0", 0][i % 3]} for i, r in enumerate(make_rows(30, seed=4))]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    splits, report = load_splits(DataConfig(train=str(p), validation=str(p), streaming=streaming), 0)
+    entry = report["splits"]["train"]
+    assert set(entry["labels"]) == {"0", "1", "1.0"} and entry["label_spellings"] == [["1", "1.0"]]
+    assert "warning: the labels '1' and '1.0' read as the same number but are different classes" in format_report(report)
+    assert inspect(p)["label_spellings"] == [["1", "1.0"]]
+    clean = write_jsonl(tmp_path / "c.jsonl", [{"text": r["text"], "label": [1, "1", 1.0][i % 3]} for i, r in enumerate(rows)])
+    _, report = load_splits(DataConfig(train=str(clean), streaming=streaming), 0)  # one class, one spelling
+    assert "label_spellings" not in report["splits"]["train"] and "warning" not in format_report(report)
+
+
+def _huge_text(n_chars: int = 50_000_000) -> str:
+    words = "the film was really quite moving and the cast was great "
+    return "start " + words * (n_chars // len(words)) + "end"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_50_mb_row_is_cut_before_cleaning_and_tokenising(tmp_path, tiny_bert, streaming):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.clean import CHARS_PER_TOKEN
+    from tunelab.tasks import classification
+
+    huge = _huge_text()
+    rows = make_rows(30, seed=5) + [{"text": huge, "label": "pos"}]
+    p = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = DataConfig(train=str(p), validation=str(p), max_length=32, streaming=streaming)
+    splits, report = load_splits(cfg, 0)
+    keep = 32 * CHARS_PER_TOKEN
+    for name in ("train", "validation"):
+        entry = report["splits"][name]
+        assert entry["rows_cut"] == 1 and entry["cut_to_chars"] == keep
+    assert f"1 rows cut to their first and last {keep:,} characters before tokenising" in format_report(report)
+    cut = next(ex["text"] for ex in splits["train"] if ex["row"] == len(rows))
+    assert len(cut) <= 2 * keep + 1 and cut.startswith("start the film") and cut.endswith("cast was great end")
+    feats, stats = classification.encode(list(splits["train"]), AutoTokenizer.from_pretrained(tiny_bert),
+                                         {"labels": ["neg", "pos"]}, 32)
+    assert stats["truncated"] == 1 and max(len(f["input_ids"]) for f in feats) == 32
+
+
+def test_huge_chat_and_preference_texts_are_cut_too(tmp_path):
+    from types import SimpleNamespace
+
+    from tunelab.data import chat, preference
+
+    huge = _huge_text(5_000_000)
+    cfg = SimpleNamespace(format="auto", text_field="text", dedupe=True, max_length=64)
+    p = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "Summarise: " + huge}, {"role": "assistant", "content": "Films."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}])
+    rows, entry = chat.read(str(p), "data.train", cfg, "sft")
+    assert entry["rows_cut"] == 1 and entry["cut_to_chars"] == 64 * 64
+    user = rows[0]["messages"][0]["content"]
+    assert len(user) == 2 * 64 * 64 + 1 and user.startswith("Summarise: start") and user.endswith("great end")
+    assert rows[1]["messages"][0]["content"] == "Hi"
+    p = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "input": huge, "output": "Hi."}])
+    rows, entry = chat.read(str(p), "data.train", cfg, "sft")
+    assert entry["rows_cut"] == 1 and rows[0]["messages"][0]["input"].endswith("great end")
+
+    p = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Name a colour.", "chosen": huge, "rejected": "No."},
+                                               {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "No."}])
+    pairs, entry = preference.read(str(p), "data.train", cfg)
+    assert entry["rows_cut"] == 1 and len(pairs[0]["chosen"]) == 2 * 64 * 64 + 1 and pairs[1]["chosen"] == "Apple."
+
+    from tunelab.tasks import embedding
+
+    cfg = SimpleNamespace(anchor_field="anchor", positive_field="positive", negative_field=None, dedupe=True, max_length=64)
+    p = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": "What is it about?", "positive": huge},
+                                               {"anchor": "\u200b", "positive": "An empty anchor."}])
+    with pytest.raises(TunelabError, match=r"row 2: 'anchor' \(anchor\) is empty"):
+        embedding.read(str(p), "data.train", cfg)
+    p = write_jsonl(tmp_path / "pairs.jsonl", [{"anchor": "What is it about?", "positive": huge}])
+    rows, entry = embedding.read(str(p), "data.train", cfg)
+    assert entry["rows_cut"] == 1 and len(rows[0]["positive"]) == 2 * 64 * 64 + 1
+
+
+def test_a_run_on_data_with_a_50_mb_row_trains_and_reports_the_cut(tmp_path, tiny_bert, cli_run):
+    import yaml
+
+    p = write_jsonl(tmp_path / "t.jsonl", make_rows(40, seed=6) + [{"text": _huge_text(), "label": "neg"}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_bert)}, "data": {"train": str(p), "max_length": 32}, "method": {"name": "full"},
+        "train": {"max_steps": 1, "batch_size": 4},
+        "eval": {"base": False, "linear_probe": False, "forgetting": "none", "samples": 0}}))
+    r = cli_run("train", recipe, f"output_dir={tmp_path / 'run'}")
+    assert r.code == 0, r.err[-3000:]
+    assert "1 rows cut to their first and last 2,048 characters before tokenising" in r.out
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["splits"]["train"]["rows_cut"] == 1

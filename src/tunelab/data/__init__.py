@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import TunelabError
-from .clean import DROP_REASONS, canonical_label, clean_examples, label_counts, label_sort_key
+from .clean import (CHARS_PER_TOKEN, DROP_REASONS, canonical_label, clean_examples, cut_long_texts, cut_report,
+                    kept_chars, label_counts, label_sort_key, spelling_report)
 from .sources import SUPPORTED_EXTENSIONS, read_examples
 from .split import random_split, stratified_split
 
@@ -96,6 +97,7 @@ def inspect(path, text_field: str = "text", label_field: str = "label", dedupe: 
         "dropped": dropped,
         "rows": len(kept),
         "labels": label_counts(kept),
+        **spelling_report(label_counts(kept)),
         "length": {
             "chars": _stats([len(t) for t in texts]),
             "words": _stats([len(t.split()) for t in texts]),
@@ -140,6 +142,8 @@ def format_tokens(stats: dict) -> str:
 def _load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tuple[list[dict], dict]:
     examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field,
                              label_lists=kind == "set")
+    keep = kept_chars(cfg.max_length)
+    rows_cut = cut_long_texts(examples, ("text", "pair"), keep)
     if kind == "number":
         examples = [{**ex, "label": number(ex, path, key, cfg.label_field)} for ex in examples]
     elif kind == "set":
@@ -147,7 +151,8 @@ def _load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tup
     kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
     if not kept:
         raise no_rows_left(path, key, cfg, len(examples), dropped)
-    return kept, {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), **_label_summary(kept, kind)}
+    return kept, {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), **cut_report(rows_cut, keep),
+                  **_label_summary(kept, kind)}
 
 
 def _label_summary(rows: list[dict], kind: str) -> dict:
@@ -157,8 +162,9 @@ def _label_summary(rows: list[dict], kind: str) -> dict:
         counts = Counter(name for r in rows for name in r["label"])
         sizes = Counter(len(r["label"]) for r in rows)
         return {"labels": {n: counts[n] for n in sorted(counts, key=label_sort_key)},
-                "labels_per_row": {str(k): sizes[k] for k in sorted(sizes)}}
-    return {"labels": label_counts(rows)}
+                "labels_per_row": {str(k): sizes[k] for k in sorted(sizes)}, **spelling_report(counts)}
+    counts = label_counts(rows)
+    return {"labels": counts, **spelling_report(counts)}
 
 
 def label_set(ex: dict, path, key: str, cfg: DataConfig) -> tuple | None:
@@ -255,6 +261,13 @@ def _format_entry(title: str, entry: dict) -> list[str]:
         total = sum(entry["labels"].values()) or 1
         labels = ", ".join(f"{label or '(empty)'} {n} ({n / total:.0%})" for label, n in entry["labels"].items())
         lines.append(f"  labels ({len(entry['labels'])}): {labels or 'none'}")
+    for group in entry.get("label_spellings", []):
+        lines.append(f"  warning: the labels {' and '.join(map(repr, group))} read as the same number but are "
+                     f"different classes; if they are one class, write them the same way in the file")
+    if entry.get("rows_cut"):
+        lines.append(f"  {entry['rows_cut']} rows cut to their first and last {entry['cut_to_chars']:,} characters "
+                     f"before tokenising (data.max_length x {CHARS_PER_TOKEN}; far more than fits in the model's "
+                     f"window either way)")
     if "overlap_with_train" in entry:
         lines.append(f"  texts also in train: {entry['overlap_with_train']}")
     for unit, stats in (entry.get("length") or {}).items():

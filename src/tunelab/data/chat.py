@@ -27,6 +27,7 @@ from __future__ import annotations
 
 
 from ..errors import TunelabError
+from .clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from .sources import field_names, read_records
 from .split import random_split
 
@@ -88,9 +89,14 @@ def read(path: str, key: str, data_cfg, task_type: str) -> tuple[list[dict], dic
                f"{', ...' if len(problems) > 10 else ''})" if len(problems) > 1 else ""
         raise TunelabError(f"{what} row {row}: {msg}{more}. A valid {fmt} row looks like {ROW_EXAMPLE[fmt]}; fix or "
                            f"remove the row.")
+    # plain text (causal_lm, mlm) is cut into windows, every character used: only conversations are cut
+    keep = kept_chars(data_cfg.max_length)
+    rows_cut = sum(bool(cut_long_texts(ex["messages"], ("content", "input"), keep)) for ex in examples
+                   if "messages" in ex)
     kept, duplicates = _dedupe(examples) if data_cfg.dedupe else (examples, 0)
     turns = sum(sum(m["role"] == "assistant" for m in ex["messages"]) for ex in kept) if fmt != "text" else None
-    entry = {"format": fmt, "rows_read": len(records), "dropped": {"duplicate": duplicates}, "rows": len(kept)}
+    entry = {"format": fmt, "rows_read": len(records), "dropped": {"duplicate": duplicates}, "rows": len(kept),
+             **cut_report(rows_cut, keep)}
     if turns is not None:
         entry["assistant_turns"] = turns
     return kept, entry
@@ -107,7 +113,7 @@ def _example(record: dict, fmt: str, text_field: str) -> dict:
         if text_field not in record:
             raise ValueError(f"no '{text_field}' field (set data.text_field to the text column)")
         text = _text(record[text_field], text_field)
-        if not text.strip():
+        if is_empty_text(text):
             raise ValueError(f"'{text_field}' is empty")
         return {"text": text}
     if fmt == "alpaca":
@@ -116,9 +122,9 @@ def _example(record: dict, fmt: str, text_field: str) -> dict:
                 raise ValueError(f"no '{field}' field")
         instruction, output = _text(record["instruction"], "instruction"), _text(record["output"], "output")
         extra = record.get("input") or ""
-        if not instruction.strip():
+        if is_empty_text(instruction):
             raise ValueError("'instruction' is empty")
-        if not output.strip():
+        if is_empty_text(output):
             raise ValueError("'output' is empty: there is no response to learn")
         messages = [{"role": "system", "content": _text(record["system"], "system")}] if record.get("system") else []
         messages.append({"role": "user", "content": instruction, "input": _text(extra, "input")})
@@ -158,7 +164,7 @@ def _check_order(messages: list[dict]) -> None:
     if body[-1]["role"] != "assistant":
         raise ValueError("ends with a user turn that has no assistant reply; add the reply or remove that turn")
     for i, m in enumerate(messages, start=1):
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and is_empty_text(m["content"]):
             raise ValueError(f"turn {i} is an empty assistant turn: there is nothing to learn there")
 
 

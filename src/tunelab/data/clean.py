@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
 from collections import Counter, defaultdict
 
 DROP_REASONS = ("empty_text", "missing_label", "duplicate", "conflicting_label")
+
+# A text longer than 2 * max_length * CHARS_PER_TOKEN characters is cut before it is cleaned and tokenised, keeping
+# its first and last max_length * CHARS_PER_TOKEN characters. No tokenizer puts anywhere near 64 characters in one
+# token on average (prose runs 3-5, code vocabularies' longest runs of spaces or dashes ~30), so each kept end still
+# holds more than max_length tokens, and truncation from either side (classification keeps the start, sft cuts the
+# prompt from the left) sees the same tokens as with the whole text; a 50 MB row no longer costs minutes and
+# gigabytes to normalise and tokenise. Applied where a text is truncated to max_length tokens, not where it is cut
+# into windows (causal_lm, mlm, qa contexts) and every character counts.
+CHARS_PER_TOKEN = 64
 
 
 def canonical_label(value) -> str:
@@ -36,6 +46,55 @@ def is_missing_label(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and math.isnan(value)
 
 
+def kept_chars(max_length: int) -> int:
+    """How many characters of each end of a long text are kept (CHARS_PER_TOKEN)."""
+    return max_length * CHARS_PER_TOKEN
+
+
+def cut_long_texts(rows: list[dict], fields: tuple[str, ...], keep: int) -> int:
+    """Cut, in place, each string in `fields` of each row that is longer than 2 * keep characters to its first and
+    last `keep` characters (joined by a space); returns how many rows had a text cut."""
+    cut = 0
+    for row in rows:
+        long = [f for f in fields if isinstance(row.get(f), str) and len(row[f]) > 2 * keep]
+        for f in long:
+            row[f] = f"{row[f][:keep]} {row[f][-keep:]}"
+        cut += bool(long)
+    return cut
+
+
+def cut_report(rows_cut: int, keep: int) -> dict:
+    """The data report's fields for texts cut before tokenising (none when no text was)."""
+    return {"rows_cut": rows_cut, "cut_to_chars": keep} if rows_cut else {}
+
+
+def is_empty_text(text: str) -> bool:
+    """Nothing but whitespace and invisible format characters (Unicode category Cf: zero-width space U+200B,
+    (non-)joiners U+200C/U+200D, word joiner U+2060, byte-order mark U+FEFF, direction marks ...). A text with
+    anything else keeps its format characters: joiners matter inside emoji and in Persian or Hindi words."""
+    return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
+
+
+def same_number_spellings(labels) -> list[list[str]]:
+    """Groups of two or more distinct labels that read as the same number ("1" and "1.0", "2" and "02"): each is a
+    class of its own, which is rarely what the data meant. Sorted lists, in label order."""
+    by_value = defaultdict(list)
+    for label in labels:
+        try:
+            value = float(label)
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if math.isfinite(value):
+            by_value[value].append(label)
+    return [sorted(group, key=label_sort_key) for _, group in sorted(by_value.items()) if len(group) > 1]
+
+
+def spelling_report(labels) -> dict:
+    """The data report's field for labels spelled two ways (none when there are none)."""
+    groups = same_number_spellings(labels)
+    return {"label_spellings": groups} if groups else {}
+
+
 def normalise_text(value) -> str:
     """Strip and collapse every run of whitespace (newlines, tabs, NBSP...) to one space.
     None and NaN become "" (how pandas-written files spell a missing text)."""
@@ -59,7 +118,7 @@ def clean_examples(examples: list[dict], dedupe: bool = True) -> tuple[list[dict
     for ex in examples:
         text = normalise_text(ex["text"])
         pair = normalise_text(ex["pair"]) if "pair" in ex else None
-        if not text or pair == "":
+        if is_empty_text(text) or (pair is not None and is_empty_text(pair)):
             dropped["empty_text"] += 1
         elif is_missing_label(ex["label"]):
             dropped["missing_label"] += 1

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import TunelabError
 from . import chat
+from .clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from .sources import field_names, read_records
 
 ROW_EXAMPLE = '{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not."}'
@@ -41,6 +42,9 @@ def read(path: str, key: str, data_cfg, task_type: str = "dpo") -> tuple[list[di
                 f"{', ...' if len(problems) > 10 else ''})") if len(problems) > 1 else ""
         raise TunelabError(f"{what} row {row}: {msg}{more}. A preference row looks like {ROW_EXAMPLE} (prompt may "
                            f"also be a list of chat messages); fix or remove the row.")
+    keep = kept_chars(data_cfg.max_length)
+    rows_cut = sum(bool(cut_long_texts(p["prompt"], ("content",), keep) + cut_long_texts([p], ("chosen", "rejected"), keep))
+                   for p in pairs)
     kept, seen = [], set()
     for p in pairs:
         key_ = (str(p["prompt"]), p["chosen"], p["rejected"])
@@ -48,7 +52,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "dpo") -> tuple[list[di
             seen.add(key_)
             kept.append(p)
     entry = {"format": "preference", "rows_read": len(records), "dropped": {"duplicate": len(pairs) - len(kept)},
-             "rows": len(kept)}
+             "rows": len(kept), **cut_report(rows_cut, keep)}
     return kept, entry
 
 
@@ -60,7 +64,7 @@ def _reply(value, field: str) -> str:
         value = value[0].get("content")
     if not isinstance(value, str):
         raise ValueError(f"'{field}' is {type(value).__name__}, not a string")
-    if not value.strip():
+    if is_empty_text(value):
         raise ValueError(f"'{field}' is empty")
     return value
 
@@ -71,7 +75,7 @@ def _pair(record: dict) -> dict:
             raise ValueError(f"no '{field}' field (found: {field_names(record)})")
     prompt = record["prompt"]
     if isinstance(prompt, str):
-        if not prompt.strip():
+        if is_empty_text(prompt):
             raise ValueError("'prompt' is empty")
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list) and prompt:

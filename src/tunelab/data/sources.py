@@ -16,6 +16,7 @@ import io
 import json
 import math
 import numbers
+import re
 from pathlib import Path
 
 from ..errors import TunelabError
@@ -69,6 +70,7 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
+            check_unique_columns(pq.read_schema(p).names, "the Parquet schema", what)
             rows = pq.read_table(p).to_pylist()
         except (pa.ArrowException, OSError) as e:
             raise TunelabError(f"{what} could not be read as Parquet: {str(e).rstrip('.')}. Re-export it (e.g. pandas `df.to_parquet`).") from None
@@ -90,6 +92,8 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     out = []
     try:
+        if reader.fieldnames:  # DictReader keeps the last of two equal column names without a word
+            check_unique_columns(reader.fieldnames, f"line {reader.line_num} (the header row)", what)
         for i, r in enumerate(reader, start=1):
             # DictReader files surplus fields under the key None and fills missing ones with None.
             if None in r or None in r.values():
@@ -121,10 +125,49 @@ def check_not_array(text: str, path: str | Path, what: str) -> None:
         )
 
 
+class DuplicateKey(Exception):
+    """Raised by `decode_json`: the key an object gives twice (args[0])."""
+
+
+def _object_without_repeats(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+# json.loads keeps the last of two equal keys without a word; this decoder refuses them. One decoder for every line:
+# json.loads(line, object_pairs_hook=...) would build a new one per call, which costs more than the hook itself.
+decode_json = json.JSONDecoder(object_pairs_hook=_object_without_repeats).decode
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(value) -> tuple[str, str] | None:
+    """(where, the \\uXXXX escape) of the first string or key in a parsed JSON value that holds a lone UTF-16
+    surrogate: json accepts the escape "\\ud800", but the string cannot be encoded as UTF-8 (tokenizers and JSON
+    writers fail on it later). `where` is the field's path, e.g. 'messages' item 2 'content'."""
+    stack = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str) and _SURROGATE.search(v):
+            return path or "the value", f"\\u{ord(_SURROGATE.search(v).group()):04x}"
+        if isinstance(v, dict):
+            stack += [(k, f"a field name{' in ' + path if path else ''}") for k in v]
+            stack += [(x, f"{path} {k!r:.40}".strip()) for k, x in reversed(v.items())]
+        elif isinstance(v, list):
+            stack += [(x, f"{path} item {i}".strip()) for i, x in reversed(list(enumerate(v, start=1)))]
+    return None
+
+
 def parse_json_line(line: str, line_no: int, what: str) -> dict:
-    """One JSON-lines row as a dict, or the error naming its line."""
+    """One JSON-lines row as a dict, or the error naming its line: not JSON, not an object, a key given twice in an
+    object, or a lone surrogate escape in a string."""
     try:
-        obj = json.loads(line)
+        obj = decode_json(line)
+    except DuplicateKey as e:
+        raise duplicate_key(e, f"{what} line {line_no}", "on that line") from None
     except json.JSONDecodeError as e:
         raise TunelabError(
             f"{what} line {line_no} is not valid JSON: {e.msg} (column {e.colno}). "
@@ -141,7 +184,32 @@ def parse_json_line(line: str, line_no: int, what: str) -> dict:
             f"{what} line {line_no} is a JSON {type(obj).__name__}, not an object. "
             f"Each line must be one JSON object, e.g. {{\"text\": \"...\", \"label\": \"pos\"}}; fix or remove that line."
         )
+    if may_hold_surrogates(line):
+        check_no_surrogates(obj, f"{what} line {line_no}")
     return obj
+
+
+def duplicate_key(e: DuplicateKey, where: str, there: str) -> TunelabError:
+    return TunelabError(
+        f"{where} gives the key '{field_names([str(e.args[0])])}' twice in one object; JSON readers keep only one of "
+        f"the two (Python's json the last), so the other is lost without a word. Remove or rename one of them {there}.")
+
+
+def may_hold_surrogates(json_text: str) -> bool:
+    """Whether parsing `json_text` can give a string with a surrogate: only a \\uD800-\\uDFFF escape can (UTF-8 text
+    cannot encode one). A cheap test, so the walk over the parsed value is only made for such text."""
+    return "\\u" in json_text and _SURROGATE_ESCAPE.search(json_text) is not None
+
+
+def check_no_surrogates(value, where: str) -> None:
+    """The error naming the field of a parsed JSON value that holds a lone surrogate, if one does."""
+    found = lone_surrogate(value)
+    if found:
+        field, escape = found
+        raise TunelabError(
+            f"{where} holds a lone surrogate escape ({escape}) in {field}: half of a UTF-16 pair, which is not a "
+            f"character and cannot be encoded as UTF-8 text. The program that wrote the file cut a character (often "
+            f"an emoji) in two or wrote binary data as text; fix that string, or remove the row.")
 
 
 def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> Path:
@@ -267,10 +335,23 @@ def header_columns(record: list[str], start: int, what: str, text_field: str, la
     """(width, text column, label column or None, pair column or None) of a CSV header row, or the error naming
     the missing column."""
     header = [h.strip() for h in record]
+    check_unique_columns(header, f"line {start} (the header row)", what)
     for field, config_key in _required(text_field, label_field, pair_field):
         if field not in header:
             raise _missing_column(what, field, config_key, header, f"the header row (line {start})")
     return (len(header), *(header.index(f) if f else None for f in (text_field, label_field, pair_field)))
+
+
+def check_unique_columns(header: list[str], where: str, what: str) -> None:
+    """A header naming one column twice is an error: readers would take one of the two without a word. Unnamed
+    columns (empty names, e.g. from trailing delimiters) are never read, so they may repeat."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        if name and name in seen:
+            raise TunelabError(
+                f"{what}: {where} names the column '{field_names([name])}' twice (columns "
+                f"{seen[name]} and {i}), so which of the two holds the data is a guess. Rename or remove one of them.")
+        seen[name] = i
 
 
 def from_columns(record: list[str], columns: tuple, start: int) -> dict:
@@ -307,6 +388,7 @@ def _read_parquet(p: Path, what: str, text_field: str, label_field: str, pair_fi
 
     try:
         columns = pq.read_schema(p).names
+        check_unique_columns(columns, "the Parquet schema", what)
         required = _required(text_field, label_field, pair_field)
         for field, config_key in required:
             if field not in columns:

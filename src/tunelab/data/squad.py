@@ -71,7 +71,9 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
         text = sources._decode_utf8(p.read_bytes(), path, what)
         if text.lstrip().startswith("{"):
             try:
-                tree = json.loads(text)
+                tree = sources.decode_json(text)
+            except sources.DuplicateKey as e:
+                raise sources.duplicate_key(e, what, "in the file") from None
             except (ValueError, RecursionError) as e:
                 tree = None  # several objects: JSON lines, read below
                 first = text.lstrip().split("\n", 1)[0]
@@ -86,6 +88,8 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
                         f"hold SQuAD JSON ({{\"data\": [{{\"paragraphs\": [...]}}]}}) or one question per line; if "
                         f"the file was cut short, download or export it again.") from None
             if isinstance(tree, dict) and "data" in tree:
+                if sources.may_hold_surrogates(text):
+                    sources.check_no_surrogates(tree, what)
                 return _nested(tree, what), "SQuAD JSON"
     rows = sources.read_records(path, key)
     line = "row" if p.suffix.lower() == ".parquet" else "line"

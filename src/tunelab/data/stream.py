@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import TunelabError
 from . import sources
-from .clean import DROP_REASONS, canonical_label, is_missing_label, label_sort_key, normalise_text
+from .clean import (DROP_REASONS, canonical_label, cut_long_texts, cut_report, is_empty_text, is_missing_label,
+                    kept_chars, label_sort_key, normalise_text, spelling_report)
 
 FORMATS = (".jsonl", ".json", ".csv", ".tsv")
 ENCODE_CHUNK = 1024  # rows tokenised at a time in the token pass
@@ -36,9 +37,11 @@ CACHE = 4096  # tokenised rows kept for the loop's repeated reads of one step's 
 class Index:
     """Where each usable row of one file is: byte offset and size, line number, text hash and label id, as arrays."""
 
-    def __init__(self, path: Path, what: str, delimiter: str | None, text_field: str, label_field: str):
+    def __init__(self, path: Path, what: str, delimiter: str | None, text_field: str, label_field: str, keep: int):
         self.path, self.what, self.delimiter = path, what, delimiter
         self.text_field, self.label_field = text_field, label_field
+        self.keep = keep  # clean.kept_chars: a longer text is cut to its first and last `keep` characters
+        self.rows_cut = 0
         self.columns: tuple | None = None  # CSV: sources.header_columns
         self.names: list[str] = []  # canonical labels; label ids index this list
         self.rows_read = 0
@@ -53,16 +56,23 @@ class Index:
         try:
             raw = os.pread(self._fd, int(self.sizes[i]), int(self.offsets[i])).decode("utf-8")
             if self.delimiter is None:
-                return normalise_text(json.loads(raw)[self.text_field])
-            return normalise_text(next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))[self.columns[1]])
+                text = json.loads(raw)[self.text_field]
+            else:
+                text = next(csv.reader(io.StringIO(raw, newline=""), delimiter=self.delimiter))[self.columns[1]]
+            return self.clean({"text": text})[0]
         except (ValueError, KeyError, IndexError, TypeError, StopIteration):  # UnicodeDecodeError and JSON's are ValueErrors
             raise TunelabError(
                 f"{self.what} changed while training read it (line {int(self.rows[i])} is no longer the row indexed at "
                 f"the start). With data.streaming the file is read throughout the run: leave it unchanged until the "
                 f"run ends, and resume it (`tunelab train --resume RUN_DIR`).") from None
 
+    def clean(self, row: dict) -> tuple[str, bool]:
+        """(the normalised text of a row as read, whether it was cut first): as the in-memory path does it."""
+        cut = cut_long_texts([row], ("text",), self.keep)
+        return normalise_text(row["text"]), bool(cut)
 
-def index(path, key: str, text_field: str, label_field: str) -> Index:
+
+def index(path, key: str, text_field: str, label_field: str, max_length: int) -> Index:
     """Check and clean every row of a .jsonl/.csv/.tsv file in one pass, as read_examples + clean_examples would,
     keeping only the row's whereabouts (before dedupe: `deduped` does that)."""
     p = sources.resolve_path(path, key)
@@ -76,14 +86,15 @@ def index(path, key: str, text_field: str, label_field: str) -> Index:
     if p.stat().st_size == 0:
         raise TunelabError(f"{what} is empty. It should hold {sources._FORMAT_HINTS[ext]}.")
     delimiter = None if ext in (".jsonl", ".json") else ("\t" if ext == ".tsv" else ",")
-    ix = Index(p, what, delimiter, text_field, label_field)
+    ix = Index(p, what, delimiter, text_field, label_field, kept_chars(max_length))
     offsets, sizes, rows, hashes, labels = array("q"), array("i"), array("q"), array("Q"), array("i")
     ids: dict[str, int] = {}
     records = _jsonl(ix, path) if delimiter is None else _delimited(ix)
     for offset, size, row, text, label in records:
         ix.rows_read += 1
-        text = normalise_text(text)
-        if not text:
+        text, cut = ix.clean({"text": text})
+        ix.rows_cut += cut
+        if is_empty_text(text):
             ix.dropped["empty_text"] += 1
             continue
         if is_missing_label(label):
@@ -302,13 +313,14 @@ def load_splits(cfg, seed: int) -> tuple[dict, dict]:
     for name, path in files.items():
         if path is None:
             continue
-        ix = index(path, f"data.{name}", cfg.text_field, cfg.label_field)
+        ix = index(path, f"data.{name}", cfg.text_field, cfg.label_field, cfg.max_length)
         keep = deduped(ix, cfg.dedupe)
         if not len(keep):
             raise no_rows_left(path, f"data.{name}", cfg, ix.rows_read, ix.dropped)
         splits[name] = Rows(ix, keep)
+        counts = splits[name].label_counts()
         entries[name] = {"rows_read": ix.rows_read, "dropped": ix.dropped, "rows": len(keep),
-                         "labels": splits[name].label_counts()}
+                         **cut_report(ix.rows_cut, ix.keep), "labels": counts, **spelling_report(counts)}
     if cfg.validation is not None:
         split_info = {"method": "file", "val_fraction": None, "seed": seed}
     else:

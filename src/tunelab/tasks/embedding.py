@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import models
 from ..data import chat
+from ..data.clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from ..data.sources import field_names, read_records
 from ..errors import TunelabError
 
@@ -71,7 +72,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
             value = r["record"].get(col)
             if not isinstance(value, str):
                 problem = f"'{col}' ({name}) is {'missing' if value is None else type(value).__name__}, not a text"
-            elif not value.strip():
+            elif is_empty_text(value):
                 problem = f"'{col}' ({name}) is empty"
             row[name] = value
         if problem:
@@ -85,6 +86,8 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
         raise TunelabError(f"{what} row {row}: {msg}{more}. Every embedding row needs a non-empty anchor and positive "
                            f"text (e.g. {{\"{fields['anchor']}\": \"How do I reset my password?\", "
                            f"\"{fields['positive']}\": \"Open Settings, then Reset password.\"}}); fix or remove the row.")
+    keep = kept_chars(data_cfg.max_length)
+    rows_cut = cut_long_texts(rows, tuple(fields), keep)
     kept, seen = [], set()
     for row in rows:
         key_ = tuple(row[k] for k in fields)
@@ -92,7 +95,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
             seen.add(key_)
             kept.append(row)
     return kept, {"format": "embedding", "rows_read": len(records), "dropped": {"duplicate": len(rows) - len(kept)},
-                  "rows": len(kept)}
+                  "rows": len(kept), **cut_report(rows_cut, keep)}
 
 
 def label_info(splits: dict, cfg) -> dict:
