@@ -95,16 +95,87 @@ def test_grpo_with_a_reward_model_run(tmp_path, tiny_chat_llama):
     assert isinstance(run.summary["eval"]["reward"], float) and run.summary["steps"] == 2
 
 
+BAD_REWARDS = """
+import math
+
+def raises(prompts, completions):
+    return [len(c.split()[0]) for c in completions]  # IndexError on an empty completion
+
+def too_few(prompts, completions):
+    return [1.0]
+
+def nan(prompts, completions):
+    return [c.count("o") / len(c) if c else math.nan for c in completions]
+
+def words(prompts, completions):
+    return ["good" for c in completions]
+
+def one_number(prompts, completions):
+    return 0.5
+
+not_a_function = 3
+
+def fails_later(prompts, completions, calls=[]):
+    calls.append(1)  # the check before the run, then the base evaluation: fine; the first training step: not
+    if len(calls) > 2:
+        raise RuntimeError("the scoring service is down")
+    return [0.0 for c in completions]
+"""
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "needs exactly one reward"),
     (["task.reward_function=nowhere_module:f"], "could not be loaded"),
     (["task.reward_function=justaname"], "expected 'module:function'"),
+    (["task.reward_function=REWARDS:raises"], "raised IndexError: list index out of range when tried before the run"),
+    (["task.reward_function=REWARDS:too_few"], "returned 1 value(s) for 4 completions when tried before the run"),
+    (["task.reward_function=REWARDS:nan"], "returned nan (float) for completion 1 of 4 when tried before the run"),
+    (["task.reward_function=REWARDS:words"], "returned 'good' (str) for completion 1 of 4"),
+    (["task.reward_function=REWARDS:one_number"], "returned 0.5 (float), not a list of numbers"),
+    (["task.reward_function=REWARDS:not_a_function"], "'not_a_function' is 3, not a function"),
+    (["task.reward_function=BROKEN:f"], "could not be loaded (SyntaxError"),
 ])
 def test_grpo_reward_errors_are_clear(tmp_path, tiny_chat_llama, extra, message):
     import tunelab
     from tunelab import TunelabError
 
-    with pytest.raises(TunelabError, match=message):
+    (tmp_path / "rewards.py").write_text(BAD_REWARDS)
+    (tmp_path / "broken.py").write_text("def f(prompts, completions):\n    return [1.0 for c in completions\n")
+    extra = [x.replace("REWARDS", str(tmp_path / "rewards.py")).replace("BROKEN", str(tmp_path / "broken.py"))
+             for x in extra]
+    with pytest.raises(TunelabError) as e:
         tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={_prompt_file(tmp_path)}", "task.type=grpo",
-                             f"output_dir={tmp_path / 'rl'}", *extra])
+                             "eval.max_new_tokens=2", f"output_dir={tmp_path / 'rl'}", *extra])
+    assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "rl").exists()
+
+
+def test_a_reward_that_fails_during_the_run_is_one_paragraph(tmp_path, tiny_chat_llama, cli_run):
+    (tmp_path / "rewards.py").write_text(BAD_REWARDS)
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(f"model: {{path: '{tiny_chat_llama}'}}\ndata: {{train: '{_prompt_file(tmp_path)}'}}\n"
+                      f"task: {{type: grpo, reward_function: '{tmp_path / 'rewards.py'}:fails_later'}}\n")
+    r = cli_run("train", recipe, "train.max_steps=2", "eval.max_new_tokens=2", f"output_dir={tmp_path / 'rl'}")
+    assert r.code == 2 and "Traceback" not in r.err, r.err[-3000:]
+    msg = r.err.strip()
+    assert msg.startswith("error: The reward task.reward_function=") and "\n" not in msg
+    assert "raised RuntimeError: the scoring service is down while scoring sampled completions" in msg
+
+
+@pytest.mark.parametrize("returned, message", [
+    ([1.0, float("inf")], "returned inf (float) for completion 2 of 2"),
+    ([1.0, None], "returned None (NoneType) for completion 2 of 2"),
+    ([1.0, 2.0, 3.0], "returned 3 value(s) for 2 completions"),
+    ({"a": 1.0, "b": 2.0}, "returned {'a': 1.0, 'b': 2.0} (dict), not a list of numbers"),
+])
+def test_score_checks_what_a_reward_returns(returned, message):
+    from tunelab import TunelabError
+
+    with pytest.raises(TunelabError) as e:
+        grpo.score(lambda p, c: returned, ["p1", "p2\nends here"], ["", "x"], "task.reward_function='r:f'", "now")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # numbers of any kind are fine: ints, bools, numpy and torch scalars
+    import numpy as np
+
+    assert grpo.score(lambda p, c: [1, np.float32(0.5), torch.tensor(2.0), True][: len(c)] + [0] * (len(c) - 4),
+                      ["p"] * 4, ["a", "b", "c", "d"], "r", "now") == [1.0, 0.5, 2.0, 1.0]

@@ -29,8 +29,16 @@ from .tasks import causal_lm
 from .training import grpo, logs
 
 
+def reward_name(task_cfg) -> str:
+    """How messages name the reward: the config key and its value."""
+    if task_cfg.reward_model:
+        return f"task.reward_model={task_cfg.reward_model!r}"
+    return f"task.reward_function={task_cfg.reward_function!r}"
+
+
 def load_reward(task_cfg):
-    """The reward as a function (prompts, completions) -> list of floats."""
+    """The reward as a function (prompts, completions) -> list of floats, as the user wrote it (unchecked: `train`
+    tries it on a sample before the run and wraps its calls with grpo.checked)."""
     if task_cfg.reward_model:
         from .predict import load
 
@@ -54,9 +62,14 @@ def load_reward(task_cfg):
         else:
             module = importlib.import_module(module_name)
         fn = getattr(module, name)
-    except (ImportError, FileNotFoundError, AttributeError) as e:
-        raise TunelabError(f"task.reward_function={spec!r} could not be loaded ({type(e).__name__}: {e}). Give an "
-                           f"importable module or an existing .py file, and a function defined in it.") from None
+    except Exception as e:  # noqa: BLE001 - ImportError, a missing file or name, or the module's own code failing
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise TunelabError(f"task.reward_function={spec!r} could not be loaded ({type(e).__name__}"
+                           f"{': ' + detail if detail else ''}). Give an importable module or an existing .py file "
+                           f"that imports without errors, and a function defined in it.") from None
+    if not callable(fn):
+        raise TunelabError(f"task.reward_function={spec!r}: '{name}' is {fn!r:.40}, not a function. Name a "
+                           f"function(prompts, completions) that returns one number per completion.")
     return fn
 
 
@@ -74,6 +87,12 @@ def _prompts(path: str, key: str) -> list:
     return out
 
 
+def _own_text(messages: list) -> str:
+    """A short completion to try the reward on: the prompt's own last message, cut to 200 characters."""
+    content = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    return str(content or "")[:200]
+
+
 def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_special: bool) -> float:
     _, rewards = grpo.sample(model, tokenizer, prompts, reward_fn, cfg.task.group_size, cfg.eval.max_new_tokens,
                              cfg.task.temperature, add_special)
@@ -82,7 +101,8 @@ def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_specia
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
     t_start, out_path, device, _ = begin(cfg, overwrite, recipe_name)
-    reward_fn = load_reward(cfg.task)
+    reward = load_reward(cfg.task)
+    reward_fn = grpo.checked(reward, reward_name(cfg.task))  # every call during the run is checked too
     train_rows = _prompts(cfg.data.train, "data.train")
     if cfg.data.validation:
         val_rows = _prompts(cfg.data.validation, "data.validation")
@@ -94,6 +114,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
     add_special = info["template"] == "alpaca"
     render = lambda rows: [chat.render(m, info["template"], tokenizer, add_generation_prompt=True)[0] for m in rows]
     train_prompts, val_prompts = render(train_rows), render(val_rows)
+    grpo.try_reward(reward, reward_name(cfg.task), train_prompts[:2], [_own_text(m) for m in train_rows[:2]])
     say(f"grpo: {len(train_prompts)} training prompts, {len(val_prompts)} validation prompts, "
         f"{cfg.task.group_size} samples each")
 

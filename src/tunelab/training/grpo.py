@@ -21,13 +21,15 @@ full fine-tuning (no adapters) a frozen copy of the starting model.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .. import methods
+from ..errors import TunelabError
 
 
 def completion_logps(model, prompt_ids: list[int], completion_ids: list[list[int]]) -> list[torch.Tensor]:
@@ -73,7 +75,65 @@ def sample(model, tokenizer, prompt_texts: list[str], reward_fn: Callable, group
     model.train(was_training)
     prompts_flat = [t for t, (_, cs) in zip(prompt_texts, samples) for _ in cs]
     texts_flat = [tokenizer.decode(c, skip_special_tokens=True) for _, cs in samples for c in cs]
-    return samples, [float(r) for r in reward_fn(prompts_flat, texts_flat)]
+    return samples, [float(r) for r in reward_fn(prompts_flat, texts_flat)]  # rl.train passes a `checked` reward
+
+
+def score(reward_fn: Callable, prompts: list[str], completions: list[str], name: str, when: str) -> list[float]:
+    """reward_fn(prompts, completions) as one float per completion, or a one-paragraph TunelabError naming the reward
+    (`name`, e.g. "task.reward_function='rewards.py:score'") and what went wrong: it raised, returned the wrong
+    number of values, or a value that is not a finite number. `when` says what it was scoring."""
+    fix = (f"The reward is called as function(prompts, completions) with two lists of {len(completions)} strings and "
+           f"must return {len(completions)} finite numbers, one per completion (a completion may be empty); fix it.")
+    got = None
+    try:
+        got = reward_fn(list(prompts), list(completions))
+        values = list(got) if isinstance(got, Iterable) and not isinstance(got, (str, bytes, dict)) else None
+    except TunelabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's function: any failure is theirs to fix, in one paragraph
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise TunelabError(f"The reward {name} raised {type(e).__name__}{': ' + detail if detail else ''} {when}. "
+                           f"{fix}") from None
+    if values is None:
+        raise TunelabError(f"The reward {name} returned {_short(got)} ({type(got).__name__}), not a list of numbers, "
+                           f"{when}. {fix}")
+    if len(values) != len(completions):
+        raise TunelabError(f"The reward {name} returned {len(values)} value(s) for {len(completions)} completions "
+                           f"{when}. {fix}")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            number = None if isinstance(v, (str, bytes)) or v is None else float(v)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or not math.isfinite(number):
+            prompt = " ".join(str(prompts[i]).split())[-80:]  # the end of the prompt: where the question is
+            raise TunelabError(
+                f"The reward {name} returned {_short(v)} ({type(v).__name__}) for completion {i + 1} of "
+                f"{len(completions)} {when} (completion {completions[i]!r:.60} to the prompt ending {prompt!r}), "
+                f"which is not a finite number. {fix}")
+        out.append(number)
+    return out
+
+
+def _short(value) -> str:
+    return " ".join(repr(value).split())[:60]  # on one line, whatever the object's repr
+
+
+def checked(reward_fn: Callable, name: str) -> Callable:
+    """reward_fn, its calls checked by `score`: what training and evaluation call, so a reward that fails in the
+    middle of a run is one clear paragraph too."""
+    return lambda prompts, completions: score(reward_fn, prompts, completions, name, "while scoring sampled completions")
+
+
+def try_reward(reward_fn: Callable, name: str, prompts: list[str], own_texts: list[str]) -> None:
+    """Call the reward once, before the run, on a few prompts with fixed completions (an empty one, and the prompt's
+    own text): a reward that fails, returns the wrong number of values or a non-number is an error before anything
+    is sampled or written. No model is needed."""
+    completions = [c for text in own_texts for c in ("", text)]
+    score(reward_fn, [p for p in prompts for _ in range(2)], completions, name,
+          f"when tried before the run on {len(prompts)} training prompt(s) with fixed completions (an empty one and "
+          f"the prompt's own text)")
 
 
 def has_adapters(model) -> bool:
