@@ -137,6 +137,49 @@ def arch(request, tiny_bert, tiny_gpt2):
     return request.param, path, text_batch(path)
 
 
+# -- float tolerances --------------------------------------------------------------------
+
+def size(*values) -> float:
+    """The largest |x| in numbers, tensors, arrays and lists of them."""
+    import numpy as np
+    import torch
+
+    out = 0.0
+    for v in values:
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, (list, tuple)):
+            out = max(out, size(*v))
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.detach().double().cpu().numpy()
+        a = np.abs(np.asarray(v, dtype=np.float64))
+        out = max(out, float(a.max()) if a.size else 0.0)
+    return out
+
+
+def tol(scale, ops: float = 1, dtype=None) -> float:
+    """An absolute tolerance for values computed two ways that are equal in exact arithmetic but round differently
+    (another library, another batch layout, merged weights, another kernel): the dtype's machine epsilon, times
+    `ops`, how many roundings can pile up on the way (n for a sum of n terms: the standard n·eps bound), times
+    `scale`, the size of the values rounded (a number, or the largest |x| of a tensor / array / list). Where the
+    values compared are near 0 because terms cancelled, `scale` is the size of those terms. `dtype`: that of the
+    arithmetic, by default a tensor scale's own, else float32. Use it as atol with rtol=0, or approx(abs=...)."""
+    import torch
+
+    if dtype is None:
+        floating = isinstance(scale, torch.Tensor) and scale.is_floating_point()
+        dtype = scale.dtype if floating else torch.float32
+    return ops * torch.finfo(dtype).eps * size(scale)
+
+
+# Roundings along one forward pass of a tiny model above (hidden 32, FFN up to 128, 2 layers, inputs under 32
+# tokens), an n-term sum counting n: a layer chains the query projection (32 terms), the attention scores (8), the
+# softmax and the weighted sum of values (up to 32 each), the output projection (32), the FFN (32 + 128) and two
+# norms (2 x 64): 424 a layer; with the embeddings' norm and a head about 1000.
+FORWARD_OPS = 1000
+
+
 @pytest.fixture
 def sentiment_files(tmp_path) -> dict[str, Path]:
     """train (240 rows), test (60 rows) JSONL files of generated sentiment data."""
