@@ -176,7 +176,9 @@ def test_eval_prints_and_saves_metrics(which, ws, lora_run, full_run, cli_run):
     r = cli_run("eval", run, ws / "test.jsonl")
     assert r.code == 0, r.err
     assert "accuracy" in r.out and "macro_f1" in r.out and "examples 60" in r.out
-    saved = json.loads((run / "eval" / "test.json").read_text())
+    out = Path(r.out.split("metrics -> ")[1].strip())
+    assert out.parent == run / "eval" and out.name.startswith("test-") and out.suffix == ".json"
+    saved = json.loads(out.read_text())
     assert saved["file"] == str(ws / "test.jsonl")
     assert 0.0 <= saved["accuracy"] <= 1.0
     assert f"{saved['accuracy']:.4f}" in r.out
@@ -444,6 +446,83 @@ def test_unwritable_output_paths(ws, tmp_path, lora_run, cli_run):
     assert blocker.read_text() == "x"
 
 
+@pytest.fixture(scope="module")
+def emb_run(ws, tiny_bert) -> Path:
+    """A one-step embedding run, for `tunelab embed`."""
+    rows = [{"anchor": r["text"], "positive": r["text"]} for r in make_rows(24, seed=5)]
+    train = write_jsonl(ws / "pairs.jsonl", rows)
+    return tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "task.type=embedding",
+                                "method.name=lora", "train.max_steps=1", "eval.forgetting=none",
+                                f"output_dir={ws / 'runs' / 'emb'}"]).dir
+
+
+def test_eval_output_needs_overwrite(ws, tmp_path, lora_run, cli_run):
+    out = tmp_path / "metrics.json"
+    out.write_text("keep me\n")
+    assert_user_error(cli_run("eval", lora_run, ws / "test.jsonl", "-o", out), str(out), "--overwrite")
+    assert out.read_text() == "keep me\n"
+    r = cli_run("eval", lora_run, ws / "test.jsonl", "-o", out, "--overwrite")
+    assert r.code == 0, r.err
+    assert json.loads(out.read_text())["examples"] == 60
+
+
+def test_eval_default_outputs_of_files_with_one_name_keep_apart(tmp_path, lora_run, cli_run):
+    saved = {}
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        f = write_jsonl(tmp_path / folder / "test.jsonl", make_rows(10, seed=seed))
+        r = cli_run("eval", lora_run, f)
+        assert r.code == 0, r.err
+        saved[f] = Path(r.out.split("metrics -> ")[1].strip())
+    assert len(set(saved.values())) == 2
+    for f, out in saved.items():
+        assert out.parent == lora_run / "eval" and out.name.startswith("test-")
+        assert json.loads(out.read_text())["file"] == str(f)
+
+
+def test_no_output_may_be_the_input(tmp_path, lora_run, emb_run, cli_run):
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"text": "great film", "label": "pos", "prompt": "hi"}])
+    before = data.read_bytes()
+    link = tmp_path / "vectors.npy"
+    link.symlink_to(data)  # another name for the same file
+    for args in (("predict", lora_run, data, "-o", data), ("eval", lora_run, data, "-o", data),
+                 ("generate", lora_run, "--input", data, "-o", data), ("embed", emb_run, "--input", data, "-o", link)):
+        assert_user_error(cli_run(*args, "--overwrite"), "is the input file", str(data))
+    assert data.read_bytes() == before and link.is_symlink()
+
+
+def test_outputs_replace_a_dangling_link_instead_of_following_it(ws, tmp_path, lora_run, emb_run, cli_run):
+    (tmp_path / "elsewhere").mkdir()
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": "great film"}])
+    for name, args in (("preds.jsonl", ("predict", lora_run, "--text", "great film")),
+                       ("metrics.json", ("eval", lora_run, ws / "test.jsonl")),
+                       ("vectors.npy", ("embed", emb_run, "--input", texts))):
+        link, target = tmp_path / name, tmp_path / "elsewhere" / name
+        link.symlink_to(target)
+        assert_user_error(cli_run(*args, "-o", link), str(link), "--overwrite")  # a link is the user's too
+        r = cli_run(*args, "-o", link, "--overwrite")
+        assert r.code == 0, r.err
+        assert link.is_file() and not link.is_symlink() and not target.exists(), name
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_output(tmp_path, lora_run, monkeypatch, cli_run):
+    import errno
+
+    from tunelab import atomic
+
+    out = tmp_path / "preds.jsonl"
+    out.write_text("keep me\n")
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "fsync_path", full_disk)
+    r = cli_run("predict", lora_run, "--text", "great film", "-o", out, "--overwrite")
+    assert_user_error(r, str(out), "No space left", "Nothing was replaced")
+    assert out.read_text() == "keep me\n" and [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]
+
+
 def test_predict_needs_exactly_one_input(ws, lora_run, cli_run):
     assert_user_error(cli_run("predict", lora_run), "--text")
     assert_user_error(cli_run("predict", lora_run, ws / "test.jsonl", "--text", "x"), "--text", "not both")
@@ -480,7 +559,7 @@ def test_eval_unseen_labels(tmp_path, lora_run, cli_run):
     f = write_jsonl(tmp_path / "other.jsonl", [{"text": "great film", "label": "pos"}, {"text": "meh", "label": "neutral"}])
     r = cli_run("eval", lora_run, f)
     assert_user_error(r, "other.jsonl", "'neutral'", "never seen in training", "'neg', 'pos'")
-    assert not (lora_run / "eval" / "other.json").exists()
+    assert not list((lora_run / "eval").glob("other*"))
 
 
 def test_eval_file_problems(tmp_path, lora_run, cli_run):

@@ -18,7 +18,7 @@ from tunelab.config import DoraConfig, LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapters_disabled, dora, lora
 from conftest import make_rows, write_jsonl
-from conftest import base_classifier as _base, text_batch as _batch
+from conftest import FORWARD_OPS, base_classifier as _base, size, text_batch as _batch, tol
 
 peft = pytest.importorskip("peft")
 
@@ -94,7 +94,8 @@ def test_init_equals_base(arch):
 def test_parity_with_peft(arch):
     kind, path, batch = arch
     ours, theirs, _ = _pair(kind, path)
-    torch.testing.assert_close(_logits(theirs.eval(), batch), _logits(ours.eval(), batch), atol=1e-5, rtol=0)
+    expected = _logits(ours.eval(), batch)
+    torch.testing.assert_close(_logits(theirs.eval(), batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_training_step_parity_with_peft(arch):
@@ -108,10 +109,14 @@ def test_training_step_parity_with_peft(arch):
         out = model(**batch, labels=LABELS)
         out.loss.backward()
         losses.append(out.loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=0)
+    # the loss moves with the logits (a cross-entropy's slope is under 1)
+    torch.testing.assert_close(losses[0], losses[1], atol=tol(size(out.logits), FORWARD_OPS), rtol=0)
+    # the backward retraces the forward and sums each weight's gradient over the batch's tokens; a gradient that
+    # cancels to near 0 rounds like the largest
+    grad_tol = tol([p.grad for p in state.values()], 2 * FORWARD_OPS + batch["input_ids"].numel())
     theirs_params = dict(theirs.named_parameters())
     for name, p in state.items():
-        torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(p.grad, theirs_params[name].grad, atol=grad_tol, rtol=0, msg=name)
 
 
 def test_save_loads_in_peft_and_tunelab(arch, tmp_path):
@@ -130,10 +135,10 @@ def test_save_loads_in_peft_and_tunelab(arch, tmp_path):
     assert config["fan_in_fan_out"] is (kind == "gpt2")
 
     in_peft = peft.PeftModel.from_pretrained(_base(path), tmp_path).eval()
-    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     in_tunelab = dora.load(_base(path), tmp_path).eval()
     assert any(isinstance(m, dora.DoRALinear) for m in in_tunelab.modules())
-    torch.testing.assert_close(_logits(in_tunelab, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(in_tunelab, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_load_reads_a_peft_adapter(arch, tmp_path):
@@ -142,7 +147,8 @@ def test_load_reads_a_peft_adapter(arch, tmp_path):
     _randomize(theirs)
     theirs.save_pretrained(tmp_path)
     ours = dora.load(_base(path), tmp_path).eval()
-    torch.testing.assert_close(_logits(ours, batch), _logits(theirs.eval(), batch), atol=1e-5, rtol=0)
+    expected = _logits(theirs.eval(), batch)
+    torch.testing.assert_close(_logits(ours, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_merge_equals_unmerged(arch):
@@ -154,7 +160,7 @@ def test_merge_equals_unmerged(arch):
     merged = dora.merge(model)
     assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
     assert [n for n, _ in merged.named_parameters()] == base_names
-    torch.testing.assert_close(_logits(merged, batch), unmerged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(merged, batch), unmerged, atol=tol(unmerged, FORWARD_OPS), rtol=0)
 
 
 def test_trainable_count_tiny_bert(tiny_bert):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +77,76 @@ def test_export_never_overwrites_silently(tiny_bert, tmp_path):
     assert (mine / "notes.txt").read_text() == "keep me"
     out = export.run(run.dir, tmp_path / "e")
     assert export.run(run.dir, out, overwrite=True) == out
+
+
+def _tree(d: Path) -> dict:
+    """Every file and link under `d`, byte for byte."""
+    return {str(p.relative_to(d)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+def test_a_failed_export_leaves_the_old_one_byte_for_byte(tiny_bert, tmp_path, monkeypatch):
+    run = _run(tmp_path, tiny_bert, "lora")
+    out = export.run(run.dir, tmp_path / "out" / "merged", merge=True)
+    mark = json.loads((out / ".tunelab-export").read_text())  # every export says it is one, and of which run
+    assert mark["kind"] == "export" and mark["run"] == str(run.dir.resolve()) and mark["tunelab"]
+    before = _tree(out)
+
+    def full_disk(trained, where):
+        (where / "config.json").write_text("{half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "merged", full_disk)
+    with pytest.raises(TunelabError, match="No space left.*Nothing was replaced"):
+        export.run(run.dir, out, merge=True, overwrite=True)
+    assert _tree(out) == before
+    assert [p.name for p in out.parent.iterdir()] == ["merged"]  # and no staging folder is left beside it
+
+
+def test_overwrite_replaces_only_an_export(tiny_bert, tmp_path):
+    run = _run(tmp_path, tiny_bert, "lora")
+    model = tmp_path / "some-model"
+    shutil.copytree(tiny_bert, model)  # a model folder looks like an export, but is not one
+    before = _tree(model)
+    with pytest.raises(TunelabError, match="--overwrite refused.*not made by `tunelab export`"):
+        export.run(run.dir, model, merge=True, overwrite=True)
+    assert _tree(model) == before
+    old = export.run(run.dir, tmp_path / "old")
+    (old / ".tunelab-export").unlink()  # an export made before the marker: known by its tunelab_export.json
+    assert export.run(run.dir, old, merge=True, overwrite=True) == old
+    assert (old / ".tunelab-export").is_file() and (old / "config.json").is_file()
+    assert not (old / "adapter_config.json").exists()
+
+
+def test_out_may_not_be_or_hold_or_sit_in_the_run_or_its_base(tiny_bert, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert, base)
+    run = _run(tmp_path, base, "lora")
+    keep = {d: _tree(d) for d in (base, run.dir)}
+    for out, where in ((base, "is the run's base model"), (base / "sub", "is inside the run's base model"),
+                       (run.dir, "is the run folder"), (run.dir / "adapter", "is the run's adapter/"),
+                       (run.dir / "exports" / "x", "is inside the run folder"), (tmp_path, "holds the run folder")):
+        with pytest.raises(TunelabError, match=f"'{out}' {where}.*Choose a folder outside") as e:
+            export.run(run.dir, out, merge=True, overwrite=True)
+        assert "\n" not in str(e.value)
+    assert {d: _tree(d) for d in keep} == keep
+
+
+def test_links_in_the_artifact_are_copied_as_links_never_followed(tiny_bert, tmp_path):
+    run = _run(tmp_path, tiny_bert, "lora")
+    adapter = run.dir / "adapter"
+    (adapter / "notes").mkdir()
+    (adapter / "notes" / "readme.txt").write_text("about this adapter")
+    os.symlink("notes/readme.txt", adapter / "README.txt")
+    out = export.run(run.dir, tmp_path / "ok")
+    assert (out / "README.txt").is_symlink() and os.readlink(out / "README.txt") == "notes/readme.txt"
+    assert (out / "README.txt").read_text() == "about this adapter"  # points into the export, not the run
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    os.symlink(secret, adapter / "leak.txt")
+    with pytest.raises(TunelabError, match="leak.txt' is a symbolic link.*never copies what they point to"):
+        export.run(run.dir, tmp_path / "leak")
+    assert not [p.name for p in tmp_path.iterdir() if "leak" in p.name]
 
 
 def test_export_command(tiny_bert, tmp_path, monkeypatch, capsys):

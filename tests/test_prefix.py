@@ -17,6 +17,7 @@ from tunelab.config import PrefixConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import prefix
 from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
+from conftest import FORWARD_OPS, tol
 from test_prompt import TEXTS, _base, _batch, _logits, _randomize
 
 peft = pytest.importorskip("peft")
@@ -98,11 +99,11 @@ def test_save_loads_in_peft_and_tunelab(arch, projection, tmp_path):
     assert all(k == "prompt_embeddings" or k.startswith(tuple(f"base_model.{h}." for h in head)) for k in saved)
 
     ours = prefix.load(_base(path, seed=5), tmp_path).eval()
-    torch.testing.assert_close(_logits(ours, batch), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(ours, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     assert [n for n, _ in ours.prompt_encoder.named_parameters()] == ["embedding.weight"]
     in_peft = peft.PeftModel.from_pretrained(_base(path, seed=5), tmp_path).eval()
     # peft hands prefix-tuned decoders input_ids too, so it agrees on padded batches as well.
-    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -114,7 +115,8 @@ def test_load_reads_a_peft_adapter(tiny_bert, projection, tmp_path):
     theirs.eval()
     batch = _batch(tiny_bert)
     ours = prefix.load(_base(tiny_bert, seed=7), tmp_path).eval()
-    torch.testing.assert_close(_logits(ours, batch), _logits(theirs, batch), atol=1e-5, rtol=0)
+    expected = _logits(theirs, batch)
+    torch.testing.assert_close(_logits(ours, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 # -- decoders, padding, disabling ------------------------------------------------------
@@ -125,7 +127,7 @@ def test_batched_equals_one_at_a_time(name, request):
     model, _ = _applied(path, _cfg(4))
     batched = _logits(model, _batch(path))
     singles = torch.cat([_logits(model, _batch(path, [t])) for t in TEXTS])
-    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, singles, atol=tol(singles, FORWARD_OPS), rtol=0)
 
 
 def test_disabled_is_the_base_and_comes_back(arch):
@@ -185,4 +187,6 @@ def test_pipeline_trains_and_predicts(tiny_bert, sentiment_files, tmp_path):
     preds = clf.predict(texts)
     assert [p["label"] in ("neg", "pos") for p in preds] == [True] * 3
     singles = [clf.predict([t])[0] for t in texts]
-    assert [p["probs"]["pos"] for p in preds] == pytest.approx([p["probs"]["pos"] for p in singles], abs=1e-5)
+    # probabilities (a softmax moves at most 1/4 as much as its logits, of a few units here) from other batch shapes
+    assert [p["probs"]["pos"] for p in preds] == pytest.approx([p["probs"]["pos"] for p in singles],
+                                                               abs=tol(1.0, FORWARD_OPS))

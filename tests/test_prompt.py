@@ -16,6 +16,7 @@ from tunelab import methods, models
 from tunelab.config import PromptConfig, PTuningConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import prompt, ptuning
+from conftest import FORWARD_OPS, tol
 from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
 
 peft = pytest.importorskip("peft")
@@ -153,9 +154,9 @@ def test_save_loads_in_peft_and_tunelab(tiny_bert, method, tmp_path):
                           "base_model.classifier.bias"}
 
     in_peft = peft.PeftModel.from_pretrained(_base(tiny_bert, seed=5), tmp_path).eval()
-    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(in_peft, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     ours = mod.load(_base(tiny_bert, seed=5), tmp_path).eval()
-    torch.testing.assert_close(_logits(ours, batch), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(ours, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     assert not any(n.startswith("prompt_encoder.mlp") for n, _ in ours.named_parameters())  # encoder dropped
 
 
@@ -169,7 +170,8 @@ def test_load_reads_a_peft_adapter(tiny_bert, kind, tmp_path):
     theirs.eval()
     batch = _batch(tiny_bert)
     ours = methods.get(kind).load(_base(tiny_bert, seed=7), tmp_path).eval()
-    torch.testing.assert_close(_logits(ours, batch), _logits(theirs, batch), atol=1e-5, rtol=0)
+    expected = _logits(theirs, batch)
+    torch.testing.assert_close(_logits(ours, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_gpt2_unpadded_input_matches_peft(tiny_gpt2, tmp_path):
@@ -178,13 +180,14 @@ def test_gpt2_unpadded_input_matches_peft(tiny_gpt2, tmp_path):
     prompt.save(model, tmp_path, str(tiny_gpt2), head)
     in_peft = peft.PeftModel.from_pretrained(_base(tiny_gpt2, seed=5), tmp_path).eval()
     one = _batch(tiny_gpt2, TEXTS[:1])
-    torch.testing.assert_close(_logits(in_peft, one), _logits(model, one), atol=1e-5, rtol=0)
+    expected = _logits(model, one)
+    torch.testing.assert_close(_logits(in_peft, one), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     # The documented difference: on a right-padded batch peft reads a pad position for the shorter rows.
     batch = _batch(tiny_gpt2)
     padded = batch["attention_mask"][:, -1] == 0
     assert padded.any()
     ours, theirs = _logits(model, batch), _logits(in_peft, batch)
-    torch.testing.assert_close(theirs[~padded], ours[~padded], atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs[~padded], ours[~padded], atol=tol(ours, FORWARD_OPS), rtol=0)
     assert not torch.allclose(theirs[padded], ours[padded], atol=1e-3)
 
 
@@ -197,7 +200,7 @@ def test_batched_equals_one_at_a_time(arch, method, request):
     model, _ = _applied(path, mod, cfg)
     batched = _logits(model, _batch(path))
     singles = torch.cat([_logits(model, _batch(path, [t])) for t in TEXTS])
-    torch.testing.assert_close(batched, singles, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, singles, atol=tol(singles, FORWARD_OPS), rtol=0)
 
 
 def test_disabled_is_the_base_and_comes_back(tiny_gpt2, method):
@@ -272,7 +275,9 @@ def test_pipeline_trains_and_predicts(tiny_bert, sentiment_files, tmp_path, name
     preds = clf.predict(texts)
     assert [p["label"] in ("neg", "pos") for p in preds] == [True] * 3
     singles = [clf.predict([t])[0] for t in texts]
-    assert [p["probs"]["pos"] for p in preds] == pytest.approx([p["probs"]["pos"] for p in singles], abs=1e-5)
+    # probabilities (a softmax moves at most 1/4 as much as its logits, of a few units here) from other batch shapes
+    assert [p["probs"]["pos"] for p in preds] == pytest.approx([p["probs"]["pos"] for p in singles],
+                                                               abs=tol(1.0, FORWARD_OPS))
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])

@@ -49,4 +49,7 @@ def test_pickle_weights_are_refused_with_the_way_out(pickled_bert, tmp_path, mon
     assert (out / "summary.json").is_file()
     cfg = (out / "config.yaml").read_text()
     assert "allow_pickle: true" in cfg  # the run records that it trusted pickle files
-    tunelab.load(out)  # and loading it back needs no flag: the run's own config says so
+    # ... but a run folder (perhaps someone else's) never turns pickles on by itself: loading it back needs the flag
+    with pytest.raises(tunelab.TunelabError, match="pytorch_model.bin.*--allow-pickle"):
+        tunelab.load(out)
+    tunelab.load(out, allow_pickle=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from . import atomic
 from .errors import TunelabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune pretrained transformers and measure what it gained.")
@@ -58,6 +60,16 @@ def train(
     typer.echo(f"run directory: {run.dir}")
 
 
+def trust_code_option():
+    return typer.Option(False, "--trust-remote-code", help="Run the Python code the model folder names (auto_map in "
+                        "its config.json): only for a run you trust. A run's own config.yaml never turns this on.")
+
+
+def allow_pickle_option():
+    return typer.Option(False, "--allow-pickle", help="Also load weights stored as pickle (.bin/.pt), which can run "
+                        "code when loaded: only for a run you trust. A run's own config.yaml never turns this on.")
+
+
 @app.command()
 def predict(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
@@ -73,6 +85,8 @@ def predict(
     question: Optional[str] = typer.Option(None, "--question", help="qa runs: a question to answer from --context."),
     context: Optional[str] = typer.Option(None, "--context", help="qa runs: the passage the answer is taken from."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="reward runs: the prompt that each --text answers."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
     """Label texts with a trained run: labels and per-class probabilities (qa runs: answer spans; reward runs:
     the reward of each reply)."""
@@ -91,9 +105,8 @@ def predict(
         text = [{"prompt": prompt, "response": t} for t in text]
     if (file is None) == (not text):
         raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
-    if output is not None and output.exists() and not overwrite:
-        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
-    model = tunelab.load(run_dir, task=task)
+    check_output(output, file, overwrite)
+    model = tunelab.load(run_dir, task=task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if file is not None and model.cfg.task.type == "qa":  # SQuAD JSON or rows with question and context
         from .data import squad
 
@@ -115,7 +128,7 @@ def predict(
     if output is None:
         sys.stdout.write(lines)
     else:
-        write_output(output, lines, "--output")
+        atomic.write_text(output, lines, "the --output file")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
     if model.cfg.task.type == "reward" and preds:  # the figure to compare two policies' replies by
         typer.echo(f"mean reward {sum(p['score'] for p in preds) / len(preds):.4f} over {len(preds)} replies", err=True)
@@ -147,6 +160,8 @@ def embed(
     text_field: str = typer.Option("text", help="Text column of the input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
     """Turn texts into vectors with an embedding run (L2-normalised when it was trained with task.normalize)."""
     import numpy as np
@@ -155,15 +170,11 @@ def embed(
 
     if output.suffix != ".npy":
         raise TunelabError(f"--output '{output}' should end in .npy (NumPy's format, read with numpy.load).")
-    if output.exists() and not overwrite:
-        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+    check_output(output, input, overwrite)
     texts, _ = read_texts(input, text_field, "input file")
-    vectors = tunelab.load(run_dir).embed(texts, batch_size)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        np.save(output, vectors)
-    except OSError as e:
-        raise TunelabError(f"Could not write '{output}': {e.strerror or e}. Choose another --output.") from None
+    vectors = tunelab.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).embed(texts, batch_size)
+    with atomic.staged_file(output, "the --output file") as tmp, open(tmp, "xb") as f:
+        np.save(f, vectors)  # to an open file: np.save would add .npy to the temporary name
     typer.echo(f"{len(texts)} vectors of {vectors.shape[1]} dimensions -> {output}", err=True)
 
 
@@ -175,12 +186,15 @@ def search(
     top_k: int = typer.Option(5, "--top-k", min=1, help="Documents shown per query."),
     text_field: str = typer.Option("text", help="Text column of the corpus."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Batch size."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
     """The corpus documents nearest to each query by cosine similarity of an embedding run's vectors (exact)."""
     import tunelab
 
     texts, rows = read_texts(corpus, text_field, "corpus file")
-    for q, found in zip(query, tunelab.load(run_dir).search(query, texts, top_k, batch_size)):
+    model = tunelab.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    for q, found in zip(query, model.search(query, texts, top_k, batch_size)):
         typer.echo(f"query: {q}")
         for hit in found:
             text = " ".join(hit["text"].split())
@@ -289,6 +303,8 @@ def generate(
     system: Optional[str] = typer.Option(None, help="A system message put before every conversation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
     """Generate replies with a trained causal LM: streamed to the terminal, or batched from a file."""
     import tunelab
@@ -297,12 +313,12 @@ def generate(
 
     if sum([bool(prompt), chat, input_file is not None]) != 1:
         raise TunelabError("Give exactly one of --prompt, --chat or --input to `tunelab generate`.")
-    if output is not None and output.exists() and not overwrite:
-        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+    check_output(output, input_file, overwrite)
     is_run = (source / "config.yaml").is_file()
     if not is_run and not (source / "config.json").is_file():
         raise TunelabError(f"'{source}' is neither a tunelab run directory (config.yaml) nor a model directory (config.json).")
-    model = tunelab.load(source, task=task) if is_run else TunedModel.from_model_dir(source)
+    switches = dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model = tunelab.load(source, task=task, **switches) if is_run else TunedModel.from_model_dir(source, **switches)
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system)
     if prompt:
         for p in prompt:
@@ -335,7 +351,7 @@ def generate(
     if output is None:
         sys.stdout.write(lines)
     else:
-        write_output(output, lines, "--output")
+        atomic.write_text(output, lines, "the --output file")
         typer.echo(f"{len(replies)} replies -> {output}", err=True)
 
 
@@ -345,16 +361,24 @@ def eval_(
     file: Path = typer.Argument(..., help="Labelled JSONL/CSV/Parquet file."),
     text_field: Optional[str] = typer.Option(None, help="Text column (default: the run's data.text_field)."),
     label_field: Optional[str] = typer.Option(None, help="Label column (default: the run's data.label_field)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Metrics JSON path (default RUN_DIR/eval/<file>.json)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Metrics JSON path (default "
+                                          "RUN_DIR/eval/<file stem>-<8 hex digits>.json, the digits a hash of the "
+                                          "file's resolved path: files of one name in two folders keep apart; "
+                                          "evaluating the same file again replaces its metrics)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
     """Evaluate a trained run on a labelled file; prints and saves the metrics."""
     import tunelab
 
-    model = tunelab.load(run_dir, task=task)
+    check_output(output, file, overwrite)
+    out = output or default_eval_output(run_dir, file)
+    check_output(out, file, overwrite=True)
+    model = tunelab.load(run_dir, task=task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     metrics = model.evaluate(file, text_field, label_field)
-    out = output or Path(run_dir) / "eval" / f"{Path(file).stem}.json"
-    write_output(out, json.dumps({"file": str(file), **metrics}, indent=2) + "\n", "--output")
+    atomic.write_json(out, {"file": str(file), **metrics}, "the --output file")
     typer.echo(format_metrics(metrics))
     typer.echo(f"metrics -> {out}")
 
@@ -367,25 +391,46 @@ def export(
                             "own layout), or sentence-transformers (embedding runs: a merged model with its pooling, "
                             "for SentenceTransformer(OUT))."),
     merge: bool = typer.Option(False, "--merge", help="Fold the method into the base weights: a plain transformers model dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing export in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in OUT (a folder that "
+                                   "`tunelab export` made; anything else is refused)."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
 ):
-    """Write a run's adapter (peft layout) or, with --merge, a plain model that loads with transformers alone."""
+    """Write a run's adapter (peft layout) or, with --merge, a plain model that loads with transformers alone.
+    The export is built beside OUT and put in place only when it is complete."""
     from . import export as export_mod
 
     if fmt not in ("peft", "tunelab", "sentence-transformers"):
         raise TunelabError(f"--format must be peft, tunelab or sentence-transformers, not '{fmt}'.")
-    written = export_mod.run(run_dir, out, fmt, merge, overwrite)
+    written = export_mod.run(run_dir, out, fmt, merge, overwrite, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle)
     typer.echo(f"exported -> {written}")
 
 
-def write_output(path: Path, text: str, option: str) -> None:
-    """Write a result file, creating its folder; a path that cannot be written is a user error, not a traceback."""
+def resolved(path: Path) -> Path:
+    """The absolute path, links followed (as far as they go)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        where = f" ('{e.filename}')" if e.filename and str(e.filename) != str(path) else ""
-        raise TunelabError(f"Could not write '{path}': {e.strerror or e}{where}. Choose another {option} (a file path in a writable folder).") from None
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return path.expanduser().absolute()
+
+
+def check_output(output: Optional[Path], source: Optional[Path], overwrite: bool) -> None:
+    """Refuse an --output that is the input file, or one that exists (a link too) without --overwrite. Results are
+    written with atomic (a temporary name, renamed): a link at --output is replaced, never written through."""
+    if output is None:
+        return
+    if source is not None and resolved(output) == resolved(source):
+        raise TunelabError(f"--output '{output}' is the input file '{source}': writing the results there would replace "
+                           f"your data. Choose another --output.")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise TunelabError(f"Output file '{output}' already exists. Choose another --output, or pass --overwrite to replace it.")
+
+
+def default_eval_output(run_dir: Path, file: Path) -> Path:
+    """RUN_DIR/eval/<stem>-<hash of the file's resolved path>.json: test.jsonl of two folders keep apart."""
+    digest = hashlib.sha256(str(resolved(file)).encode("utf-8")).hexdigest()[:8]
+    return Path(run_dir) / "eval" / f"{file.stem}-{digest}.json"
 
 
 def format_metrics(m: dict) -> str:

@@ -1,26 +1,68 @@
 """Take a trained run elsewhere: its adapter as saved (peft layout where peft has one), merged into a plain
 Hugging Face model directory that loads with transformers alone, or (embedding runs) a sentence-transformers
-model directory."""
+model directory.
+
+The export is built in a hidden folder beside OUT and put in place only once it is complete (atomic.swap): a
+failure leaves what was at OUT byte for byte. Every export holds the marker `.tunelab-export`, and --overwrite
+replaces only a folder that has it (or tunelab_export.json, which exports made before the marker have). OUT may not
+be, hold or lie inside the run, its artifact or its base model.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
-from . import methods
+from safetensors import SafetensorError
+
+from . import atomic, methods, predict, versions
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
 from .methods.layout import PEFT_CONFIG
 
+MARKER = ".tunelab-export"
+INFO = "tunelab_export.json"  # in every export; the only sign of one made before the marker existed
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise TunelabError(f"Export target '{out}' already exists and is not empty. Choose a new directory, or pass --overwrite to replace it.")
-        if not out.is_dir() or not ((out / "config.json").is_file() or (out / PEFT_CONFIG).is_file() or (out / TUNELAB_LAYOUT).is_file()):
-            raise TunelabError(f"--overwrite refused: '{out}' does not look like an exported model or adapter, so deleting it could lose your files. Choose another directory.")
-        shutil.rmtree(out)
+
+def resolved(path: Path) -> Path:
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return Path(path).expanduser().absolute()
+
+
+def protected(run_dir: Path, cfg) -> list[tuple[str, Path]]:
+    """What an export must never replace, hold or be written into: the run, its artifacts, its base model."""
+    found = [("the run folder", run_dir)]
+    found += [(f"the run's {name}/", run_dir / name) for name in ("model", "adapter", "adapters", "tasks")
+              if (run_dir / name).exists()]  # listed apart: one may be a link to a folder elsewhere
+    return found + [("the run's base model (model.path in its config.yaml)", Path(cfg.model.path))]
+
+
+def check_out_dir(out: Path, overwrite: bool, keep: list[tuple[str, Path]] = ()) -> None:
+    """Refuse an OUT that would replace or sit in what the run needs, or replace anything but an earlier export."""
+    target = resolved(out)
+    clashes = []
+    for what, path in keep:
+        p = resolved(path)
+        if target == p or p in target.parents or target in p.parents:
+            clashes.append(("is" if target == p else "is inside" if p in target.parents else "holds", what, path))
+    if clashes:
+        where, what, path = min(clashes, key=lambda c: c[0] != "is")  # the folder itself, where OUT is one
+        raise TunelabError(f"Export target '{out}' {where} {what} ('{path}'): writing the export there could "
+                           f"replace what the run is made of. Choose a folder outside the run and its base model.")
+    if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise TunelabError(f"Export target '{out}' already exists and is not empty. Choose a new directory, or pass "
+                           f"--overwrite to replace an earlier export there.")
+    if not out.is_dir() or not ((out / MARKER).is_file() or (out / INFO).is_file()):
+        raise TunelabError(f"--overwrite refused: '{out}' was not made by `tunelab export` (it has no {MARKER} or "
+                           f"{INFO}), so replacing it could lose your files. Choose another directory, or move "
+                           f"that one away first.")
 
 
 def merged(run, out: Path) -> Path:
@@ -65,6 +107,27 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
+def copy_tree(src: Path, out: Path) -> None:
+    """Copy the folder `src` into the existing folder `out`. A link is copied as a link, never what it points to,
+    and only where it points inside `src` (written relative, so it points into the copy); any other is refused."""
+    root = resolved(src)
+    for dirpath, dirnames, filenames in os.walk(src):  # links to folders are listed in dirnames, not entered
+        rel = Path(dirpath).relative_to(src)
+        (out / rel).mkdir(exist_ok=True)
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                target = resolved(path)
+                if not target.exists() or (target != root and root not in target.parents):
+                    raise TunelabError(
+                        f"'{path}' is a symbolic link to '{os.readlink(path)}', which is outside {src} or missing. An "
+                        f"export copies links as links and never copies what they point to, so that file would not "
+                        f"be in it. Put the file itself in place of the link (or remove the link), then export again.")
+                os.symlink(os.path.relpath(target, root / rel), out / rel / name)
+            elif name in filenames:
+                shutil.copy2(path, out / rel / name)
+
+
 def artifact(run, out: Path, fmt: str) -> Path:
     """Copy what the run saved: a peft-layout adapter, tunelab's own layout, or a full model dir."""
     method = methods.get(run.cfg.method.name)
@@ -74,21 +137,56 @@ def artifact(run, out: Path, fmt: str) -> Path:
             f"method '{run.cfg.method.name}' has no Hugging Face peft format; its adapter is in tunelab's own layout "
             f"({TUNELAB_LAYOUT} + adapter_model.safetensors). Export with --format tunelab, or --merge for a plain model where the method can merge."
         )
-    shutil.copytree(src, out)
+    copy_tree(src, out)
     return out
 
 
-def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = False, overwrite: bool = False) -> Path:
-    from .predict import load
-
-    out = Path(out)
-    check_out_dir(out, overwrite)
-    trained = load(run_dir)
+def build(trained, out: Path, fmt: str, merge: bool) -> None:
+    """Write the export into the empty folder `out`, with its description and marker."""
     if fmt == "sentence-transformers":
-        out, merge = sentence_transformers(trained, out), True
+        sentence_transformers(trained, out)
+        merge = True
+    elif merge:
+        merged(trained, out)
     else:
-        out = merged(trained, out) if merge else artifact(trained, out, fmt)
+        artifact(trained, out, fmt)
+    if fmt != "sentence-transformers":
         fmt = "transformers" if merge or methods.get(trained.cfg.method.name).ARTIFACT == "model" else fmt
-    _write(out / "tunelab_export.json", {"run": str(Path(run_dir).resolve()), "method": trained.cfg.method.name,
-                                         "merged": merge, "format": fmt, "labels": trained.info.get("labels")})
+    run_dir = str(resolved(trained.dir))
+    _write(out / INFO, {"run": run_dir, "method": trained.cfg.method.name, "merged": merge, "format": fmt,
+                        "labels": trained.info.get("labels")})
+    _write(out / MARKER, {"kind": "export", "tunelab": versions.current().get("tunelab"), "run": run_dir,
+                          "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = False, overwrite: bool = False, *,
+        trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Export the run at `run_dir` to `out`; the run's own config.yaml turns on neither code nor pickles (see
+    predict.load): `trust_remote_code` / `allow_pickle` do."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg, _ = predict.read_run(run_dir)
+    check_out_dir(out, overwrite, protected(run_dir, cfg))
+    trained = predict.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    staging = atomic.temp_name(out, "export")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        build(trained, staging, fmt, merge)
+        atomic.fsync_tree(staging)
+        old = atomic.swap(staging, out)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise atomic.write_error(e, out, "the export") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        remove(old)  # the earlier export (or empty folder) that OUT held: deleted last, once the new one is in place
     return out

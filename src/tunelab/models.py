@@ -32,11 +32,14 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 @contextmanager
-def model_dir(path: str | Path, key: str = "model.path"):
+def model_dir(path: str | Path, key: str = "model.path", trust_remote_code: bool = False, allow_pickle: bool = False):
     """A Hugging Face model directory for `path`. A tunelab run directory stands for the model it trained: a full
     fine-tune's own model/, or for a method that keeps its weights apart (an sft LoRA run, say) the base with the
     method merged in, written to a temporary directory that is removed once loaded. This is how a later stage starts
-    from an earlier one (sft -> reward model / DPO) without an export step."""
+    from an earlier one (sft -> reward model / DPO) without an export step.
+
+    The run is loaded with `trust_remote_code` / `allow_pickle` as the caller's recipe says: the model.* switches in
+    the run's own config.yaml are ignored, so a run folder from someone else cannot turn on code or pickles."""
     p = Path(path).expanduser()
     if not is_run_dir(p):
         yield check_model_dir(p, key)
@@ -49,7 +52,8 @@ def model_dir(path: str | Path, key: str = "model.path"):
 
     with tempfile.TemporaryDirectory(prefix="tunelab-merged-") as tmp:
         try:
-            export.merged(load_run(p, device="cpu"), Path(tmp))
+            export.merged(load_run(p, device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+                          Path(tmp))
         except TunelabError as e:
             raise TunelabError(f"{key}='{path}' is a tunelab run directory, and its model could not be rebuilt "
                                f"with the method merged in: {e}") from None
@@ -118,6 +122,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
+        code = [] if trust_remote_code else custom_code(path)
+        if code:
+            raise TunelabError(
+                f"Could not load the tokenizer of '{path}' without running the Python code it names "
+                f"({', '.join(code[:3])}), and tunelab runs no code from a model folder unless you say so. For code you "
+                f"trust, set model.trust_remote_code=true in the recipe (pass --trust-remote-code to load a finished "
+                f"run).") from None
         raise TunelabError(
             f"Could not load a tokenizer from '{path}' ({type(e).__name__}: {str(e).splitlines()[0]}). The model directory needs "
             f"its tokenizer files (tokenizer.json, or vocab.txt / vocab.json + merges.txt, and tokenizer_config.json)."
@@ -168,8 +179,23 @@ def dropout_overrides(cfg: ModelConfig, path: str | Path) -> dict:
 def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_kwargs):
     """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification) from a model directory
     or a finished tunelab run (see model_dir)."""
-    with model_dir(path or cfg.path) as p:
+    with model_dir(path or cfg.path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle) as p:
         return _load(cfg, auto_class, p, **model_kwargs)
+
+
+def custom_code(path: str | Path) -> list[str]:
+    """The code a model folder asks transformers to import (`auto_map` in config.json or tokenizer_config.json),
+    e.g. ['configuration_x.XConfig']; transformers runs it only with trust_remote_code."""
+    found: set[str] = set()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        auto = data.get("auto_map") if isinstance(data, dict) else None
+        for ref in (auto.values() if isinstance(auto, dict) else []):
+            found.update(r for r in (ref if isinstance(ref, list) else [ref]) if isinstance(r, str))
+    return sorted(found)
 
 
 def refuse_pickle(path: Path, allowed: bool) -> None:
@@ -182,7 +208,7 @@ def refuse_pickle(path: Path, allowed: bool) -> None:
             f"'{path}' (model.path) has its weights only as pickle files ({', '.join(pickles[:3])}), which can run "
             f"arbitrary code when loaded, so tunelab does not load them. Convert them to safetensors once (load the "
             f"model with transformers and save_pretrained it, which writes model.safetensors), or, for a file you "
-            f"trust, pass --allow-pickle (model.allow_pickle=true).")
+            f"trust, pass --allow-pickle (model.allow_pickle=true in a recipe; allow_pickle=True for tunelab.load).")
 
 
 def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
@@ -203,7 +229,8 @@ def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
     except ValueError as e:
         raise TunelabError(
             f"'{path}' ({'model.path'}) cannot be loaded as {auto_class.__name__}: {str(e).splitlines()[0]} "
-            f"Use a model whose architecture transformers supports for this task, or set model.trust_remote_code=true for custom code you trust."
+            f"Use a model whose architecture transformers supports for this task, or, for custom code you trust, set "
+            f"model.trust_remote_code=true in the recipe (pass --trust-remote-code to load a finished run)."
         ) from None
     except (SafetensorError, pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:
         mismatch = "mismatched_sizes" in str(e) or "size mismatch" in str(e)

@@ -19,9 +19,11 @@ from .errors import TunelabError
 class TunedModel:
     """A trained run, ready for inference: `tunelab.load(run_dir).predict(["great film"])`."""
 
-    def __init__(self, run_dir: str | Path, device: str | None = None, task: str | None = None):
+    def __init__(self, run_dir: str | Path, device: str | None = None, task: str | None = None, *,
+                 trust_remote_code: bool = False, allow_pickle: bool = False):
         self.dir = Path(run_dir)
-        self.cfg, self.info = _read_run(self.dir)
+        self.cfg, self.info = read_run(self.dir)
+        _own_switches(self.cfg, self.dir, trust_remote_code, allow_pickle)
         versions.check(self.dir, "loading", lambda msg: print(msg, file=sys.stderr, flush=True))
         if self.cfg.tasks is None:
             self._setup(device)
@@ -39,12 +41,14 @@ class TunedModel:
         self._runs = {"default": (self.dir, self.cfg, self.info)}
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, device: str | None = None) -> "TunedModel":
+    def from_model_dir(cls, path: str | Path, device: str | None = None, *, trust_remote_code: bool = False,
+                       allow_pickle: bool = False) -> "TunedModel":
         """A plain causal-LM model directory (e.g. a merged export) as a chat model: `generate` works on it,
         with the tokenizer's chat template (or the built-in Alpaca one)."""
         self = cls.__new__(cls)
         self.dir = Path(path)
-        self.cfg = config_mod.validate({"model": {"path": str(path)}, "data": {"train": "-"},
+        model = {"path": str(path), "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+        self.cfg = config_mod.validate({"model": model, "data": {"train": "-"},
                                         "task": {"type": "sft"}, "method": {"name": "full"}}, f"model dir '{path}'")
         self.info = {"task": "sft", "template": "auto", "train_on_prompt": False, "truncation": "cut"}
         self._setup(device, artifact=self.dir)
@@ -81,7 +85,8 @@ class TunedModel:
 
         Switch with `set_adapter(name)`; the base is shared, so each extra adapter costs only its own size.
         """
-        cfg, info = _read_run(Path(run_dir))
+        cfg, info = read_run(Path(run_dir))
+        cfg.model.trust_remote_code, cfg.model.allow_pickle = self.cfg.model.trust_remote_code, self.cfg.model.allow_pickle
         method = methods.get(cfg.method.name)
         artifact = Path(run_dir) / method.ARTIFACT
         if method.ARTIFACT != "adapter" or not artifact.is_dir():
@@ -293,7 +298,7 @@ class TunedModel:
         return {**metrics, "dropped": dropped}
 
 
-def _read_run(run_dir: Path) -> tuple:
+def read_run(run_dir: Path) -> tuple:
     """(config, labels info) of a finished run directory, or a clear error."""
     if not run_dir.is_dir():
         raise TunelabError(f"Run directory '{run_dir}' does not exist. Pass the output_dir of a completed `tunelab train`.")
@@ -305,6 +310,31 @@ def _read_run(run_dir: Path) -> tuple:
     return config_mod.load(run_dir / "config.yaml"), json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
 
 
-def load(run_dir: str | Path, device: str | None = None, task: str | None = None) -> TunedModel:
-    """A finished run, ready for predict / evaluate / generate; `task` picks one task of a multi-task run."""
-    return TunedModel(run_dir, device, task)
+def _own_switches(cfg, run_dir: Path, trust_remote_code: bool, allow_pickle: bool) -> None:
+    """Put the caller's trust_remote_code / allow_pickle in place of the run's own: a run folder, perhaps someone
+    else's, never turns on code or pickles by itself. A run trained with custom code says which flag loads it."""
+    wanted = cfg.model.trust_remote_code
+    cfg.model.trust_remote_code, cfg.model.allow_pickle = trust_remote_code, allow_pickle
+    if not wanted or trust_remote_code:
+        return
+    base = Path(cfg.model.path).expanduser()
+    folders = [run_dir / "model", run_dir / "adapter", *sorted(run_dir.glob("tasks/*/model")),
+               base / "model" if models.is_run_dir(base) else base]
+    code = sorted({c for folder in folders for c in models.custom_code(folder)})
+    if code:
+        raise TunelabError(
+            f"The run '{run_dir}' was trained with model.trust_remote_code=true (its config.yaml), and its model "
+            f"names Python code to run ({', '.join(code[:3])}). A run folder never turns that on by itself: if you "
+            f"trust this run and its code, pass --trust-remote-code (trust_remote_code=True for tunelab.load; for a "
+            f"run used as model.path, model.trust_remote_code: true in your recipe), or set model.trust_remote_code: "
+            f"false in '{run_dir / 'config.yaml'}' to load it without that code.")
+
+
+def load(run_dir: str | Path, device: str | None = None, task: str | None = None, *, trust_remote_code: bool = False,
+         allow_pickle: bool = False) -> TunedModel:
+    """A finished run, ready for predict / evaluate / generate; `task` picks one task of a multi-task run.
+
+    The run's model.trust_remote_code and model.allow_pickle (its config.yaml) are ignored: a run folder, perhaps
+    someone else's, cannot run code or load pickles unless you pass `trust_remote_code=True` / `allow_pickle=True`
+    here (`--trust-remote-code` / `--allow-pickle` on the command line)."""
+    return TunedModel(run_dir, device, task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
