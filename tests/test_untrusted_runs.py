@@ -182,3 +182,11 @@ def test_a_reward_model_run_cannot_run_code(evil):
         rl.load_reward(SimpleNamespace(reward_model=str(evil.run), reward_function=None))
     assert not evil.marker.exists()
 
+
+def test_the_readme_says_what_runs_code():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### What runs code"):]
+    section = " ".join(section[:section.index("\n#")].split())
+    for words in ("task.reward_function", "model.trust_remote_code", "--trust-remote-code", "--allow-pickle",
+                  "model.allow_pickle", "never turn"):
+        assert words in section, words
