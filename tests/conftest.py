@@ -173,11 +173,16 @@ def tol(scale, ops: float = 1, dtype=None) -> float:
     return ops * torch.finfo(dtype).eps * size(scale)
 
 
-# Roundings along one forward pass of a tiny model above (hidden 32, FFN up to 128, 2 layers, inputs under 32
-# tokens), an n-term sum counting n: a layer chains the query projection (32 terms), the attention scores (8), the
-# softmax and the weighted sum of values (up to 32 each), the output projection (32), the FFN (32 + 128) and two
-# norms (2 x 64): 424 a layer; with the embeddings' norm and a head about 1000.
-FORWARD_OPS = 1000
+def forward_ops(hidden: int, ffn: int, layers: int, head_dim: int = 8, tokens: int = 32) -> int:
+    """Roundings along one forward pass of a transformer, an n-term sum counting n (the n·eps bound): each layer
+    chains the query projection (hidden terms), the attention scores (head_dim), the softmax and the weighted sum of
+    values (tokens each), the output projection (hidden), the FFN (hidden + ffn) and two norms (mean and variance:
+    2 x 2 x hidden); then the embeddings' norm and a head (2 x hidden each)."""
+    return layers * (3 * hidden + head_dim + 2 * tokens + ffn + 4 * hidden) + 4 * hidden
+
+
+# The tiny models above: hidden 32, FFN up to 128 (GPT-2's 4 x 32), 2 layers, heads of 8, inputs under 32 tokens
+FORWARD_OPS = forward_ops(32, 128, 2)  # 976
 
 
 @pytest.fixture

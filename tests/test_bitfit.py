@@ -12,7 +12,7 @@ from transformers import (AutoModelForSequenceClassification, LlamaConfig, Llama
                           Qwen2Config, Qwen2ForSequenceClassification)
 
 import tunelab
-from conftest import make_rows, write_jsonl
+from conftest import make_rows, tol, write_jsonl
 from tunelab import methods
 from tunelab.config import AdapterConfig, BitFitConfig, TrainConfig
 from tunelab.errors import TunelabError
@@ -185,4 +185,5 @@ def test_through_the_pipeline(tiny_bert, tmp_path):
     assert (run.dir / "adapter" / "adapter_model.safetensors").is_file()
     preds = tunelab.load(run.dir).predict(["great film", "a dull and tedious plot"])
     assert [p["label"] in ("neg", "pos") for p in preds] == [True, True]
-    assert all(sum(p["probs"].values()) == pytest.approx(1.0) for p in preds)
+    # a float32 softmax: an exp, a sum over the labels and a division, each rounding
+    assert all(sum(p["probs"].values()) == pytest.approx(1.0, abs=tol(1.0, len(p["probs"]) + 4)) for p in preds)

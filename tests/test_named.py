@@ -10,7 +10,7 @@ from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.methods import named
 from tunelab.tasks import classification as task
-from conftest import make_rows
+from conftest import FORWARD_OPS, make_rows, tol
 from test_method_matrix import INFO, METHOD_ARGS, _batch, _build, _logits, tiny_llama  # noqa: F401  (fixture)
 
 SWITCHABLE = sorted(named.SWITCHABLE)
@@ -87,7 +87,7 @@ def test_switching_gives_each_adapters_own_outputs_and_the_base_is_shared(arch, 
         assert named.active(model) == "b"
         _, fresh, _ = _build(path, method)
         fresh = methods.get(method).load(fresh, out).eval()
-        torch.testing.assert_close(_logits(fresh, batch), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(_logits(fresh, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_a_saved_adapter_dir_is_added_by_name_and_its_method_is_read_from_it(tiny_bert, tmp_path):
@@ -103,7 +103,7 @@ def test_a_saved_adapter_dir_is_added_by_name_and_its_method_is_read_from_it(tin
     other = methods.prepare(other, _method_cfg("ia3"), head).eval()
     other = methods.add_adapter(other, "mine", tmp_path / "lora", head).eval()
     assert named._registry(other)["adapters"]["mine"]["method"] == "lora"
-    torch.testing.assert_close(_logits(other, batch), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(other, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
 def test_one_optimizer_trains_two_adapters_and_a_step_moves_only_the_active_one(tiny_bert):
@@ -208,7 +208,8 @@ def test_a_loaded_run_takes_a_second_run_as_a_named_adapter(tiny_bert, tmp_path)
     assert both.adapters == ["default", "b"]
     for got, want in ((both.predict(texts), alone_b), (both.set_adapter("default").predict(texts), alone_a)):
         for g, w in zip(got, want):
-            assert g["label"] == w["label"] and g["score"] == pytest.approx(w["score"], abs=1e-6)
+            # probabilities (a softmax moves at most 1/4 as much as its logits, of a few units here)
+            assert g["label"] == w["label"] and g["score"] == pytest.approx(w["score"], abs=tol(1.0, FORWARD_OPS))
 
     full = _run(tmp_path, tiny_bert, "full", "full", 3)
     with pytest.raises(TunelabError, match="only adapter runs"):
