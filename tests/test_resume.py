@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab import cli, versions
+from tunelab import cli, pipeline, versions
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
 from tunelab.training import checkpoint
@@ -89,7 +89,9 @@ def test_keeps_the_last_k_and_the_best(tiny_bert, train_file, tmp_path):
                         + [f"output_dir={tmp_path / 'run'}", "train.metric=loss"])
     kept = sorted(p.name for p in (run.dir / checkpoint.DIR).iterdir())
     best = run.summary["best_step"]
-    assert kept == sorted({f"step-{s:07d}" for s in (11, 12, best)})
+    named = {json.loads((run.dir / checkpoint.DIR / f"step-{s:07d}" / "state.json").read_text())["best"]["step"]
+             for s in (11, 12)}  # and the best step each of the last two names: the fallback of a damaged newest
+    assert kept == sorted({f"step-{s:07d}" for s in {11, 12, best} | named})
     for name in kept:  # every one complete and verifiable
         assert checkpoint.Checkpoints(run.dir, 2).problem(run.dir / checkpoint.DIR / name) is None
 
@@ -237,3 +239,110 @@ def test_gradual_unfreezing_resumes_with_the_blocks_it_had_opened(tiny_bert, tra
     resumed = tunelab.resume(_crashed_copy(run.dir, tmp_path / "crashed", 7))
     a, b = _weights(run.dir), _weights(resumed.dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _save_fake(ckpts: checkpoint.Checkpoints, step: int, best: int | None) -> None:
+    """A checkpoint of `step` whose state names `best` as its best step, as the loop writes them."""
+    state = {"step": step, "best": {"value": None if best is None else 1.0, "step": best or 0, "metrics": None}}
+    ckpts.save(step, {"trainable": {"w": torch.full((2,), float(step))}}, state, best)
+
+
+def test_pruning_keeps_the_best_step_that_a_kept_checkpoint_names(tmp_path):
+    """keep=2: at step 9 the last two are 6 (whose best is 3) and 9 (best 9). Step 3 stays, so a damaged step 9
+    falls back to step 6 with its best weights; once no kept checkpoint names step 3, it goes."""
+    ckpts = checkpoint.Checkpoints(tmp_path, 2)
+    for step, best in ((3, 3), (6, 3), (9, 9)):
+        _save_fake(ckpts, step, best)
+    assert [p.name for p in ckpts.list()] == ["step-0000003", "step-0000006", "step-0000009"]
+    weights = tmp_path / checkpoint.DIR / "step-0000009" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    path, state, _ = ckpts.latest(lambda message: None)
+    assert path.name == "step-0000006"
+    assert float(ckpts.read(state["best"]["step"])["trainable"]["w"][0]) == 3.0
+    _save_fake(ckpts, 12, 12)
+    assert [p.name for p in ckpts.list()] == ["step-0000009", "step-0000012"]
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    ckpts = checkpoint.Checkpoints(tmp_path, 1)
+    for step in (9_999_999, 10_000_000):  # "step-10000000" < "step-9999999" as names
+        _save_fake(ckpts, step, None)
+    assert [p.name for p in ckpts.list()] == ["step-10000000"]
+    assert ckpts.latest()[1]["step"] == 10_000_000
+
+
+def test_stale_temporary_checkpoints_are_removed_when_saving_and_on_resume(tiny_bert, train_file, tmp_path):
+    ckpts = checkpoint.Checkpoints(tmp_path, 2)
+    stale = tmp_path / checkpoint.DIR / ".tmp-step-0000002"
+    stale.mkdir(parents=True)
+    (stale / "trainable.safetensors").write_bytes(b"\0" * 10)  # a save killed half-way
+    _save_fake(ckpts, 5, None)
+    assert not stale.exists() and [p.name for p in ckpts.list()] == ["step-0000005"]
+
+    run = tunelab.train(None, _overrides(tiny_bert, train_file, "lora", max_steps=3) + [f"output_dir={tmp_path / 'r'}"])
+    crashed = _crashed_copy(run.dir, tmp_path / "crashed", 2)
+    stale = crashed / checkpoint.DIR / ".tmp-step-0000003"
+    stale.mkdir()
+    assert pipeline.resumable(crashed)[1]["step"] == 2
+    assert not stale.exists()
+
+
+def _strict_records(run_dir: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return [json.loads(x, parse_constant=refuse) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_metrics_log_is_valid_json_and_on_disk_before_a_checkpoint_records_its_size(tiny_bert, train_file, tmp_path,
+                                                                                    monkeypatch):
+    real_loss, calls = classification.loss, {"n": 0}
+
+    def loss(model, batch, **kw):  # step 2's loss is NaN: the guard logs it, and the train record's mean of step 2
+        calls["n"] += 1
+        value = real_loss(model, batch, **kw)
+        return value * float("nan") if (calls["n"] + 1) // 2 == 2 else value
+
+    synced = []
+    real_fsync = checkpoint._fsync
+
+    def fsync(path):
+        synced.append(Path(path).name)
+        real_fsync(path)
+
+    monkeypatch.setattr(classification, "loss", loss)
+    monkeypatch.setattr(checkpoint, "_fsync", fsync)
+    run = tunelab.train(None, _overrides(tiny_bert, train_file, "full", max_steps=3) + [f"output_dir={tmp_path / 'r'}"])
+    records = _strict_records(run.dir)  # no NaN / Infinity: every line is JSON
+    skipped = [r for r in records if r["type"] == "skipped"]
+    assert [(r["step"], r["loss"]) for r in skipped] == [(2, None)]
+    # each of the 3 checkpoints fsyncs the log first, then writes its files (the state with the log's size in it)
+    chunks = " ".join(synced).split("metrics.jsonl")
+    assert chunks[0] == "" and len(chunks) == 4 and all("state.json" in c for c in chunks[1:])
+
+
+def test_a_full_disk_in_safetensors_is_one_paragraph_and_keeps_the_earlier_checkpoints(tiny_bert, train_file, tmp_path,
+                                                                                      monkeypatch):
+    from safetensors import SafetensorError
+
+    real_save, calls = checkpoint.save_file, {"n": 0}
+
+    def save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] > 3 * 3:  # three checkpoints of three files fit
+            Path(path).write_bytes(b"\0" * 10)
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" }) No space left on device (os error 28)')
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", save)
+    out = tmp_path / "run"
+    with pytest.raises(TunelabError) as e:
+        tunelab.train(None, _overrides(tiny_bert, train_file, "full", max_steps=8) + [f"output_dir={out}"])
+    message = str(e.value)
+    assert message.startswith("Could not write the checkpoint of step 4 ") and "\n" not in message
+    assert ": No space left on device. The previous checkpoints are intact" in message and "--resume" in message
+    ckpts = checkpoint.Checkpoints(out, 2)
+    assert [p.name for p in ckpts.list()] == ["step-0000002", "step-0000003"]
+    assert all(ckpts.problem(p) is None for p in ckpts.list())
+    assert not list((out / checkpoint.DIR).glob(".tmp-*"))

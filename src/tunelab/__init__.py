@@ -37,10 +37,11 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
     return pipeline.train(cfg, overwrite=overwrite, recipe_name=Path(recipe).stem if recipe else "run")
 
 
-def resume(run_dir: str | Path):
-    """Continue an unfinished run from its last good checkpoint, exactly where it stopped."""
+def resume(run_dir: str | Path, anyway: bool = False):
+    """Continue an unfinished run from its last good checkpoint, exactly where it stopped. A run whose config.yaml,
+    data files or model changed since that checkpoint is refused, naming what changed, unless `anyway`."""
     from . import config, pipeline
 
-    pipeline.check_resumable(Path(run_dir))
+    pipeline.check_resumable(Path(run_dir), anyway)
     cfg = config.load(Path(run_dir) / "config.yaml", [])
     return pipeline.train(cfg, resume=Path(run_dir))

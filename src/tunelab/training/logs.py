@@ -1,6 +1,8 @@
 """Where a run's records go: metrics.jsonl always (the report and `compare` read it), TensorBoard when asked.
 
-Every record is one JSON line: {"type": "train" | "eval" | "optimizer" | ..., "step": ..., <numbers>}.
+Every record is one JSON line: {"type": "train" | "eval" | "optimizer" | ..., "step": ..., <numbers>}, valid JSON: a
+number that is not finite (a diverged loss) is written as null. Each line is flushed to the file as it is written,
+so a checkpoint's log size (Checkpoints.log_bytes, which fsyncs the file) covers every record before it.
 TensorBoard gets the numeric fields of records that have a step, as `<train|split>/<name>` scalars, and each
 parameter group's LR as `lr/<group>`.
 """
@@ -11,6 +13,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import atomic
 from ..errors import TunelabError
 
 
@@ -35,8 +38,8 @@ def open_log(run_dir: Path, log_to: list[str], listener=None):
         writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
         def log(record: dict) -> None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            log_file.write(json.dumps(atomic.finite(record), allow_nan=False) + "\n")
+            log_file.flush()  # through to the file: a checkpoint taken next records the log's size
             if writer is not None:
                 _scalars(writer, record)
             if listener is not None:

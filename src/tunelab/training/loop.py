@@ -387,6 +387,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
 
     if resume is not None:
         path, state, files = resume
+        checkpoint.check_fits(path, files["trainable"], {name_of[id(p)]: tuple(p.shape) for p in live})
         like = distributed.like  # a whole tensor, sharded as the parameter is
         with torch.no_grad():
             for p in live:
@@ -396,6 +397,11 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         checkpoint.load_optimizer_state(opt, files["optimizer"], state["optimizer_groups"], like)
         sched.load_state_dict(state["scheduler"])
         sched.plateau.update(state["plateau"])  # in place: the schedule's lambda reads this dict
+        for i, (g, pg) in enumerate(zip(groups, opt.param_groups)):  # config.yaml's LR, edited (--resume-anyway)
+            if g["lr"] != sched.base_lrs[i]:
+                sched.base_lrs[i] = pg["initial_lr"] = g["lr"]
+                pg["lr"] = g["lr"] * sched.lr_lambdas[i](sched.last_epoch)
+            pg["weight_decay"] = g["weight_decay"]
         params = dict(model.named_parameters())
         for _ in range(state["stages_done"]):  # the blocks unfrozen by then train again
             for name in stages.pop(0)[1]:
@@ -458,7 +464,8 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
                     f"was skipped. " + (f"The last good checkpoint is {kept[-1]}. " if kept else "") +
                     f"Lower train.lr (now {cfg.lr:g}), set train.max_grad_norm (e.g. 1.0), use train.precision=fp32, or "
                     f"look for extreme values in the data; then start again" +
-                    (", or edit config.yaml in the run directory and `tunelab train --resume` it." if kept else "."))
+                    (", or edit config.yaml in the run directory and `tunelab train --resume RUN_DIR --resume-anyway` "
+                     "it (--resume-anyway: go on although the config changed)." if kept else "."))
             running.append(float("nan"))
         else:
             bad_steps = 0
