@@ -199,8 +199,11 @@ def _state(p: Path | None):
 
 
 def _old_run(d: Path) -> Path:
-    """A directory that looks like a finished run, so `--overwrite` would be allowed to replace it."""
+    """A run folder (tunelab's marker in it), so `--overwrite` would be allowed to replace it."""
+    from tunelab import runs
+
     d.mkdir()
+    runs.write_marker(d, "run")
     (d / "config.yaml").write_text("model:\n  path: earlier-model\n")
     (d / "summary.json").write_text('{"metric": 0.91}\n')
     (d / "notes.txt").write_text("the user's own notes\n")

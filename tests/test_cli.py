@@ -381,7 +381,7 @@ def test_existing_output_dir_is_left_alone(ws, tmp_path, cli_run):
 
     # --overwrite does not make it delete a directory that is not a run.
     r = cli_run("train", ws / "recipe.yaml", f"output_dir={out}", "--overwrite", *FAST)
-    assert_user_error(r, str(out), "not look like a tunelab run")
+    assert_user_error(r, str(out), "is not provably a tunelab run")
     assert snapshot(out) == before
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"]
 

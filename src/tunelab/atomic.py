@@ -19,7 +19,12 @@ import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from .errors import TunelabError
+
+# safetensors raises its own error type (a full disk included), not OSError
+WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def temp_name(path: Path, kind: str = "tmp") -> Path:
@@ -60,13 +65,6 @@ def write_error(e: BaseException, path: Path, what: str) -> TunelabError:
                         f"before is as it was, and no temporary file is left. {fix}.")
 
 
-def _failed_write_types() -> tuple[type[BaseException], ...]:
-    try:  # safetensors raises its own error type (a full disk included), not OSError
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        return (OSError,)
-    return (OSError, SafetensorError)
-
 
 @contextmanager
 def staged_file(path: str | Path, what: str = "the file"):
@@ -79,13 +77,20 @@ def staged_file(path: str | Path, what: str = "the file"):
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
-        fsync_path(path.parent)
-    except _failed_write_types() as e:
+    except WRITE_ERRORS as e:
         _remove(tmp)
         raise write_error(e, path, what) from None
     except BaseException:
         _remove(tmp)
         raise
+    sync_folder(path.parent)
+
+
+def sync_folder(path: Path) -> None:
+    """Make a rename in `path` durable. Best effort: the file itself is on disk already, and some file systems
+    refuse to fsync a folder."""
+    with suppress(OSError):
+        fsync_path(path)
 
 
 def write_bytes(path: str | Path, data: bytes, what: str = "the file") -> Path:
@@ -126,13 +131,13 @@ def staged_dir(path: str | Path, what: str = "the folder"):
         yield tmp
         fsync_tree(tmp)
         os.rename(tmp, path)
-        fsync_path(path.parent)
-    except _failed_write_types() as e:
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(e, path, what) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    sync_folder(path.parent)
 
 
 _RENAME_EXCHANGE = 2
@@ -162,15 +167,15 @@ def swap(new: Path, target: Path) -> Path | None:
     new, target = Path(new), Path(target)
     if not target.exists() and not target.is_symlink():
         os.rename(new, target)
-        fsync_path(target.parent)
+        sync_folder(target.parent)
         return None
     if exchange(new, target):
-        fsync_path(target.parent)
+        sync_folder(target.parent)
         return new
     old = temp_name(target, "old")
     os.rename(target, old)  # the short window where `target` is missing; `old` still holds everything
     os.rename(new, target)
-    fsync_path(target.parent)
+    sync_folder(target.parent)
     return old
 
 

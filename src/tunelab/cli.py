@@ -28,6 +28,9 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in output_dir."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this unfinished run directory from its "
                                           "last good checkpoint (no recipe: the run's own config.yaml)."),
+    resume_anyway: bool = typer.Option(False, "--resume-anyway", help="With --resume: go on even though config.yaml, "
+                                       "a data file or the model changed since the checkpoint was written (by default "
+                                       "such a resume is refused, naming what changed)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load model weights stored as pickle "
                                       "(.bin/.pt), which can run code when loaded: only for files you trust."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes on this machine (torchrun "
@@ -50,7 +53,10 @@ def train(
         if recipe is not None or overrides:
             raise TunelabError(f"--resume {resume} continues that run with its own config.yaml; give no recipe or "
                                f"overrides with it (edit {resume / 'config.yaml'} to change a setting).")
-        run = tunelab.resume(resume)
+        run = tunelab.resume(resume, anyway=resume_anyway)
+    elif resume_anyway:
+        raise TunelabError("--resume-anyway goes with --resume RUN_DIR: it lets a run whose config.yaml, data or model "
+                           "changed since its last checkpoint go on. Give --resume RUN_DIR too, or leave it out.")
     elif recipe is None:
         raise TunelabError("Give a recipe (`tunelab train configs/classification/minilm-lora.yaml`), or "
                            "--resume RUN_DIR to continue a run that stopped.")

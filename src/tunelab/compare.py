@@ -14,6 +14,7 @@ where it can be. Output directory: compare.md, compare.csv, compare.json, report
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ import torch
 from pydantic import ValidationError
 
 from . import config as config_mod
-from . import evaluate, methods, models, pipeline, tasks
+from . import atomic, evaluate, methods, models, runs, tasks
 from .config import METHOD_CONFIGS, METHOD_NAMES
 from .errors import TunelabError
 
@@ -115,40 +116,49 @@ def run(recipe, overrides: list[str], method_names: list[str], output: str | Non
         raise TunelabError("`tunelab compare` compares methods on one task; this recipe is multi-task. Compare on one "
                            "of its tasks' recipes, or train the multi-task recipe once per method.")
     lrs = lrs or {}
-    out = Path(output or f"runs/compare-{Path(recipe).stem if recipe else 'run'}")
-    pipeline.check_run_dir(str(out), overwrite)
-    # Every method's config is built (and so checked) before the first one trains.
-    configs = {name: method_config(cfg, name, lrs, steps, (out / "runs" / name).resolve(), first=i == 0,
-                                   settings=settings.get(name)) for i, name in enumerate(method_names)}
-    out = pipeline.make_run_dir(str(out), overwrite)
-    (out / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")  # marks it as tunelab's
-    for sub in ("recipes", "logs", "runs"):
-        (out / sub).mkdir()
+    out = runs.expand(output or f"runs/compare-{Path(recipe).stem if recipe else 'run'}")
+    claim = runs.claim(out, overwrite, "compare", cfg)
+    with claim:  # an earlier comparison there stays as it was until this one has finished
+        # Every method's config is built (and so checked) before the first one trains.
+        configs = {name: method_config(cfg, name, lrs, steps, (out / "runs" / name).resolve(), first=i == 0,
+                                       settings=settings.get(name)) for i, name in enumerate(method_names)}
+        out = claim.make()
+        atomic.write_text(out / "config.yaml", config_mod.to_yaml(cfg), "the comparison's config")
+        for sub in ("recipes", "logs", "runs"):
+            (out / sub).mkdir()
 
-    rows = []
-    for i, (name, mcfg) in enumerate(configs.items()):
-        recipe_path = out / "recipes" / f"{name}.yaml"
-        recipe_path.write_text(config_mod.to_yaml(mcfg), encoding="utf-8")
-        echo(f"== {name} ({i + 1}/{len(method_names)}): lr {mcfg.train.lr:g}, log in {out / 'logs' / (name + '.log')}")
-        row = _train_one(name, recipe_path, out / "logs" / f"{name}.log", mcfg)
-        if row["status"] == "ok":
-            row.update(latency(Path(row["run_dir"]), name))
-            echo(f"   {row['metric']} {row['tuned']:.4f} (base {_fmt(row['base'])}), {row['train_seconds']:.0f} s, "
-                 f"peak {row['peak_memory_mb']:.0f} MB, {row['latency_ms']:.1f} ms/example")
-        else:
-            echo(f"   {row['status']}: {row['reason']}")
-        rows.append(row)
-        _write_tables(out, rows)  # after every method: a long comparison stopped half-way keeps what it measured
+        rows = []
+        for i, (name, mcfg) in enumerate(configs.items()):
+            recipe_path = out / "recipes" / f"{name}.yaml"
+            atomic.write_text(recipe_path, config_mod.to_yaml(mcfg), "a method's recipe")
+            echo(f"== {name} ({i + 1}/{len(method_names)}): lr {mcfg.train.lr:g}, log in {out / 'logs' / (name + '.log')}")
+            row = _train_one(name, recipe_path, out / "logs" / f"{name}.log", mcfg)
+            if row["status"] == "ok":
+                row.update(latency(Path(row["run_dir"]), name, model_cfg=mcfg.model))
+                echo(f"   {row['metric']} {row['tuned']:.4f} (base {_fmt(row['base'])}), {row['train_seconds']:.0f} s, "
+                     f"peak {row['peak_memory_mb']:.0f} MB, {row['latency_ms']:.1f} ms/example")
+            else:
+                echo(f"   {row['status']}: {row['reason']}")
+            rows.append(row)
+            _write_tables(out, rows)  # after every method: a long comparison stopped half-way keeps what it measured
 
-    probe = next((r["linear_probe"] for r in rows if r.get("linear_probe") is not None), None)
-    for r in rows:
-        if r["status"] == "ok" and r.get("linear_probe") is None:
-            r["linear_probe"] = probe
-    _write_tables(out, rows)
-    rebuild_report(out)
+        probe = next((r["linear_probe"] for r in rows if r.get("linear_probe") is not None), None)
+        for r in rows:
+            if r["status"] == "ok" and r.get("linear_probe") is None:
+                r["linear_probe"] = probe
+        _write_tables(out, rows)
+        rebuild_report(out)
+        out = claim.finish()
     echo((out / "compare.md").read_text(encoding="utf-8"))
     echo(f"compare directory: {out.resolve()}")
     return rows
+
+
+def opted_in(model_cfg) -> dict:
+    """The recipe's own opt-ins, for loading the runs this command has just trained from it."""
+    if model_cfg is None:
+        return {}
+    return {"trust_remote_code": model_cfg.trust_remote_code, "allow_pickle": model_cfg.allow_pickle}
 
 
 def rebuild_report(out: Path) -> Path:
@@ -188,11 +198,12 @@ def _train_one(name: str, recipe_path: Path, log_path: Path, mcfg) -> dict:
     }
 
 
-def latency(run_dir: Path, name: str, n: int = LATENCY_EXAMPLES) -> dict:
-    """Median milliseconds of one held-out example's forward pass, as trained and merged (None: cannot merge)."""
+def latency(run_dir: Path, name: str, n: int = LATENCY_EXAMPLES, model_cfg=None) -> dict:
+    """Median milliseconds of one held-out example's forward pass, as trained and merged (None: cannot merge).
+    `model_cfg`: the recipe's model section, whose trust_remote_code / allow_pickle the user opted into."""
     from .predict import load
 
-    trained = load(run_dir)
+    trained = load(run_dir, **opted_in(model_cfg))
     cfg, task = trained.cfg, trained.task
     splits, _ = task.load_splits(cfg, cfg.train.seed)
     rows = (splits.get("test") or splits["validation"])[:n]
@@ -236,12 +247,13 @@ def _flat(r: dict) -> dict:
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:
-    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    with (out / "compare.csv").open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(_flat(r) for r in rows)
-    (out / "compare.md").write_text(markdown(rows), encoding="utf-8")
+    atomic.write_json(out / "compare.json", rows, "the comparison table")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(_flat(r) for r in rows)
+    atomic.write_text(out / "compare.csv", table.getvalue(), "the comparison table")
+    atomic.write_text(out / "compare.md", markdown(rows), "the comparison table")
 
 
 def markdown(rows: list[dict]) -> str:

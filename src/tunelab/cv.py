@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
-from . import pipeline
+from . import atomic, pipeline, runs
 from .data import _load_file
 from .data.split import stratified_folds
 from .errors import TunelabError
 
 
 def _write(path: Path, rows: list[dict], text_field: str, label_field: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({text_field: r["text"], label_field: r["label"]}, ensure_ascii=False) + "\n"
-                            for r in rows), encoding="utf-8")
+    atomic.write_text(path, "".join(json.dumps({text_field: r["text"], label_field: r["label"]}, ensure_ascii=False)
+                                    + "\n" for r in rows), "a fold's data")
 
 
 def _stats(values: list[float]) -> dict:
@@ -41,55 +40,57 @@ def run(recipe, overrides: list[str], folds: int = 5, overwrite: bool = False, e
                            f"{'multi-task' if cfg.tasks else cfg.task.type}.")
     if folds < 2:
         raise TunelabError(f"--folds {folds}: cross-validation needs at least 2 folds.")
-    parent = Path(cfg.output_dir or pipeline.default_output_dir(f"cv-{Path(recipe).stem if recipe else 'run'}"))
-    pipeline.check_run_dir(str(parent), overwrite)
-    if cfg.data.validation:
-        echo(f"note: data.validation ({cfg.data.validation}) is not used: each fold validates on its held-out part")
-    rows, _ = _load_file(cfg.data.train, "data.train", cfg.data)
-    parts = stratified_folds(rows, folds, cfg.train.seed)
-    if min(len(p) for p in parts) == 0:
-        raise TunelabError(f"Data file '{cfg.data.train}' has {len(rows)} usable rows: too few for {folds} folds.")
-    parent = pipeline.make_run_dir(str(parent), overwrite)
-    (parent / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")  # marks it as a tunelab dir
+    parent = runs.expand(cfg.output_dir or pipeline.default_output_dir(f"cv-{Path(recipe).stem if recipe else 'run'}"))
+    claim = runs.claim(parent, overwrite, "cv", cfg)
+    with claim:  # an earlier cross-validation there stays as it was until this one has finished
+        if cfg.data.validation:
+            echo(f"note: data.validation ({cfg.data.validation}) is not used: each fold validates on its held-out part")
+        rows, _ = _load_file(cfg.data.train, "data.train", cfg.data)
+        parts = stratified_folds(rows, folds, cfg.train.seed)
+        if min(len(p) for p in parts) == 0:
+            raise TunelabError(f"Data file '{cfg.data.train}' has {len(rows)} usable rows: too few for {folds} folds.")
+        parent = claim.make()
+        atomic.write_text(parent / "config.yaml", config_mod.to_yaml(cfg), "the cross-validation's config")
 
-    results, probs = [], []
-    for i, held in enumerate(parts, start=1):
-        held_set = set(held)
-        data_dir = parent / "folds"
-        _write(data_dir / f"fold_{i}_train.jsonl", [r for j, r in enumerate(rows) if j not in held_set],
-               cfg.data.text_field, cfg.data.label_field)
-        _write(data_dir / f"fold_{i}_validation.jsonl", [rows[j] for j in held], cfg.data.text_field, cfg.data.label_field)
-        fold_cfg = cfg.model_copy(deep=True)
-        fold_cfg.data.train = str(data_dir / f"fold_{i}_train.jsonl")
-        fold_cfg.data.validation = str(data_dir / f"fold_{i}_validation.jsonl")
-        fold_cfg.output_dir = str(parent / f"fold_{i}")
-        echo(f"== fold {i}/{folds}: {len(rows) - len(held)} train, {len(held)} validation")
-        run_ = pipeline.train(fold_cfg)
-        results.append(run_.summary)
-        if ensemble and cfg.data.test:
-            probs.append(_test_probs(run_.dir))
+        results, probs = [], []
+        for i, held in enumerate(parts, start=1):
+            held_set = set(held)
+            data_dir = parent / "folds"
+            _write(data_dir / f"fold_{i}_train.jsonl", [r for j, r in enumerate(rows) if j not in held_set],
+                   cfg.data.text_field, cfg.data.label_field)
+            _write(data_dir / f"fold_{i}_validation.jsonl", [rows[j] for j in held], cfg.data.text_field, cfg.data.label_field)
+            fold_cfg = cfg.model_copy(deep=True)
+            fold_cfg.data.train = str(data_dir / f"fold_{i}_train.jsonl")
+            fold_cfg.data.validation = str(data_dir / f"fold_{i}_validation.jsonl")
+            fold_cfg.output_dir = str(parent / f"fold_{i}")
+            echo(f"== fold {i}/{folds}: {len(rows) - len(held)} train, {len(held)} validation")
+            run_ = pipeline.train(fold_cfg)
+            results.append(run_.summary)
+            if ensemble and cfg.data.test:
+                probs.append(_test_probs(run_.dir, cfg.model))
 
-    summary = {"folds": folds, "seed": cfg.train.seed, "rows": len(rows), "runs": [f"fold_{i}" for i in range(1, folds + 1)]}
-    for split, key in (("validation", "eval"), ("test", "test")):
-        if key in results[0]:
-            metrics = [m for m, v in results[0][key].items() if isinstance(v, (int, float))]
-            summary[split] = {m: _stats([r[key][m] for r in results]) for m in metrics}
-    if probs:
-        summary["ensemble_test"] = _ensemble(parent / "fold_1", probs)
-    (parent / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    for split in ("validation", "test"):
-        for m, s in summary.get(split, {}).items():
-            echo(f"{split:10} {m:12} {s['mean']:.4f} ± {s['std']:.4f}")
-    if "ensemble_test" in summary:
-        echo(f"ensemble test accuracy {summary['ensemble_test']['accuracy']:.4f}")
+        summary = {"folds": folds, "seed": cfg.train.seed, "rows": len(rows), "runs": [f"fold_{i}" for i in range(1, folds + 1)]}
+        for split, key in (("validation", "eval"), ("test", "test")):
+            if key in results[0]:
+                metrics = [m for m, v in results[0][key].items() if isinstance(v, (int, float))]
+                summary[split] = {m: _stats([r[key][m] for r in results]) for m in metrics}
+        if probs:
+            summary["ensemble_test"] = _ensemble(parent / "fold_1", probs, cfg.model)
+        atomic.write_json(parent / "cv_summary.json", summary, "the cross-validation summary")
+        parent = claim.finish()
+        for split in ("validation", "test"):
+            for m, s in summary.get(split, {}).items():
+                echo(f"{split:10} {m:12} {s['mean']:.4f} ± {s['std']:.4f}")
+        if "ensemble_test" in summary:
+            echo(f"ensemble test accuracy {summary['ensemble_test']['accuracy']:.4f}")
     return summary
 
 
-def _test_probs(run_dir: Path) -> torch.Tensor:
+def _test_probs(run_dir: Path, model_cfg) -> torch.Tensor:
     from . import evaluate
     from .predict import load
 
-    model = load(run_dir)
+    model = load(run_dir, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
     feats = _test_features(model)
     out, _ = evaluate.outputs(model.model, model.task, feats, model.cfg.eval.batch_size, model.tokenizer.pad_token_id,
                               model.device)
@@ -103,10 +104,10 @@ def _test_features(model):
     return model._features(rows)
 
 
-def _ensemble(first_run: Path, probs: list[torch.Tensor]) -> dict:
+def _ensemble(first_run: Path, probs: list[torch.Tensor], model_cfg) -> dict:
     from .predict import load
 
-    model = load(first_run)
+    model = load(first_run, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
     feats = _test_features(model)
     labels = torch.tensor([f["label"] for f in feats])
     return model.task.metrics(torch.stack(probs).mean(0).log(), labels, model.info, feats)

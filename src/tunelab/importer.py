@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import atomic
 from .errors import TunelabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -203,9 +204,12 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = Fa
                   "max_logit_diff_vs_gguf": max_diff, "chat_template": tokenizer.chat_template is not None,
                   "seconds": round(time.perf_counter() - start, 1)}
         (staging / "tunelab_import.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)  # check_out_dir allowed only an empty dir or an earlier import here
-        staging.rename(out)
+        atomic.fsync_tree(staging)
+        old = atomic.swap(staging, out)  # check_out_dir allowed only an empty dir or an earlier import there
+        if old is not None:
+            shutil.rmtree(old)  # the earlier import, deleted last
+    except atomic.WRITE_ERRORS as e:
+        raise atomic.write_error(e, out, "the imported model") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +20,12 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import data, evaluate, methods, models, tasks, versions
+from . import atomic, data, evaluate, methods, models, runs, tasks, versions
 from .config import Config
 from .data import augment, stream
 from .errors import TunelabError
 from .evaluate import forgetting, probe
 from .training import checkpoint, distributed, logs, loop
-
-RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "data_report.json", "labels.json", "samples.json")
-
 
 @dataclass
 class Run:
@@ -53,117 +51,113 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         from .rl import train as train_rl
 
         return train_rl(cfg, overwrite, recipe_name)
-    t_start, out_path, device, saved = begin(cfg, overwrite, recipe_name, resume)
+    t_start, out_path, device, saved, claim = begin(cfg, overwrite, recipe_name, resume)
+    with claim:  # the output folder is this run's until the end; a failure leaves an old run there as it was
+        task = tasks.get(cfg.task.type)
+        loop.resolve_metric(task, cfg.train.metric)
+        splits, report = task.load_splits(cfg, cfg.train.seed)
+        say(data.format_report(report))
+        forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
+        info = task.label_info(splits, cfg)
+        model, tokenizer = task.build_model(cfg.model, info)
+        model.to(device)
+        if cfg.data.augment_copies:
+            splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
+                splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
+            say(f"augmentation: {report['splits']['train']['augmented']}")
+        feats, max_length = encode_splits(cfg, task, model, tokenizer, info, splits, report)
+        held_out = {name: f for name, f in feats.items() if name != "train"}
+        pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
+        shown = splits["validation"][: cfg.eval.samples]
 
-    task = tasks.get(cfg.task.type)
-    loop.resolve_metric(task, cfg.train.metric)
-    splits, report = task.load_splits(cfg, cfg.train.seed)
-    say(data.format_report(report))
-    forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
-    info = task.label_info(splits, cfg)
-    model, tokenizer = task.build_model(cfg.model, info)
-    model.to(device)
-    if cfg.data.augment_copies:
-        splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
-            splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
-        say(f"augmentation: {report['splits']['train']['augmented']}")
-    feats, max_length = encode_splits(cfg, task, model, tokenizer, info, splits, report)
-    held_out = {name: f for name, f in feats.items() if name != "train"}
-    pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
-    shown = splits["validation"][: cfg.eval.samples]
+        # The baselines see the model before the method touches it.
+        summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
+        if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
+            summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
+        if cfg.eval.linear_probe and task.PROBE:
+            summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
+        samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
+        if forgetting_probe:
+            before = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
 
-    # The baselines see the model before the method touches it.
-    summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
-    if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
-        summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
-    if cfg.eval.linear_probe and task.PROBE:
-        summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
-    samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
-    if forgetting_probe:
-        before = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
+        method = methods.get(cfg.method.name)
+        head = task.head_modules(model)
+        model = methods.prepare(model, cfg.method, head)
+        if cfg.train.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
+        if hasattr(task, "precompute_reference") and task.reference_mode(cfg) == "precomputed":
+            say("reference log-probs: computing them once with the starting model")
+            task.precompute_reference(model, feats, pad_id, device, bs)
+        trainable, total = models.count_params(model)
+        say(models.trainable_summary(model))
 
-    method = methods.get(cfg.method.name)
-    head = task.head_modules(model)
-    model = methods.prepare(model, cfg.method, head)
-    if cfg.train.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model)
-    if hasattr(task, "precompute_reference") and task.reference_mode(cfg) == "precomputed":
-        say("reference log-probs: computing them once with the starting model")
-        task.precompute_reference(model, feats, pad_id, device, bs)
-    trainable, total = models.count_params(model)
-    say(models.trainable_summary(model))
-
-    # Every input has been checked by now: only a run that can start gets a directory.
-    # Only the first process writes the run directory; the others write theirs to scratch, dropped at the end.
-    main = distributed.is_main()
-    if saved is None:
-        run_dir = make_run_dir(out_path, overwrite) if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
-        cfg = resolve_paths(cfg, Path(out_path))
-        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
-        write_json(run_dir / "versions.json", versions.current())
-    else:  # the log goes on from the checkpoint: what was logged after it is logged again
-        run_dir = Path(resume) if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
-        if main:
+        # Every input has been checked by now: only a run that can start gets a directory.
+        # Only the first process writes the run directory; the others write theirs to scratch, dropped at the end.
+        main = distributed.is_main()
+        run_dir = claim.make() if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
+        if saved is None:
+            cfg = resolve_paths(cfg, Path(out_path))
+            write_start(run_dir, cfg)
+        elif main:  # the log goes on from the checkpoint: what was logged after it is logged again
             with open(run_dir / "metrics.jsonl", "r+b") as f:
                 f.truncate(saved[1]["log_bytes"])
-    write_json(run_dir / "data_report.json", report)
-    write_json(run_dir / "labels.json", info)
+        write_json(run_dir / "data_report.json", report)
+        write_json(run_dir / "labels.json", info)
 
-    def listener(record: dict) -> None:
-        if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
-            on_eval(record)
+        def listener(record: dict) -> None:
+            if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
+                on_eval(record)
 
-    with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
-        stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
-        if stages:
-            say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
-                f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
-        # every process takes part in a checkpoint (sharded weights are gathered); the first one writes it
-        checkpoints = checkpoint.Checkpoints(Path(out_path), cfg.train.keep_checkpoints) \
-            if cfg.train.save_checkpoints else None
-        result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
-                          log, stages, checkpoints=checkpoints, resume=saved)
-        if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
-            model = unsharded(model, task, cfg, info, head, device)
-        # The loop scored the restored best weights on validation already; only a run that never had a finite
-        # metric needs evaluating again.
-        summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
-        if info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
-            info = task.calibrate(*evaluate.outputs(model, task, feats["validation"], bs, pad_id, device), info)
-            write_json(run_dir / "labels.json", info)
-            summary["thresholds"] = info["threshold"]
-            say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in info["threshold"].items()))
-        if "test" in feats:
-            summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
-            log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
+        with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
+            stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
+            if stages:
+                say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
+                    f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
+            # every process takes part in a checkpoint (sharded weights are gathered); the first one writes it
+            checkpoints = checkpoint.Checkpoints(run_dir if main else Path(out_path), cfg.train.keep_checkpoints) \
+                if cfg.train.save_checkpoints else None
+            result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
+                              log, stages, checkpoints=checkpoints, resume=saved)
+            if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
+                model = unsharded(model, task, cfg, info, head, device)
+            # The loop scored the restored best weights on validation already; only a run that never had a finite
+            # metric needs evaluating again.
+            summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
+            if info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
+                info = task.calibrate(*evaluate.outputs(model, task, feats["validation"], bs, pad_id, device), info)
+                write_json(run_dir / "labels.json", info)
+                summary["thresholds"] = info["threshold"]
+                say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in info["threshold"].items()))
+            if "test" in feats:
+                summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
+                log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
 
-    if forgetting_probe:
-        after = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
-        summary["forgetting"] = forgetting.summary(forgetting_probe, before, after)
-        say(forgetting.describe(summary["forgetting"]))
-    samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)
-    write_json(run_dir / "samples.json", samples)
-    out = run_dir / method.ARTIFACT
-    method.save(model, out, cfg.model.path, head)
-    tokenizer.save_pretrained(out)
+        if forgetting_probe:
+            after = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
+            summary["forgetting"] = forgetting.summary(forgetting_probe, before, after)
+            say(forgetting.describe(summary["forgetting"]))
+        samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)
+        write_json(run_dir / "samples.json", samples)
+        out = run_dir / method.ARTIFACT
+        with saving_artifact(out):
+            method.save(model, out, cfg.model.path, head)
+            tokenizer.save_pretrained(out)
 
-    summary.update({
-        "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
-        "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
-        "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(device),
-        "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
-        "metric": result["best_metric"], "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])} for g in result["optimizer_groups"]],
-        "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
-        "device": str(device), "torch": torch.__version__,
-    })
-    write_json(run_dir / "summary.json", summary)
-    drop_checkpoints(run_dir, cfg)
-    if not main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        return Run(Path(out_path).resolve(), summary)
-    write_report(run_dir)
-    say(headline(summary, task.HEADLINE))
-    return Run(run_dir.resolve(), summary)
+        summary.update({
+            "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
+            "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+            "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(device),
+            "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
+            "metric": result["best_metric"], "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])} for g in result["optimizer_groups"]],
+            "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
+            "device": str(device), "torch": torch.__version__,
+        })
+        if not main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return Run(Path(out_path).resolve(), summary)
+        run_dir = finish(claim, run_dir, summary, cfg)
+        say(headline(summary, task.HEADLINE))
+        return Run(run_dir.resolve(), summary)
 
 
 # -- helpers --------------------------------------------------------------------
@@ -203,17 +197,49 @@ def unsharded(model, task, cfg: Config, info: dict, head: list[str], device):
     return whole.eval()
 
 
+def write_start(run_dir: Path, cfg: Config) -> None:
+    """The first files of a new run: its resolved config and the library versions it is made with."""
+    atomic.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg), "the run's config")
+    write_json(run_dir / "versions.json", versions.current())
+
+
+@contextmanager
+def saving_artifact(out: Path):
+    """`with saving_artifact(folder): save(...)`: the trained weights are on disk (fsynced) before summary.json says
+    the run finished, and a failed write (a full disk) is one paragraph, not a traceback."""
+    try:
+        yield
+        atomic.fsync_tree(out)
+    except atomic.WRITE_ERRORS as e:
+        raise atomic.write_error(e, out, "the trained weights") from None
+
+
+def finish(claim: runs.Claim, run_dir: Path, summary: dict, cfg: Config) -> Path:
+    """summary.json marks the run finished (its artifact is on disk already); only then are checkpoints dropped and,
+    when the run replaces an old one, the new folder swapped in and the old one deleted, last. report.html is
+    derived from the finished run, in its final place."""
+    write_json(run_dir / "summary.json", summary)
+    drop_checkpoints(run_dir, cfg)
+    run_dir = claim.finish()
+    write_report(run_dir)
+    return run_dir
+
+
 def drop_checkpoints(run_dir: Path, cfg: Config) -> None:
     """A finished run's checkpoints serve nothing (--resume takes only unfinished runs) unless asked to stay."""
     if not cfg.train.keep_finished_checkpoints:
         shutil.rmtree(run_dir / checkpoint.DIR, ignore_errors=True)
 
 
-def resumable(run_dir: Path):
-    """The last good checkpoint of an unfinished run, or a clear error saying why it cannot be resumed."""
+def resumable(run_dir: Path, anyway: bool | None = None):
+    """The last good checkpoint of an unfinished run, or a clear error saying why it cannot be resumed. `anyway`:
+    see check_resumable (None: tunelab.resume has compared the run with its checkpoint already). Checkpoints left
+    half-written by the run that stopped are removed."""
     run_dir = Path(run_dir)
-    check_resumable(run_dir)
-    found = checkpoint.Checkpoints(run_dir, 1).latest(say)
+    check_resumable(run_dir, anyway)
+    checkpoints = checkpoint.Checkpoints(run_dir, 1, record=False)
+    checkpoints.clean()
+    found = checkpoints.latest(say)
     if found is None:
         raise TunelabError(f"--resume {run_dir}: the run has no usable checkpoint in {run_dir / checkpoint.DIR} (it "
                            f"stopped before its first evaluation, or train.save_checkpoints was off). Start it again; "
@@ -221,62 +247,68 @@ def resumable(run_dir: Path):
     return found
 
 
-def check_resumable(run_dir: Path) -> None:
+def check_resumable(run_dir: Path, anyway: bool | None = False) -> None:
+    """Refuse a folder that is not an unfinished run, and a run whose config.yaml, data files or model changed since
+    its newest checkpoint was written (fingerprint.py says what counts), unless `anyway` (--resume-anyway): then say
+    what changed and go on. anyway=None: only the first check."""
+    run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise TunelabError(f"--resume {run_dir}: not a tunelab run directory (no config.yaml). Give the output_dir "
                            f"of the run that stopped.")
-    if (run_dir / "summary.json").is_file():
+    if finished(run_dir):
         raise TunelabError(f"--resume {run_dir}: that run finished (summary.json is there), so there is nothing to "
                            f"resume. To train further, start a new run with model.path={run_dir}.")
+    if (run_dir / "summary.json").exists():
+        say(f"note: {run_dir / 'summary.json'} is not a complete summary (cut short by a crash or a full disk while "
+            f"it was written by a tunelab from before summaries were written atomically); the run is resumed from its "
+            f"checkpoints and writes it again.")
+    found = None if anyway is None else checkpoint.Checkpoints(run_dir, 1, record=False).changes()
+    if found is None:  # not asked, or no checkpoint: resumable says so
+        return
+    path, changed = found
+    if changed is None:
+        say(f"note: checkpoint {path.name} was written before tunelab recorded what a run is made of, so changes to "
+            f"config.yaml, the data files or the model since then cannot be detected; resuming as it is.")
+    elif changed and not anyway:
+        raise TunelabError(f"--resume {run_dir}: the run changed since its checkpoint {path.name} was written: "
+                           f"{'; '.join(changed)}. Going on would continue steps trained one way with another, so "
+                           f"it is not resumed. Put {run_dir / 'config.yaml'} (and the files) back as they were, "
+                           f"start a new run with the new settings, or pass --resume-anyway to go on with them.")
+    elif changed:
+        say(f"--resume-anyway: going on from {path.name} although the run changed since: {'; '.join(changed)}")
 
 
-def begin(cfg: Config, overwrite: bool, recipe_name: str, resume: Path | None = None):
-    """(start time, output dir, device, the checkpoint to resume from or None) of a run; fails before any work when
-    the output dir or a logger is wrong, but creates nothing until the inputs are known good. Seeds everything."""
+def finished(run_dir: Path) -> bool:
+    """summary.json, written last and atomically, says a run finished; one cut short says nothing."""
+    try:
+        return isinstance(json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def begin(cfg: Config, overwrite: bool, recipe_name: str, resume: Path | None = None, kind: str = "run"):
+    """(start time, output dir, device, the checkpoint to resume from or None, the claim on the output folder) of a
+    run; fails before any work when the output dir or a logger is wrong, but creates nothing until the inputs are
+    known good. Seeds everything. The claim holds the folder's lock: use it as `with claim:` around the run."""
     t_start = time.perf_counter()
+    main = distributed.is_main()
     if resume is not None:
-        saved = resumable(resume)
+        out_path = str(runs.expand(resume))
+        claim = runs.claim_resume(out_path) if main else runs.Claim(Path(out_path), kind, replace=False)
+    else:
+        out_path = distributed.broadcast(str(runs.expand(cfg.output_dir or default_output_dir(recipe_name))))
+        claim = runs.claim(out_path, overwrite, kind, cfg) if main else runs.Claim(Path(out_path), kind, replace=False)
+    with claim.released_on_error():
+        saved = resumable(Path(out_path)) if resume is not None else None
+        if resume is not None:
+            versions.check(Path(out_path), "resuming", say)
         logs.check(cfg.train.log_to)
-        versions.check(resume, "resuming", say)
         seed_everything(cfg.train.seed)
-        return t_start, str(resume), models.device_of(cfg.model), saved
-    out_path = distributed.broadcast(cfg.output_dir or default_output_dir(recipe_name))  # one name for all processes
-    if distributed.is_main():
-        check_run_dir(out_path, overwrite)
-    logs.check(cfg.train.log_to)
-    seed_everything(cfg.train.seed)
-    return t_start, out_path, models.device_of(cfg.model), None
+        return t_start, out_path, models.device_of(cfg.model), saved, claim
 
 
 def default_output_dir(recipe_name: str) -> str:
     return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_run_dir(path: str, overwrite: bool) -> None:
-    """An existing non-empty output dir is only replaced with --overwrite, and only if it is a tunelab run."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise TunelabError(f"output_dir '{path}' exists and is a file, not a directory. Choose another output_dir=... .")
-    if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise TunelabError(
-                f"Output directory '{path}' already exists and is not empty ({', '.join(sorted(x.name for x in p.iterdir())[:6])}). "
-                f"Choose a new output_dir=..., or pass --overwrite to replace that run."
-            )
-        if not (p / "config.yaml").is_file() or not any((p / f).exists() for f in RUN_FILES[1:]):
-            raise TunelabError(
-                f"--overwrite refused: '{path}' does not look like a tunelab run directory (no config.yaml/metrics.jsonl), "
-                f"so deleting it could lose your files. Choose an empty or new output_dir=... ."
-            )
-
-
-def make_run_dir(path: str, overwrite: bool) -> Path:
-    check_run_dir(path, overwrite)
-    p = Path(path)
-    if p.is_dir() and any(p.iterdir()):
-        shutil.rmtree(p)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def resolve_paths(cfg: Config, run_dir: Path) -> Config:
@@ -335,7 +367,7 @@ def dir_size_mb(path: Path) -> float:
 
 
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    atomic.write_json(path, obj, f"the run's {path.name}")
 
 
 def say(msg: str) -> None:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
+from . import atomic
 from .errors import TunelabError
 
 COUNTERS = ("examples", "target_tokens", "tokens", "support")  # sizes, not scores: no table row, no curve
@@ -74,7 +75,7 @@ def write_run(run_dir) -> Path:
         _part("Config", _config, run_dir / "config.yaml"),
     ]
     out = run_dir / "report.html"
-    out.write_text(_page(title, "\n".join(body)), encoding="utf-8")
+    atomic.write_text(out, _page(title, "\n".join(body)), "the report")
     return out
 
 
@@ -379,7 +380,7 @@ def write_compare(out_dir, rows: list[dict], title: str | None = None) -> Path:
         if any(isinstance(r.get("forgetting"), dict) for r in ok):
             body.append(_part("Forgetting", _forgetting_bars, ok))
     out = out_dir / "report.html"
-    out.write_text(_page(title, "\n".join(body)), encoding="utf-8")
+    atomic.write_text(out, _page(title, "\n".join(body)), "the report")
     return out
 
 

@@ -16,15 +16,14 @@ import statistics
 import time
 from pathlib import Path
 
-from . import config as config_mod
 from . import methods, models
 from .config import Config
 from .data import chat
 from .data.sources import read_records
 from .data.split import random_split
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, make_run_dir, peak_memory_mb, resolve_paths,
-                       say, write_json, write_report)
+from .pipeline import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say,
+                       write_json, write_start)
 from .tasks import causal_lm
 from .training import grpo, logs
 
@@ -100,7 +99,12 @@ def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_specia
 
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
-    t_start, out_path, device, _ = begin(cfg, overwrite, recipe_name)
+    t_start, out_path, device, _, claim = begin(cfg, overwrite, recipe_name)
+    with claim:  # the output folder is this run's until the end; a failure leaves an old run there as it was
+        return _train(cfg, claim, t_start, out_path, device)
+
+
+def _train(cfg: Config, claim, t_start: float, out_path: str, device) -> Run:
     reward = load_reward(cfg.task)
     reward_fn = grpo.checked(reward, reward_name(cfg.task))  # every call during the run is checked too
     train_rows = _prompts(cfg.data.train, "data.train")
@@ -122,9 +126,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
                      "base": {"validation": {"reward": mean_reward(model, tokenizer, val_prompts, reward_fn, cfg, add_special)}}}
     model = methods.prepare(model, cfg.method, [])
     trainable, total = models.count_params(model)
-    run_dir = make_run_dir(out_path, overwrite)
-    cfg = resolve_paths(cfg, run_dir)
-    (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg), encoding="utf-8")
+    run_dir = claim.make()
+    cfg = resolve_paths(cfg, Path(out_path))
+    write_start(run_dir, cfg)
     write_json(run_dir / "labels.json", info)
     steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * len(train_prompts) / cfg.train.batch_size))
     t_train = time.perf_counter()
@@ -139,8 +143,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
         log({"type": "eval", "step": steps, "split": "validation", **summary["eval"]})
     method = methods.get(cfg.method.name)
     out = run_dir / method.ARTIFACT
-    method.save(model, out, cfg.model.path, [])
-    tokenizer.save_pretrained(out)
+    with saving_artifact(out):
+        method.save(model, out, cfg.model.path, [])
+        tokenizer.save_pretrained(out)
     tokens = sum(h["completion_tokens"] for h in history)
     summary.update({
         "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
@@ -149,8 +154,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
         "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
         "device": str(device),
     })
-    write_json(run_dir / "summary.json", summary)
-    write_report(run_dir)
+    run_dir = finish(claim, run_dir, summary, cfg)
     say(f"validation mean reward: base {summary['base']['validation']['reward']:.4f} -> tuned "
         f"{summary['eval']['reward']:.4f} ({steps} steps, {train_seconds:.1f}s)")
     return Run(run_dir.resolve(), summary)

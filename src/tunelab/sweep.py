@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import config as config_mod
-from . import pipeline, tasks
+from . import atomic, pipeline, runs, tasks
 from .errors import TunelabError
 from .training.loop import LOWER_IS_BETTER
 
@@ -66,49 +66,51 @@ def run(recipe, overrides: list[str], space_file, trials: int, overwrite: bool =
     metric = (task.MAIN_METRIC if base.train.metric == "auto" else base.train.metric) if task else \
         (base.train.metric if base.train.metric != "auto" else "score")
     direction = "minimize" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "maximize"
-    parent = Path(base.output_dir or pipeline.default_output_dir(f"sweep-{Path(recipe).stem if recipe else 'run'}"))
-    pipeline.check_run_dir(str(parent), overwrite)
-    parent = pipeline.make_run_dir(str(parent), overwrite)
-    (parent / "config.yaml").write_text(config_mod.to_yaml(base), encoding="utf-8")
+    parent = runs.expand(base.output_dir or pipeline.default_output_dir(f"sweep-{Path(recipe).stem if recipe else 'run'}"))
+    claim = runs.claim(parent, overwrite, "sweep", base)
+    with claim:  # an earlier sweep there stays as it was until this one has finished
+        parent = claim.make()
+        atomic.write_text(parent / "config.yaml", config_mod.to_yaml(base), "the sweep's config")
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
-    rows = []
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+                                    pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
+        rows = []
 
-    def objective(trial):
-        values = {k: _suggest(trial, k, spec) for k, spec in space.items()}
-        out = parent / f"trial_{trial.number}"
-        cfg = config_mod.load(recipe, list(overrides) + [f"{k}={json.dumps(v)}" for k, v in values.items()]
-                              + [f"output_dir={out}"])
-        echo(f"== trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        def objective(trial):
+            values = {k: _suggest(trial, k, spec) for k, spec in space.items()}
+            out = parent / f"trial_{trial.number}"
+            cfg = config_mod.load(recipe, list(overrides) + [f"{k}={json.dumps(v)}" for k, v in values.items()]
+                                  + [f"output_dir={out}"])
+            echo(f"== trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
-        def on_eval(record: dict) -> None:
-            if metric in record:
-                trial.report(record[metric], record["step"])
-                if trial.should_prune():
-                    raise optuna.TrialPruned()
+            def on_eval(record: dict) -> None:
+                if metric in record:
+                    trial.report(record[metric], record["step"])
+                    if trial.should_prune():
+                        raise optuna.TrialPruned()
 
-        row = {"trial": trial.number, **values, "run": out.name}
-        try:
-            result = pipeline.train(cfg, on_eval=on_eval)
-        except optuna.TrialPruned:
-            rows.append({**row, "state": "pruned", metric: None})
-            raise
-        value = result.summary["metric"][metric]
-        rows.append({**row, "state": "complete", metric: value})
-        return value
+            row = {"trial": trial.number, **values, "run": out.name}
+            try:
+                result = pipeline.train(cfg, on_eval=on_eval)
+            except optuna.TrialPruned:
+                rows.append({**row, "state": "pruned", metric: None})
+                raise
+            value = result.summary["metric"][metric]
+            rows.append({**row, "state": "complete", metric: value})
+            return value
 
-    study.optimize(objective, n_trials=trials)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise TunelabError(f"No trial of the sweep in '{parent}' completed; see its trial_* directories.")
-    best = study.best_trial
-    best_cfg = config_mod.load(parent / f"trial_{best.number}" / "config.yaml")
-    (parent / "best.yaml").write_text(config_mod.to_yaml(best_cfg), encoding="utf-8")
-    summary = {"metric": metric, "direction": direction, "best_trial": best.number, "best_value": best.value,
-               "best_params": best.params, "trials": rows}
-    (parent / "sweep_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        study.optimize(objective, n_trials=trials)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            raise TunelabError(f"No trial of the sweep in '{parent}' completed; see its trial_* directories.")
+        best = study.best_trial
+        best_cfg = config_mod.load(parent / f"trial_{best.number}" / "config.yaml")
+        atomic.write_text(parent / "best.yaml", config_mod.to_yaml(best_cfg), "the best trial's config")
+        summary = {"metric": metric, "direction": direction, "best_trial": best.number, "best_value": best.value,
+                   "best_params": best.params, "trials": rows}
+        atomic.write_json(parent / "sweep_summary.json", summary, "the sweep summary")
+        parent = claim.finish()
     keys = list(space)
     echo(f"{'trial':>5}  " + "  ".join(f"{k:>14}" for k in keys) + f"  {metric:>10}  state")
     for r in rows:
