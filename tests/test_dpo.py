@@ -5,6 +5,7 @@ margin from 0."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import tunelab
-from conftest import write_jsonl
+from conftest import forward_ops, size, tol, write_jsonl
 from tunelab import methods
 from tunelab.config import LoraConfig, ModelConfig
 from tunelab.tasks import dpo
@@ -25,6 +26,17 @@ def _pairs(n: int, seed: int = 0) -> list[dict]:
     good, bad = ["thanks", "please", "glad", "kind"], ["no", "go", "away", "never"]
     return [{"prompt": f"say something {i} about " + rng.choice(["cats", "rain", "tea"]),
              "chosen": " ".join(rng.sample(good, 3)), "rejected": " ".join(rng.sample(bad, 3))} for i in range(n)]
+
+
+def _logp_tol(model, batch) -> float:
+    """float32 rounding of summed reply log-probs, the n·eps bound: per token a forward pass of the tiny Llama and a
+    log-softmax over the vocabulary, of terms up to 2 max |logit| + log(vocab), summed over a reply's tokens."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    length, vocab = logits.shape[1:]
+    replies = int((batch["labels"] != -100).sum(1).max())
+    ops = forward_ops(32, 64, 2, tokens=length) + vocab + replies
+    return tol(replies * (2 * size(logits) + math.log(vocab)), ops)
 
 
 def _batch(model_path):
@@ -56,12 +68,14 @@ def test_the_loss_is_dpo_on_reply_log_probs_with_the_adapter_disabled_reference(
         with methods.adapters_disabled(model):
             ref = [[reply_logp(model, f[f"{s}_ids"], f[f"{s}_labels"]) for s in ("chosen", "rejected")] for f in feats]
         out = dpo.forward(model, batch)
-        torch.testing.assert_close(out[:, :2], torch.tensor(policy), atol=1e-4, rtol=0)
-        torch.testing.assert_close(out[:, 2:4], torch.tensor(ref), atol=1e-4, rtol=0)
+        logp_tol = _logp_tol(model, batch)  # the same sums, batched and padded here, one sequence at a time by hand
+        torch.testing.assert_close(out[:, :2], torch.tensor(policy), atol=logp_tol, rtol=0)
+        torch.testing.assert_close(out[:, 2:4], torch.tensor(ref), atol=logp_tol, rtol=0)
         h = torch.tensor([(p[0] - r[0]) - (p[1] - r[1]) for p, r in zip(policy, ref)])
         assert h.abs().max() > 1e-3  # the adapter moved the policy away from the reference
         expected = -F.logsigmoid(0.1 * h).sum()
-        assert dpo.loss(model, batch, info).item() == pytest.approx(expected.item(), abs=1e-4)
+        # 4 pairs, each h from 4 such sums, through beta 0.1 and a log-sigmoid of slope under 1
+        assert dpo.loss(model, batch, info).item() == pytest.approx(expected.item(), abs=4 * 0.1 * 4 * logp_tol)
 
 
 def test_precomputed_reference_equals_the_starting_model(tiny_chat_llama):
@@ -70,8 +84,10 @@ def test_precomputed_reference_equals_the_starting_model(tiny_chat_llama):
     batch = dpo.collate(feats, tok.pad_token_id)
     with torch.no_grad():
         out = dpo.forward(model.eval(), batch)
-    torch.testing.assert_close(out[:, 2:4], out[:, :2], atol=1e-5, rtol=0)  # reference == policy before training
-    assert dpo.metrics(out, None, info)["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+    logp_tol = _logp_tol(model, batch)  # the reference was computed 2 pairs a batch, the policy 4
+    torch.testing.assert_close(out[:, 2:4], out[:, :2], atol=logp_tol, rtol=0)  # reference == policy before training
+    # h from 4 sums, through beta 0.1 and the log-sigmoid's slope 1/2 at 0
+    assert dpo.metrics(out, None, info)["loss"] == pytest.approx(math.log(2), abs=0.1 * 4 * 0.5 * logp_tol)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -82,7 +98,9 @@ def test_dpo_training_raises_the_margin(tmp_path, tiny_chat_llama, method):
                                "train.batch_size=8", "train.max_steps=20", "eval.samples=1", "eval.max_new_tokens=4",
                                "data.max_length=64", "eval.forgetting=none", f"output_dir={tmp_path / method}"])
     s = run.summary
-    assert s["base"]["validation"]["margin"] == pytest.approx(0.0, abs=1e-5)  # the base is the reference
+    base, tok, _, feats = _batch(tiny_chat_llama)  # the rounding of such pairs' log-prob sums under the base model
+    margin_tol = 0.1 * 4 * _logp_tol(base, dpo.collate(feats, tok.pad_token_id))  # beta x 4 sums
+    assert s["base"]["validation"]["margin"] == pytest.approx(0.0, abs=margin_tol)  # the base is the reference
     assert s["eval"]["margin"] > 0.1 and s["eval"]["accuracy"] >= 0.8 and s["eval"]["loss"] < 0.69 - 0.05
     report = json.loads((run.dir / "summary.json").read_text())
     assert report["task"] == "dpo"
@@ -102,17 +120,18 @@ def test_dpo_starts_from_an_sft_run_dir_whose_model_is_the_reference(tmp_path, t
     run = tunelab.train(None, [f"model.path={sft.dir}", f"data.train={train}", "task.type=dpo", "method.name=lora",
                                "train.lr=5e-3", "train.batch_size=8", "train.max_steps=4", "eval.samples=0",
                                "data.max_length=64", "eval.forgetting=none", f"output_dir={tmp_path / 'dpo'}"])
-    assert run.summary["base"]["validation"]["margin"] == pytest.approx(0.0, abs=1e-5)
-
     sft_model = tunelab.load(sft.dir).model
     base, tok, info, feats = _batch(tiny_chat_llama)
     batch = dpo.collate(feats, tok.pad_token_id)
+    logp_tol = _logp_tol(sft_model, batch)  # the rounding of such pairs' log-prob sums under the starting model
+    assert run.summary["base"]["validation"]["margin"] == pytest.approx(0.0, abs=0.1 * 4 * logp_tol)  # beta x 4 sums
+
     tuned = tunelab.load(run.dir).model
     with torch.no_grad():
         want = dpo.forward(sft_model, batch)[:, :2]  # the sft model's own reply log-probs
         assert (want - dpo.forward(base.eval(), batch)[:, :2]).abs().max() > 1e-2  # sft moved away from the base
         reference = dpo.forward(tuned, batch)[:, 2:4]  # the dpo run with its adapter switched off
-    torch.testing.assert_close(reference, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reference, want, atol=logp_tol, rtol=0)
 
 
 def test_a_run_dir_that_cannot_stand_for_a_model_says_why(tmp_path, tiny_chat_llama):
@@ -135,8 +154,11 @@ def test_chunked_reply_log_probs_equal_the_trl_pinned_sequence_logps(tiny_chat_l
     ours, n = dpo._logps(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref, ref_n = preference.sequence_logps(logits, batch["labels"])
-    torch.testing.assert_close(ours, ref.view(2, -1).T, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(ours, ref.view(2, -1).T, atol=_logp_tol(model, batch), rtol=0)
     assert torch.equal(n, ref_n.view(2, -1).T)
     w = model.model.embed_tokens.weight
-    torch.testing.assert_close(torch.autograd.grad(ours.sum(), w)[0], torch.autograd.grad(ref.sum(), w)[0],
-                               atol=1e-6, rtol=1e-4)
+    want = torch.autograd.grad(ref.sum(), w)[0]
+    # the backward retraces the forward and the log-softmax, and sums over the batch's tokens
+    length, vocab = logits.shape[1:]
+    ops = 2 * forward_ops(32, 64, 2, tokens=length) + vocab + batch["input_ids"].numel()
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), w)[0], want, atol=tol(want, ops), rtol=0)

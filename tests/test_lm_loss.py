@@ -4,12 +4,19 @@ and the sft loss built on it equals transformers' own loss of the model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import FORWARD_OPS, size, tol
 from tunelab.training import lm_loss
+
+# float32 rounding, the n·eps bound: a row's log-softmax rounds its 16-term logits and a log-sum-exp over the 50
+# words; a sum adds the 37 rows; a gradient sums 50 words (the hidden states') or 37 rows (the head's) of terms.
+ROW_OPS, SUM_OPS, GRAD_OPS = 16 + 50, 16 + 50 + 37, 16 + 50 + 50 + 37
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +38,17 @@ def _grads(loss, head, hidden):
     return torch.autograd.grad(loss, params)
 
 
+def _row_size(logits):
+    """The size of the terms of a row's NLL: log-sum-exp and target logit, each up to max |logit| + log(vocab)."""
+    return 2 * size(logits) + math.log(logits.shape[-1])
+
+
+def _grad_tol(scale, hidden, weight, ops=GRAD_OPS):
+    """A gradient of `scale` x the NLL sums terms of scale x |p - onehot| (at most 1) times a weight (for the hidden
+    states), a hidden state (for the weight) or 1 (for the bias)."""
+    return tol(scale * max(size(hidden), size(weight), 1.0), ops)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("head_trains", [False, True])
 def test_fused_sum_matches_the_plain_cross_entropy(bias, head_trains):
@@ -38,9 +56,9 @@ def test_fused_sum_matches_the_plain_cross_entropy(bias, head_trains):
     want = F.cross_entropy(head(hidden), targets, reduction="sum")
     got = lm_loss.summed_nll(head, hidden, targets)
     assert lm_loss.chunk_rows(50) == 7
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got, want, atol=tol(37 * _row_size(head(hidden)), SUM_OPS), rtol=0)
     for g, w in zip(_grads(3.0 * got, head, hidden), _grads(3.0 * want, head, hidden)):  # a scaled loss, as the loop's
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g, w, atol=_grad_tol(3.0, hidden, head.weight), rtol=0)
 
 
 def test_per_token_nll_with_gradient_matches_and_takes_any_head():
@@ -56,21 +74,28 @@ def test_per_token_nll_with_gradient_matches_and_takes_any_head():
                 p.normal_()
     layer = wrapped[0]
     weights = torch.rand(37)  # per-token weights: DPO's per-sequence sums differ from a plain sum
-    want = F.cross_entropy(layer(hidden), targets, reduction="none")
+    logits = layer(hidden)
+    want = F.cross_entropy(logits, targets, reduction="none")
     got = lm_loss.token_nll(layer, hidden, targets)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got, want, atol=tol(_row_size(logits), ROW_OPS + 2), rtol=0)  # + LoRA's rank-2 path
     params = [hidden] + [p for p in wrapped.parameters() if p.requires_grad]
-    for g, w in zip(torch.autograd.grad((got * weights).sum(), params), torch.autograd.grad((want * weights).sum(), params)):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    assert lm_loss.summed_nll(layer, hidden, targets).item() == pytest.approx(want.sum().item(), rel=1e-6)  # not fusable: chunked
+    wants = torch.autograd.grad((want * weights).sum(), params)
+    # A's and B's gradients sum terms through B or A as well: the largest gradient stands for the terms' size
+    for g, w in zip(torch.autograd.grad((got * weights).sum(), params), wants):
+        torch.testing.assert_close(g, w, atol=tol(wants, GRAD_OPS + 2), rtol=0)
+    summed = lm_loss.summed_nll(layer, hidden, targets).item()  # not fusable: chunked
+    assert summed == pytest.approx(want.sum().item(), abs=tol(37 * _row_size(logits), SUM_OPS + 2))
 
 
 def test_softcapping_is_applied_on_both_paths():
     head, hidden, targets = _case(False, False)
     capped = torch.tanh(head(hidden) / 3.0) * 3.0
     want = F.cross_entropy(capped, targets, reduction="none")
-    torch.testing.assert_close(lm_loss.token_nll(head, hidden, targets, 3.0), want, atol=1e-5, rtol=1e-6)
-    assert lm_loss.summed_nll(head, hidden, targets, 3.0).item() == pytest.approx(want.sum().item(), rel=1e-6)
+    # + the division, tanh and product of the cap
+    torch.testing.assert_close(lm_loss.token_nll(head, hidden, targets, 3.0), want,
+                               atol=tol(_row_size(capped), ROW_OPS + 3), rtol=0)
+    assert lm_loss.summed_nll(head, hidden, targets, 3.0).item() == pytest.approx(
+        want.sum().item(), abs=tol(37 * _row_size(capped), SUM_OPS + 3))
 
 
 def test_under_bf16_autocast_the_fused_loss_stays_close():
@@ -79,10 +104,17 @@ def test_under_bf16_autocast_the_fused_loss_stays_close():
         want = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
         got = lm_loss.summed_nll(head, hidden, targets)
     assert got.dtype == torch.float32
-    assert got.item() == pytest.approx(want.item(), rel=2e-2)
+    # bf16 rounds each logit on both paths, to eps_bf16 x its size apart at most; a row's NLL moves by at most
+    # twice as much (|p - onehot| sums to 2 at most)
+    logits = head(hidden).detach()
+    assert got.item() == pytest.approx(want.item(), abs=tol(37 * 2 * size(logits), 1, torch.bfloat16))
+    # The gradients sum terms |p - onehot| x |W| (the hidden states') or x |h| (the head's), each rounded to bf16
+    # (on one path after rounding p - onehot, on the other before), and round the result.
+    p = (logits.float().softmax(-1) - F.one_hot(targets, 50)).abs()
+    terms = max(size(p @ head.weight.abs()), size(p.T @ hidden.abs()))
     for g, w in zip(_grads(got, head, hidden), _grads(want, head, hidden)):
         assert g.dtype == w.dtype
-        torch.testing.assert_close(g, w, atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(g, w, atol=tol(terms, 2, torch.bfloat16), rtol=0)
 
 
 def test_the_sft_loss_equals_transformers_own_loss(tiny_chat_llama):
@@ -96,9 +128,13 @@ def test_the_sft_loss_equals_transformers_own_loss(tiny_chat_llama):
     feats, _ = causal_lm.encode(rows, tok, info, 64)
     batch = causal_lm.collate(feats, tok.pad_token_id)
     ours = causal_lm.loss(model, batch) / causal_lm.count(batch)
-    theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    theirs = out.loss
+    # a forward pass, then per token a log-softmax over the vocabulary, and the mean over the tokens
+    vocab, tokens = out.logits.shape[-1], batch["input_ids"].numel()
+    torch.testing.assert_close(ours, theirs, atol=tol(_row_size(out.logits), FORWARD_OPS + vocab + tokens), rtol=0)
     g_ours = torch.autograd.grad(ours, model.model.embed_tokens.weight)[0]
     g_theirs = torch.autograd.grad(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          labels=batch["labels"]).loss, model.model.embed_tokens.weight)[0]
-    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=1e-4)
+    # the backward retraces the forward and the softmax, and sums over the tokens
+    torch.testing.assert_close(g_ours, g_theirs, atol=tol(g_theirs, 2 * FORWARD_OPS + vocab + tokens), rtol=0)

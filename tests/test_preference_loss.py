@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import size, tol
 from tunelab.training.preference import (
     dpo_loss,
     dpo_metrics,
@@ -89,6 +90,13 @@ def _trl_dpo(logps, completion_mask, beta, loss_type, label_smoothing=0.0):
     return loss, {k: v[-1] for k, v in self._metrics["train"].items()}
 
 
+def _loss_tol(logps, losses, beta) -> float:
+    """float32 rounding of DPO losses from the same log-probs in another order: h adds 4 log-probs and scales by
+    beta (IPO divides by token counts and squares, doubling the loss's relative error); the loss's slope in h is
+    at most 1; a mean adds up to 6 pairs: 16 roundings of terms up to beta x 4 x max |logp|, or the largest loss."""
+    return tol(max(beta * 4 * size(logps), size(losses)), ops=16)
+
+
 def _ours(logps, lengths, beta, loss_type, label_smoothing=0.0):
     n_chosen, n_rejected = lengths.chunk(2)
     return dpo_loss(logps["pc"], logps["pr"], logps["rc"], logps["rr"], beta=beta, label_smoothing=label_smoothing,
@@ -101,16 +109,18 @@ def test_dpo_loss_and_metrics_match_trl(loss_type, beta):
     losses, chosen_rewards, rejected_rewards = _ours(logps, lengths, beta, loss_type)
     trl_loss, trl_metrics = _trl_dpo(logps, completion_mask, beta, loss_type)
     assert losses.shape == (6,)
-    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-6)
+    atol = _loss_tol(logps, losses, beta)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=atol)
     # per pair too: TRL only returns the mean, so feed it one pair at a time
     for i in range(6):
         one = {k: v[i:i + 1] for k, v in logps.items()}
         rows = torch.tensor([i, 6 + i])
         assert losses[i].item() == pytest.approx(_trl_dpo(one, completion_mask[rows], beta, loss_type)[0].item(),
-                                                 abs=1e-5, rel=1e-6)
+                                                 abs=atol)
     ours = dpo_metrics(chosen_rewards, rejected_rewards)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5)
+        # beta x (2 log-probs), a difference of two such, a mean over 6 pairs
+        assert ours[name] == pytest.approx(trl_metrics[name], abs=tol(beta * 4 * size(logps), ops=3 + 6))
     assert 0.0 < ours["rewards/accuracies"] < 1.0  # the seeded batch has both outcomes
 
 
@@ -126,10 +136,10 @@ def test_cdpo_label_smoothing_matches_trl_weighted_logsigmoid():
         one = {k: v[i:i + 1] for k, v in logps.items()}
         rows = torch.tensor([i, 6 + i])
         trl_loss, _ = _trl_dpo(one, completion_mask[rows], beta, "aot", label_smoothing=eps)
-        assert losses[i].item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-6)
+        assert losses[i].item() == pytest.approx(trl_loss.item(), abs=_loss_tol(logps, losses, beta))
     # Pin the divergence the docstring documents: TRL 1.16's sigmoid ignores label_smoothing.
     trl_smoothed, _ = _trl_dpo(logps, completion_mask, beta, "sigmoid", label_smoothing=eps)
-    assert trl_smoothed.item() == pytest.approx(plain.mean().item(), abs=1e-6)
+    assert trl_smoothed.item() == pytest.approx(plain.mean().item(), abs=_loss_tol(logps, plain, beta))
 
 
 def test_ipo_requires_token_counts():
@@ -177,18 +187,22 @@ def test_sequence_logps_and_dpo_from_a_real_model_match_trl():
         ref_logits = ref(input_ids=input_ids, attention_mask=attention_mask).logits
     sums, counts = sequence_logps(logits, labels)
     assert torch.equal(counts, completion_mask[:, 1:].sum(1))
+    # float32, the n·eps bound: per token a log-softmax over the 64 words, of terms up to 2 max |logit| + log 64,
+    # summed over a completion's tokens (TRL's fused head computes the 32-term logits again, too)
+    tokens = int(counts.max())
+    scale, ops = tokens * (2 * size(logits) + math.log(64)), 32 + 64 + tokens
 
     # TRL's log-softmax-and-gather helper
     trl_tokens = selective_log_softmax(logits[:, :-1], labels[:, 1:].clamp(min=0))
     trl_sums = (trl_tokens * (labels[:, 1:] != -100)).sum(1)
-    torch.testing.assert_close(sums, trl_sums, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sums, trl_sums, atol=tol(scale, ops), rtol=0)
 
     # TRL's fused LM head, the path DPOTrainer actually scores sequences with
     add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     add_fused_lm_head(ref)
     with torch.no_grad():
         fused = policy(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-    torch.testing.assert_close(sums, fused.log_probs.sum(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sums, fused.log_probs.sum(1), atol=tol(scale, ops), rtol=0)
 
     # End to end: TRL's _compute_loss running both real models vs sequence_logps + dpo_loss
     ref_sums, _ = sequence_logps(ref_logits, labels)
@@ -200,7 +214,9 @@ def test_sequence_logps_and_dpo_from_a_real_model_match_trl():
         self = _trl_self(policy, beta=0.1, loss_types=[loss_type], precompute_ref_logps=False, ref_model=ref)
         with torch.no_grad():
             trl_loss = DPOTrainer._compute_loss(self, policy, dict(inputs), return_outputs=False)
-        assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-5, rel=1e-6)
+        # TRL scores the sequences again (beta x 4 sums' rounding), then the formula's own
+        atol = 0.1 * 4 * tol(scale, ops) + _loss_tol([pc, pr, rc, rr], losses, 0.1)
+        assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=atol)
 
 
 def test_sequence_logps_gradient_and_low_precision():
@@ -212,12 +228,16 @@ def test_sequence_logps_gradient_and_low_precision():
     sums, counts = sequence_logps(logits, labels)
     expected = logits[0, 2:4].log_softmax(-1).gather(-1, labels[0, 3:5, None]).sum()
     assert counts.tolist() == [2, 0]
-    torch.testing.assert_close(sums, torch.stack([expected, torch.tensor(0.0)]))
+    # 2 tokens' log-softmaxes over 11 words, of terms up to 2 max |logit| + log 11
+    atol = tol(2 * (2 * size(logits) + math.log(11)), ops=11 + 2)
+    torch.testing.assert_close(sums, torch.stack([expected, torch.tensor(0.0)]), atol=atol, rtol=0)
     sums.sum().backward()
     assert logits.grad[0, 2:4].abs().sum() > 0 and logits.grad[1].abs().sum() == 0
     bf16_sums, _ = sequence_logps(logits.detach().bfloat16(), labels)
     assert bf16_sums.dtype == torch.float32
-    torch.testing.assert_close(bf16_sums, sums.detach(), atol=0.1, rtol=0)
+    # bf16 rounds each logit by half its ulp (eps_bf16 / 2 of its size), which moves a token's log-prob by at most
+    # twice as much (|p - onehot| sums to 2): eps_bf16 x max |logit| for each of the 2 tokens
+    torch.testing.assert_close(bf16_sums, sums.detach(), atol=tol(2 * size(logits), 1, torch.bfloat16), rtol=0)
 
 
 class _ScoreModel(torch.nn.Module):
@@ -243,22 +263,27 @@ def test_reward_loss_matches_trl(with_margin):
     trl_loss = RewardTrainer.compute_loss(self, model, inputs)
     losses = reward_loss(chosen, rejected, margin)
     assert losses.shape == (8,)
-    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=1e-6)
+    # float32: chosen - rejected - margin (2 roundings, terms up to their sizes), a log-sigmoid of slope under 1,
+    # a mean over 8 pairs
+    scale = size(chosen) + size(rejected) + (size(margin) if with_margin else 0.0)
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), abs=tol(scale, ops=3 + 8))
     ours = reward_metrics(chosen, rejected)
-    assert ours["accuracy"] == pytest.approx(self._metrics["train"]["accuracy"][-1], abs=1e-6)
-    assert ours["margin"] == pytest.approx(self._metrics["train"]["margin"][-1], abs=1e-6)
+    assert ours["accuracy"] == pytest.approx(self._metrics["train"]["accuracy"][-1], abs=tol(1.0, ops=8))
+    assert ours["margin"] == pytest.approx(self._metrics["train"]["margin"][-1], abs=tol(scale, ops=1 + 8))
 
 
 def test_equal_rewards_give_log2_and_more_chosen_logp_lowers_loss():
     g = torch.Generator().manual_seed(5)
     pc, pr = -torch.rand(4, generator=g) * 10, -torch.rand(4, generator=g) * 10
-    # same log-ratio on both sides -> h = 0
+    # same log-ratio on both sides -> h = 0, up to float32 rounding of the log-probs (up to 10): 4 subtractions,
+    # times beta 0.3 and the log-sigmoid's slope 1/2, and the loss's own few roundings of log 2
+    atol = tol(10.0, ops=4)
     losses, chosen_r, rejected_r = dpo_loss(pc, pr, pc - 1.5, pr - 1.5, beta=0.3)
-    torch.testing.assert_close(losses, torch.full((4,), math.log(2)))
-    torch.testing.assert_close(chosen_r, rejected_r)
+    torch.testing.assert_close(losses, torch.full((4,), math.log(2)), atol=atol, rtol=0)
+    torch.testing.assert_close(chosen_r, rejected_r, atol=atol, rtol=0)
     # with label smoothing the loss at h = 0 is still log 2
     smoothed, _, _ = dpo_loss(pc, pr, pc - 1.5, pr - 1.5, beta=0.3, label_smoothing=0.2)
-    torch.testing.assert_close(smoothed, torch.full((4,), math.log(2)))
+    torch.testing.assert_close(smoothed, torch.full((4,), math.log(2)), atol=atol, rtol=0)
 
     ref_c, ref_r = pc - 0.5, pr + 0.5
     base, _, _ = dpo_loss(pc, pr, ref_c, ref_r)
@@ -274,7 +299,8 @@ def test_equal_rewards_give_log2_and_more_chosen_logp_lowers_loss():
     n = torch.tensor([4, 4, 4, 4])
     at_target, _, _ = dpo_loss(torch.full((4,), 4 * 5.0), torch.zeros(4), torch.zeros(4), torch.zeros(4),
                                beta=0.1, loss_type="ipo", chosen_n_tokens=n, rejected_n_tokens=n)
-    torch.testing.assert_close(at_target, torch.zeros(4))
+    # (20 / 4 - 1 / (2 x 0.1))^2: the square of a few float32 roundings of 5
+    torch.testing.assert_close(at_target, torch.zeros(4), atol=tol(5.0, ops=3) ** 2, rtol=0)
 
 
 def test_metrics_on_hand_made_example():
@@ -287,4 +313,5 @@ def test_metrics_on_hand_made_example():
     assert r == pytest.approx({"accuracy": 0.5, "margin": 0.75})
     # Bradley-Terry: a margin the chosen score does not clear costs more than none
     assert (reward_loss(chosen, rejected, margin=1.0) > reward_loss(chosen, rejected)).all()
-    torch.testing.assert_close(reward_loss(torch.zeros(1), torch.zeros(1)), torch.tensor([math.log(2)]))
+    torch.testing.assert_close(reward_loss(torch.zeros(1), torch.zeros(1)), torch.tensor([math.log(2)]),
+                               atol=tol(math.log(2), ops=2), rtol=0)  # -log sigmoid(0): a float32 log of 2

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import tunelab
-from conftest import write_jsonl
+from conftest import FORWARD_OPS, forward_ops, tol, write_jsonl
 from tunelab.tasks import reward
 
 
@@ -41,11 +41,16 @@ def test_the_loss_is_bradley_terry_on_the_last_token_scores(tiny_chat_llama):
         # by hand: each side alone, its logit at its last token
         alone = [[model(input_ids=torch.tensor([f[f"{s}_ids"]])).logits[0, 0].item() for s in ("chosen", "rejected")]
                  for f in feats]
-        torch.testing.assert_close(scores, torch.tensor(alone), atol=1e-5, rtol=0)
+        # a forward pass of the tiny Llama over the batch's length, padded here, alone by hand
+        score_tol = tol(alone, forward_ops(32, 64, 2, tokens=batch["input_ids"].shape[1]))
+        torch.testing.assert_close(scores, torch.tensor(alone), atol=score_tol, rtol=0)
         expected = -F.logsigmoid(torch.tensor([a - b for a, b in alone])).sum()
-        assert reward.loss(model, batch).item() == pytest.approx(expected.item(), abs=1e-5)
+        # 4 pairs, each from 2 scores through a log-sigmoid of slope under 1
+        assert reward.loss(model, batch).item() == pytest.approx(expected.item(), abs=4 * 2 * score_tol)
     m = reward.metrics(torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, -1.0]]), None, info)
-    assert m["accuracy"] == pytest.approx(2 / 3) and m["margin"] == pytest.approx((1 - 1 + 4) / 3)
+    # float32 means over 3 pairs (of differences of scores up to 3)
+    assert m["accuracy"] == pytest.approx(2 / 3, abs=tol(1.0, 3))
+    assert m["margin"] == pytest.approx((1 - 1 + 4) / 3, abs=tol(4.0, 4))
 
 
 def test_a_reward_model_learns_the_preference(tmp_path, tiny_chat_llama):
@@ -81,13 +86,15 @@ def test_predict_scores_replies_from_the_api_and_the_command_line(tmp_path, tiny
     capsys.readouterr()
     cli.main()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["score"] for x in lines] == pytest.approx([s["score"] for s in scored], abs=1e-5)
+    score_tol = tol([s["score"] for s in scored], FORWARD_OPS)  # the same forward pass, batched as the command does
+    assert [x["score"] for x in lines] == pytest.approx([s["score"] for s in scored], abs=score_tol)
 
     replies = write_jsonl(tmp_path / "replies.jsonl", [{"prompt": "question 1 about tea", "response": r}
                                                         for r in ("thanks please kind", "no go away")])
     monkeypatch.setattr(sys, "argv", ["tunelab", "predict", str(run.dir), str(replies)])
     cli.main()
     out = capsys.readouterr()
-    assert [json.loads(x)["score"] for x in out.out.splitlines()] == pytest.approx([s["score"] for s in scored], abs=1e-5)
+    assert [json.loads(x)["score"] for x in out.out.splitlines()] == pytest.approx([s["score"] for s in scored],
+                                                                                    abs=score_tol)
     mean = sum(s["score"] for s in scored) / 2
     assert f"mean reward {mean:.4f} over 2 replies" in out.err
