@@ -4,6 +4,7 @@ generation, every method, peft interop and bad input — on a tiny random Llama 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tunelab import config, methods
 from tunelab.data import chat
 from tunelab.errors import TunelabError
 from tunelab.tasks import causal_lm as task
-from conftest import FORWARD_OPS, forward_ops, make_chat_rows, tol, write_jsonl
+from conftest import FORWARD_OPS, forward_ops, make_chat_rows, size, tol, write_jsonl
 
 SFT_INFO = {"task": "sft", "template": "chat", "train_on_prompt": False, "truncation": "cut"}
 MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the opposite of hot?"},
@@ -313,9 +314,16 @@ def test_padding_free_batches_train_exactly_as_padded_ones(tiny_chat_llama, tmp_
     losses = {pf: [x["loss"] for x in recs if x["type"] == "train"] for pf, recs in logs.items()}
     tokens = {pf: [x["tokens"] for x in recs if x["type"] == "train"] for pf, recs in logs.items()}
     assert len(losses["true"]) == 6
-    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    # Mean token NLLs: per token a forward pass over up to 64 tokens and a log-softmax over the vocabulary, of
+    # terms up to 2 max |logit| + log(vocab) (the trained model's logits, as the largest seen)
+    ours = tunelab.load(runs["false"].dir)
+    with torch.no_grad():
+        logits = ours.model(**ours.tokenizer(["What is the opposite of hot?"], return_tensors="pt")).logits
+    vocab = logits.shape[-1]
+    atol = tol(2 * size(logits) + math.log(vocab), forward_ops(32, 64, 2, tokens=64) + vocab)
+    assert losses["true"] == pytest.approx(losses["false"], abs=atol)
     assert tokens["true"] == tokens["false"]  # non-padding tokens, the same ones
-    assert runs["true"].summary["eval"]["loss"] == pytest.approx(runs["false"].summary["eval"]["loss"], abs=1e-5)
+    assert runs["true"].summary["eval"]["loss"] == pytest.approx(runs["false"].summary["eval"]["loss"], abs=atol)
 
 
 @pytest.fixture(scope="module")
