@@ -12,7 +12,7 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dis
 
 import tunelab
 from tunelab import models
-from conftest import make_rows, write_jsonl
+from conftest import FORWARD_OPS, forward_ops, make_rows, tol, write_jsonl
 
 ARCHS = {
     # name: (build(vocab_size, tokenizer) -> model, tokenizer fixture, head, blocks prefix, LoRA default targets)
@@ -65,9 +65,11 @@ def test_trains_saves_and_predicts(arch, method, tmp_path):
     texts = ["great film", "a dull and tedious plot that never ends"]
     together = tunelab.load(run.dir).predict(texts)
     alone = [tunelab.load(run.dir).predict([t])[0] for t in texts]
-    # padding in a batch must not change a prediction (decoders read the last real token)
+    # padding in a batch must not change a prediction (decoders read the last real token), up to a forward pass's
+    # rounding (probabilities move at most 1/4 as much as their logits, of a few units here)
     for a, b in zip(together, alone):
-        assert a["label"] == b["label"] and a["probs"]["pos"] == pytest.approx(b["probs"]["pos"], abs=1e-5)
+        assert a["label"] == b["label"]
+        assert a["probs"]["pos"] == pytest.approx(b["probs"]["pos"], abs=tol(1.0, FORWARD_OPS))
 
 
 def test_padding_free_classification_where_the_classifier_reads_the_first_token(arch, tmp_path):
@@ -105,7 +107,8 @@ def test_padding_free_classification_where_the_classifier_reads_the_first_token(
         packed = classification.forward(model, classification.collate(rows, tok.pad_token_id))
     assert len(rows) < len(feats)
     order = [i for members in packing.first_fit([len(f["input_ids"]) for f in feats], longest) for i in members]
-    torch.testing.assert_close(packed, padded[order], atol=1e-5, rtol=1e-4)
+    atol = tol(padded, forward_ops(32, 64, 2, tokens=longest))  # a forward pass, packed against padded
+    torch.testing.assert_close(packed, padded[order], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("family,passes", [("albert", True), ("electra", True), ("deberta-v2", False)])

@@ -17,7 +17,7 @@ from tunelab.cli import app
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
 from tunelab.training import loop
-from conftest import make_rows, write_jsonl
+from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 
 
 def _topic_rows(n, seed):
@@ -68,8 +68,12 @@ def test_the_combined_gradient_is_the_weighted_sum_of_the_task_gradients(tiny_be
         + 0.3 * classification.loss(b, classification.collate(feats_b, tok.pad_token_id)) / 6
     by_hand.backward()
     want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # micro-batches against whole batches: a forward and backward pass each, summed over the tokens; a gradient
+    # that cancels to near 0 rounds like the largest
+    tokens = sum(classification.collate(f, tok.pad_token_id)["input_ids"].numel() for f in (feats_a, feats_b))
+    atol = tol(want, 2 * FORWARD_OPS + tokens)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
     assert a.bert.encoder is b.bert.encoder and a.classifier is not b.classifier
 
 
@@ -175,8 +179,9 @@ def test_a_loaded_task_scores_exactly_what_the_run_scored(tiny_bert, tmp_path, a
     for name, test_file in (("tags", files["tags_test"]), ("sentiment", files["sent_test"])):
         got = tunelab.load(run.dir, task=name).evaluate(test_file)
         main = "f1" if name == "tags" else "accuracy"
-        assert got[main] == pytest.approx(run.summary["test"][name][main], abs=1e-9)
-        assert got["loss"] == pytest.approx(run.summary["test"][name]["loss"], rel=1e-5)
+        # the same weights through the same evaluate(): the same kernels in the same order
+        assert got[main] == run.summary["test"][name][main]
+        assert got["loss"] == run.summary["test"][name]["loss"]
 
 
 def test_a_misspelt_key_inside_a_task_gets_a_did_you_mean():
