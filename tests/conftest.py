@@ -184,6 +184,11 @@ def forward_ops(hidden: int, ffn: int, layers: int, head_dim: int = 8, tokens: i
 # The tiny models above: hidden 32, FFN up to 128 (GPT-2's 4 x 32), 2 layers, heads of 8, inputs under 32 tokens
 FORWARD_OPS = forward_ops(32, 128, 2)  # 976
 
+# A tiny classifier's 2-label probabilities computed two ways (batched / alone, merged, reloaded): a 2-label softmax
+# moves by at most half as much as its logits (sigmoid' <= 1/4, on their difference), and these logits stay within
+# +-2, so a forward pass's rounding of values of size 1.
+PROBS_TOL = tol(1.0, FORWARD_OPS)
+
 
 @pytest.fixture
 def sentiment_files(tmp_path) -> dict[str, Path]:

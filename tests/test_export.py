@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import tunelab
 from tunelab import export, methods
 from tunelab.errors import TunelabError
-from conftest import make_rows, write_jsonl
+from conftest import PROBS_TOL, make_rows, write_jsonl
 
 TEXTS = ["great film and a charming cast", "a dull , tedious plot", "the ending was weak"]
 
@@ -40,8 +40,9 @@ def test_merged_export_loads_with_transformers_alone(method, tiny_bert, tmp_path
     out = export.run(run.dir, tmp_path / "merged", merge=True)
     ours = tunelab.load(run.dir).predict(TEXTS)
     expected = torch.tensor([[p["probs"]["neg"], p["probs"]["pos"]] for p in ours])
-    tol = 2e-2 if method == "qlora" else 1e-5  # qlora merges a dequantized base
-    torch.testing.assert_close(_probs(out, TEXTS), expected, atol=tol, rtol=0)
+    # Merged weights against the run's own layers, up to rounding (qlora's merge adds to its dequantized base, which
+    # is what its NF4 layers compute with)
+    torch.testing.assert_close(_probs(out, TEXTS), expected, atol=PROBS_TOL, rtol=0)
     info = json.loads((out / "tunelab_export.json").read_text())
     assert info["merged"] is True and info["labels"] == ["neg", "pos"]
     cfg = json.loads((out / "config.json").read_text())
