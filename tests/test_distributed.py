@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import tunelab
 from tunelab.training import checkpoint
-from conftest import make_rows, write_jsonl
+from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 
 # dropout off: each process draws its own masks, so with dropout the runs would differ by design
 SETTINGS = ["model.hidden_dropout=0", "model.attention_dropout=0", "eval.base=false", "eval.linear_probe=false",
@@ -24,6 +25,20 @@ SETTINGS = ["model.hidden_dropout=0", "model.attention_dropout=0", "eval.base=fa
             "train.log_every=1", "train.eval_every=3", "train.checkpoint_every=1", "train.keep_checkpoints=6",
             "train.keep_finished_checkpoints=true"]
 METHODS = {"lora": ["method.name=lora", "method.r=4"], "full": ["method.name=full"]}
+# Two processes sum the gradient in another order than one. Every step's gradient rounds like a forward and backward
+# pass over its 16 examples (of up to ~12 tokens), and carries the earlier steps' rounding through the weights: the
+# n·eps bound over the run's chain of steps, times the largest gradient norm. A logged loss is a mean cross-entropy
+# of 2 labels whose logits stay within +-2 (terms up to 4 + log 2), rounding like a forward pass a step.
+STEP_OPS, STEPS = 2 * FORWARD_OPS + 16 * 12, 6
+LOSS_TOL = tol(4 + math.log(2), STEPS * (FORWARD_OPS + 16))
+
+
+def _adam_apart(run_dir: Path, steps: int) -> float:
+    """How far apart two AdamW runs whose gradients differ by rounding can leave a weight after `steps` steps:
+    Adam normalises a gradient, so a near-0 one dominated by rounding moves its weight by a full step either way,
+    and a step is at most lr (1 - beta1) / sqrt(1 - beta2) = 3.16 lr (Kingma & Ba, section 2.1)."""
+    lr = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"]
+    return steps * 2 * lr * (1 - 0.9) / math.sqrt(1 - 0.999)
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -56,14 +71,14 @@ def test_two_processes_follow_the_loss_curve_of_one(method, tiny_bert, tmp_path)
     got, want = steps(two), steps(one.dir)
     # the gradient, not only the loss: AdamW would hide a gradient off by a constant factor in the weights
     norms = lambda d: [r["grad_norm"] for r in _records(d, "train")]
-    assert norms(two) == pytest.approx(norms(one.dir), rel=1e-3, abs=1e-4)
+    assert norms(two) == pytest.approx(norms(one.dir), abs=tol(max(norms(one.dir)), STEPS * STEP_OPS))
     assert [s for s, _, _ in got] == [1, 2, 3, 4, 5, 6]
     assert [t for _, _, t in got] == [t for _, _, t in want]  # the same examples, all of them, once
-    assert [l for _, l, _ in got] == pytest.approx([l for _, l, _ in want], abs=1e-5)
+    assert [l for _, l, _ in got] == pytest.approx([l for _, l, _ in want], abs=LOSS_TOL)
     evals = lambda d: [r["loss"] for r in _records(d, "eval")]
-    assert evals(two) == pytest.approx(evals(one.dir), abs=1e-5)
+    assert evals(two) == pytest.approx(evals(one.dir), abs=LOSS_TOL)
     a, b = _weights(one.dir), _weights(two)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= _adam_apart(one.dir, STEPS)
     # full fine-tuning is sharded (FSDP2), adapters replicated (DDP); only the first process wrote the log
     assert _records(two, "distributed") == [{"type": "distributed", "processes": 2, "backend": "gloo",
                                              "strategy": "fsdp2" if method == "full" else "ddp"}]
@@ -87,6 +102,6 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(method, tiny_bert, tmp_pat
     (crashed / "summary.json").unlink()
     resumed = tunelab.resume(crashed)  # one process now
     losses = lambda d: [r["loss"] for r in _records(d, "train")]
-    assert losses(resumed.dir) == pytest.approx(losses(two), abs=1e-5)
+    assert losses(resumed.dir) == pytest.approx(losses(two), abs=LOSS_TOL)
     a, b = _weights(two), _weights(resumed.dir)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= _adam_apart(two, 2)  # steps 5 and 6 in one process
