@@ -26,8 +26,8 @@ from urllib.parse import quote
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, MaxNLocator
 
-from . import atomic
-from .errors import TunelabError
+from .. import atomic
+from ..errors import TunelabError
 
 COUNTERS = ("examples", "target_tokens", "tokens", "support")  # sizes, not scores: no table row, no curve
 LOWER_IS_BETTER = ("loss", "perplexity", "mse", "rmse", "mae")
