@@ -74,7 +74,7 @@ def test_padding_free_classification_where_the_classifier_reads_the_first_token(
     """Encoders (classifier on the first token) train on packed rows with the loss of padded ones; decoders (they
     pool the last real token) are found out by the check and fall back to padded rows."""
     from tunelab.tasks import classification
-    from tunelab.training import packing
+    from tunelab.ops import packing
 
     name, path, *_ = arch
     torch.manual_seed(0)

@@ -150,7 +150,7 @@ def test_a_run_dir_that_cannot_stand_for_a_model_says_why(tmp_path, tiny_chat_ll
 def test_chunked_reply_log_probs_equal_the_trl_pinned_sequence_logps(tiny_chat_llama):
     """dpo._logps (lm_loss, no batch-wide logits) against preference.sequence_logps on the full logits, the
     function tests/test_preference_loss.py pins to TRL: values and gradients."""
-    from tunelab.training import preference
+    from tunelab.ops import preference
 
     model, tok, info, feats = _batch(tiny_chat_llama)
     batch = dpo.collate(feats, tok.pad_token_id)

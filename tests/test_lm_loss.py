@@ -1,4 +1,4 @@
-"""The chunked / fused cross-entropy (training/lm_loss.py) gives the plain full-logits cross-entropy's value and
+"""The chunked / fused cross-entropy (ops/lm_loss.py) gives the plain full-logits cross-entropy's value and
 gradients, over several chunks, with a frozen or trained head, a bias, a LoRA-wrapped head and bf16 autocast;
 and the sft loss built on it equals transformers' own loss of the model."""
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import FORWARD_OPS, size, tol
-from tunelab.training import lm_loss
+from tunelab.ops import lm_loss
 
 # float32 rounding, the n·eps bound: a row's log-softmax rounds its 16-term logits and a log-sum-exp over the 50
 # words; a sum adds the 37 rows; a gradient sums 50 words (the hidden states') or 37 rows (the head's) of terms.

@@ -15,7 +15,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, make_rows, tol, write_jsonl
 from tunelab import config, data
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
-from tunelab.evaluate import metrics as M
+from tunelab.ops import metrics as M
 from tunelab.tasks import multilabel
 
 # cue words from the tiny test tokenizer's vocabulary (other words would all be [UNK])

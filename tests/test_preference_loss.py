@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import size, tol
-from tunelab.training.preference import (
+from tunelab.ops.preference import (
     dpo_loss,
     dpo_metrics,
     reward_loss,

@@ -20,7 +20,7 @@ from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2
 
 from tunelab import config, methods, models
 from tunelab.errors import TunelabError
-from tunelab.methods import lora, qlora
+from tunelab.methods import lora, qlora, targets
 from tunelab.tasks import classification as task
 from tunelab.training import optim
 from conftest import forward_ops, make_rows, tol, write_jsonl
@@ -119,7 +119,7 @@ def test_quantized_base_is_close_to_fp32(arch, capsys):
     _, base, tok = _plain(path)
     batch = _batch(tok)
     expected = _logits(base, batch)
-    fp32 = {p: m.weight.detach().clone() for p, m in base.named_modules() if lora._is_linear(m)}
+    fp32 = {p: m.weight.detach().clone() for p, m in base.named_modules() if targets.is_linear(m)}
     _, model, _, _ = _applied(path)
     layers = _nf4_layers(model)
     assert layers, "nothing was quantized"
@@ -160,8 +160,8 @@ def test_init_equals_the_quantized_base_exactly(arch):
 def test_which_layers_are_quantized(models_128, capsys):
     _, model, _, head = _applied(models_128["llama"])
     line = capsys.readouterr().out
-    body = [p for p, m in model.named_modules() if (lora._is_linear(m) or isinstance(m, qlora.NF4Linear))
-            and ".lora_" not in p and not lora._inside(p, head)]
+    body = [p for p, m in model.named_modules() if (targets.is_linear(m) or isinstance(m, qlora.NF4Linear))
+            and ".lora_" not in p and not targets.inside(p, head)]
     quantized = set(_nf4_layers(model))
     # 2 layers x (q, o, gate, up, down) fit; k_proj / v_proj are 128 x 64 = 8192 weights, not a multiple of 16384
     assert len(quantized) == LAYERS * 5
@@ -214,7 +214,7 @@ def test_only_lora_and_head_get_gradients_and_change(arch):
     (task.loss(model, _batch(tok)) / 8).backward()
     opt.step()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_A." in n or ".lora_B." in n or lora._inside(n, head) for n in trainable)
+    assert trainable and all(".lora_A." in n or ".lora_B." in n or targets.inside(n, head) for n in trainable)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{n} got no gradient"

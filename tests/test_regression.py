@@ -17,7 +17,7 @@ from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, size, tol, write_j
 from tunelab import data
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
-from tunelab.evaluate import metrics as M
+from tunelab.ops import metrics as M
 from tunelab.tasks import classification, regression
 
 QUIET = ["eval.samples=3", "eval.forgetting=none"]

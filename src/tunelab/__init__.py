@@ -22,8 +22,12 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
+from typing import TYPE_CHECKING  # noqa: E402
+
 from .errors import TunelabError  # noqa: E402
-from .predict import TunedModel, load  # noqa: E402
+
+if TYPE_CHECKING:
+    from .predict import TunedModel, load
 
 __version__ = "0.1.0"
 __all__ = ["train", "resume", "load", "TunedModel", "TunelabError", "__version__"]
@@ -45,3 +49,13 @@ def resume(run_dir: str | Path, anyway: bool = False):
     pipeline.check_resumable(Path(run_dir), anyway)
     cfg = config.load(Path(run_dir) / "config.yaml", [])
     return pipeline.train(cfg, resume=Path(run_dir))
+
+
+def __getattr__(name: str):
+    """`tunelab.load` and `tunelab.TunedModel`, imported on first use: they bring torch and transformers (seconds),
+    which `import tunelab` (and so `tunelab --help`, whose module imports this package first) does not wait for."""
+    if name in ("load", "TunedModel"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module 'tunelab' has no attribute {name!r}")

@@ -14,7 +14,7 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
 - activations   what autograd saves in the forward pass, per token and per block, from a per-family
                 formula measured with `torch.autograd.graph.saved_tensors_hooks` (see FAMILIES). With
                 gradient checkpointing: every block's input plus one block recomputed at a time.
-- logits        causal LM: the fused linear + cross-entropy (training/lm_loss.py) holds one chunk of float32
+- logits        causal LM: the fused linear + cross-entropy (ops/lm_loss.py) holds one chunk of float32
                 logits (64 MiB) at a time and keeps the hidden states' gradient (and the head weight's, when
                 it trains) for backward. Classification heads: negligible.
 - allocator     memory the allocator holds beyond the live tensors: on CPU glibc keeps freed activation memory
@@ -44,7 +44,7 @@ import torch
 
 from . import models
 from .errors import TunelabError
-from .training import lm_loss
+from .ops import lm_loss
 
 METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
 # Merging folds the update into the base weights: inference costs what the base model costs.
@@ -308,7 +308,7 @@ def activation_bytes(dims: dict, family: str, method: str, task: str, seq_len: i
 
 
 def loss_saved_bytes(dims: dict, task: str, seq_len: int, batch: int, num_labels: int, head_trains: bool) -> int:
-    """What the loss keeps for backward. A causal LM's fused linear + cross-entropy (training/lm_loss.py) keeps the
+    """What the loss keeps for backward. A causal LM's fused linear + cross-entropy (ops/lm_loss.py) keeps the
     gradient of every target's hidden state (float32, sft: all tokens assumed targets) and, when the head trains,
     of the head weight; a classification-style head keeps its float32 log-softmax output."""
     if task in ("sft", "causal_lm"):

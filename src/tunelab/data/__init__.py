@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import TunelabError
+from . import stream
 from .clean import (CHARS_PER_TOKEN, DROP_REASONS, canonical_label, clean_examples, cut_long_texts, cut_report,
-                    kept_chars, label_counts, label_sort_key, spelling_report)
-from .sources import SUPPORTED_EXTENSIONS, read_examples
-from .split import random_split, stratified_split
+                    kept_chars, label_counts, label_sort_key, no_rows_left, spelling_report)
+from .sources import SUPPORTED_EXTENSIONS, absolute, read_examples
+from .split import random_split, stratified_split, too_few_to_split
 
 __all__ = ["load_splits", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
 
@@ -36,8 +36,6 @@ def load_splits(cfg: DataConfig, seed: int, kind: str = "class") -> tuple[dict[s
     targets' range) or "set" (multi-label: a list of names, or a string split on cfg.label_separator, kept as a
     sorted tuple). Numbers and sets are held out at random, not stratified."""
     if cfg.streaming:
-        from . import stream
-
         return stream.load_splits(cfg, seed)
     files = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
     splits: dict[str, list[dict]] = {}
@@ -207,27 +205,6 @@ def target_stats(rows: list[dict]) -> dict:
     values = [float(r["label"]) for r in rows]
     return {"min": min(values), "mean": round(statistics.fmean(values), 4),
             "std": round(statistics.pstdev(values), 4), "max": max(values)}
-
-
-def no_rows_left(path: str, key: str, cfg: DataConfig, rows_read: int, dropped: dict) -> TunelabError:
-    reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-    return TunelabError(
-        f"Data file '{path}' ({key}) has no rows left after cleaning: all {rows_read} rows were dropped ({reasons}). "
-        f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
-        f"name the columns holding the text and the label, and that those columns are filled in."
-    )
-
-
-def too_few_to_split(cfg: DataConfig, rows: int) -> TunelabError:
-    return TunelabError(
-        f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
-        f"after cleaning no label has 2 or more rows ({rows} rows in all). "
-        f"Add more training data, or give a separate validation file in data.validation."
-    )
-
-
-def absolute(path) -> str | None:
-    return None if path is None else str(Path(path).expanduser().absolute())
 
 
 def _stats(values: list[int]) -> dict | None:

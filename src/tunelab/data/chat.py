@@ -147,11 +147,11 @@ def _example(record: dict, fmt: str, text_field: str) -> dict:
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"turn {i} has role {role!r}; use system, user or assistant")
         messages.append({"role": role, "content": _text(content, f"turn {i} content")})
-    _check_order(messages)
+    check_order(messages)
     return {"messages": messages}
 
 
-def _check_order(messages: list[dict]) -> None:
+def check_order(messages: list[dict]) -> None:
     body = messages[1:] if messages[0]["role"] == "system" else messages
     if not body:
         raise ValueError("has a system turn only; add a user turn and the assistant's reply")

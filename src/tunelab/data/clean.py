@@ -11,6 +11,9 @@ import numbers
 import unicodedata
 from collections import Counter, defaultdict
 
+from ..config import DataConfig
+from ..errors import TunelabError
+
 DROP_REASONS = ("empty_text", "missing_label", "duplicate", "conflicting_label")
 
 # A text longer than 2 * max_length * CHARS_PER_TOKEN characters is cut before it is cleaned and tokenised, keeping
@@ -158,3 +161,12 @@ def label_sort_key(label: str):
         return (0, int(label), "")
     except ValueError:
         return (1, 0, label)
+
+
+def no_rows_left(path: str, key: str, cfg: DataConfig, rows_read: int, dropped: dict) -> TunelabError:
+    reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+    return TunelabError(
+        f"Data file '{path}' ({key}) has no rows left after cleaning: all {rows_read} rows were dropped ({reasons}). "
+        f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
+        f"name the columns holding the text and the label, and that those columns are filled in."
+    )

@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import TunelabError
-from .sources import _decode_utf8, _describe, field_names, read_records, resolve_path
+from .sources import decode_utf8, describe, field_names, read_records, resolve_path
 from .split import random_split
 
 CONLL_EXTENSIONS = (".conll", ".txt")
@@ -201,12 +201,12 @@ def read(path, key: str, data_cfg) -> tuple[list[dict], dict]:
     """(examples, report entry) of one file. Empty sentences and (with data.dedupe) exact repeats are dropped
     and counted; every malformed line or row is an error naming it."""
     p = resolve_path(path, key, EXTENSIONS)
-    what = _describe(path, key)
+    what = describe(path, key)
     if p.suffix.lower() in CONLL_EXTENSIONS:
         fmt = "conll"
         if p.stat().st_size == 0:
             raise TunelabError(f"{what} is empty. It should hold CoNLL columns: one 'token tag' line per word, a blank line between sentences.")
-        examples = _read_conll(_decode_utf8(p.read_bytes(), path, what), what)
+        examples = _read_conll(decode_utf8(p.read_bytes(), path, what), what)
     else:
         examples = _read_jsonl(path, key, what, data_cfg.text_field)
         fmt = "jsonl: " + "/".join(sorted({"text+entities" if "spans" in ex else "tokens+tags" for ex in examples}))

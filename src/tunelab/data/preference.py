@@ -92,7 +92,7 @@ def _pair(record: dict) -> dict:
         raise ValueError("'chosen' and 'rejected' are the same reply, so the pair prefers nothing; give two "
                          "different replies")
     try:  # the same order rules as sft: the reply must follow a user turn
-        chat._check_order(messages + [{"role": "assistant", "content": chosen}])
+        chat.check_order(messages + [{"role": "assistant", "content": chosen}])
     except ValueError as e:
         raise ValueError(f"'prompt' {e}") from None
     return {"prompt": messages, "chosen": chosen, "rejected": rejected}

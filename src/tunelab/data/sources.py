@@ -23,7 +23,7 @@ from ..errors import TunelabError
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
-_FORMAT_HINTS = {
+FORMAT_HINTS = {
     ".jsonl": "one JSON object per line, e.g. {\"text\": \"...\", \"label\": \"pos\"}",
     ".json": "one JSON object per line (JSON lines), e.g. {\"text\": \"...\", \"label\": \"pos\"}",
     ".csv": "a header row naming the columns (e.g. text,label) followed by one row per example",
@@ -37,21 +37,21 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
     """Read one data file. `key` (e.g. "data.train") is the config key named in error messages.
     With label_field=None (texts to predict) no label column is needed and every label is None."""
     p = resolve_path(path, key)
-    what = _describe(path, key)
+    what = describe(path, key)
     ext = p.suffix.lower()
     if p.stat().st_size == 0:
-        raise TunelabError(f"{what} is empty. It should hold {_FORMAT_HINTS[ext]}.")
+        raise TunelabError(f"{what} is empty. It should hold {FORMAT_HINTS[ext]}.")
     if ext == ".parquet":
         examples = _read_parquet(p, what, text_field, label_field, pair_field)
     else:
-        text = _decode_utf8(p.read_bytes(), path, what)
+        text = decode_utf8(p.read_bytes(), path, what)
         if ext in (".jsonl", ".json"):
             examples = _read_jsonl(text, path, what, text_field, label_field, pair_field)
         else:
             examples = _read_delimited(text, what, "\t" if ext == ".tsv" else ",", text_field, label_field, pair_field)
     if not examples:
-        raise TunelabError(f"{what} has no data rows. It should hold {_FORMAT_HINTS[ext]}.")
-    _check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line", pair_field,
+        raise TunelabError(f"{what} has no data rows. It should hold {FORMAT_HINTS[ext]}.")
+    check_types(examples, what, text_field, label_field, "row" if ext == ".parquet" else "line", pair_field,
                  label_lists)
     return examples
 
@@ -61,10 +61,10 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
     more than a text and a label (sft, causal_lm). A .txt file gives one {"text": paragraph} per blank-line-separated
     paragraph, `row` being the line it starts on."""
     p = resolve_path(path, key, SUPPORTED_EXTENSIONS + (".txt",))
-    what = _describe(path, key)
+    what = describe(path, key)
     ext = p.suffix.lower()
     if p.stat().st_size == 0:
-        raise TunelabError(f"{what} is empty. It should hold {_FORMAT_HINTS.get(ext, 'text')}.")
+        raise TunelabError(f"{what} is empty. It should hold {FORMAT_HINTS.get(ext, 'text')}.")
     if ext == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -75,7 +75,7 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
         except (pa.ArrowException, OSError) as e:
             raise TunelabError(f"{what} could not be read as Parquet: {str(e).rstrip('.')}. Re-export it (e.g. pandas `df.to_parquet`).") from None
         return [{"row": i, "record": r} for i, r in enumerate(rows, start=1)]
-    text = _decode_utf8(p.read_bytes(), path, what)
+    text = decode_utf8(p.read_bytes(), path, what)
     if ext == ".txt":
         out, start, lines = [], None, []
         for line_no, line in enumerate(text.split("\n") + [""], start=1):
@@ -215,7 +215,7 @@ def check_no_surrogates(value, where: str) -> None:
 def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str, ...] = SUPPORTED_EXTENSIONS) -> Path:
     """Check the file exists and has a supported extension; return it as given (relative to cwd)."""
     p = Path(path).expanduser()
-    what = _describe(path, key)
+    what = describe(path, key)
     if not p.exists():
         raise TunelabError(
             f"{what} does not exist (looked at {p.absolute()}). Check the path"
@@ -237,11 +237,11 @@ def field_names(keys) -> str:
     return ", ".join(k if str(k).isprintable() else repr(str(k))[1:-1] for k in keys) or "none"
 
 
-def _describe(path: str | Path, key: str | None) -> str:
+def describe(path: str | Path, key: str | None) -> str:
     return f"Data file '{path}' ({key})" if key else f"Data file '{path}'"
 
 
-def _decode_utf8(data: bytes, path: str | Path, what: str, first_line: int = 1, first_offset: int = 0) -> str:
+def decode_utf8(data: bytes, path: str | Path, what: str, first_line: int = 1, first_offset: int = 0) -> str:
     """`data` decoded; `first_line` / `first_offset`: where it starts in the file, when it is a part of it."""
     # UTF-16/32 (what Excel's "Unicode text" and PowerShell write) and binary files would otherwise be reported as
     # a stray byte with advice for Latin-1, which does not fit them.
@@ -428,7 +428,7 @@ def _missing_column(what: str, field: str, config_key: str, found: list[str], wh
     return TunelabError(f"{what} has no '{field}' column in {where}; columns found: {found_text}. {fix}")
 
 
-def _check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str,
+def check_types(examples: list[dict], what: str, text_field: str, label_field: str, unit: str,
                  pair_field: str | None = None, label_lists: bool = False) -> None:
     # A list/dict label means a multi-label or structured file; single-label classification
     # would otherwise silently treat "['a', 'b']" as a class of its own. Likewise for texts, and an
@@ -453,3 +453,7 @@ def _check_types(examples: list[dict], what: str, text_field: str, label_field: 
                 f"Labels must be single strings or integers (one class per example); fix that row or point "
                 f"data.label_field at a single-valued column (task.type multilabel takes lists of labels)."
             )
+
+
+def absolute(path) -> str | None:
+    return None if path is None else str(Path(path).expanduser().absolute())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+from ..config import DataConfig
+from ..errors import TunelabError
 from .clean import canonical_label, label_sort_key
 
 
@@ -61,8 +63,6 @@ def random_split(examples: list[dict], val_fraction: float, seed: int, train_pat
                  unit: str = "rows") -> tuple[list[dict], list[dict]]:
     """(train, validation): a seeded random `val_fraction` held out (at least one), both in input order; for
     tasks without class labels to stratify on (sft, causal_lm, token classification)."""
-    from ..errors import TunelabError
-
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(order)))
@@ -71,3 +71,11 @@ def random_split(examples: list[dict], val_fraction: float, seed: int, train_pat
                            f"out a validation set. Add {unit}, or give data.validation.")
     held = set(order[:n_val])
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
+
+
+def too_few_to_split(cfg: DataConfig, rows: int) -> TunelabError:
+    return TunelabError(
+        f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
+        f"after cleaning no label has 2 or more rows ({rows} rows in all). "
+        f"Add more training data, or give a separate validation file in data.validation."
+    )

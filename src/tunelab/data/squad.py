@@ -68,7 +68,7 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
     """Raw question records, each with "where" (how an error names it), and the layout's name."""
     p = sources.resolve_path(path, key)
     if p.suffix.lower() == ".json":
-        text = sources._decode_utf8(p.read_bytes(), path, what)
+        text = sources.decode_utf8(p.read_bytes(), path, what)
         if text.lstrip().startswith("{"):
             try:
                 tree = sources.decode_json(text)

@@ -26,8 +26,11 @@ import numpy as np
 
 from ..errors import TunelabError
 from . import sources
+from .batching import feature_length
 from .clean import (DROP_REASONS, canonical_label, cut_long_texts, cut_report, is_empty_text, is_missing_label,
-                    kept_chars, label_sort_key, normalise_text, spelling_report)
+                    kept_chars, label_sort_key, no_rows_left, normalise_text, spelling_report)
+from .sources import absolute
+from .split import too_few_to_split
 
 FORMATS = (".jsonl", ".json", ".csv", ".tsv")
 ENCODE_CHUNK = 1024  # rows tokenised at a time in the token pass
@@ -76,7 +79,7 @@ def index(path, key: str, text_field: str, label_field: str, max_length: int) ->
     """Check and clean every row of a .jsonl/.csv/.tsv file in one pass, as read_examples + clean_examples would,
     keeping only the row's whereabouts (before dedupe: `deduped` does that)."""
     p = sources.resolve_path(path, key)
-    what = sources._describe(path, key)
+    what = sources.describe(path, key)
     ext = p.suffix.lower()
     if ext not in FORMATS:
         raise TunelabError(
@@ -84,7 +87,7 @@ def index(path, key: str, text_field: str, label_field: str, max_length: int) ->
             f"`python -c \"import pandas as pd; pd.read_parquet('{p}').to_json('{p.with_suffix('.jsonl')}', "
             f"orient='records', lines=True)\"`, or set data.streaming=false to read it into memory.")
     if p.stat().st_size == 0:
-        raise TunelabError(f"{what} is empty. It should hold {sources._FORMAT_HINTS[ext]}.")
+        raise TunelabError(f"{what} is empty. It should hold {sources.FORMAT_HINTS[ext]}.")
     delimiter = None if ext in (".jsonl", ".json") else ("\t" if ext == ".tsv" else ",")
     ix = Index(p, what, delimiter, text_field, label_field, kept_chars(max_length))
     offsets, sizes, rows, hashes, labels = array("q"), array("i"), array("q"), array("Q"), array("i")
@@ -110,7 +113,7 @@ def index(path, key: str, text_field: str, label_field: str, max_length: int) ->
         hashes.append(int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little"))
         labels.append(ids[name])
     if ix.rows_read == 0:
-        raise TunelabError(f"{what} has no data rows. It should hold {sources._FORMAT_HINTS[ext]}.")
+        raise TunelabError(f"{what} has no data rows. It should hold {sources.FORMAT_HINTS[ext]}.")
     ix.offsets, ix.rows, ix.hashes = np.frombuffer(offsets, np.int64), np.frombuffer(rows, np.int64), np.frombuffer(hashes, np.uint64)
     ix.sizes, ix.labels = np.frombuffer(sizes, np.int32), np.frombuffer(labels, np.int32)
     return ix
@@ -125,12 +128,12 @@ def _lines(path: Path, what: str):
             # decoded line by line: the same checks (UTF-16/32 mark, NUL bytes, invalid UTF-8) and messages as a
             # whole-file read, with the file's own line numbers and byte offsets
             if line_no == 1 or b"\0" in raw:
-                text = sources._decode_utf8(raw, path, what, line_no, offset)
+                text = sources.decode_utf8(raw, path, what, line_no, offset)
             else:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    text = sources._decode_utf8(raw, path, what, line_no, offset)
+                    text = sources.decode_utf8(raw, path, what, line_no, offset)
             bom = 3 if line_no == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
             yield offset + bom, line_no, raw[bom:], text
             offset += len(raw)
@@ -145,7 +148,7 @@ def _jsonl(ix: Index, given_path):
             sources.check_not_array(text, given_path, ix.what)
         obj = sources.parse_json_line(text[:-1] if text.endswith("\n") else text, line_no, ix.what)
         ex = sources.example_of(obj, line_no, first, ix.what, ix.text_field, ix.label_field)
-        sources._check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
+        sources.check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
         first = False
         yield offset, len(raw), line_no, ex["text"], ex["label"]
 
@@ -179,7 +182,7 @@ def _delimited(ix: Index):
                 continue
             sources.check_width(record, ix.columns, first_line, ix.what, ix.delimiter)
             ex = sources.from_columns(record, ix.columns, first_line)
-            sources._check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
+            sources.check_types([ex], ix.what, ix.text_field, ix.label_field, "line")
             yield start, where["offset"] - start, first_line, ex["text"], ex["label"]
     except csv.Error as e:
         raise sources.csv_error(e, reader.line_num, ix.what, ix.delimiter) from None
@@ -273,8 +276,6 @@ class Features(Sequence):
 
 def encode(rows: Rows, task, tokenizer, info: dict, max_length: int) -> tuple[Features, dict]:
     """Lazy features of a split, and the token report of its rows (one tokenising pass, nothing kept but lengths)."""
-    from ..evaluate import feature_length
-
     def one_per_row(chunk: list[dict]) -> list[dict]:
         feats, _ = task.encode(chunk, tokenizer, info, max_length)
         if len(feats) != len(chunk):
@@ -306,8 +307,6 @@ def release_freed_memory() -> None:
 
 def load_splits(cfg, seed: int) -> tuple[dict, dict]:
     """data.load_splits, streamed: the same report, and Rows in place of lists."""
-    from . import no_rows_left, too_few_to_split, absolute
-
     files = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
     splits, entries = {}, {}
     for name, path in files.items():

@@ -23,6 +23,7 @@ import torch
 from ..data import sources
 from ..data.split import stratified_split
 from ..errors import TunelabError
+from ..tasks import causal_lm, classification
 from . import probe as linear_probe
 from . import run as evaluate_run
 
@@ -82,13 +83,9 @@ def measure(probe: dict, model, tokenizer, device, max_length: int, batch_size: 
     """The probe's figure for the model as it is now (adapters active). Not under inference_mode: the probe's
     logistic regression needs autograd; the forward passes turn it off themselves."""
     if probe["kind"] == "perplexity":
-        from ..tasks import causal_lm
-
         feats, _ = causal_lm.encode([{"text": t, "row": i} for i, t in enumerate(probe["texts"], 1)], tokenizer, {"task": "causal_lm"}, max_length)
         result = evaluate_run(model, causal_lm, feats, {"task": "causal_lm"}, batch_size, tokenizer.pad_token_id, device)
         return float(result["perplexity"]) if math.isfinite(result["perplexity"]) else float("inf")
-    from ..tasks import classification
-
     def features(rows):
         ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)["input_ids"]
         return [{"input_ids": x, "label": probe["labels"].index(r["label"])} for x, r in zip(ids, rows)]

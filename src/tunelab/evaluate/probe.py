@@ -12,8 +12,8 @@ import random
 
 import torch
 
+from ..data.batching import length_sorted_batches
 from ..models import _body
-from . import length_sorted_batches
 
 MAX_TRAIN_ROWS = 10_000  # the probe is a baseline: a sample this size fits it as well, in bounded memory
 

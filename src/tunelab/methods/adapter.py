@@ -33,9 +33,9 @@ from ..config import AdapterConfig
 from ..errors import TunelabError
 from ..models import blocks
 from .layout import check_head, read_artifact, restore, save_artifact
+from .targets import is_linear
 
 ARTIFACT = "adapter"  # tensors only, tunelab's layout; the base model is loaded from model.path
-from .lora import _is_linear
 
 # model_type -> (attention output projection, feed-forward output projection), as paths inside one block.
 SUBLAYERS = {
@@ -93,7 +93,7 @@ def _sublayers(model: nn.Module, placement: str) -> list[str]:
             layer = model.get_submodule(path)
         except AttributeError:
             layer = None
-        if layer is None or not _is_linear(layer):
+        if layer is None or not is_linear(layer):
             raise TunelabError(
                 f"Expected a linear layer at '{path}' for a bottleneck adapter ({model_type}), found "
                 f"{type(layer).__name__ if layer is not None else 'nothing'}. Apply adapters once, to an unmodified "

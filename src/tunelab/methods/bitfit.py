@@ -20,13 +20,13 @@ from torch import nn
 from ..config import BitFitConfig
 from ..errors import TunelabError
 from .layout import check_head, read_artifact, restore, save_artifact
-from .lora import _inside
+from .targets import inside
 
 ARTIFACT = "adapter"  # tensors only; the base model is loaded from model.path
 
 
 def _body_biases(model: nn.Module, head: list[str]) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not _inside(n, head)}
+    return {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" and not inside(n, head)}
 
 
 def apply(model: nn.Module, cfg: BitFitConfig, head: list[str]) -> nn.Module:

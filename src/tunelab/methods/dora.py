@@ -86,4 +86,4 @@ def apply(model: PreTrainedModel, cfg: DoraConfig, head: list[str]) -> PreTraine
 
 def load(model: PreTrainedModel, out_dir) -> PreTrainedModel:
     """Restore a DoRA adapter (saved by tunelab or by peft with use_dora=True) onto a fresh base."""
-    return lora._load(model, out_dir, DoRALinear)
+    return lora.load(model, out_dir, DoRALinear)

@@ -31,8 +31,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import IA3Config
 from ..errors import TunelabError
-from .layout import copy_checked, peft_head, read_peft, write_peft
-from .lora import PREFIX, _TASK_TYPES, _available, _body_linears, _matches
+from .layout import copy_checked, peft_head, peft_task_type, read_peft, write_peft
+from .lora import PREFIX
+from .targets import available, body_linears, matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 
@@ -99,12 +100,12 @@ def _defaults(model: nn.Module) -> tuple[list[str], list[str]]:
         f"IA3 has no default layers for model type '{model_type}'. Set method.target_modules to the attention "
         f"key/value layers and the FFN's second projection (e.g. [k_proj,v_proj,down_proj]) and "
         f"method.feedforward_modules to the latter (e.g. [down_proj], or [] for none); this model's linear "
-        f"layers are: {_available(_body_linears(model, []))}."
+        f"layers are: {available(body_linears(model, []))}."
     )
 
 
 def _is_target(path: str, targets: list[str] | str) -> bool:
-    return bool(re.fullmatch(targets, path)) if isinstance(targets, str) else any(_matches(path, t) for t in targets)
+    return bool(re.fullmatch(targets, path)) if isinstance(targets, str) else any(matches(path, t) for t in targets)
 
 
 def _is_feedforward(path: str, feedforward: list[str] | str) -> bool:
@@ -115,7 +116,7 @@ def _is_feedforward(path: str, feedforward: list[str] | str) -> bool:
 
 def _select(model: nn.Module, targets, feedforward, head: list[str]) -> dict[str, bool]:
     """Path of each layer to wrap -> whether it is feed-forward. Missing lists take the architecture's defaults."""
-    candidates = _body_linears(model, head)
+    candidates = body_linears(model, head)
     explicit_ff = feedforward is not None
     if targets is None or feedforward is None:
         default_t, default_f = _defaults(model)
@@ -125,20 +126,20 @@ def _select(model: nn.Module, targets, feedforward, head: list[str]) -> dict[str
         paths = [p for p in candidates if _is_target(p, targets)]
         if not paths:
             raise TunelabError(f"The IA3 target pattern '{targets}' (method.target_modules) matches no linear layer "
-                               f"of the model. Available linear layer names: {_available(candidates)}.")
+                               f"of the model. Available linear layer names: {available(candidates)}.")
         return {p: _is_feedforward(p, feedforward) for p in paths}
-    missing = [t for t in targets if not any(_matches(p, t) for p in candidates)]
+    missing = [t for t in targets if not any(matches(p, t) for p in candidates)]
     if missing:
         raise TunelabError(
             f"method.target_modules names {', '.join(map(repr, missing))}, which matches no linear layer outside "
-            f"the head. Available linear layer names: {_available(candidates)}.")
+            f"the head. Available linear layer names: {available(candidates)}.")
     # As peft requires; a default feedforward list is exempt (peft applies it to whatever targets match it).
     extra = [f for f in feedforward if f not in targets] if explicit_ff and isinstance(feedforward, list) else []
     if extra:
         raise TunelabError(
             f"method.feedforward_modules names {', '.join(map(repr, extra))}, which is not in method.target_modules "
             f"({', '.join(targets)}): a feed-forward layer must also be a target. Available linear layer names: "
-            f"{_available(candidates)}.")
+            f"{available(candidates)}.")
     return {p: _is_feedforward(p, feedforward) for p in candidates if _is_target(p, targets)}
 
 
@@ -176,7 +177,7 @@ def _config_names(model: nn.Module, layers: dict[str, IA3Linear]) -> tuple[list[
     def name(path: str) -> str:
         parts = path.split(".")
         suffixes = (".".join(parts[-k:]) for k in range(1, len(parts) + 1))
-        return next((s for s in suffixes if not any(_matches(o, s) for o in others)), path)
+        return next((s for s in suffixes if not any(matches(o, s) for o in others)), path)
 
     names = {p: name(p) for p in layers}
     feedforward = sorted({names[p] for p, m in layers.items() if m.is_feedforward})
@@ -204,7 +205,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
     targets, feedforward = _config_names(model, layers)
     config = {
         "peft_type": "IA3",
-        "task_type": next((t for s, t in _TASK_TYPES.items() if type(model).__name__.endswith(s)), None),
+        "task_type": peft_task_type(model),
         "base_model_name_or_path": str(base_model_path),
         "target_modules": targets,
         "feedforward_modules": feedforward,

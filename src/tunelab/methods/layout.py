@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import TunelabError
+from .targets import inside, matches
 
 CONFIG_NAME = "tunelab_adapter.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -57,6 +58,16 @@ def read_peft(out_dir: Path, peft_type: str, method: str) -> tuple[dict, Path]:
 PEFT_METHODS = {"IA3": "ia3", "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning", "PREFIX_TUNING": "prefix"}
 
 
+# peft's task_type for adapter_config.json; save() is not told the task, the model class name says it.
+PEFT_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+                   "ForQuestionAnswering": "QUESTION_ANS", "ForCausalLM": "CAUSAL_LM"}
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """peft's task_type of a model, from its class name (None for a bare body)."""
+    return next((t for s, t in PEFT_TASK_TYPES.items() if type(model).__name__.endswith(s)), None)
+
+
 def method_of(out_dir: Path) -> str:
     """The tunelab method that saved (or can load) the adapter in `out_dir`: tunelab's layout or peft's."""
     out_dir = Path(out_dir)
@@ -91,11 +102,9 @@ def peft_head(model: nn.Module, config: dict) -> list[str]:
     """The head modules of a peft adapter: its modules_to_save matched on module names, outermost only.
 
     peft adds the usual head names (classifier, score) for SEQ_CLS whether or not the model has them."""
-    from .lora import _inside, _matches
-
     modules = [p for p, _ in model.named_modules() if p]
-    head = [p for p in modules if any(_matches(p, n) for n in config.get("modules_to_save") or [])]
-    return [p for p in head if not _inside(p, [h for h in head if h != p])]
+    head = [p for p in modules if any(matches(p, n) for n in config.get("modules_to_save") or [])]
+    return [p for p in head if not inside(p, [h for h in head if h != p])]
 
 
 def check_head(model: nn.Module, head: list[str]) -> None:

@@ -54,7 +54,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import TunelabError
-from .layout import PEFT_CONFIG, check_head, copy_checked, peft_head, read_peft, write_peft
+from .layout import PEFT_CONFIG, check_head, copy_checked, peft_head, peft_task_type, read_peft, write_peft
+from .targets import available, body_linears, inside, matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 PREFIX = "base_model.model."
@@ -73,11 +74,6 @@ DEFAULT_TARGETS = {
         ["q_proj", "v_proj"],
     ),
 }
-
-# peft's task_type for adapter_config.json; save() is not told the task, the model class name says it.
-_TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
-               "ForQuestionAnswering": "QUESTION_ANS", "ForCausalLM": "CAUSAL_LM"}
-
 
 class LoRALinear(nn.Module):
     """`base_layer(x) + lora_B(lora_A(dropout(x))) * alpha / r`, with the base layer frozen."""
@@ -154,28 +150,6 @@ class LoRALinear(nn.Module):
 
 # -- choosing layers ----------------------------------------------------------
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def _matches(path: str, name: str) -> bool:
-    return path == name or path.endswith("." + name)
-
-
-def _inside(path: str, prefixes: list[str]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in prefixes)
-
-
-def _body_linears(model: nn.Module, head: list[str]) -> list[str]:
-    """Paths of the linear layers LoRA may wrap: not in the head, not the output (LM) projection."""
-    out = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
-    return [p for p, m in model.named_modules() if _is_linear(m) and m is not out and not _inside(p, head)]
-
-
-def _available(paths: list[str]) -> str:
-    return ", ".join(sorted({p.rsplit(".", 1)[-1] for p in paths}))
-
-
 def default_targets(model: nn.Module) -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
@@ -183,7 +157,7 @@ def default_targets(model: nn.Module) -> list[str]:
     raise TunelabError(
         f"LoRA has no default target layers for model type '{model_type}'. Set method.target_modules to the "
         f"names of the linear layers to adapt (e.g. [q_proj,v_proj]) or to all-linear; this model's linear "
-        f"layers are: {_available(_body_linears(model, []))}."
+        f"layers are: {available(body_linears(model, []))}."
     )
 
 
@@ -209,7 +183,7 @@ def _pattern_value(patterns: dict | None, path: str, default):
 
 def _select(model: nn.Module, targets: list[str] | str | None, head: list[str],
             layers_to_transform: list[int] | int | None = None, layers_pattern: str | None = None) -> list[str]:
-    candidates = _body_linears(model, head)
+    candidates = body_linears(model, head)
     if targets is None:
         targets = default_targets(model)
     if isinstance(layers_to_transform, int):
@@ -233,15 +207,15 @@ def _select(model: nn.Module, targets: list[str] | str | None, head: list[str],
         chosen = [p for p in candidates if re.fullmatch(targets, p)]
         if not chosen:
             raise TunelabError(f"LoRA target pattern '{targets}' matches no linear layer of the model. Set "
-                               f"method.target_modules to names among: {_available(candidates)}.")
+                               f"method.target_modules to names among: {available(candidates)}.")
         return chosen
-    missing = [t for t in targets if not any(_matches(p, t) for p in candidates)]
+    missing = [t for t in targets if not any(matches(p, t) for p in candidates)]
     if missing:
         raise TunelabError(
             f"method.target_modules names {', '.join(repr(t) for t in missing)}, which matches no linear layer "
-            f"outside the head. Available linear layer names: {_available(candidates)}."
+            f"outside the head. Available linear layer names: {available(candidates)}."
         )
-    return [p for p in candidates if any(_matches(p, t) for t in targets)]
+    return [p for p in candidates if any(matches(p, t) for t in targets)]
 
 
 # -- the method ----------------------------------------------------------------
@@ -287,12 +261,12 @@ def _trainable_biases(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
     if bias == "all":
         return {n: p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")}
     if bias == "lora_only":
-        return {f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in _lora_layers(model).items()
+        return {f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in lora_layers(model).items()
                 if layer.base_layer.bias is not None}
     return {}
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
@@ -308,7 +282,7 @@ def _target_names(model: nn.Module, paths: list[str]) -> list[str]:
     peft matches names against every module, the head included, so `dense` would also hit a pooler's dense.
     """
     short = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    picked = {p for p, m in model.named_modules() if any(_matches(p, s) for s in short)}
+    picked = {p for p, m in model.named_modules() if any(matches(p, s) for s in short)}
     return short if picked == set(paths) else sorted(paths)
 
 
@@ -330,10 +304,10 @@ def _target_spec(model: nn.Module, paths: list[str]) -> tuple[list[str], list[in
 def _bias_mode(model: nn.Module, head: list[str]) -> tuple[str, dict[str, torch.Tensor]]:
     """peft's `bias` value and the biases it covers, read off what trains outside the head."""
     trained = {n: p for n, p in model.named_parameters()
-               if (n == "bias" or n.endswith(".bias")) and p.requires_grad and not _inside(n, head)}
+               if (n == "bias" or n.endswith(".bias")) and p.requires_grad and not inside(n, head)}
     if not trained:
         return "none", {}
-    wrapped = {f"{path}.base_layer.bias" for path in _lora_layers(model)}
+    wrapped = {f"{path}.base_layer.bias" for path in lora_layers(model)}
     return ("lora_only" if set(trained) <= wrapped else "all"), trained
 
 
@@ -347,7 +321,7 @@ def _most_common(values):
 
 def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str]) -> None:
     """Write the adapter in peft's layout; a PiSSA adapter is written as the equivalent plain LoRA (see top)."""
-    layers = _lora_layers(model)
+    layers = lora_layers(model)
     if not layers:
         raise TunelabError("This model has no LoRA layers to save; save it as a full model instead.")
     tensors, ranks, alphas = {}, {}, {}
@@ -373,7 +347,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
     targets, blocks = _target_spec(model, list(layers))
     config = {
         "peft_type": "LORA",
-        "task_type": next((t for s, t in _TASK_TYPES.items() if type(model).__name__.endswith(s)), None),
+        "task_type": peft_task_type(model),
         "base_model_name_or_path": str(base_model_path),
         "r": r,
         "lora_alpha": _num(alpha),
@@ -396,11 +370,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str])
     write_peft(out_dir, tensors, config)
 
 
-def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
-    return _load(model, out_dir, LoRALinear)
-
-
-def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
+def load(model: PreTrainedModel, out_dir: Path, layer_cls=LoRALinear) -> PreTrainedModel:
     """Restore an adapter onto a fresh base with `layer_cls`, whose `use_dora` must match the adapter's."""
     out_dir = Path(out_dir)
     config, weights_file = read_peft(out_dir, "LORA", "LoRA")
@@ -432,18 +402,18 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
 
     saved = load_file(str(weights_file))
     expected = {}
-    for path, layer in _lora_layers(model).items():
+    for path, layer in lora_layers(model).items():
         expected.update(_adapter_tensors(path, layer))
     for name in head:
         for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
             expected[f"{PREFIX}{name}.{key}"] = t
     for name, t in _trainable_biases(model, bias).items():
-        if not _inside(name, head):
+        if not inside(name, head):
             expected[PREFIX + name] = t
     if bias == "all":  # peft also writes the biases of its head wrappers' inner copies; the plain ones are used
         wrappers = [f"{PREFIX}{h}" for h in head]
         saved = {k: v for k, v in saved.items() if not (
-            _inside(k.split(".original_module.")[0].split(".modules_to_save.")[0], wrappers)
+            inside(k.split(".original_module.")[0].split(".modules_to_save.")[0], wrappers)
             and (".original_module." in k or ".modules_to_save." in k))}
     copy_checked(expected, saved, out_dir, config.get('base_model_name_or_path'))
     return model
@@ -452,7 +422,7 @@ def _load(model: PreTrainedModel, out_dir: Path, layer_cls) -> PreTrainedModel:
 def merge(model: nn.Module) -> nn.Module:
     """Fold each update into its base weight and put the plain layer back."""
     with torch.no_grad():
-        for path, layer in _lora_layers(model).items():
+        for path, layer in lora_layers(model).items():
             base = layer.base_layer
             base.weight.copy_(layer.merged_weight())  # computed in float32, rounded once
             parent, _, child = path.rpartition(".")

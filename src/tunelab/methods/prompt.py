@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import models
 from ..config import PromptConfig
 from ..errors import TunelabError
 from . import virtual_tokens as vt
@@ -36,8 +37,6 @@ PEFT_TYPE = "PROMPT_TUNING"
 
 
 def _text_ids(model: nn.Module, text: str, n: int) -> list[int]:
-    from .. import models
-
     path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     if not path:
         raise TunelabError("method.init=text needs the model's tokenizer, but this model does not say which directory "

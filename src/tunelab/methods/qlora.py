@@ -38,7 +38,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import QLoraConfig
 from ..errors import TunelabError
-from . import lora
+from . import lora, targets
 
 ARTIFACT = "adapter"  # PEFT-layout LoRA adapter; the 4-bit base is rebuilt from model.path
 SETTINGS_NAME = "qlora_config.json"  # tunelab's own: how to re-quantize the base (peft ignores the file)
@@ -224,12 +224,12 @@ def _fits(layer: nn.Module, backend: str) -> bool:
 def _candidates(model: nn.Module, settings: dict) -> list[str]:
     """Paths of the frozen body linears the settings ask to quantize (quantized or not yet)."""
     if settings["quantize"] == "targets":
-        return [p + ".base_layer" for p in lora._lora_layers(model)]
+        return [p + ".base_layer" for p in lora.lora_layers(model)]
     out = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     head = list(settings.get("head") or [])
     paths = []
     for p, m in model.named_modules():
-        if (_is_quantized(m) or lora._is_linear(m)) and m is not out and not lora._inside(p, head) \
+        if (_is_quantized(m) or targets.is_linear(m)) and m is not out and not targets.inside(p, head) \
                 and not m.weight.requires_grad:
             paths.append(p)  # a frozen weight: LoRA's A/B and the (trainable) head are left out
     return paths

@@ -41,8 +41,7 @@ from torch import nn
 
 from .. import models
 from ..errors import TunelabError
-from .layout import check_head, copy_checked, peft_head, read_peft, write_peft  # noqa: F401  (check_head: used as vt.check_head)
-from .lora import _TASK_TYPES
+from .layout import check_head, copy_checked, peft_head, peft_task_type, read_peft, write_peft  # noqa: F401  (check_head: used as vt.check_head)
 
 PREFIX = "base_model."  # peft's key prefix for a prompt-learning model's own modules (the head)
 TABLE_KEY = "prompt_embeddings"
@@ -273,7 +272,7 @@ def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str],
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     config = {
         "peft_type": peft_type,
-        "task_type": next((t for s, t in _TASK_TYPES.items() if type(model).__name__.endswith(s)), None),
+        "task_type": peft_task_type(model),
         "base_model_name_or_path": str(base_model_path),
         "num_virtual_tokens": int(table.shape[0]),
         **shape(model),

@@ -24,7 +24,7 @@ import torch
 from .. import models
 from ..data import chat
 from ..errors import TunelabError
-from ..training import lm_loss, packing
+from ..ops import lm_loss, packing
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "perplexity")

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from .. import data, models
 from ..data.clean import canonical_label, label_sort_key
 from ..errors import TunelabError
-from ..evaluate import metrics as M
-from ..training import packing
+from ..ops import metrics as M
+from ..ops import packing
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping

@@ -19,7 +19,8 @@ import torch
 
 from .. import methods
 from ..data import preference as pairs
-from ..training import preference
+from ..data.batching import length_sorted_batches
+from ..ops import preference
 from . import causal_lm, reward
 
 MAIN_METRIC = "loss"
@@ -101,12 +102,10 @@ def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: l
 @torch.inference_mode()
 def precompute_reference(model, feats: dict, pad_id: int, device, batch_size: int) -> None:
     """Store the reference log-probs in every pair of every split (the model as it is now: before training)."""
-    from .. import evaluate
-
     was_training = model.training
     model.eval()
     for rows in feats.values():
-        for idx in evaluate.length_sorted_batches(rows, batch_size):
+        for idx in length_sorted_batches(rows, batch_size):
             batch = {k: v.to(device) for k, v in collate([rows[i] for i in idx], pad_id).items()}
             ref = _logps(model, batch)[0].cpu()
             for i, r in zip(idx, ref.tolist()):

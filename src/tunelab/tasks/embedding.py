@@ -33,6 +33,7 @@ from ..data import chat
 from ..data.clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from ..data.sources import field_names, read_records
 from ..errors import TunelabError
+from ..ops import processes
 
 MAIN_METRIC = "mrr@10"
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10", "loss")
@@ -101,9 +102,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
 def label_info(splits: dict, cfg) -> dict:
     """How texts become vectors and how the loss reads them; saved as the run's labels.json."""
     if cfg.task.gradient_cache:
-        from ..training import distributed
-
-        if distributed.world() > 1:
+        if processes.world() > 1:
             raise TunelabError("task.gradient_cache replays each chunk's forward pass during backward, outside the "
                                "distributed wrapper's forward; it runs in one process. Set task.gradient_cache=0, or "
                                "train in one process.")

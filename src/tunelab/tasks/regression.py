@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .. import data, models
 from ..errors import TunelabError
-from ..evaluate import metrics as M
+from ..ops import metrics as M
 from . import classification
 from .classification import collate, forward, head_modules, pack, packing_fault  # noqa: F401  (the task's API)
 

@@ -16,7 +16,9 @@ import torch
 
 from .. import models
 from ..data import chat, preference as pairs
-from ..training import preference
+from ..errors import TunelabError
+from ..ops import preference
+from . import classification  # score(): plain padding of single sequences
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "margin", "loss")
@@ -95,7 +97,6 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
 def score(model, tokenizer, items: list[dict], info: dict, device, max_length: int, batch_size: int) -> list[dict]:
     """The reward of each {"prompt": str or chat messages, "response": str}, rendered as in training."""
     from .. import evaluate
-    from ..errors import TunelabError
 
     feats = []
     for i, item in enumerate(items, start=1):
@@ -107,7 +108,5 @@ def score(model, tokenizer, items: list[dict], info: dict, device, max_length: i
         text, _ = chat.render(messages + [{"role": "assistant", "content": item["response"]}], info["template"], tokenizer)
         ids = tokenizer(text, add_special_tokens=info["template"] == "alpaca")["input_ids"][:max_length]
         feats.append({"input_ids": ids, "label": 0})
-    from . import classification  # plain padding of single sequences
-
     out, _ = evaluate.outputs(model, classification, feats, batch_size, tokenizer.pad_token_id, device)
     return [{"prompt": item["prompt"], "response": item["response"], "score": float(o[0])} for item, o in zip(items, out)]

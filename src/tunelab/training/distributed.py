@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import models
 from ..errors import TunelabError
+from ..ops.processes import active, rank, world  # noqa: F401  (this module's API: distributed.world())
 
 
 def setup(device) -> None:
@@ -26,18 +28,6 @@ def setup(device) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
-
-
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if active() else 1
 
 
 def is_main() -> bool:
@@ -81,8 +71,6 @@ def wrap(model: nn.Module, task, device):
     them. Anything else (adapters, frozen layers) is small to train, so DDP keeps a whole copy per process."""
     if not active():
         return None, False
-    from .. import models
-
     device = torch.device(device)
     root = TaskLoss(model, task)
     if all(p.requires_grad for p in model.parameters()):

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .. import models
 from ..config import TrainConfig
 
 
@@ -19,8 +20,6 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 def _layer_of(model: nn.Module, decay: float):
     """name -> (group label, LR scale) by depth: the top block 1, each block below one more factor of `decay`,
     embeddings (what comes before the blocks) decay ** L, what comes after the blocks (final norms) 1."""
-    from .. import models
-
     prefix, stack = models.blocks(model)
     depth, seen = len(stack), {"blocks": False}
 

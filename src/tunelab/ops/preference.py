@@ -22,7 +22,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Per-sequence sum of the label tokens' log-probabilities, and how many tokens were summed.
 
     The reference definition, pinned to TRL in the tests; training computes the same sums without the batch's
-    logits (tasks/dpo._logps over training/lm_loss), tested equal to this.
+    logits (tasks/dpo._logps over ops/lm_loss), tested equal to this.
 
     Args:
         logits: ``(batch, seq, vocab)`` from a causal LM, any float dtype.
