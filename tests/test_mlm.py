@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import tunelab
 from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, SPECIALS, make_rows, size, tol, write_jsonl
-from tunelab import config, evaluate, methods, models
+from tunelab import config, evaluate, methods, models, predict
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification, mlm
 from tunelab.training import checkpoint
@@ -266,7 +266,8 @@ def test_domain_adapt_then_classify(name, tiny_bert, texts, tmp_path):
     mlm_model = tunelab.load(adapted.dir).model
     mlm_model = methods.get(name).merge(mlm_model)
     cfg = config.validate({"model": {"path": str(adapted.dir)}, "data": {"train": str(texts)}})
-    classifier, _ = classification.build_model(cfg.model, {"labels": ["neg", "pos"]})
+    with predict.model_source(cfg.model) as model_cfg:  # the run layer turns a run into a model directory
+        classifier, _ = classification.build_model(model_cfg, {"labels": ["neg", "pos"]})
     theirs = {k: v for k, v in mlm_model.bert.state_dict().items()}
     ours = classifier.bert.state_dict()
     assert set(theirs) <= set(ours)

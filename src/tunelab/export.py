@@ -66,11 +66,8 @@ def check_out_dir(out: Path, overwrite: bool, keep: list[tuple[str, Path]] = ())
 
 
 def merged(run, out: Path) -> Path:
-    """Fold the method into the base weights and save a plain model dir (config, safetensors, tokenizer)."""
-    model = methods.get(run.cfg.method.name).merge(run.model)
-    model.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
-    return out
+    """The run with its method folded into the base weights, as a plain model dir (config, safetensors, tokenizer)."""
+    return predict.save_merged(run, out)
 
 
 def sentence_transformers(run, out: Path) -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,35 +27,6 @@ def is_run_dir(path: str | Path) -> bool:
     """A finished tunelab run (config.yaml + labels.json) rather than a Hugging Face model directory."""
     p = Path(path).expanduser()
     return (p / "config.yaml").is_file() and (p / "labels.json").is_file() and not (p / "config.json").is_file()
-
-
-@contextmanager
-def model_dir(path: str | Path, key: str = "model.path", trust_remote_code: bool = False, allow_pickle: bool = False):
-    """A Hugging Face model directory for `path`. A tunelab run directory stands for the model it trained: a full
-    fine-tune's own model/, or for a method that keeps its weights apart (an sft LoRA run, say) the base with the
-    method merged in, written to a temporary directory that is removed once loaded. This is how a later stage starts
-    from an earlier one (sft -> reward model / DPO) without an export step.
-
-    The run is loaded with `trust_remote_code` / `allow_pickle` as the caller's recipe says: the model.* switches in
-    the run's own config.yaml are ignored, so a run folder from someone else cannot turn on code or pickles."""
-    p = Path(path).expanduser()
-    if not is_run_dir(p):
-        yield check_model_dir(p, key)
-        return
-    if (p / "model" / "config.json").is_file():
-        yield check_model_dir(p / "model", key)
-        return
-    from . import export
-    from .predict import load as load_run
-
-    with tempfile.TemporaryDirectory(prefix="tunelab-merged-") as tmp:
-        try:
-            export.merged(load_run(p, device="cpu", trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
-                          Path(tmp))
-        except TunelabError as e:
-            raise TunelabError(f"{key}='{path}' is a tunelab run directory, and its model could not be rebuilt "
-                               f"with the method merged in: {e}") from None
-        yield Path(tmp)
 
 
 def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
@@ -177,10 +146,9 @@ def dropout_overrides(cfg: ModelConfig, path: str | Path) -> dict:
 
 
 def load(cfg: ModelConfig, auto_class, path: str | Path | None = None, **model_kwargs):
-    """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification) from a model directory
-    or a finished tunelab run (see model_dir)."""
-    with model_dir(path or cfg.path, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle) as p:
-        return _load(cfg, auto_class, p, **model_kwargs)
+    """Load model + tokenizer with `auto_class` (e.g. AutoModelForSequenceClassification) from a Hugging Face model
+    directory. (A finished run as model.path is turned into one by the run layer first: predict.model_source.)"""
+    return _load(cfg, auto_class, check_model_dir(path or cfg.path), **model_kwargs)
 
 
 def custom_code(path: str | Path) -> list[str]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import config as config_mod
-from . import data, evaluate, methods, models, tasks
+from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
 from .errors import TunelabError
 from .pipeline import (Run, begin, dir_size_mb, encode_splits, finish, peak_memory_mb, resolve_paths, saving_artifact,
@@ -72,7 +72,9 @@ def load_head(model: nn.Module, head: list[str], path: Path) -> None:
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume: Path | None = None) -> Run:
     """`resume`: an unfinished multi-task run directory, continued from its last good checkpoint."""
     t_start, out_path, device, saved, claim = begin(cfg, overwrite, recipe_name, resume)
-    with claim:  # the output folder is this run's until the end; a failure leaves an old run there as it was
+    # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run
+    # as model.path is a model directory for as long.
+    with claim, predict.model_source(cfg.model) as model_cfg:
         bs = cfg.eval.batch_size
 
         # Every task as a single-task run would read and encode it, then one body for all.
@@ -84,7 +86,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
             splits, report = task.load_splits(sub, cfg.train.seed)
             say(data.format_report(report))
             info = task.label_info(splits, sub)
-            model, tokenizer = task.build_model(cfg.model, info)
+            model, tokenizer = task.build_model(model_cfg, info)
             head = task.head_modules(model)
             if parts:
                 first = next(iter(parts.values()))
@@ -241,12 +243,14 @@ def load_task(run_dir: Path, cfg: Config, infos: dict, name: str, device):
         return model.to(device).eval(), tok, task, info, sub
     first = cfg.tasks[0].name
     first_task = tasks.get(cfg.tasks[0].task.type)
-    owner, tok = first_task.build_model(cfg.model, infos[first])
+    with predict.model_source(cfg.model) as model_cfg:
+        owner, tok = first_task.build_model(model_cfg, infos[first])
+        other = task.build_model(model_cfg, info) if name != first else None
     adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
     owner = methods.named.record(owner, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
     model = owner
-    if name != first:
-        model, tok = task.build_model(cfg.model, info)
+    if other is not None:
+        model, tok = other
         share_body(owner, model, first_task.head_modules(owner), task.head_modules(model))
     load_head(model, task.head_modules(model), _head_file(run_dir, name))
     return model.to(device).eval(), tok, task, info, sub

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import config as config_mod
-from . import atomic, data, evaluate, methods, models, runs, tasks, versions
+from . import atomic, data, evaluate, methods, models, predict, runs, tasks, versions
 from .config import Config
 from .data import augment, stream
 from .errors import TunelabError
@@ -52,14 +52,16 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
 
         return train_rl(cfg, overwrite, recipe_name)
     t_start, out_path, device, saved, claim = begin(cfg, overwrite, recipe_name, resume)
-    with claim:  # the output folder is this run's until the end; a failure leaves an old run there as it was
+    # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run
+    # as model.path is a model directory for as long.
+    with claim, predict.model_source(cfg.model) as model_cfg:
         task = tasks.get(cfg.task.type)
         loop.resolve_metric(task, cfg.train.metric)
         splits, report = task.load_splits(cfg, cfg.train.seed)
         say(data.format_report(report))
         forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
         info = task.label_info(splits, cfg)
-        model, tokenizer = task.build_model(cfg.model, info)
+        model, tokenizer = task.build_model(model_cfg, info)
         model.to(device)
         if cfg.data.augment_copies:
             splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
@@ -119,7 +121,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
             result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
                               log, stages, checkpoints=checkpoints, resume=saved)
             if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
-                model = unsharded(model, task, cfg, info, head, device)
+                model = unsharded(model, task, cfg.method, model_cfg, info, head, device)
             # The loop scored the restored best weights on validation already; only a run that never had a finite
             # metric needs evaluating again.
             summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
@@ -185,11 +187,11 @@ def encode_splits(cfg: Config, task, model, tokenizer, info: dict, splits: dict,
     return feats, max_length
 
 
-def unsharded(model, task, cfg: Config, info: dict, head: list[str], device):
+def unsharded(model, task, method_cfg, model_cfg, info: dict, head: list[str], device):
     """The trained weights of a model sharded across processes, in a fresh whole copy of it."""
     state = distributed.plain_state(model)
-    whole, _ = task.build_model(cfg.model, info)
-    whole = methods.prepare(whole.to(device), cfg.method, head)
+    whole, _ = task.build_model(model_cfg, info)
+    whole = methods.prepare(whole.to(device), method_cfg, head)
     missing = set(dict(whole.named_parameters())) - set(state)
     if missing:
         raise TunelabError(f"Internal error: the sharded model lacks {sorted(missing)[:3]} when gathered whole.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,8 @@ class TunedModel:
         else:
             # Adapters are stored alone: rebuild the base named in the run's config, then attach them.
             try:
-                self.model, _ = self.task.build_model(self.cfg.model, self.info)
+                with model_source(self.cfg.model) as base:
+                    self.model, _ = self.task.build_model(base, self.info)
             except TunelabError as e:
                 raise TunelabError(
                     f"The run '{self.dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
@@ -296,6 +299,41 @@ class TunedModel:
         metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
                                self.tokenizer.pad_token_id, self.device)
         return {**metrics, "dropped": dropped}
+
+
+@contextmanager
+def model_source(model_cfg, key: str = "model.path"):
+    """`model_cfg` with a Hugging Face model directory as its path. A tunelab run directory stands for the model it
+    trained: a full fine-tune's own model/, or for a method that keeps its weights apart (an sft LoRA run, say) the
+    base with the method merged in, written to a temporary directory that lives as long as the `with` block. This is
+    how a later stage starts from an earlier one (sft -> reward model / DPO) without an export step.
+
+    The run is loaded with `trust_remote_code` / `allow_pickle` as `model_cfg` (the caller's recipe) says: the
+    model.* switches in the run's own config.yaml are ignored, so a run folder from someone else cannot turn on code
+    or pickles."""
+    path = Path(model_cfg.path).expanduser()
+    if not models.is_run_dir(path):
+        yield model_cfg
+        return
+    if (path / "model" / "config.json").is_file():
+        yield model_cfg.model_copy(update={"path": str(path / "model")})
+        return
+    with tempfile.TemporaryDirectory(prefix="tunelab-merged-") as tmp:
+        try:
+            save_merged(load(path, device="cpu", trust_remote_code=model_cfg.trust_remote_code,
+                             allow_pickle=model_cfg.allow_pickle), Path(tmp))
+        except TunelabError as e:
+            raise TunelabError(f"{key}='{model_cfg.path}' is a tunelab run directory, and its model could not be "
+                               f"rebuilt with the method merged in: {e}") from None
+        yield model_cfg.model_copy(update={"path": tmp})
+
+
+def save_merged(run: "TunedModel", out: Path) -> Path:
+    """Fold the run's method into the base weights and save a plain model dir (config, safetensors, tokenizer)."""
+    model = methods.get(run.cfg.method.name).merge(run.model)
+    model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+    return out
 
 
 def read_run(run_dir: Path) -> tuple:

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from . import methods, models
+from . import methods, models, predict
 from .config import Config
 from .data import chat
 from .data.sources import read_records
@@ -100,11 +100,13 @@ def mean_reward(model, tokenizer, prompts: list[str], reward_fn, cfg, add_specia
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run:
     t_start, out_path, device, _, claim = begin(cfg, overwrite, recipe_name)
-    with claim:  # the output folder is this run's until the end; a failure leaves an old run there as it was
-        return _train(cfg, claim, t_start, out_path, device)
+    # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run
+    # as model.path is a model directory for as long.
+    with claim, predict.model_source(cfg.model) as model_cfg:
+        return _train(cfg, model_cfg, claim, t_start, out_path, device)
 
 
-def _train(cfg: Config, claim, t_start: float, out_path: str, device) -> Run:
+def _train(cfg: Config, model_cfg, claim, t_start: float, out_path: str, device) -> Run:
     reward = load_reward(cfg.task)
     reward_fn = grpo.checked(reward, reward_name(cfg.task))  # every call during the run is checked too
     train_rows = _prompts(cfg.data.train, "data.train")
@@ -113,7 +115,7 @@ def _train(cfg: Config, claim, t_start: float, out_path: str, device) -> Run:
     else:
         train_rows, val_rows = random_split(train_rows, cfg.data.val_fraction, cfg.train.seed, cfg.data.train)
     info = {"task": "sft", "template": cfg.task.template, "train_on_prompt": False, "truncation": cfg.data.truncation}
-    model, tokenizer = causal_lm.build_model(cfg.model, info)
+    model, tokenizer = causal_lm.build_model(model_cfg, info)
     model.to(device)
     add_special = info["template"] == "alpaca"
     render = lambda rows: [chat.render(m, info["template"], tokenizer, add_generation_prompt=True)[0] for m in rows]

@@ -65,20 +65,20 @@ def build_model(model_cfg, info: dict, path=None):
     from transformers import AutoModelForMaskedLM
 
     where = path or model_cfg.path
-    with models.model_dir(where) as p:
-        tok = models.load_tokenizer(p, model_cfg.trust_remote_code)
-        if tok.mask_token_id is None:
-            raise TunelabError(
-                f"task.type=mlm needs an encoder whose tokenizer has a mask token (BERT's [MASK], RoBERTa's <mask>), "
-                f"but the tokenizer of '{where}' (model.path) has none: it looks like a decoder (GPT-2, Llama, ...). "
-                f"Point model.path at an encoder such as BERT, RoBERTa or MiniLM, or continue pretraining this model "
-                f"with task.type=causal_lm.")
-        if not getattr(tok, "is_fast", False):
-            raise TunelabError(
-                f"The tokenizer of '{where}' (model.path) is a slow (Python) tokenizer; task.type=mlm needs a fast one "
-                f"(windows of long texts, word boundaries). Save the model with its tokenizer.json (a fast tokenizer).")
-        keys = _checkpoint_keys(p)
-        model, tok = models.load(model_cfg, AutoModelForMaskedLM, path=p)
+    p = models.check_model_dir(where)
+    tok = models.load_tokenizer(p, model_cfg.trust_remote_code)
+    if tok.mask_token_id is None:
+        raise TunelabError(
+            f"task.type=mlm needs an encoder whose tokenizer has a mask token (BERT's [MASK], RoBERTa's <mask>), "
+            f"but the tokenizer of '{where}' (model.path) has none: it looks like a decoder (GPT-2, Llama, ...). "
+            f"Point model.path at an encoder such as BERT, RoBERTa or MiniLM, or continue pretraining this model "
+            f"with task.type=causal_lm.")
+    if not getattr(tok, "is_fast", False):
+        raise TunelabError(
+            f"The tokenizer of '{where}' (model.path) is a slow (Python) tokenizer; task.type=mlm needs a fast one "
+            f"(windows of long texts, word boundaries). Save the model with its tokenizer.json (a fast tokenizer).")
+    keys = _checkpoint_keys(p)
+    model, tok = models.load(model_cfg, AutoModelForMaskedLM, path=p)
     prefix, _ = models._body(model)
     tops = [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
     new = keys is not None and not any(k.split(".")[0] in tops for k in keys)
