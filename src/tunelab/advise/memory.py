@@ -1,4 +1,4 @@
-"""`tunelab advise`: how much memory each fine-tuning method needs, and which to use.
+"""The memory model of `tunelab advise`: what each fine-tuning method needs, part by part.
 
 The model is a sum of parts, each in bytes, for one training micro-batch of `batch` x `seq_len` tokens:
 
@@ -34,17 +34,18 @@ constants (context, allocator slack) that have not been calibrated on a GPU.
 from __future__ import annotations
 
 import functools
-import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from . import models
-from .errors import TunelabError
-from .ops import lm_loss
+from .. import config as C
+from .. import methods, models
+from ..errors import TunelabError
+from ..methods import lora as lora_mod
+from ..methods import qlora as qlora_mod
+from ..ops import lm_loss
 
 METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
 # Merging folds the update into the base weights: inference costs what the base model costs.
@@ -96,49 +97,6 @@ AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
                 "qa": "AutoModelForQuestionAnswering", "sft": "AutoModelForCausalLM", "causal_lm": "AutoModelForCausalLM"}
 
 
-# -- memory sizes ------------------------------------------------------------------------
-
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(text: str | int) -> int:
-    """'24GB' -> 24e9 bytes. KB/MB/GB/TB are decimal, KiB/MiB/GiB/TiB and bare K/M/G/T binary (as `free -g` and
-    docker's `8g`), a plain number is bytes."""
-    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m and m.group(2).lower()
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise TunelabError(
-            f"Memory size {text!r} is not understood. Write a positive number with an optional unit, e.g. 24GB, "
-            f"24GiB, 512MB, 8G or 1073741824 (bytes): KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB and "
-            f"K/M/G/T powers of 1024.")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def machine_memory() -> tuple[int, str]:
-    """(bytes, what they are): the first CUDA GPU's memory when CUDA is available, else this machine's RAM
-    (capped by a cgroup limit, as in a container)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory, f"GPU memory of {torch.cuda.get_device_name(0)}"
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            total = min(total, int(Path(limit_file).read_text().strip()))
-        except (OSError, ValueError):  # absent, or "max"
-            pass
-    return total, "RAM of this machine"
-
-
 @functools.cache
 def runtime_overhead() -> int:
     """Peak RSS of a fresh Python that imports what a tunelab run imports (measured once per process, ~4 s)."""
@@ -155,7 +113,7 @@ def runtime_overhead() -> int:
 
 # -- the model, counted on the meta device -----------------------------------------------------------
 
-def _model_config(model_dir: str | Path):
+def model_config(model_dir: str | Path):
     from transformers import AutoConfig
 
     path = models.check_model_dir(model_dir, key="model_dir")
@@ -167,7 +125,7 @@ def _model_config(model_dir: str | Path):
     return path, cfg
 
 
-def _dims(cfg) -> dict:
+def model_dims(cfg) -> dict:
     """hidden, layers, heads, kv width, intermediate and vocabulary sizes, whatever the config calls them."""
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     get = lambda *names, default=None: next((getattr(text, n) for n in names if getattr(text, n, None) is not None), default)
@@ -186,7 +144,7 @@ def _dims(cfg) -> dict:
                                            default=0.0) or 0.0)}
 
 
-def _family(cfg, task: str) -> tuple[str, bool]:
+def model_family(cfg, task: str) -> tuple[str, bool]:
     """(family, guessed?): the calibrated family whose block layout is nearest."""
     model_type = getattr(cfg, "model_type", "")
     if model_type in FAMILY_OF:
@@ -196,9 +154,7 @@ def _family(cfg, task: str) -> tuple[str, bool]:
     return ("gpt2" if task in ("sft", "causal_lm") else "bert"), True
 
 
-def _method_config(method: str, lora_r: int, num_virtual_tokens: int):
-    from . import config as C
-
+def method_config(method: str, lora_r: int, num_virtual_tokens: int):
     by_name = {"full": C.FullConfig, "freeze": C.FreezeConfig, "lora": C.LoraConfig, "dora": C.DoraConfig,
                "qlora": C.QLoraConfig, "adapter": C.AdapterConfig, "prefix": C.PrefixConfig, "prompt": C.PromptConfig,
                "ptuning": C.PTuningConfig, "bitfit": C.BitFitConfig, "ia3": C.IA3Config}
@@ -230,11 +186,8 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     "trainable_bytes", "largest_trainable_bytes", "attention_impl"}."""
     import transformers
 
-    from . import methods
-    from .methods import lora as lora_mod
-    from .methods import qlora as qlora_mod
 
-    path, cfg = _model_config(model_dir)
+    path, cfg = model_config(model_dir)
     if task in ("classification", "token_classification"):
         cfg.num_labels = num_labels
     auto = getattr(transformers, AUTO_CLASSES[task])
@@ -247,7 +200,7 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     # Loading materialises every weight in dtype before any method runs (QLoRA quantizes afterwards).
     load_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     head_copy = sum(_nbytes(p) for h in head for p in model.get_submodule(h).parameters())  # methods.named keeps one
-    cfg_method = _method_config(method, lora_r, num_virtual_tokens)
+    cfg_method = method_config(method, lora_r, num_virtual_tokens)
     try:
         if method == "qlora":  # NF4 tensors cannot be built on meta: LoRA as qlora.apply does, quantization counted below
             model = lora_mod.apply(model, cfg_method, head)
@@ -361,9 +314,9 @@ def estimate(model_dir, task: str, seq_len: int, batch: int, method: str | None 
     if method is None:
         return {m: estimate(model_dir, task, seq_len, batch, m, dtype, gradient_checkpointing, lora_r,
                             num_virtual_tokens, num_labels, eval_batch_size, device) for m in METHOD_ORDER}
-    path, cfg = _model_config(model_dir)
-    dims = _dims(cfg)
-    family, guessed = _family(cfg, task)
+    path, cfg = model_config(model_dir)
+    dims = model_dims(cfg)
+    family, guessed = model_family(cfg, task)
     out = {"model": str(path), "task": task, "method": method, "dtype": dtype, "device": device, "seq_len": seq_len,
            "batch": batch, "gradient_checkpointing": gradient_checkpointing, "family": family,
            "family_guessed": guessed, "mergeable": method in MERGEABLE}
@@ -413,145 +366,3 @@ def eval_batch_that_fits(est: dict, memory: int) -> int:
     base = b["weights"] + b["optimizer"] + b["best_copy"] + b["allocator"] + b["runtime"]
     per_row = (est["phases"]["eval"] - base) / est["eval_batch_size"]
     return max(0, int((memory - base) // per_row)) if per_row > 0 else est["eval_batch_size"]
-
-
-# -- the advice ----------------------------------------------------------------------------------------
-
-def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | str | None = None, tasks: int = 1,
-           latency_critical: bool = False, dtype: str = "float32", eval_batch_size: int | None = None,
-           device: str | None = None) -> dict:
-    """Every method with and without gradient checkpointing, which fit `memory_bytes` (default: the GPU's memory
-    under CUDA, else this machine's RAM), and recommendations, each with a one-line reason."""
-    if tasks < 1:
-        raise TunelabError(f"tasks must be >= 1 (the number of tasks to fine-tune for), got {tasks}.")
-    if memory_bytes is None:
-        memory, memory_source = machine_memory()
-    else:
-        memory, memory_source = parse_memory(memory_bytes), "given"
-    rows = []
-    for method in METHOD_ORDER:
-        plain, ckpt = (estimate(model_dir, task, seq_len, batch, method, dtype, gc, eval_batch_size=eval_batch_size,
-                                device=device) for gc in (False, True))
-        row = {"method": method, "applicable": plain["applicable"], "reason": plain["reason"],
-               "mergeable": method in MERGEABLE, "plain": plain, "checkpointing": ckpt, "fits": None}
-        if plain["applicable"]:
-            row["fits"] = ("plain" if plain["train_peak"] <= memory else
-                           "checkpointing" if ckpt["train_peak"] <= memory else None)
-        rows.append(row)
-    head = rows[0]["plain"]
-    result = {"model": head["model"], "task": task, "seq_len": seq_len, "batch": batch, "dtype": dtype,
-              "device": head["device"], "memory_bytes": memory, "memory_source": memory_source, "tasks": tasks,
-              "latency_critical": latency_critical, "rows": rows}
-    result["recommendations"], result["notes"] = _recommend(rows, memory, tasks, latency_critical)
-    return result
-
-
-def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool) -> tuple[list[dict], list[str]]:
-    """The design notes' rules: limited memory -> LoRA / QLoRA; several tasks -> one small adapter per task;
-    latency-critical -> mergeable methods only; memory to spare and one task -> full fine-tuning is an option;
-    gradient checkpointing where a method fits only with it."""
-    by = {r["method"]: r for r in rows}
-    fits = lambda m: m in by and by[m]["fits"] is not None
-    allowed = lambda m: not latency_critical or m in MERGEABLE
-    peak = lambda m: by[m]["checkpointing" if by[m]["fits"] == "checkpointing" else "plain"]["train_peak"]
-    recs: list[dict] = []
-
-    def add(method: str, reason: str) -> None:
-        if any(r["method"] == method for r in recs):
-            return
-        gc = by[method]["fits"] == "checkpointing"
-        if gc:
-            reason += (f"; only with train.gradient_checkpointing=true ({fmt_bytes(by[method]['plain']['train_peak'])} "
-                       f"without, {fmt_bytes(by[method]['checkpointing']['train_peak'])} with)")
-        recs.append({"method": method, "gradient_checkpointing": gc, "reason": reason})
-
-    full_size = by["full"]["plain"]["bytes"]["weights"] if by["full"]["applicable"] else None
-    if tasks > 1:
-        for m in ("lora", "adapter"):
-            if fits(m) and allowed(m):
-                per_task = 4 * by[m]["plain"]["trainable_params"]  # float32 adapter tensors on disk
-                add(m, f"{tasks} tasks: one {fmt_bytes(per_task)} adapter per task on one shared base, instead of "
-                       f"{tasks} copies of the {fmt_bytes(full_size)} model" + (
-                           "; merge it for serving a single task" if m in MERGEABLE else ""))
-    if fits("full") and tasks == 1:
-        add("full", f"memory allows it ({fmt_bytes(peak('full'))} of {fmt_bytes(memory)}): full fine-tuning usually "
-                    f"reaches the best task metric, at the cost of a whole model copy per run")
-    if fits("lora"):
-        why = ("full fine-tuning needs " + fmt_bytes(by["full"]["checkpointing"]["train_peak"]) + " even with checkpointing"
-               if by["full"]["applicable"] and not fits("full") else "the light default")
-        add("lora", f"{why}; LoRA trains {by['lora']['plain']['trainable_params']:,} parameters and peaks at "
-                    f"{fmt_bytes(peak('lora'))}, close to full fine-tuning's quality, and merges for serving")
-    elif fits("qlora"):
-        add("qlora", f"even LoRA does not fit ({fmt_bytes(by['lora']['checkpointing']['train_peak'])} with checkpointing): "
-                     f"QLoRA keeps the frozen base in 4-bit NF4 and peaks at {fmt_bytes(peak('qlora'))}")
-    if latency_critical:
-        for m in ("lora", "ia3", "bitfit", "full", "freeze"):
-            if fits(m) and len(recs) < 2:
-                add(m, "merges into the base weights, so serving costs what the base model costs")
-    if not recs:  # only the less usual methods fit
-        for m in sorted((m for m in METHOD_ORDER if fits(m) and allowed(m)), key=peak)[:1]:
-            add(m, f"the only kind of method that fits: peaks at {fmt_bytes(peak(m))} of {fmt_bytes(memory)}")
-
-    notes = []
-    if not any(fits(m) for m in by):
-        smallest = min((r for r in rows if r["applicable"]), key=lambda r: r["checkpointing"]["train_peak"])
-        notes.append(f"Nothing fits in {fmt_bytes(memory)}: the smallest is {smallest['method']} with checkpointing at "
-                     f"{fmt_bytes(smallest['checkpointing']['train_peak'])}. Lower the batch (and raise train.grad_accum to "
-                     f"keep the effective batch), shorten data.max_length, train in bfloat16, or use more memory.")
-    if latency_critical:
-        notes.append("Latency-critical: adapter, prefix, prompt and ptuning add work to every inference call, so they "
-                     "are not recommended.")
-    lora, qlora = by["lora"], by["qlora"]
-    if qlora["applicable"] and not fits("qlora") and qlora["checkpointing"]["phases"]["train"] <= memory:
-        notes.append(f"QLoRA's training would fit ({fmt_bytes(qlora['checkpointing']['phases']['train'])}), but tunelab "
-                     f"loads the base in {lora['plain']['dtype']} before quantizing it "
-                     f"({fmt_bytes(qlora['plain']['phases']['load'])}).")
-    for rec in recs[:1]:  # the evaluation of the first recommendation, at eval.batch_size
-        est = by[rec["method"]]["checkpointing" if rec["gradient_checkpointing"] else "plain"]
-        if est["phases"]["eval"] > memory:
-            fitting = eval_batch_that_fits(est, memory)
-            notes.append(f"Evaluation at eval.batch_size={est['eval_batch_size']} needs {fmt_bytes(est['phases']['eval'])}"
-                         + (f": set eval.batch_size={fitting} or lower." if fitting else
-                            ": even eval.batch_size=1 does not fit; shorten data.max_length."))
-    if rows[0]["plain"].get("family_guessed"):
-        notes.append(f"Model type not calibrated; its activations are estimated as a {rows[0]['plain']['family']}-like "
-                     f"model's.")
-    return recs, notes
-
-
-def format_advice(result: dict) -> str:
-    """What `tunelab advise` prints: a table of the methods, then the recommendations and notes."""
-    mb = lambda n: f"{n / 2**20:,.0f}" if n is not None else "-"
-    title = (f"Training memory for {result['model']} ({result['task']}, {result['batch']} x {result['seq_len']} "
-             f"tokens, {result['dtype']}, {result['device']}); budget {fmt_bytes(result['memory_bytes'])} "
-             f"({result['memory_source']}). MiB:")
-    header = (f"{'method':9} {'trainable':>13} {'weights':>8} {'grad+opt':>9} {'activ.':>7} {'logits':>7} "
-              f"{'peak':>7} {'ckpt act.':>9} {'peak ckpt':>9}  fits")
-    lines = [title, header]
-    for r in result["rows"]:
-        if not r["applicable"]:
-            lines.append(f"{r['method']:9} n/a: {r['reason']}")
-            continue
-        p, c = r["plain"], r["checkpointing"]
-        b = p["bytes"]
-        share = 100 * p["trainable_params"] / p["total_params"]
-        trainable = f"{p['trainable_params']:,}" if p["trainable_params"] < 10**6 else f"{p['trainable_params'] / 1e6:.1f}M"
-        fits = {"plain": "yes", "checkpointing": "with ckpt", None: "no"}[r["fits"]]
-        lines.append(f"{r['method']:9} {trainable:>7} {share:4.1f}% {mb(b['weights']):>8} "
-                     f"{mb(b['gradients'] + b['optimizer'] + b['best_copy']):>9} {mb(b['activations']):>7} "
-                     f"{mb(b['logits']):>7} {mb(p['train_peak']):>7} {mb(c['bytes']['activations']):>9} "
-                     f"{mb(c['train_peak']):>9}  {fits}")
-    first = next(r["plain"] for r in result["rows"] if r["applicable"])
-    lines.append(f"(peak: loading or a training step, whichever is larger, including "
-                 f"{fmt_bytes(first['bytes']['runtime'])} for the "
-                 f"{'CUDA context' if result['device'] == 'cuda' else 'Python process'}; grad+opt = gradients, AdamW "
-                 f"state and the best-checkpoint copy; evaluation at eval.batch_size={first['eval_batch_size']}: "
-                 f"{fmt_bytes(first['phases']['eval'])} for {first['method']})")
-    lines.append("")
-    lines.append("Recommendations:" if result["recommendations"] else "No method fits.")
-    for rec in result["recommendations"]:
-        ckpt = " + gradient checkpointing" if rec["gradient_checkpointing"] else ""
-        lines.append(f"  {rec['method']}{ckpt}: {rec['reason']}.")
-    for note in result["notes"]:
-        lines.append(f"Note: {note}")
-    return "\n".join(lines)
