@@ -140,3 +140,54 @@ def test_a_key_given_twice_is_an_error_at_any_depth(tmp_path):
     p.write_text("model: {path: m}\ndata: {train: t.jsonl}\ntrain:\n  <<: {lr: 1.0e-3, batch_size: 4}\n  lr: 3.0e-4\n")
     cfg = config.load(p)
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.batch_size == 4
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["task.threshold=0.3"], "unknown key 'task.threshold' — it is a key of task.type multilabel, not classification"),
+    (["task.type=sft", "task.beta=0.2"], "it is a key of task.type dpo and grpo, not sft; valid keys here: type, template"),
+    (["task.type=causal_lm", "task.template=chat"], "a key of task.type sft, reward, dpo and grpo, not causal_lm"),
+    (["task.type=sft", "task.tempalte=chat"], "did you mean 'task.template'?"),
+    (["method.name=freeze", "method.r=8"], "it is a key of method.name lora, dora and qlora, not freeze"),
+    (["task.type=nli"], "'task.type' = 'nli': Input should be 'classification', 'regression'"),
+    (["task=3"], "'task' = 3: Input should be a mapping"),
+])
+def test_a_key_of_another_task_or_method_is_named_as_such(overrides, expected):
+    with pytest.raises(TunelabError) as e:
+        config.load(None, BASE + overrides)
+    assert expected in str(e.value)
+
+
+def test_each_task_section_holds_its_own_keys():
+    assert list(config.load(None, BASE).task.model_dump()) == ["type"]  # classification: no keys of its own
+    sft = config.load(None, BASE + ["task.type=sft", "task.train_on_prompt=true"]).task
+    assert isinstance(sft, config.SftConfig) and sft.model_dump() == {"type": "sft", "template": "auto",
+                                                                      "train_on_prompt": True}
+    assert config.load(None, BASE + ["task.type=dpo", "task.beta=0.3"]).task.beta == 0.3
+    with pytest.raises(TunelabError, match=r"'tasks\.0\.task\.label_all_subwords' — it is a key of task.type "
+                                           r"token_classification, not qa"):
+        config.validate({"model": {"path": "m"}, "tasks": [{"name": "a", "task": {"type": "qa", "label_all_subwords": 1},
+                                                            "data": {"train": "x"}}]})
+    for task in config.TASK_CONFIGS:
+        for name, field in task.model_fields.items():
+            assert field.description, f"{task.__name__}.{name} has no description"
+            assert f"task.{name} ({task().type})" in config.explain() or name == "type"
+
+
+def test_a_task_section_written_before_the_split_still_loads(tmp_path):
+    """Runs made when the task section held every task's keys saved them all in config.yaml; they load, keeping the
+    keys of their own task."""
+    flat = {"type": "multilabel", "template": "auto", "train_on_prompt": False, "regression_loss": "mse",
+            "huber_delta": 1.0, "threshold": "tuned", "pooling": "mean", "normalize": True, "scale": 20.0,
+            "symmetric": False, "gradient_cache": 0, "mask_probability": 0.15, "whole_word_mask": False,
+            "new_mlm_head": False, "beta": 0.1, "dpo_loss": "sigmoid", "dpo_label_smoothing": 0.0, "reference": "auto",
+            "reward_function": None, "reward_model": None, "group_size": 4, "temperature": 1.0,
+            "label_all_subwords": False, "doc_stride": 128, "max_answer_length": 30, "n_best": 20,
+            "null_threshold": 0.0, "version_2": None}
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "task": flat}))
+    assert config.load(p).task.model_dump() == {"type": "multilabel", "threshold": "tuned"}
+    # a section with only some of them is a user's: a key of another task is an error there
+    del flat["version_2"]
+    p.write_text(yaml.safe_dump({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "task": flat}))
+    with pytest.raises(TunelabError, match="unknown key 'task.template'"):
+        config.load(p)
