@@ -70,7 +70,8 @@ def mixed_stream(jobs: list, cfg: TrainConfig, sampling: str = "proportional", t
     """
     lengths = [_lengths(j.train) if cfg.group_by_length else None for j in jobs]
     if len(jobs) == 1:
-        for pos, chunks, end in batch_stream(len(jobs[0].train), cfg, torch.Generator().manual_seed(cfg.seed), lengths[0]):
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for pos, chunks, end in batch_stream(len(jobs[0].train), cfg, generator, lengths[0]):
             yield pos, [(0, c) for c in chunks], end
         return
     single = cfg.model_copy(update={"grad_accum": 1})

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .. import evaluate
+from .. import evaluate, methods
 from ..config import TrainConfig
 from ..errors import TunelabError
 from . import batches, distributed, optim, state
@@ -105,8 +105,6 @@ def _oriented(metrics: dict, metric: str) -> float:
 def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
     """Validation metrics: the task's own for one job; for several, `<job>/<metric>` for each and `score`, the
     loss-weighted mean of every job's main metric (lower-is-better ones negated), for model selection."""
-    from .. import methods
-
     results = {}
     for j in jobs:
         if j.adapter:
@@ -142,8 +140,6 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp
     step's items, the count is the step's over all of them, and each loss is scaled by the process count, which
     the gradient average divides out again; a batch not `real` (a process whose share of a micro-batch is empty)
     only takes part, with weight 0."""
-    from .. import methods
-
     real = real or [True] * len(batches)
     n_items: dict[str, int] = {}
     for (job, batch), counts in zip(batches, real):
@@ -169,8 +165,8 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp
 def _check_not_empty(jobs: list[Job]) -> None:
     for j in jobs:
         if not j.train:
-            raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty after "
-                               f"cleaning; see data_report.json for what was dropped.")
+            raise TunelabError(f"The training split{'' if len(jobs) == 1 else ' of task ' + repr(j.name)} is empty "
+                               f"after cleaning; see data_report.json for what was dropped.")
 
 
 def _distribute(model, jobs: list[Job], stages: list, device, header_log: Callable[[dict], None]) -> tuple:
@@ -189,8 +185,8 @@ def _log_groups(groups: list[dict], cfg: TrainConfig, header_log: Callable[[dict
     header_log({"type": "optimizer", "groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                                  "params": sum(p.numel() for p in g["params"])} for g in groups]})
     if cfg.layer_lr_decay:
-        print("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups if not g["name"].endswith("_no_decay")),
-              flush=True)
+        print("optimizer groups: " + ", ".join(f"{g['name']} lr {g['lr']:.3g}" for g in groups
+                                               if not g["name"].endswith("_no_decay")), flush=True)
 
 
 def _validate(jobs: list[Job], owner, eval_batch_size: int, device, parallel, metric: str) -> dict:
@@ -209,6 +205,15 @@ def _unfreeze_next(model, stages: list[tuple[str, list[str]]]) -> str:
     for name in names:
         params[name].requires_grad_(True)
     return label
+
+
+def _restore_best(best: state.Best, params: dict, metric: str, write: Callable[[str], None]) -> None:
+    """The best evaluation's weights into the model; frozen parameters never changed, so the trainable ones suffice."""
+    if best.weights is None:
+        write(f"warning: validation {metric} was never a number (diverged?); keeping the last weights")
+    with torch.no_grad():
+        for name, value in (best.weights or {}).items():
+            params[name].copy_(value)
 
 
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
@@ -237,15 +242,16 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     optimized = {id(p) for p in trainable}  # the best state covers what the optimizer may change
     params = {n: p for n, p in model.named_parameters() if id(p) in optimized}
     ema = EMA(params, cfg.ema_decay)
-    progress, best, guard, plateau = state.Progress(), state.Best(greater), Guard(cfg.max_bad_steps), Plateau(cfg, opt, sched)
-    parts = (progress, best, guard, plateau, params, ema, opt, sched)
+    progress, best = state.Progress(), state.Best(greater)
+    guard, plateau = Guard(cfg.max_bad_steps), Plateau(cfg, opt, sched)
+    captured = (progress, best, guard, plateau, params, ema, opt, sched)  # what a checkpoint saves (state.py)
     bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
                disable=None if distributed.is_main() else True)
     write = bar.write if distributed.is_main() else (lambda message: None)  # one process speaks for all
 
     first_step = 1
     if resume is not None:
-        saved = state.restore(resume, checkpoints, *parts, groups)
+        saved = state.restore(resume, checkpoints, *captured, groups)
         for _ in range(saved["stages_done"]):  # the blocks unfrozen by then train again
             _unfreeze_next(model, stages)
         for _ in range(saved["step"]):  # the data order is a seeded stream: replayed, it is where it was
@@ -287,14 +293,15 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
             mean_loss = progress.mean_loss()
             log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
                  "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": progress.tokens})
-            if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line stands in for the bar
+            if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line for the bar
                 eta = progress.train_seconds / step * (total_steps - step)
                 print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
         if stages and (epoch_end if cfg.unfreeze_every == "epoch" else step % cfg.unfreeze_every == 0):
             label = _unfreeze_next(model, stages)
             progress.stages_done += 1
             log({"type": "unfreeze", "step": step, "unfrozen": label, "still_frozen": [s[0] for s in stages]})
-            write(f"step {step}: unfroze {label}" + (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
+            write(f"step {step}: unfroze {label}" +
+                  (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
 
         due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
         stop = False
@@ -303,32 +310,29 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
             with ema.applied():  # evaluation and the best state use the average; training the raw weights
                 metrics = _validate(jobs, owner, eval_batch_size, device, parallel, metric)
                 improved = best.offer(metrics[metric], step, metrics, params)
-                log({"type": "eval", "step": step, "epoch": round(epoch_pos, 4), "split": "validation", "improved": improved, **metrics})
+                log({"type": "eval", "step": step, "epoch": round(epoch_pos, 4), "split": "validation",
+                     "improved": improved, **metrics})
                 plateau.after_eval(improved, step, log, write)
                 write(f"step {step}: validation {metric}={metrics[metric]:.4f} ({best.so_far(improved)})")
             stop = cfg.patience is not None and best.bad_evals >= cfg.patience and step < total_steps
         if checkpoints is not None and (due or step == total_steps or
                                         (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            state.save(checkpoints, step, epoch_pos, total_steps, *parts)
+            state.save(checkpoints, step, epoch_pos, total_steps, *captured)
         if stop:
             stopped_early = True
             write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
             break
     bar.close()
 
-    # --- finish: the best weights back (frozen parameters never changed, so the trainable ones suffice)
-    if best.weights is None:
-        write(f"warning: validation {metric} was never a number (diverged?); keeping the last weights")
-    with torch.no_grad():
-        for name, value in (best.weights or {}).items():
-            params[name].copy_(value)
+    # --- finish: the best weights back
+    _restore_best(best, params, metric, write)
     model.eval()
     return {
         "steps": step, "total_steps": total_steps, "best_step": best.step, "best_metric": {metric: best.value},
         "stopped_early": stopped_early, "last_eval_step": progress.last_eval, "train_seconds": progress.train_seconds,
         "train_tokens": progress.tokens, "tokens_per_second": progress.tokens / max(progress.train_seconds, 1e-9),
         "eval": best.metrics,
-        "optimizer_groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"], "params": g["param_names"]}
-                             for g in groups],
+        "optimizer_groups": [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                              "params": g["param_names"]} for g in groups],
         "sharded": sharded,
     }

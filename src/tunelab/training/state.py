@@ -75,8 +75,8 @@ def save(checkpoints: checkpoint.Checkpoints, step: int, epoch: float, total_ste
     tensors, rng = checkpoint.rng_state()
     moments, opt_groups = checkpoint.optimizer_state(opt)
     full = distributed.full
-    files = {"trainable": {n: full(p) for n, p in params.items()}, "optimizer": {k: full(v) for k, v in moments.items()},
-             "rng": tensors}
+    files = {"trainable": {n: full(p) for n, p in params.items()},
+             "optimizer": {k: full(v) for k, v in moments.items()}, "rng": tensors}
     if ema.on:
         files["ema"] = {n: full(e) for n, e in ema.average.items()}
     state = {"step": step, "epoch": epoch, "total_steps": total_steps, "tokens": progress.tokens,
@@ -84,7 +84,8 @@ def save(checkpoints: checkpoint.Checkpoints, step: int, epoch: float, total_ste
              "plateau_bad": plateau.bad, "last_eval": progress.last_eval, "bad_steps": guard.bad_steps,
              "spikes": guard.spikes, "stages_done": progress.stages_done, "plateau": sched.plateau,
              "scheduler": sched.state_dict(), "optimizer_groups": opt_groups, "rng": rng,
-             "log_bytes": checkpoints.log_bytes(), "best": {"value": best.value, "step": best.step, "metrics": best.metrics}}
+             "log_bytes": checkpoints.log_bytes(),
+             "best": {"value": best.value, "step": best.step, "metrics": best.metrics}}
     checkpoints.save(step, files, state, best.step if best.weights is not None else None)
 
 
@@ -107,7 +108,8 @@ def restore(resume: tuple, checkpoints: checkpoint.Checkpoints, progress: Progre
             sched.base_lrs[i] = pg["initial_lr"] = g["lr"]
             pg["lr"] = g["lr"] * sched.lr_lambdas[i](sched.last_epoch)
         pg["weight_decay"] = g["weight_decay"]
-    progress.tokens, progress.train_seconds, progress.running = state["tokens"], state["train_seconds"], state["running"]
+    progress.tokens, progress.train_seconds = state["tokens"], state["train_seconds"]
+    progress.running = state["running"]
     progress.last_eval, progress.stages_done = state["last_eval"], state["stages_done"]
     best.bad_evals, plateau.bad = state["bad_evals"], state["plateau_bad"]
     guard.bad_steps, guard.spikes = state["bad_steps"], state["spikes"]
