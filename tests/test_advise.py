@@ -103,7 +103,7 @@ CASES = [
 # torch and the models built here), which would hide a peak smaller than that.
 RUN = """
 import sys, tunelab
-from tunelab.pipeline import peak_rss
+from tunelab.runs import peak_rss
 tunelab.train(None, sys.argv[1:])
 print("PEAK", peak_rss())
 """

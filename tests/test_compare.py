@@ -130,7 +130,7 @@ def test_a_child_run_reports_its_own_peak_memory_not_its_parents():
 
     parent = ("import subprocess, sys, torch\n"
               "big = torch.ones(300 * 2**20)  # 1.2 GB resident in the parent\n"
-              "child = 'import resource; from tunelab.pipeline import peak_rss; '"
+              "child = 'import resource; from tunelab.runs import peak_rss; '"
               " 'print(peak_rss() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)'\n"
               "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, check=True).stdout)\n")
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120).stdout

@@ -70,12 +70,6 @@ LAZY_OK = {"tunelab.cli", "tunelab"}
 # Violations other parts of the refactor (issue 24) remove, each with who/what removes it.
 KNOWN = {
     # the spines: the shared run layer (lead) makes pipeline dispatch without the multitask/rl spines importing it
-    "cycle: tunelab.multitask <-> tunelab.pipeline <-> tunelab.rl": "lead: shared run layer (runs/)",
-    "function-local: tunelab.pipeline imports tunelab.multitask inside a function": "lead: shared run layer (runs/)",
-    "function-local: tunelab.pipeline imports tunelab.rl inside a function": "lead: shared run layer (runs/)",
-    "function-local: tunelab.pipeline imports tunelab.report inside a function": "lead: shared run layer (runs/)",
-    "function-local: tunelab.rl imports tunelab.predict inside a function": "lead: run-as-model move (runs/)",
-    "function-local: tunelab.export imports tunelab.models inside a function": "lead: run-as-model move (runs/)",
     "private: tunelab.multitask uses tunelab.methods.named._registry": "lead: shared run layer (multitask)",
     # predict: loading a run and dispatching through the task interface
     "upward: tunelab.predict -> tunelab.multitask (L8 -> L9)": "task-interface work: predict dispatches through the task",
@@ -105,18 +99,11 @@ KNOWN = {
     # methods: named.save looks its method up by name in methods/__init__, which lists named
     "cycle: tunelab.methods <-> tunelab.methods.named": "methods-facts work: the registry entry keeps its method module",
     "function-local: tunelab.methods.named imports tunelab.methods inside a function": "methods-facts work (as above)",
-    # the loop's internals are being split (import lines only are the layers part's)
-    "function-local: tunelab.training.loop imports tunelab.methods inside a function": "loop split: the loop's parts",
     # advise/ (being split): qlora should declare what the memory model asks of it
     "private: tunelab.advise.memory uses tunelab.methods.qlora._bnb_installed": "advise split: qlora declares these facts",
     "private: tunelab.advise.memory uses tunelab.methods.qlora._candidates": "advise split: qlora declares these facts",
     "private: tunelab.advise.memory uses tunelab.methods.qlora._fits": "advise split: qlora declares these facts",
     # applications on the spines: lazy imports of predict/report/evaluate, to go once runs/ loads runs
-    "function-local: tunelab.compare imports tunelab.predict inside a function": "lead: runs/ loads a run",
-    "function-local: tunelab.compare imports tunelab.report inside a function": "report split / runs/",
-    "function-local: tunelab.cv imports tunelab.data inside a function": "layers: cv after runs/ (cv imports pipeline)",
-    "function-local: tunelab.cv imports tunelab.evaluate inside a function": "layers: cv after runs/",
-    "function-local: tunelab.cv imports tunelab.predict inside a function": "layers: cv after runs/ loads a run",
     "private: tunelab.cv imports tunelab.data._load_file": "layers: cv after runs/ (data.load_file public)",
 }
 

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab import cli, pipeline, versions
+from tunelab import cli, runs, versions
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
 from tunelab.training import checkpoint
@@ -283,7 +283,7 @@ def test_stale_temporary_checkpoints_are_removed_when_saving_and_on_resume(tiny_
     crashed = _crashed_copy(run.dir, tmp_path / "crashed", 2)
     stale = crashed / checkpoint.DIR / ".tmp-step-0000003"
     stale.mkdir()
-    assert pipeline.resumable(crashed)[1]["step"] == 2
+    assert runs.resumable(crashed)[1]["step"] == 2
     assert not stale.exists()
 
 

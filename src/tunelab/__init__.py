@@ -44,9 +44,9 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
 def resume(run_dir: str | Path, anyway: bool = False):
     """Continue an unfinished run from its last good checkpoint, exactly where it stopped. A run whose config.yaml,
     data files or model changed since that checkpoint is refused, naming what changed, unless `anyway`."""
-    from . import config, pipeline
+    from . import config, pipeline, runs
 
-    pipeline.check_resumable(Path(run_dir), anyway)
+    runs.check_resumable(Path(run_dir), anyway)
     cfg = config.load(Path(run_dir) / "config.yaml", [])
     return pipeline.train(cfg, resume=Path(run_dir))
 

@@ -26,7 +26,7 @@ import torch
 from pydantic import ValidationError
 
 from . import config as config_mod
-from . import atomic, evaluate, methods, models, runs, tasks
+from . import atomic, evaluate, methods, models, predict, report, runs, tasks
 from .config import METHOD_CONFIGS, METHOD_NAMES
 from .errors import TunelabError
 
@@ -162,8 +162,6 @@ def opted_in(model_cfg) -> dict:
 
 
 def rebuild_report(out: Path) -> Path:
-    from . import report
-
     rows = json.loads((out / "compare.json").read_text(encoding="utf-8"))
     return report.write_compare(out, rows, title=f"tunelab compare: {out.name}")
 
@@ -201,9 +199,7 @@ def _train_one(name: str, recipe_path: Path, log_path: Path, mcfg) -> dict:
 def latency(run_dir: Path, name: str, n: int = LATENCY_EXAMPLES, model_cfg=None) -> dict:
     """Median milliseconds of one held-out example's forward pass, as trained and merged (None: cannot merge).
     `model_cfg`: the recipe's model section, whose trust_remote_code / allow_pickle the user opted into."""
-    from .predict import load
-
-    trained = load(run_dir, **opted_in(model_cfg))
+    trained = predict.load(run_dir, **opted_in(model_cfg))
     cfg, task = trained.cfg, trained.task
     splits, _ = task.load_splits(cfg, cfg.train.seed)
     rows = (splits.get("test") or splits["validation"])[:n]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
-from . import atomic, pipeline, runs
+from . import atomic, evaluate, pipeline, predict, runs
 from .data import _load_file
 from .data.split import stratified_folds
 from .errors import TunelabError
@@ -40,7 +40,7 @@ def run(recipe, overrides: list[str], folds: int = 5, overwrite: bool = False, e
                            f"{'multi-task' if cfg.tasks else cfg.task.type}.")
     if folds < 2:
         raise TunelabError(f"--folds {folds}: cross-validation needs at least 2 folds.")
-    parent = runs.expand(cfg.output_dir or pipeline.default_output_dir(f"cv-{Path(recipe).stem if recipe else 'run'}"))
+    parent = runs.expand(cfg.output_dir or runs.default_output_dir(f"cv-{Path(recipe).stem if recipe else 'run'}"))
     claim = runs.claim(parent, overwrite, "cv", cfg)
     with claim:  # an earlier cross-validation there stays as it was until this one has finished
         if cfg.data.validation:
@@ -87,10 +87,7 @@ def run(recipe, overrides: list[str], folds: int = 5, overwrite: bool = False, e
 
 
 def _test_probs(run_dir: Path, model_cfg) -> torch.Tensor:
-    from . import evaluate
-    from .predict import load
-
-    model = load(run_dir, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
+    model = predict.load(run_dir, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
     feats = _test_features(model)
     out, _ = evaluate.outputs(model.model, model.task, feats, model.cfg.eval.batch_size, model.tokenizer.pad_token_id,
                               model.device)
@@ -98,16 +95,12 @@ def _test_probs(run_dir: Path, model_cfg) -> torch.Tensor:
 
 
 def _test_features(model):
-    from .data import _load_file
-
     rows, _ = _load_file(model.cfg.data.test, "data.test", model.cfg.data)
     return model._features(rows)
 
 
 def _ensemble(first_run: Path, probs: list[torch.Tensor], model_cfg) -> dict:
-    from .predict import load
-
-    model = load(first_run, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
+    model = predict.load(first_run, trust_remote_code=model_cfg.trust_remote_code, allow_pickle=model_cfg.allow_pickle)
     feats = _test_features(model)
     labels = torch.tensor([f["label"] for f in feats])
     return model.task.metrics(torch.stack(probs).mean(0).log(), labels, model.info, feats)

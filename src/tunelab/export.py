@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from . import atomic, methods, predict, versions
+from . import atomic, methods, models, predict, versions
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
 from .methods.layout import PEFT_CONFIG
@@ -73,8 +73,6 @@ def merged(run, out: Path) -> Path:
 def sentence_transformers(run, out: Path) -> Path:
     """An embedding run as a sentence-transformers directory: the merged transformer at its top level, then its
     pooling and (task.normalize) normalisation modules, and the input length it was trained with."""
-    from . import models
-
     if run.cfg.task.type != "embedding":
         raise TunelabError(f"--format sentence-transformers needs an embedding run (task.type embedding); "
                            f"'{run.dir}' is a {run.cfg.task.type} run. Use --format peft, or --merge.")

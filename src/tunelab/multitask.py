@@ -27,8 +27,8 @@ from . import config as config_mod
 from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, encode_splits, finish, peak_memory_mb, resolve_paths, saving_artifact,
-                       say, write_json, write_start)
+from .runs import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say, write_json,
+                   write_start)
 from .training import checkpoint, logs, loop
 
 
@@ -92,7 +92,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
                 first = next(iter(parts.values()))
                 share_body(first["model"], model, first["head"], head)
             model.to(device)
-            feats, _ = encode_splits(sub, task, model, tokenizer, info, splits, report)
+            feats, _ = tasks.encode_splits(sub, task, model, tokenizer, info, splits, report, say)
             parts[spec.name] = {"task": task, "model": model, "tokenizer": tokenizer, "info": info, "head": head,
                                 "feats": feats, "weight": spec.weight}
             reports[spec.name] = report

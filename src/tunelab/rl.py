@@ -22,8 +22,8 @@ from .data import chat
 from .data.sources import read_records
 from .data.split import random_split
 from .errors import TunelabError
-from .pipeline import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say,
-                       write_json, write_start)
+from .runs import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say, write_json,
+                   write_start)
 from .tasks import causal_lm
 from .training import grpo, logs
 
@@ -39,9 +39,7 @@ def load_reward(task_cfg):
     """The reward as a function (prompts, completions) -> list of floats, as the user wrote it (unchecked: `train`
     tries it on a sample before the run and wraps its calls with grpo.checked)."""
     if task_cfg.reward_model:
-        from .predict import load
-
-        scorer = load(task_cfg.reward_model)
+        scorer = predict.load(task_cfg.reward_model)
         if scorer.cfg.task.type != "reward":
             raise TunelabError(f"task.reward_model: '{task_cfg.reward_model}' is a {scorer.cfg.task.type} run, not a "
                                f"reward model (task.type reward).")

@@ -10,6 +10,10 @@
   finished; the old run is deleted after that, as the last step. Until then the old run is byte for byte as it was.
   A new run that stops with checkpoints keeps its folder, and `--resume` on it finishes the swap.
 - The output folder may not be, or hold, anything the run reads (the model, data files, a reward model...).
+
+Below that, what every spine (single task, multi-task, RL) does with its run folder: begin (check, lock, seed),
+write its first files, save the artifact, finish (summary.json, checkpoints dropped, the swap, report.html), and
+resume.
 """
 
 from __future__ import annotations
@@ -17,14 +21,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
+import resource
 import secrets
 import shutil
+import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic, versions
+import numpy as np
+import torch
+
+from . import atomic, models, report, versions
+from . import config as config_mod
+from .config import Config
 from .errors import TunelabError
+from .training import checkpoint, distributed, logs
 
 MARKER = ".tunelab-run"
 # What tunelab writes in each kind of folder: a folder made before the marker existed may hold nothing else.
@@ -315,3 +329,187 @@ def claim_resume(path: str | Path) -> Claim:
     c = Claim(out, "run", replace=False, resume=True)
     c.fds.append(lock(out, "resume"))
     return c
+
+
+# -- what every spine (single task, multi-task, RL) does with its run ------------------------------------------------
+
+@dataclass
+class Run:
+    dir: Path
+    summary: dict
+
+
+def write_start(run_dir: Path, cfg: Config) -> None:
+    """The first files of a new run: its resolved config and the library versions it is made with."""
+    atomic.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg), "the run's config")
+    write_json(run_dir / "versions.json", versions.current())
+
+
+@contextmanager
+def saving_artifact(out: Path):
+    """`with saving_artifact(folder): save(...)`: the trained weights are on disk (fsynced) before summary.json says
+    the run finished, and a failed write (a full disk) is one paragraph, not a traceback."""
+    try:
+        yield
+        atomic.fsync_tree(out)
+    except atomic.WRITE_ERRORS as e:
+        raise atomic.write_error(e, out, "the trained weights") from None
+
+
+def finish(claim: Claim, run_dir: Path, summary: dict, cfg: Config) -> Path:
+    """summary.json marks the run finished (its artifact is on disk already); only then are checkpoints dropped and,
+    when the run replaces an old one, the new folder swapped in and the old one deleted, last. report.html is
+    derived from the finished run, in its final place."""
+    write_json(run_dir / "summary.json", summary)
+    drop_checkpoints(run_dir, cfg)
+    run_dir = claim.finish()
+    write_report(run_dir)
+    return run_dir
+
+
+def drop_checkpoints(run_dir: Path, cfg: Config) -> None:
+    """A finished run's checkpoints serve nothing (--resume takes only unfinished runs) unless asked to stay."""
+    if not cfg.train.keep_finished_checkpoints:
+        shutil.rmtree(run_dir / checkpoint.DIR, ignore_errors=True)
+
+
+def resumable(run_dir: Path, anyway: bool | None = None):
+    """The last good checkpoint of an unfinished run, or a clear error saying why it cannot be resumed. `anyway`:
+    see check_resumable (None: tunelab.resume has compared the run with its checkpoint already). Checkpoints left
+    half-written by the run that stopped are removed."""
+    run_dir = Path(run_dir)
+    check_resumable(run_dir, anyway)
+    checkpoints = checkpoint.Checkpoints(run_dir, 1, record=False)
+    checkpoints.clean()
+    found = checkpoints.latest(say)
+    if found is None:
+        raise TunelabError(f"--resume {run_dir}: the run has no usable checkpoint in {run_dir / checkpoint.DIR} (it "
+                           f"stopped before its first evaluation, or train.save_checkpoints was off). Start it again; "
+                           f"train.checkpoint_every=N checkpoints every N steps.")
+    return found
+
+
+def check_resumable(run_dir: Path, anyway: bool | None = False) -> None:
+    """Refuse a folder that is not an unfinished run, and a run whose config.yaml, data files or model changed since
+    its newest checkpoint was written (fingerprint.py says what counts), unless `anyway` (--resume-anyway): then say
+    what changed and go on. anyway=None: only the first check."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise TunelabError(f"--resume {run_dir}: not a tunelab run directory (no config.yaml). Give the output_dir "
+                           f"of the run that stopped.")
+    if finished(run_dir):
+        raise TunelabError(f"--resume {run_dir}: that run finished (summary.json is there), so there is nothing to "
+                           f"resume. To train further, start a new run with model.path={run_dir}.")
+    if (run_dir / "summary.json").exists():
+        say(f"note: {run_dir / 'summary.json'} is not a complete summary (cut short by a crash or a full disk while "
+            f"it was written by a tunelab from before summaries were written atomically); the run is resumed from its "
+            f"checkpoints and writes it again.")
+    found = None if anyway is None else checkpoint.Checkpoints(run_dir, 1, record=False).changes()
+    if found is None:  # not asked, or no checkpoint: resumable says so
+        return
+    path, changed = found
+    if changed is None:
+        say(f"note: checkpoint {path.name} was written before tunelab recorded what a run is made of, so changes to "
+            f"config.yaml, the data files or the model since then cannot be detected; resuming as it is.")
+    elif changed and not anyway:
+        raise TunelabError(f"--resume {run_dir}: the run changed since its checkpoint {path.name} was written: "
+                           f"{'; '.join(changed)}. Going on would continue steps trained one way with another, so "
+                           f"it is not resumed. Put {run_dir / 'config.yaml'} (and the files) back as they were, "
+                           f"start a new run with the new settings, or pass --resume-anyway to go on with them.")
+    elif changed:
+        say(f"--resume-anyway: going on from {path.name} although the run changed since: {'; '.join(changed)}")
+
+
+def finished(run_dir: Path) -> bool:
+    """summary.json, written last and atomically, says a run finished; one cut short says nothing."""
+    try:
+        return isinstance(json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def begin(cfg: Config, overwrite: bool, recipe_name: str, resume: Path | None = None, kind: str = "run"):
+    """(start time, output dir, device, the checkpoint to resume from or None, the claim on the output folder) of a
+    run; fails before any work when the output dir or a logger is wrong, but creates nothing until the inputs are
+    known good. Seeds everything. The claim holds the folder's lock: use it as `with claim:` around the run."""
+    t_start = time.perf_counter()
+    main = distributed.is_main()
+    if resume is not None:
+        out_path = str(expand(resume))
+        held = claim_resume(out_path) if main else Claim(Path(out_path), kind, replace=False)
+    else:
+        out_path = distributed.broadcast(str(expand(cfg.output_dir or default_output_dir(recipe_name))))
+        held = claim(out_path, overwrite, kind, cfg) if main else Claim(Path(out_path), kind, replace=False)
+    with held.released_on_error():
+        saved = resumable(Path(out_path)) if resume is not None else None
+        if resume is not None:
+            versions.check(Path(out_path), "resuming", say)
+        logs.check(cfg.train.log_to)
+        seed_everything(cfg.train.seed)
+        return t_start, out_path, models.device_of(cfg.model), saved, held
+
+
+def default_output_dir(recipe_name: str) -> str:
+    return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_paths(cfg: Config, run_dir: Path) -> Config:
+    """Make file paths absolute so the saved config works from any directory."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.output_dir = str(run_dir.resolve())
+    if Path(cfg.model.path).exists():
+        cfg.model.path = str(Path(cfg.model.path).resolve())
+    if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
+        cfg.method.init_from = str(Path(cfg.method.init_from).resolve())
+    for data_cfg in [cfg.data] if cfg.data is not None else [t.data for t in cfg.tasks]:
+        for key in ("train", "validation", "test"):
+            value = getattr(data_cfg, key)
+            if value and Path(value).exists():
+                setattr(data_cfg, key, str(Path(value).resolve()))
+    return cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss() / 2**20
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes. VmHWM, not ru_maxrss: a child's ru_maxrss starts at its
+    parent's RSS at fork (Linux keeps it across exec), so a run started by a large parent (`tunelab compare`)
+    would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def write_report(run_dir: Path) -> None:
+    """report.html is derived from the run's files; a failure there must not cost the finished run."""
+    try:
+        report.write_run(run_dir)
+    except Exception as e:  # noqa: BLE001  (the run is saved; say what went wrong and go on)
+        say(f"warning: report.html could not be written ({type(e).__name__}: {e}); "
+            f"`tunelab report {run_dir}` tries again.")
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def write_json(path: Path, obj) -> None:
+    atomic.write_json(path, obj, f"the run's {path.name}")
+
+
+def say(msg: str) -> None:
+    if distributed.is_main():
+        print(msg, file=sys.stdout, flush=True)

@@ -66,7 +66,7 @@ def run(recipe, overrides: list[str], space_file, trials: int, overwrite: bool =
     metric = (task.MAIN_METRIC if base.train.metric == "auto" else base.train.metric) if task else \
         (base.train.metric if base.train.metric != "auto" else "score")
     direction = "minimize" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "maximize"
-    parent = runs.expand(base.output_dir or pipeline.default_output_dir(f"sweep-{Path(recipe).stem if recipe else 'run'}"))
+    parent = runs.expand(base.output_dir or runs.default_output_dir(f"sweep-{Path(recipe).stem if recipe else 'run'}"))
     claim = runs.claim(parent, overwrite, "sweep", base)
     with claim:  # an earlier sweep there stays as it was until this one has finished
         parent = claim.make()
