@@ -1,6 +1,6 @@
-"""The spine: config -> data -> model -> method -> train -> evaluate -> save -> summary.
-
-Read top to bottom, `train` is the whole story of a run.
+"""The spine of a single-task run: `train` dispatches (multi-task and GRPO have spines of their own), then runs
+the stages in order, each a function below: load (data, model, features) -> baselines (the model before) -> prepare
+(the method) -> fit (train, validate, test) -> save (the trained weights and figures) -> finish (runs.py).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,46 +43,11 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run
     # as model.path is a model directory for as long.
     with claim, predict.model_source(cfg.model) as model_cfg:
-        task = tasks.get(cfg.task.type)
-        loop.resolve_metric(task, cfg.train.metric)
-        splits, report = task.load_splits(cfg, cfg.train.seed)
-        say(data.format_report(report))
-        forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
-        info = task.label_info(splits, cfg)
-        model, tokenizer = task.build_model(model_cfg, info)
-        model.to(device)
-        if cfg.data.augment_copies:
-            splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
-                splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
-            say(f"augmentation: {report['splits']['train']['augmented']}")
-        feats, max_length = tasks.encode_splits(cfg, task, model, tokenizer, info, splits, report, say)
-        held_out = {name: f for name, f in feats.items() if name != "train"}
-        pad_id, bs = tokenizer.pad_token_id, cfg.eval.batch_size
-        shown = splits["validation"][: cfg.eval.samples]
-
-        # The baselines see the model before the method touches it.
-        summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
-        if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
-            summary["base"] = {name: evaluate.run(model, task, f, info, bs, pad_id, device) for name, f in held_out.items()}
-        if cfg.eval.linear_probe and task.PROBE:
-            summary["linear_probe"] = probe.run(model, task, feats, info, bs, pad_id, device)
-        samples = {"before": task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)}
-        if forgetting_probe:
-            before = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
-
-        method = methods.get(cfg.method.name)
-        head = task.head_modules(model)
-        model = methods.prepare(model, cfg.method, head)
-        if cfg.train.gradient_checkpointing:
-            models.enable_gradient_checkpointing(model)
-        if hasattr(task, "precompute_reference") and task.reference_mode(cfg) == "precomputed":
-            say("reference log-probs: computing them once with the starting model")
-            task.precompute_reference(model, feats, pad_id, device, bs)
-        trainable, total = models.count_params(model)
-        say(models.trainable_summary(model))
-
-        # Every input has been checked by now: only a run that can start gets a directory.
-        # Only the first process writes the run directory; the others write theirs to scratch, dropped at the end.
+        work = load(cfg, model_cfg, device)
+        summary = baselines(cfg, work)
+        prepare(cfg, work)
+        # Every input has been checked by now: only a run that can start gets a directory. Only the first process
+        # writes it; the others write theirs to scratch, dropped at the end.
         main = distributed.is_main()
         run_dir = claim.make() if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
         if saved is None:
@@ -90,63 +56,157 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         elif main:  # the log goes on from the checkpoint: what was logged after it is logged again
             with open(run_dir / "metrics.jsonl", "r+b") as f:
                 f.truncate(saved[1]["log_bytes"])
-        write_json(run_dir / "data_report.json", report)
-        write_json(run_dir / "labels.json", info)
-
-        def listener(record: dict) -> None:
-            if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
-                on_eval(record)
-
-        with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
-            stages = methods.freeze.unfreeze_stages(model) if cfg.train.unfreeze == "gradual" else []
-            if stages:
-                say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
-                    f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
-            # every process takes part in a checkpoint (sharded weights are gathered); the first one writes it
-            checkpoints = checkpoint.Checkpoints(run_dir if main else Path(out_path), cfg.train.keep_checkpoints) \
-                if cfg.train.save_checkpoints else None
-            result = loop.run(model, task, feats["train"], feats["validation"], info, cfg.train, head, pad_id, device, bs,
-                              log, stages, checkpoints=checkpoints, resume=saved)
-            if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
-                model = unsharded(model, task, cfg.method, model_cfg, info, head, device)
-            # The loop scored the restored best weights on validation already; only a run that never had a finite
-            # metric needs evaluating again.
-            summary["eval"] = result["eval"] or evaluate.run(model, task, feats["validation"], info, bs, pad_id, device)
-            if info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
-                info = task.calibrate(*evaluate.outputs(model, task, feats["validation"], bs, pad_id, device), info)
-                write_json(run_dir / "labels.json", info)
-                summary["thresholds"] = info["threshold"]
-                say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in info["threshold"].items()))
-            if "test" in feats:
-                summary["test"] = evaluate.run(model, task, feats["test"], info, bs, pad_id, device)
-                log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
-
-        if forgetting_probe:
-            after = forgetting.measure(forgetting_probe, model, tokenizer, device, max_length, bs)
-            summary["forgetting"] = forgetting.summary(forgetting_probe, before, after)
-            say(forgetting.describe(summary["forgetting"]))
-        samples["after"] = task.samples(model, tokenizer, shown, info, device, max_length, cfg.eval.max_new_tokens)
-        write_json(run_dir / "samples.json", samples)
-        out = run_dir / method.ARTIFACT
-        with saving_artifact(out):
-            method.save(model, out, cfg.model.path, head)
-            tokenizer.save_pretrained(out)
-
-        summary.update({
-            "trainable_params": trainable, "total_params": total, "trainable_percent": 100 * trainable / total,
-            "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
-            "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(device),
-            "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
-            "metric": result["best_metric"], "optimizer_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])} for g in result["optimizer_groups"]],
-            "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
-            "device": str(device), "torch": torch.__version__,
-        })
+        result = fit(cfg, work, summary, run_dir if main else Path(out_path), run_dir, saved, on_eval)
+        save(cfg, work, summary, run_dir, result, t_start)
         if not main:
             shutil.rmtree(run_dir, ignore_errors=True)
             return Run(Path(out_path).resolve(), summary)
         run_dir = finish(claim, run_dir, summary, cfg)
-        say(headline(summary, task.HEADLINE))
+        say(headline(summary, work.task.HEADLINE))
         return Run(run_dir.resolve(), summary)
+
+
+@dataclass
+class Work:
+    """What the stages of one run hand on to each other."""
+    task: object
+    model: object
+    tokenizer: object
+    info: dict
+    report: dict
+    feats: dict
+    max_length: int
+    shown: list
+    device: object
+    model_cfg: object
+    forgetting_probe: object = None
+    forgetting_before: object = None
+    samples: dict = field(default_factory=dict)
+    head: list = field(default_factory=list)
+    trainable: int = 0
+    total: int = 0
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+# -- the stages ----------------------------------------------------------------------------------------------------
+
+
+def load(cfg: Config, model_cfg, device) -> Work:
+    """Read and check the data, load the model, tokenize every split."""
+    task = tasks.get(cfg.task.type)
+    loop.resolve_metric(task, cfg.train.metric)
+    splits, report = task.load_splits(cfg, cfg.train.seed)
+    say(data.format_report(report))
+    forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
+    info = task.label_info(splits, cfg)
+    model, tokenizer = task.build_model(model_cfg, info)
+    model.to(device)
+    if cfg.data.augment_copies:
+        splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
+            splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
+        say(f"augmentation: {report['splits']['train']['augmented']}")
+    feats, max_length = tasks.encode_splits(cfg, task, model, tokenizer, info, splits, report, say)
+    return Work(task, model, tokenizer, info, report, feats, max_length, splits["validation"][: cfg.eval.samples],
+                device, model_cfg, forgetting_probe)
+
+
+def baselines(cfg: Config, w: Work) -> dict:
+    """The figures of the model before the method touches it: base, linear probe, samples, the forgetting probe."""
+    bs, task = cfg.eval.batch_size, w.task
+    summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
+    held_out = {name: f for name, f in w.feats.items() if name != "train"}
+    if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
+        summary["base"] = {name: evaluate.run(w.model, task, f, w.info, bs, w.pad_id, w.device)
+                           for name, f in held_out.items()}
+    if cfg.eval.linear_probe and task.PROBE:
+        summary["linear_probe"] = probe.run(w.model, task, w.feats, w.info, bs, w.pad_id, w.device)
+    w.samples["before"] = task.samples(w.model, w.tokenizer, w.shown, w.info, w.device, w.max_length,
+                                       cfg.eval.max_new_tokens)
+    if w.forgetting_probe:
+        w.forgetting_before = forgetting.measure(w.forgetting_probe, w.model, w.tokenizer, w.device, w.max_length, bs)
+    return summary
+
+
+def prepare(cfg: Config, w: Work) -> None:
+    """Apply the method (what trains, what stays frozen), gradient checkpointing, DPO's reference log-probs."""
+    w.head = w.task.head_modules(w.model)
+    w.model = methods.prepare(w.model, cfg.method, w.head)
+    if cfg.train.gradient_checkpointing:
+        models.enable_gradient_checkpointing(w.model)
+    if hasattr(w.task, "precompute_reference") and w.task.reference_mode(cfg) == "precomputed":
+        say("reference log-probs: computing them once with the starting model")
+        w.task.precompute_reference(w.model, w.feats, w.pad_id, w.device, cfg.eval.batch_size)
+    w.trainable, w.total = models.count_params(w.model)
+    say(models.trainable_summary(w.model))
+
+
+def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path, saved, on_eval) -> dict:
+    """Train, then score the best weights on validation (thresholds tuned there) and test."""
+    bs, task = cfg.eval.batch_size, w.task
+    write_json(run_dir / "data_report.json", w.report)
+    write_json(run_dir / "labels.json", w.info)
+
+    def listener(record: dict) -> None:
+        if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
+            on_eval(record)
+
+    with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
+        stages = methods.freeze.unfreeze_stages(w.model) if cfg.train.unfreeze == "gradual" else []
+        if stages:
+            say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
+                f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")
+        # every process takes part in a checkpoint (sharded weights are gathered); the first one writes it
+        checkpoints = checkpoint.Checkpoints(checkpoint_dir, cfg.train.keep_checkpoints) \
+            if cfg.train.save_checkpoints else None
+        result = loop.run(w.model, task, w.feats["train"], w.feats["validation"], w.info, cfg.train, w.head, w.pad_id,
+                          w.device, bs, log, stages, checkpoints=checkpoints, resume=saved)
+        if result["sharded"]:  # FSDP2 trained it in slices: the rest of the run uses the whole model
+            w.model = unsharded(w.model, task, cfg.method, w.model_cfg, w.info, w.head, w.device)
+        # The loop scored the restored best weights on validation already; only a run that never had a finite
+        # metric needs evaluating again.
+        summary["eval"] = result["eval"] or evaluate.run(w.model, task, w.feats["validation"], w.info, bs, w.pad_id,
+                                                         w.device)
+        if w.info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
+            w.info = task.calibrate(*evaluate.outputs(w.model, task, w.feats["validation"], bs, w.pad_id, w.device),
+                                    w.info)
+            write_json(run_dir / "labels.json", w.info)
+            summary["thresholds"] = w.info["threshold"]
+            say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in w.info["threshold"].items()))
+        if "test" in w.feats:
+            summary["test"] = evaluate.run(w.model, task, w.feats["test"], w.info, bs, w.pad_id, w.device)
+            log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
+    return result
+
+
+def save(cfg: Config, w: Work, summary: dict, run_dir: Path, result: dict, t_start: float) -> None:
+    """Forgetting and samples after training, the trained weights, and the run's figures into `summary`."""
+    if w.forgetting_probe:
+        after = forgetting.measure(w.forgetting_probe, w.model, w.tokenizer, w.device, w.max_length,
+                                   cfg.eval.batch_size)
+        summary["forgetting"] = forgetting.summary(w.forgetting_probe, w.forgetting_before, after)
+        say(forgetting.describe(summary["forgetting"]))
+    w.samples["after"] = w.task.samples(w.model, w.tokenizer, w.shown, w.info, w.device, w.max_length,
+                                        cfg.eval.max_new_tokens)
+    write_json(run_dir / "samples.json", w.samples)
+    method = methods.get(cfg.method.name)
+    out = run_dir / method.ARTIFACT
+    with saving_artifact(out):
+        method.save(w.model, out, cfg.model.path, w.head)
+        w.tokenizer.save_pretrained(out)
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": len(g["params"])}
+              for g in result["optimizer_groups"]]
+    summary.update({
+        "trainable_params": w.trainable, "total_params": w.total, "trainable_percent": 100 * w.trainable / w.total,
+        "train_seconds": result["train_seconds"], "tokens_per_second": result["tokens_per_second"],
+        "train_tokens": result["train_tokens"], "peak_memory_mb": peak_memory_mb(w.device),
+        "steps": result["steps"], "best_step": result["best_step"], "stopped_early": result["stopped_early"],
+        "metric": result["best_metric"], "optimizer_groups": groups,
+        "artifact": method.ARTIFACT, "artifact_mb": dir_size_mb(out), "wall_seconds": time.perf_counter() - t_start,
+        "device": str(w.device), "torch": torch.__version__,
+    })
 
 
 # -- helpers --------------------------------------------------------------------
