@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: venv docs docs-check demo demo-data demo-embedding demo-embedding-data demo-regression demo-mlm demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
+.PHONY: venv lint docs docs-check demo demo-data demo-embedding demo-embedding-data demo-regression demo-mlm demo-sft demo-sft-data demo-rlhf demo-compare browser test clean-demo bench bench-quick
 
 venv: $(STAMP)
 
@@ -138,8 +138,12 @@ browser:
 		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
 		echo "note: chromium not installed; the browser tests of report.html will skip"; } || true
 
-test: venv browser docs-check
+# lint (ruff: pyflakes, isort, pyupgrade; settings in pyproject.toml), the docs' strict build, then the suite
+test: venv browser lint docs-check
 	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench scripts
 
 # The manual (docs/, nav in mkdocs.yml) as a site in site/. docs-check builds it with --strict into a scratch
 # folder, so a broken link or anchor fails `make test`. (Not -q: that hides the warnings --strict counts.)

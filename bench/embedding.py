@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from .common import ROOT, RESULT_PREFIX, SEED, peak_rss_mb, read_jsonl
+from .common import RESULT_PREFIX, ROOT, SEED, peak_rss_mb, read_jsonl
 
 TRAIN = ROOT / "demo_data" / "retrieval" / "train.jsonl"
 RUNNERS = ("tunelab", "tunelab-cached", "st", "st-cached")

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import CACHE, ROOT, RESULT_PREFIX, SEED, peak_rss_mb, read_jsonl
+from .common import CACHE, RESULT_PREFIX, ROOT, SEED, peak_rss_mb, read_jsonl
 
 SENTIMENT = ROOT / "demo_data" / "sentiment"
 RUNNERS = ("streaming", "memory", "datasets")
@@ -68,8 +68,13 @@ def run_tunelab(train: Path, validation: Path, streaming: bool, steps: int, out:
 def run_datasets(train: Path, validation: Path, steps: int, out: Path) -> dict:
     import numpy as np
     from datasets import load_dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     cache = out / "hf-cache"  # datasets writes its Arrow files here, on disk, and memory-maps them
     raw = load_dataset("json", data_files={"train": str(train), "validation": str(validation)}, cache_dir=str(cache))
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     measure = [(n, runner) for n in sizes for runner in runners
                if not any(r["runner"] == runner and r["rows"] == n for r in results)]
     for n, runner in measure:
-        train = make_rows(data_dir / f"stream-train-{n}.jsonl", n)
+        make_rows(data_dir / f"stream-train-{n}.jsonl", n)  # the child reads it
         proc = subprocess.run([sys.executable, "-m", "bench.streaming", "--child", runner, str(n),
                                "--steps", str(args.steps)], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})

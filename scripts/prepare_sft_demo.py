@@ -109,8 +109,8 @@ def main() -> None:
     print(f"{len(raw)} conversations in {len(files)} files ({', '.join(sorted(LEFT_OUT))} left out): {malformed} malformed "
           f"dropped, {duplicates} duplicates dropped, {trimmed} trailing user turns removed; {len(rows)} conversations, "
           f"{pairs} question/answer turns, {len({r['messages'][0]['content'].lower() for r in rows})} distinct first questions")
-    print("split by first question (seed %d): train %d, validation %d, test %d -> %s/"
-          % (args.seed, len(splits["train"]), len(splits["validation"]), len(splits["test"]), out))
+    print(f"split by first question (seed {args.seed}): train {len(splits['train'])}, validation "
+          f"{len(splits['validation'])}, test {len(splits['test'])} -> {out}/")
 
 
 if __name__ == "__main__":

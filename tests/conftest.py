@@ -110,8 +110,8 @@ TEXTS = ["the film was great and fun", "awful boring plot", "a really moving sto
 
 def base_classifier(path, seed: int = 0):
     """A 2-label classifier on a tiny model dir, in eval mode; the head is seeded because it is new on every load."""
-    from transformers import AutoModelForSequenceClassification
     import torch
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)

@@ -7,19 +7,20 @@ import json
 
 import pytest
 import torch
+from conftest import base_classifier as _base
+from conftest import make_rows, tol, write_jsonl
+from conftest import text_batch as _batch
 from safetensors.torch import load_file
+from test_architectures import ARCHS
 from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 import tunelab
-from conftest import make_rows, tol, write_jsonl
-from test_architectures import ARCHS
 from tunelab import methods
 from tunelab.config import AdapterConfig, TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapter
 from tunelab.training import optim
-from conftest import base_classifier as _base, text_batch as _batch
 
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 # (attention output, feed-forward output) per block, written out here rather than read from adapter.SUBLAYERS.

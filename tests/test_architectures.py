@@ -7,12 +7,22 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig, DistilBertModel,
-                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaModel)
+from conftest import PROBS_TOL, forward_ops, make_rows, tol, write_jsonl
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DistilBertConfig,
+    DistilBertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RobertaConfig,
+    RobertaModel,
+)
 
 import tunelab
 from tunelab import models
-from conftest import PROBS_TOL, forward_ops, make_rows, tol, write_jsonl
 
 ARCHS = {
     # name: (build(vocab_size, tokenizer) -> model, tokenizer fixture, head, blocks prefix, LoRA default targets)
@@ -73,8 +83,8 @@ def test_trains_saves_and_predicts(arch, method, tmp_path):
 def test_padding_free_classification_where_the_classifier_reads_the_first_token(arch, tmp_path):
     """Encoders (classifier on the first token) train on packed rows with the loss of padded ones; decoders (they
     pool the last real token) are found out by the check and fall back to padded rows."""
-    from tunelab.tasks import classification
     from tunelab.ops import packing
+    from tunelab.tasks import classification
 
     name, path, *_ = arch
     torch.manual_seed(0)

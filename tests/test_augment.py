@@ -6,11 +6,11 @@ import json
 import random
 
 import pytest
+from conftest import make_rows, write_jsonl
 
 import tunelab
 from tunelab import config
 from tunelab.data import augment
-from conftest import make_rows, write_jsonl
 
 TEXT = "the film was really great and the cast was charming"
 

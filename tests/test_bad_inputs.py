@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import Result, make_chat_rows, make_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import Result, make_chat_rows, make_rows, write_jsonl
 from ner_fixtures import make_sentences, write_conll
 from qa_fixtures import make_paragraphs, squad_json
+
 from tunelab import config
 from tunelab.errors import TunelabError
 

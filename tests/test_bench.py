@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import common  # noqa: E402
-
 from conftest import make_chat_rows  # noqa: E402
+
+from bench import common  # noqa: E402
 from tunelab.config import ModelConfig  # noqa: E402
 from tunelab.tasks import causal_lm  # noqa: E402
 

@@ -7,18 +7,24 @@ import json
 
 import pytest
 import torch
+from conftest import base_classifier as _base
+from conftest import make_rows, tol, write_jsonl
+from conftest import text_batch as _batch
 from safetensors.torch import load_file
-from transformers import (AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, 
-                          Qwen2Config, Qwen2ForSequenceClassification)
+from transformers import (
+    AutoModelForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+)
 
 import tunelab
-from conftest import make_rows, tol, write_jsonl
 from tunelab import methods
 from tunelab.config import AdapterConfig, BitFitConfig, TrainConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapter, bitfit
 from tunelab.training import optim
-from conftest import base_classifier as _base, text_batch as _batch
 
 HEADS = {"bert": ["bert.pooler", "classifier"], "gpt2": ["score"]}
 CFG = BitFitConfig(name="bitfit")

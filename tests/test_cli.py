@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PROBS_TOL, Result, make_rows, tol, write_jsonl
 
 import tunelab
-from conftest import PROBS_TOL, Result, make_rows, tol, write_jsonl
 
 FAST = ["train.epochs=1", "eval.linear_probe=false"]
 

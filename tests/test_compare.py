@@ -7,8 +7,8 @@ import csv
 import json
 
 import pytest
-
 from conftest import make_chat_rows, make_rows, write_jsonl
+
 from tunelab import TunelabError, compare
 
 

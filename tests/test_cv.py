@@ -6,10 +6,10 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import make_rows, write_jsonl
 
 from tunelab import cv
 from tunelab.data.split import stratified_folds
-from conftest import make_rows, write_jsonl
 
 
 def test_folds_are_disjoint_stratified_and_cover_the_data():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_rows, write_jsonl
+
 from tunelab.config import DataConfig
 from tunelab.data import format_report, inspect, load_splits
 from tunelab.data.clean import canonical_label, clean_examples

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 from safetensors.torch import load_file
 
 import tunelab
 from tunelab.training import checkpoint
-from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 
 # dropout off: each process draws its own masks, so with dropout the runs would differ by design
 SETTINGS = ["model.hidden_dropout=0", "model.attention_dropout=0", "eval.base=false", "eval.linear_probe=false",

@@ -9,16 +9,16 @@ import json
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, make_rows, size, tol, write_jsonl
+from conftest import base_classifier as _base
+from conftest import text_batch as _batch
 from safetensors.torch import load_file
-
 from transformers.pytorch_utils import Conv1D
 
 import tunelab
 from tunelab.config import DoraConfig, LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import adapters_disabled, dora, lora
-from conftest import make_rows, write_jsonl
-from conftest import FORWARD_OPS, base_classifier as _base, size, text_batch as _batch, tol
 
 peft = pytest.importorskip("peft")
 

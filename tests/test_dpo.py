@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import forward_ops, size, tol, write_jsonl
 
 import tunelab
-from conftest import forward_ops, size, tol, write_jsonl
 from tunelab import methods
 from tunelab.config import LoraConfig, ModelConfig
 from tunelab.tasks import dpo

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, make_rows, size, tol, write_jsonl
 
 import tunelab
-from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, make_rows, size, tol, write_jsonl
 from tunelab import methods
 from tunelab.errors import TunelabError
 from tunelab.tasks import embedding as task

@@ -4,9 +4,9 @@ pipeline (prepare, loop, evaluation, save, reload and predict), on the tiny BERT
 from __future__ import annotations
 
 import pytest
+from conftest import make_rows, write_jsonl
 
 import tunelab
-from conftest import make_rows, write_jsonl
 from tunelab import methods
 
 TASKS = {

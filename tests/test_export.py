@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROBS_TOL, make_rows, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunelab
 from tunelab import export, methods
 from tunelab.errors import TunelabError
-from conftest import PROBS_TOL, make_rows, write_jsonl
 
 TEXTS = ["great film and a charming cast", "a dull , tedious plot", "the ending was weak"]
 

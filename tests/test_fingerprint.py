@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_rows, write_jsonl
 from safetensors.torch import load_file
+from test_resume import _crashed_copy, _overrides
 
 import tunelab
 from tunelab import cli, config
 from tunelab.errors import TunelabError
 from tunelab.training import checkpoint, fingerprint
-from conftest import make_rows, write_jsonl
-from test_resume import _crashed_copy, _overrides
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import forward_ops, make_chat_rows, make_rows, size, tol, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
-from conftest import forward_ops, make_chat_rows, make_rows, size, tol, write_jsonl
 from tunelab import TunelabError
 from tunelab.evaluate import forgetting
 

@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 import torch
+from conftest import forward_ops, size, tol
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import forward_ops, size, tol
 from tunelab import methods
 from tunelab.config import FullConfig, LoraConfig
 from tunelab.training import grpo
@@ -90,8 +90,9 @@ def test_a_grpo_run_raises_the_validation_reward(tmp_path, tiny_chat_llama):
 
 
 def test_grpo_with_a_reward_model_run(tmp_path, tiny_chat_llama):
-    import tunelab
     from conftest import write_jsonl
+
+    import tunelab
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"q {i}", "chosen": "thanks kind", "rejected": "no go"}
                                                      for i in range(40)])

@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, tol
+from conftest import base_classifier as _base
+from conftest import text_batch as _batch
 from safetensors.torch import load_file
 
 import tunelab
@@ -15,7 +18,6 @@ from tunelab import methods
 from tunelab.config import IA3Config
 from tunelab.errors import TunelabError
 from tunelab.methods import ia3
-from conftest import FORWARD_OPS, base_classifier as _base, text_batch as _batch, tol
 
 peft = pytest.importorskip("peft")
 
@@ -64,8 +66,8 @@ def _peft_model(base, kind, **kw):
 
 
 def test_defaults_are_peft_tables():
-    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
-                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET
 
     assert {k: t for k, (t, _) in ia3.DEFAULTS.items()} == TARGET
     assert {k: f for k, (_, f) in ia3.DEFAULTS.items()} == FF

@@ -18,10 +18,11 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="pip install gguf (the tunelab[llm] extra)")
 
+from conftest import FORWARD_OPS, tol  # noqa: E402
+
 from tunelab import cli  # noqa: E402
 from tunelab.errors import TunelabError  # noqa: E402
 from tunelab.importer import import_gguf, smollm2_gguf  # noqa: E402
-from conftest import FORWARD_OPS, tol  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: unk, bos, eos (= pad), as in SmolLM2

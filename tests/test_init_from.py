@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -11,7 +12,6 @@ import tunelab
 from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification as task
-from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 
 peft = pytest.importorskip("peft")
 INFO = {"labels": ["neg", "pos"]}

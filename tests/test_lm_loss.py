@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FORWARD_OPS, size, tol
 from torch import nn
 
-from conftest import FORWARD_OPS, size, tol
 from tunelab.ops import lm_loss
 
 # float32 rounding, the n·eps bound: a row's log-softmax rounds its 16-term logits and a log-sum-exp over the 50

@@ -8,6 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, tol
+from conftest import base_classifier as _base
+from conftest import text_batch as _batch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification
@@ -16,7 +19,6 @@ from transformers.pytorch_utils import Conv1D
 from tunelab.config import LoraConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import lora
-from conftest import FORWARD_OPS, base_classifier as _base, text_batch as _batch, tol
 
 peft = pytest.importorskip("peft")
 

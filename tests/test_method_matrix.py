@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, make_rows, tol
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification as task
 from tunelab.training import loop, optim
-from conftest import FORWARD_OPS, make_rows, tol
 
 INFO = {"labels": ["neg", "pos"]}
 METHOD_ARGS = {"freeze": {"freeze_layers": 1}, "lora": {"r": 4}, "dora": {"r": 4}, "qlora": {"r": 4}, "adapter": {"reduction_factor": 4}}

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
+from conftest import make_rows, tol
 from transformers import AutoModelForSequenceClassification
 
-from conftest import make_rows, tol
 from tunelab import methods, models
 from tunelab.config import FreezeConfig, FullConfig, LoraConfig, ModelConfig, TrainConfig
 from tunelab.errors import TunelabError

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, SPECIALS, make_rows, size, tol, write_jsonl
 from safetensors.torch import load_file
 
 import tunelab
-from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, SPECIALS, make_rows, size, tol, write_jsonl
 from tunelab import config, evaluate, methods, models, predict
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification, mlm

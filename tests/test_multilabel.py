@@ -9,9 +9,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import FILLER, NEGATIVE, POSITIVE, make_rows, tol, write_jsonl
 
 import tunelab
-from conftest import FILLER, NEGATIVE, POSITIVE, make_rows, tol, write_jsonl
 from tunelab import config, data
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError

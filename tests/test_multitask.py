@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 from typer.testing import CliRunner
 
 import tunelab
@@ -17,7 +18,6 @@ from tunelab.cli import app
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
 from tunelab.training import loop
-from conftest import FORWARD_OPS, make_rows, tol, write_jsonl
 
 
 def _topic_rows(n, seed):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, PROBS_TOL, make_rows, tol
+from test_method_matrix import INFO, METHOD_ARGS, _batch, _build, _logits, tiny_llama  # noqa: F401  (fixture)
 
 from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.methods import named
 from tunelab.tasks import classification as task
-from conftest import FORWARD_OPS, PROBS_TOL, make_rows, tol
-from test_method_matrix import INFO, METHOD_ARGS, _batch, _build, _logits, tiny_llama  # noqa: F401  (fixture)
 
 SWITCHABLE = sorted(named.SWITCHABLE)
 
@@ -188,8 +188,9 @@ def test_clear_errors_for_unknown_and_duplicate_names_and_unregistered_adapters(
 
 
 def _run(tmp_path, model_path, method, name, seed):
-    import tunelab
     from conftest import write_jsonl
+
+    import tunelab
 
     train = write_jsonl(tmp_path / f"train-{name}.jsonl", make_rows(80, seed=seed))
     tunelab.train(None, [f"model.path={model_path}", f"data.train={train}", f"method.name={method}",

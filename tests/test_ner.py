@@ -11,15 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPECIALS, forward_ops, tol
+from ner_fixtures import (
+    LAST,
+    detokenize,
+    make_sentences,
+    vocabulary,
+    write_conll,
+    write_jsonl_entities,
+    write_jsonl_tokens,
+)
 
 import tunelab
 from tunelab import config, methods
 from tunelab.data import conll
 from tunelab.errors import TunelabError
 from tunelab.tasks import token_classification as task
-from conftest import SPECIALS, forward_ops, tol
-from ner_fixtures import (LAST, detokenize, make_sentences, vocabulary, write_conll, write_jsonl_entities,
-                          write_jsonl_tokens)
 
 TYPES = ["LOC", "ORG", "PER"]
 INFO = {"labels": ["O"] + [f"{p}-{t}" for t in TYPES for p in "BI"], "entity_types": TYPES, "label_all_subwords": False}

@@ -4,9 +4,9 @@ labels, length rules, and the messages for bad rows."""
 from __future__ import annotations
 
 import pytest
+from conftest import write_jsonl
 from transformers import AutoTokenizer
 
-from conftest import write_jsonl
 from tunelab import TunelabError
 from tunelab.config import DataConfig
 from tunelab.data import chat, preference

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import size, tol
+
 from tunelab.ops.preference import (
     dpo_loss,
     dpo_metrics,

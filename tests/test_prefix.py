@@ -8,7 +8,10 @@ import json
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, PROBS_TOL, tol
 from safetensors.torch import load_file
+from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
+from test_prompt import TEXTS, _base, _batch, _logits, _randomize
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import tunelab
@@ -16,9 +19,6 @@ from tunelab import methods, models
 from tunelab.config import PrefixConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import prefix
-from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
-from conftest import FORWARD_OPS, PROBS_TOL, tol
-from test_prompt import TEXTS, _base, _batch, _logits, _randomize
 
 peft = pytest.importorskip("peft")
 

@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, PROBS_TOL, tol
 from safetensors.torch import load_file
+from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import tunelab
@@ -16,8 +18,6 @@ from tunelab import methods, models
 from tunelab.config import PromptConfig, PTuningConfig
 from tunelab.errors import TunelabError
 from tunelab.methods import prompt, ptuning
-from conftest import FORWARD_OPS, PROBS_TOL, tol
-from test_method_matrix import tiny_llama  # noqa: F401  (the matrix's tiny Llama fixture)
 
 peft = pytest.importorskip("peft")
 
@@ -281,8 +281,9 @@ def test_pipeline_trains_and_predicts(tiny_bert, sentiment_files, tmp_path, name
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_virtual_tokens_leave_room_in_the_position_table(method, tiny_bert, tmp_path):
     """tiny BERT has 64 positions: 10 virtual tokens + texts cut at 54 must fit, not crash."""
-    import tunelab
     from conftest import make_rows, write_jsonl
+
+    import tunelab
 
     rows = [{"text": " ".join([r["text"]] * 20), "label": r["label"]} for r in make_rows(40, seed=8)]
     train = write_jsonl(tmp_path / "long.jsonl", rows)

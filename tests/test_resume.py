@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_rows, write_jsonl
 from safetensors.torch import load_file
 
 import tunelab
@@ -23,7 +24,6 @@ from tunelab import cli, runs, versions
 from tunelab.errors import TunelabError
 from tunelab.tasks import classification
 from tunelab.training import checkpoint
-from conftest import make_rows, write_jsonl
 
 QUIET = ["eval.base=false", "eval.linear_probe=false", "eval.samples=0", "eval.forgetting=none"]
 METHODS = {"full": ["method.name=full"], "lora": ["method.name=lora", "method.r=4"]}

@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FORWARD_OPS, forward_ops, tol, write_jsonl
 
 import tunelab
-from conftest import FORWARD_OPS, forward_ops, tol, write_jsonl
 from tunelab.tasks import reward
 
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_rows, write_jsonl
 
 import tunelab
-from conftest import make_rows, write_jsonl
 from tunelab import TunelabError, runs
 from tunelab.tasks import classification
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import make_rows, write_jsonl
 from transformers import AutoModel
 
 import tunelab
 from tunelab import cli
-from conftest import make_rows, write_jsonl
 
 QUIET = ["eval.base=false", "eval.linear_probe=false", "eval.samples=0", "eval.forgetting=none", "train.max_steps=1",
          "method.name=lora"]

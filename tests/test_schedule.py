@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_rows, size, tol
 
 from tunelab import config, models
 from tunelab.tasks import classification
 from tunelab.training import loop, optim
-from conftest import make_rows, size, tol
 
 INFO = {"labels": ["neg", "pos"]}
 
@@ -64,8 +64,9 @@ def test_the_lr_is_lowered_after_patience_evaluations_without_improvement(tiny_b
 def test_gradual_unfreezing_opens_one_block_per_stage_from_the_top(tiny_bert, tmp_path):
     import json
 
-    import tunelab
     from conftest import write_jsonl
+
+    import tunelab
 
     train = write_jsonl(tmp_path / "train.jsonl", make_rows(80, seed=2))
     run = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "method.name=freeze",

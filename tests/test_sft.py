@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import FORWARD_OPS, forward_ops, make_chat_rows, size, tol, write_jsonl
 from transformers import AutoTokenizer
 
 import tunelab
@@ -15,7 +16,6 @@ from tunelab import config, methods
 from tunelab.data import chat
 from tunelab.errors import TunelabError
 from tunelab.tasks import causal_lm as task
-from conftest import FORWARD_OPS, forward_ops, make_chat_rows, size, tol, write_jsonl
 
 SFT_INFO = {"task": "sft", "template": "chat", "train_on_prompt": False, "truncation": "cut"}
 MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the opposite of hot?"},

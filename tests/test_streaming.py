@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_rows, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tunelab
-from conftest import make_rows, write_jsonl
 from tunelab import config, data
 from tunelab.config import DataConfig
 from tunelab.data import stream

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_rows, write_jsonl
 
 from tunelab import config, sweep
 from tunelab.errors import TunelabError
-from conftest import make_rows, write_jsonl
 
 
 def test_a_three_trial_sweep_completes_and_saves_the_best_config(tiny_bert, tmp_path):

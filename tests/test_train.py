@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROBS_TOL, forward_ops, make_rows, tol, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import tunelab
-from conftest import PROBS_TOL, forward_ops, make_rows, tol, write_jsonl
 from tunelab import config as config_mod
 from tunelab import methods, models
 from tunelab.config import FullConfig, ModelConfig, TrainConfig

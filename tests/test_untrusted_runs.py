@@ -18,11 +18,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import make_rows, write_jsonl
 from safetensors.torch import load_file
 
 import tunelab
 from tunelab import rl
-from conftest import make_rows, write_jsonl
 
 QUIET = ["eval.base=false", "eval.linear_probe=false", "eval.samples=0", "eval.forgetting=none", "train.max_steps=1"]
 EVIL_CODE = '''from pathlib import Path

@@ -97,6 +97,7 @@ def predict(
     """Label texts with a trained run: labels and per-class probabilities (qa runs: answer spans; reward runs:
     the reward of each reply)."""
     import tunelab
+
     from .data.sources import read_examples
 
     if question is not None or context is not None:
@@ -314,6 +315,7 @@ def generate(
 ):
     """Generate replies with a trained causal LM: streamed to the terminal, or batched from a file."""
     import tunelab
+
     from .data.sources import read_records
     from .predict import TunedModel
 

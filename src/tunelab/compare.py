@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from . import config as config_mod
 from . import atomic, evaluate, methods, models, predict, report, runs, tasks
+from . import config as config_mod
 from .config import METHOD_CONFIGS, METHOD_NAMES
 from .errors import TunelabError
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import config as config_mod
 from . import atomic, evaluate, pipeline, predict, runs
+from . import config as config_mod
 from .data import _load_file
 from .data.split import stratified_folds
 from .errors import TunelabError

@@ -27,8 +27,18 @@ from . import config as config_mod
 from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
 from .errors import TunelabError
-from .runs import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say, write_json,
-                   write_start)
+from .runs import (
+    Run,
+    begin,
+    dir_size_mb,
+    finish,
+    peak_memory_mb,
+    resolve_paths,
+    saving_artifact,
+    say,
+    write_json,
+    write_start,
+)
 from .training import checkpoint, logs, loop
 
 

@@ -20,8 +20,18 @@ from .errors import TunelabError
 from .evaluate import forgetting, probe
 from .multitask import train as train_multitask
 from .rl import train as train_rl
-from .runs import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say, write_json,
-                   write_start)
+from .runs import (
+    Run,
+    begin,
+    dir_size_mb,
+    finish,
+    peak_memory_mb,
+    resolve_paths,
+    saving_artifact,
+    say,
+    write_json,
+    write_start,
+)
 from .training import checkpoint, distributed, logs, loop
 
 

@@ -44,7 +44,7 @@ class TunedModel:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str | None = None, *, trust_remote_code: bool = False,
-                       allow_pickle: bool = False) -> "TunedModel":
+                       allow_pickle: bool = False) -> TunedModel:
         """A plain causal-LM model directory (e.g. a merged export) as a chat model: `generate` works on it,
         with the tokenizer's chat template (or the built-in Alpaca one)."""
         self = cls.__new__(cls)
@@ -83,7 +83,7 @@ class TunedModel:
         self.device = models.device_of(self.cfg.model)
         self.model.to(self.device).eval()
 
-    def add_adapter(self, name: str, run_dir: str | Path) -> "TunedModel":
+    def add_adapter(self, name: str, run_dir: str | Path) -> TunedModel:
         """Load another adapter run on the same base beside this one and make it active.
 
         Switch with `set_adapter(name)`; the base is shared, so each extra adapter costs only its own size.
@@ -108,7 +108,7 @@ class TunedModel:
         self.dir, self.cfg, self.info = self._runs[name]
         return self
 
-    def set_adapter(self, name: str) -> "TunedModel":
+    def set_adapter(self, name: str) -> TunedModel:
         """Predict with adapter `name` from now on ("default" is the run this model was loaded from)."""
         methods.set_adapter(self.model, name)
         self.dir, self.cfg, self.info = self._runs[name]
@@ -328,7 +328,7 @@ def model_source(model_cfg, key: str = "model.path"):
         yield model_cfg.model_copy(update={"path": tmp})
 
 
-def save_merged(run: "TunedModel", out: Path) -> Path:
+def save_merged(run: TunedModel, out: Path) -> Path:
     """Fold the run's method into the base weights and save a plain model dir (config, safetensors, tokenizer)."""
     model = methods.get(run.cfg.method.name).merge(run.model)
     model.save_pretrained(out)

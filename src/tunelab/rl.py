@@ -22,8 +22,18 @@ from .data import chat
 from .data.sources import read_records
 from .data.split import random_split
 from .errors import TunelabError
-from .runs import (Run, begin, dir_size_mb, finish, peak_memory_mb, resolve_paths, saving_artifact, say, write_json,
-                   write_start)
+from .runs import (
+    Run,
+    begin,
+    dir_size_mb,
+    finish,
+    peak_memory_mb,
+    resolve_paths,
+    saving_artifact,
+    say,
+    write_json,
+    write_start,
+)
 from .tasks import causal_lm
 from .training import grpo, logs
 

@@ -201,7 +201,7 @@ class Claim:
         self.fds: list[int] = []
         self.finished = False
 
-    def __enter__(self) -> "Claim":
+    def __enter__(self) -> Claim:
         return self
 
     @contextmanager

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from . import config as config_mod
 from . import atomic, pipeline, runs, tasks
+from . import config as config_mod
 from .errors import TunelabError
 from .training.loop import LOWER_IS_BETTER
 

@@ -8,10 +8,33 @@ recommend.py the budget (`parse_memory`, `machine_memory`), which methods fit it
 
 from __future__ import annotations
 
-from .memory import (ALLOCATOR_SLACK, AUTO_CLASSES, CUDA_CONTEXT, EVAL_BATCH_DEFAULT, FAMILIES, FAMILY_OF, HEAD_WIDTHS,
-                     LOGIT_COPIES, MERGEABLE, METHOD_ORDER, RUNTIME_FALLBACK, TASKS, activation_bytes, count, estimate,
-                     eval_batch_that_fits, eval_bytes, logit_bytes, loss_saved_bytes, method_config, model_config,
-                     model_dims, model_family, nf4_bytes, runtime_overhead)
+from .memory import (
+                     ALLOCATOR_SLACK,
+                     AUTO_CLASSES,
+                     CUDA_CONTEXT,
+                     EVAL_BATCH_DEFAULT,
+                     FAMILIES,
+                     FAMILY_OF,
+                     HEAD_WIDTHS,
+                     LOGIT_COPIES,
+                     MERGEABLE,
+                     METHOD_ORDER,
+                     RUNTIME_FALLBACK,
+                     TASKS,
+                     activation_bytes,
+                     count,
+                     estimate,
+                     eval_batch_that_fits,
+                     eval_bytes,
+                     logit_bytes,
+                     loss_saved_bytes,
+                     method_config,
+                     model_config,
+                     model_dims,
+                     model_family,
+                     nf4_bytes,
+                     runtime_overhead,
+)
 from .recommend import advise, fmt_bytes, format_advice, machine_memory, parse_memory
 
 # The names tests/test_advise.py has always called.

@@ -102,7 +102,7 @@ def runtime_overhead() -> int:
     """Peak RSS of a fresh Python that imports what a tunelab run imports (measured once per process, ~4 s)."""
     code = ("import tunelab.pipeline, transformers\n"
             f"[getattr(transformers, name) for name in {sorted(set(AUTO_CLASSES.values()))!r}]\n"
-            "from tunelab.pipeline import peak_rss\n"
+            "from tunelab.runs import peak_rss\n"
             "print(peak_rss())")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

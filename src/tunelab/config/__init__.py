@@ -15,15 +15,54 @@ current working directory, like every other command-line tool.
 
 from .explainer import explain
 from .loader import load, parse_overrides, to_yaml
-from .methods import (METHOD_CONFIGS, METHOD_NAMES, AdapterConfig, BitFitConfig, DoraConfig, FreezeConfig, FullConfig,
-                      IA3Config, LoraConfig, MethodConfig, PrefixConfig, PromptConfig, PTuningConfig, QLoraConfig)
-from .rules import (AUGMENT_TASKS, LABEL_SMOOTHING_TASKS, NAMED_ADAPTER_METHODS, PACKING_TASKS, PADDING_FREE_TASKS,
-                    PAIR_TASKS, STREAMING_TASKS, UNFREEZING_METHODS, VIRTUAL_TOKEN_METHODS, single)
+from .methods import (
+                      METHOD_CONFIGS,
+                      METHOD_NAMES,
+                      AdapterConfig,
+                      BitFitConfig,
+                      DoraConfig,
+                      FreezeConfig,
+                      FullConfig,
+                      IA3Config,
+                      LoraConfig,
+                      MethodConfig,
+                      PrefixConfig,
+                      PromptConfig,
+                      PTuningConfig,
+                      QLoraConfig,
+)
+from .rules import (
+                      AUGMENT_TASKS,
+                      LABEL_SMOOTHING_TASKS,
+                      NAMED_ADAPTER_METHODS,
+                      PACKING_TASKS,
+                      PADDING_FREE_TASKS,
+                      PAIR_TASKS,
+                      STREAMING_TASKS,
+                      UNFREEZING_METHODS,
+                      VIRTUAL_TOKEN_METHODS,
+                      single,
+)
 from .schema import Config, TaskSpec
 from .sections import DataConfig, EvalConfig, ModelConfig, MultitaskConfig, Section, TrainConfig
-from .tasks import (TASK_CONFIGS, TASK_TYPES, CausalLMConfig, ClassificationConfig, DpoConfig, EmbeddingConfig,
-                    GrpoConfig, MlmConfig, MultilabelConfig, QAConfig, RegressionConfig, RewardConfig, SftConfig,
-                    TaskConfig, TaskSection, TokenClassificationConfig)
+from .tasks import (
+                      TASK_CONFIGS,
+                      TASK_TYPES,
+                      CausalLMConfig,
+                      ClassificationConfig,
+                      DpoConfig,
+                      EmbeddingConfig,
+                      GrpoConfig,
+                      MlmConfig,
+                      MultilabelConfig,
+                      QAConfig,
+                      RegressionConfig,
+                      RewardConfig,
+                      SftConfig,
+                      TaskConfig,
+                      TaskSection,
+                      TokenClassificationConfig,
+)
 from .validation import validate
 
 __all__ = [

@@ -163,4 +163,4 @@ class QLoraConfig(LoraConfig):
 
 METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
-MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]
+MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007 (a Union of a tuple)

@@ -216,5 +216,5 @@ def _drop_flat_keys(section: Any) -> Any:
 
 
 TaskSection = Annotated[
-    Annotated[Union[tuple(Annotated[t, Tag(name)] for name, t in BY_TYPE.items())], Discriminator(type_of)],
+    Annotated[Union[tuple(Annotated[t, Tag(name)] for name, t in BY_TYPE.items())], Discriminator(type_of)],  # noqa: UP007
     BeforeValidator(_drop_flat_keys)]

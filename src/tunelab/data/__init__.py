@@ -17,8 +17,19 @@ from collections import Counter
 from ..config import DataConfig
 from ..errors import TunelabError
 from . import stream
-from .clean import (CHARS_PER_TOKEN, DROP_REASONS, canonical_label, clean_examples, cut_long_texts, cut_report,
-                    kept_chars, label_counts, label_sort_key, no_rows_left, spelling_report)
+from .clean import (
+    CHARS_PER_TOKEN,
+    DROP_REASONS,
+    canonical_label,
+    clean_examples,
+    cut_long_texts,
+    cut_report,
+    kept_chars,
+    label_counts,
+    label_sort_key,
+    no_rows_left,
+    spelling_report,
+)
 from .sources import SUPPORTED_EXTENSIONS, absolute, read_examples
 from .split import random_split, stratified_split, too_few_to_split
 

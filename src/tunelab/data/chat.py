@@ -25,7 +25,6 @@ token closes the last assistant turn when the template has not put it there alre
 
 from __future__ import annotations
 
-
 from ..errors import TunelabError
 from .clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from .sources import field_names, read_records

@@ -27,8 +27,19 @@ import numpy as np
 from ..errors import TunelabError
 from . import sources
 from .batching import feature_length
-from .clean import (DROP_REASONS, canonical_label, cut_long_texts, cut_report, is_empty_text, is_missing_label,
-                    kept_chars, label_sort_key, no_rows_left, normalise_text, spelling_report)
+from .clean import (
+    DROP_REASONS,
+    canonical_label,
+    cut_long_texts,
+    cut_report,
+    is_empty_text,
+    is_missing_label,
+    kept_chars,
+    label_sort_key,
+    no_rows_left,
+    normalise_text,
+    spelling_report,
+)
 from .sources import absolute
 from .split import too_few_to_split
 

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from .. import models
-from ..data import chat, preference as pairs
+from ..data import chat
+from ..data import preference as pairs
 from ..errors import TunelabError
 from ..ops import preference
 from . import classification  # score(): plain padding of single sequences

@@ -8,7 +8,7 @@ such steps in a row stop the run with advice. A finite loss far above its runnin
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import TunelabError
 

@@ -23,8 +23,8 @@ import functools
 import inspect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -118,7 +118,7 @@ def evaluate_jobs(jobs: list[Job], owner, eval_batch_size: int, device) -> dict:
     return flat
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bf16_ok(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.is_bf16_supported()  # asked once per device, not per micro-batch
 

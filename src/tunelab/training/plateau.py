@@ -7,7 +7,7 @@ warmup and decay; a checkpoint saves that scale and the count of evaluations wit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..config import TrainConfig
 
