@@ -403,3 +403,9 @@ def test_activation_formula_matches_what_autograd_saves(request, fixture, task_t
     est += advise.loss_saved_bytes(dims, task_type, seq, batch, 2, head_trains=method == "full")
     # Full fine-tuning's formula is a count of the saved tensors; LoRA's is a measured fraction of it.
     assert est == pytest.approx(saved, rel=0.05 if method == "full" else 0.15), (est, saved)
+
+
+def test_the_runtime_overhead_is_measured_not_the_fallback():
+    """runtime_overhead falls back to a constant when its child process fails; a moved import once made it fail
+    silently on every machine, and every estimate lost ~80 MB."""
+    assert advise.runtime_overhead() != advise.RUNTIME_FALLBACK
