@@ -89,13 +89,6 @@ KNOWN = {
     "function-local: tunelab.tasks.token_classification imports tunelab.evaluate inside a function": "task-interface work",
     "private: tunelab.tasks.dpo uses tunelab.tasks.causal_lm._token_nll": "task-interface work (tasks/ being edited)",
     "private: tunelab.tasks.mlm imports tunelab.tasks.causal_lm._stats": "task-interface work (tasks/mlm.py being edited)",
-    # models._body: models.py is being edited by the run-as-model move; then rename it models.body
-    "private: tunelab.evaluate.probe imports tunelab.models._body": "layers, after the lead's models.py edit: models.body",
-    "private: tunelab.methods.virtual_tokens uses tunelab.models._body": "layers, after the lead's models.py edit",
-    "private: tunelab.multitask uses tunelab.models._body": "layers, after the lead's models.py edit",
-    "private: tunelab.tasks.causal_lm uses tunelab.models._body": "layers, after the lead's models.py edit",
-    "private: tunelab.tasks.classification uses tunelab.models._body": "layers, after the lead's models.py edit",
-    "private: tunelab.tasks.mlm uses tunelab.models._body": "layers, after the lead's models.py edit",
     # methods: named.save looks its method up by name in methods/__init__, which lists named
     "cycle: tunelab.methods <-> tunelab.methods.named": "methods-facts work: the registry entry keeps its method module",
     "function-local: tunelab.methods.named imports tunelab.methods inside a function": "methods-facts work (as above)",

@@ -240,7 +240,7 @@ def check_vocabulary(model, tok, path) -> None:
 
 # -- anatomy ------------------------------------------------------------------
 
-def _body(model: nn.Module) -> tuple[str, nn.Module]:
+def body_of(model: nn.Module) -> tuple[str, nn.Module]:
     prefix = getattr(model, "base_model_prefix", "")
     if prefix and hasattr(model, prefix):
         return prefix, getattr(model, prefix)
@@ -252,7 +252,7 @@ def head_modules(model: nn.Module) -> list[str]:
 
     The pooler (BERT) feeds only the classification head, so it is trained with the head.
     """
-    prefix, body = _body(model)
+    prefix, body = body_of(model)
     names = [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
     if prefix and isinstance(getattr(body, "pooler", None), nn.Module):
         names.insert(0, f"{prefix}.pooler")
@@ -261,7 +261,7 @@ def head_modules(model: nn.Module) -> list[str]:
 
 def blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """The stack of transformer blocks: the longest ModuleList in the body (encoder.layer, h, layers, ...)."""
-    prefix, body = _body(model)
+    prefix, body = body_of(model)
     best_name, best = "", None
     for name, mod in body.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > (len(best) if best is not None else 0):

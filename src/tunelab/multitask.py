@@ -44,8 +44,8 @@ from .training import checkpoint, logs, loop
 
 def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
     """Point `model`'s body children at `owner`'s (weights shared by reference); its head stays its own."""
-    prefix, owner_body = models._body(owner)
-    other_prefix, body = models._body(model)
+    prefix, owner_body = models.body_of(owner)
+    other_prefix, body = models.body_of(model)
     if type(body) is not type(owner_body):
         raise TunelabError(f"Tasks of one multi-task run must share a body of one architecture, but "
                            f"{type(owner).__name__} has a {type(owner_body).__name__} and {type(model).__name__} a "

@@ -13,7 +13,7 @@ import random
 import torch
 
 from ..data.batching import length_sorted_batches
-from ..models import _body
+from ..models import body_of
 
 MAX_TRAIN_ROWS = 10_000  # the probe is a baseline: a sample this size fits it as well, in bounded memory
 
@@ -22,7 +22,7 @@ MAX_TRAIN_ROWS = 10_000  # the probe is a baseline: a sample this size fits it a
 def pooled_features(model, task, features: list[dict], batch_size: int, pad_id: int, device, then=None) -> torch.Tensor:
     """Mean-pooled final states of every example; `then` maps each batch of them (to the probe's scores), so a
     long split's features are never held whole."""
-    _, body = _body(model)
+    _, body = body_of(model)
     model.eval()
     out = None
     for idx in length_sorted_batches(features, batch_size):

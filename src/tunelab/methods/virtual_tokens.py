@@ -65,7 +65,7 @@ class StaticTable(nn.Module):
 # -- anatomy ----------------------------------------------------------------------
 
 def body(model: nn.Module) -> nn.Module:
-    return models._body(model)[1]
+    return models.body_of(model)[1]
 
 
 def text_config(model: nn.Module):

@@ -159,7 +159,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def _hidden(model, batch) -> torch.Tensor:
     """The body's last hidden states (final norm applied), through the body so virtual-token hooks apply."""
-    _, body = models._body(model)
+    _, body = models.body_of(model)
     if "position_ids" in batch:
         out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:

@@ -160,7 +160,7 @@ def forward(model, batch) -> torch.Tensor:
 def _encoder(model):
     """The body's stack whose output is every token's final state (BERT, RoBERTa, ELECTRA, ...: encoder;
     DistilBERT: transformer), or None for a body without one (decoders pool the last token instead)."""
-    _, body = models._body(model)
+    _, body = models.body_of(model)
     return next((m for m in (getattr(body, "encoder", None), getattr(body, "transformer", None))
                  if isinstance(m, torch.nn.Module)), None)
 
@@ -171,7 +171,7 @@ def _packed_forward(model, batch, keep: list | None = None) -> torch.Tensor:
     (which read position 0) see one example per row. `keep` receives the encoder's full output (packing_fault)."""
     segments = batch["segments"]
     same = (segments[:, None, :, None] == segments[:, None, None, :])
-    _, body = models._body(model)
+    _, body = models.body_of(model)
     if model.config._attn_implementation != "sdpa":  # eager attention adds the mask to its scores
         dtype = body.get_input_embeddings().weight.dtype
         same = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)

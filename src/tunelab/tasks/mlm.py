@@ -79,7 +79,7 @@ def build_model(model_cfg, info: dict, path=None):
             f"(windows of long texts, word boundaries). Save the model with its tokenizer.json (a fast tokenizer).")
     keys = _checkpoint_keys(p)
     model, tok = models.load(model_cfg, AutoModelForMaskedLM, path=p)
-    prefix, _ = models._body(model)
+    prefix, _ = models.body_of(model)
     tops = [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
     new = keys is not None and not any(k.split(".")[0] in tops for k in keys)
     if new and not info.get("new_mlm_head"):
@@ -115,7 +115,7 @@ def head_modules(model) -> list[str]:
     if not getattr(model, NEW_HEAD, False):
         return []
     out = model.get_output_embeddings()
-    prefix, _ = models._body(model)
+    prefix, _ = models.body_of(model)
     names: list[str] = []
 
     def walk(name: str, module) -> None:
@@ -239,7 +239,7 @@ def _masked_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     already dropped the virtual positions."""
     keep = batch["labels"] != -100
     where = keep.flatten().nonzero().squeeze(1)
-    _, body = models._body(model)
+    _, body = models.body_of(model)
 
     def narrow(module, args, output):
         picked = (output[0] if isinstance(output, tuple) else output["last_hidden_state"]).flatten(0, 1)[where][None]
