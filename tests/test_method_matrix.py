@@ -19,7 +19,7 @@ from tunelab.training import loop, optim
 INFO = {"labels": ["neg", "pos"]}
 METHOD_ARGS = {"freeze": {"freeze_layers": 1}, "lora": {"r": 4}, "dora": {"r": 4}, "qlora": {"r": 4}, "adapter": {"reduction_factor": 4}}
 # BitFit trains the base's own biases: there is no separate base to fall back to.
-NOT_DISABLEABLE = {"full", "freeze", "bitfit"}
+NOT_DISABLEABLE = {name for name, m in methods.METHODS.items() if m.CHANGES_BASE}  # they train the base itself
 NO_BIAS_ARCHS = {"llama"}
 
 
@@ -133,7 +133,9 @@ def test_merge_equals_unmerged_or_says_it_cannot(arch, name):
         merged = methods.get(name).merge(model)
     except TunelabError as e:
         assert "cannot be merged" in str(e) or "cannot merge" in str(e)
+        assert not methods.get(name).MERGEABLE, f"{name} declares MERGEABLE but cannot merge"
         return
+    assert methods.get(name).MERGEABLE, f"{name} merges but declares MERGEABLE = False"
     torch.testing.assert_close(_logits(merged, batch), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
     # a merged model is plain transformers: no tunelab module left
     assert not any(hasattr(m, "adapter_disabled") for m in merged.modules())

@@ -260,3 +260,10 @@ def test_ia3_scales_are_not_decayed_towards_zero(tiny_bert):
     decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
     assert any(n.endswith("ia3_l") for g in groups for n in g["param_names"])
     assert not any(n.endswith("ia3_l") for n in decayed)
+
+
+def test_every_method_declares_its_facts():
+    """What other modules ask of a method is written once, in its own file (DPO's reference, advise, the matrix)."""
+    for name, module in methods.METHODS.items():
+        assert isinstance(module.CHANGES_BASE, bool) and isinstance(module.MERGEABLE, bool), name
+    assert {n for n, m in methods.METHODS.items() if m.CHANGES_BASE} == {"full", "freeze", "bitfit"}

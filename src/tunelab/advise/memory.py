@@ -49,7 +49,7 @@ from ..ops import lm_loss
 
 METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
 # Merging folds the update into the base weights: inference costs what the base model costs.
-MERGEABLE = {"full", "freeze", "lora", "dora", "qlora", "bitfit", "ia3"}
+MERGEABLE = {name for name, m in methods.METHODS.items() if m.MERGEABLE}  # each method declares it
 TASKS = ("classification", "token_classification", "qa", "sft", "causal_lm")
 EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
 

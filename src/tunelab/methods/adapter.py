@@ -36,6 +36,8 @@ from .layout import check_head, read_artifact, restore, save_artifact
 from .targets import is_linear
 
 ARTIFACT = "adapter"  # tensors only, tunelab's layout; the base model is loaded from model.path
+CHANGES_BASE = False  # adds bottleneck layers beside frozen weights
+MERGEABLE = False  # merge(): added layers
 
 # model_type -> (attention output projection, feed-forward output projection), as paths inside one block.
 SUBLAYERS = {

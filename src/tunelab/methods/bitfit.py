@@ -23,6 +23,8 @@ from .layout import check_head, read_artifact, restore, save_artifact
 from .targets import inside
 
 ARTIFACT = "adapter"  # tensors only; the base model is loaded from model.path
+CHANGES_BASE = True  # trains the base's own bias vectors
+MERGEABLE = True  # merge(): the trained biases are the base's
 
 
 def _body_biases(model: nn.Module, head: list[str]) -> dict[str, nn.Parameter]:

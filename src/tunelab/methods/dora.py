@@ -30,6 +30,8 @@ from ..config import DoraConfig
 from . import lora
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir, as for LoRA
+CHANGES_BASE = False  # adds a magnitude and low-rank direction beside frozen weights
+MERGEABLE = True  # merge(): folded into W
 save = lora.save  # reads use_dora and the magnitude off the layers
 merge = lora.merge  # folds each layer's merged_weight() into its base and removes the DoRA modules
 

@@ -11,6 +11,9 @@ from ..errors import TunelabError
 from ..models import parameter_groups
 from .full import ARTIFACT, merge, save  # noqa: F401  (same artifact as full: a complete model dir)
 
+CHANGES_BASE = True  # trains the upper blocks of the base itself
+MERGEABLE = True  # merge(): already plain weights
+
 
 def apply(model, cfg, head: list[str]):
     groups = parameter_groups(model)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ARTIFACT = "model"  # a complete HF model dir, loadable with from_pretrained
+CHANGES_BASE = True  # trains the base weights themselves
+MERGEABLE = True  # merge(): already plain weights
 
 
 def apply(model, cfg, head: list[str]):

@@ -36,6 +36,8 @@ from .lora import PREFIX
 from .targets import available, body_linears, matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
+CHANGES_BASE = False  # adds scaling vectors beside frozen weights
+MERGEABLE = True  # merge(): the scales fold into W
 
 # model type -> (target_modules, feedforward_modules): peft's tables.
 DEFAULTS = {

@@ -58,6 +58,8 @@ from .layout import PEFT_CONFIG, check_head, copy_checked, peft_head, peft_task_
 from .targets import available, body_linears, inside, matches
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
+CHANGES_BASE = False  # adds low-rank matrices beside frozen weights (its `bias` option aside)
+MERGEABLE = True  # merge(): W + BA/r·alpha
 PREFIX = "base_model.model."
 
 # The LoRA paper's choice (attention query and value) per architecture; names from peft's mapping table.

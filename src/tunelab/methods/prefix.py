@@ -32,6 +32,8 @@ from ..errors import TunelabError
 from . import virtual_tokens as vt
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
+CHANGES_BASE = False  # adds key/value prefixes in every layer
+MERGEABLE = False  # merge(): prefixes are not weights
 PEFT_TYPE = "PREFIX_TUNING"
 
 

@@ -33,6 +33,8 @@ from ..errors import TunelabError
 from . import virtual_tokens as vt
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
+CHANGES_BASE = False  # adds virtual tokens in front of the input
+MERGEABLE = False  # merge(): virtual tokens are not weights
 PEFT_TYPE = "PROMPT_TUNING"
 
 

@@ -23,6 +23,8 @@ from ..config import PTuningConfig
 from . import virtual_tokens as vt
 
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
+CHANGES_BASE = False  # adds virtual tokens from a prompt encoder
+MERGEABLE = False  # merge(): virtual tokens are not weights
 PEFT_TYPE = "P_TUNING"
 
 

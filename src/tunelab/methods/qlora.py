@@ -41,6 +41,8 @@ from ..errors import TunelabError
 from . import lora, targets
 
 ARTIFACT = "adapter"  # PEFT-layout LoRA adapter; the 4-bit base is rebuilt from model.path
+CHANGES_BASE = False  # LoRA over a frozen quantized base
+MERGEABLE = True  # merge(): dequantized, then W + BA
 SETTINGS_NAME = "qlora_config.json"  # tunelab's own: how to re-quantize the base (peft ignores the file)
 BLOCK_SIZE = 64  # weights per NF4 absmax scale (the paper's)
 SCALER_BLOCK_SIZE = 256  # scales per block of the second (8-bit) quantization

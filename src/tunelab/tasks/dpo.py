@@ -27,7 +27,6 @@ MAIN_METRIC = "loss"
 METRICS = ("loss", "accuracy", "margin")
 HEADLINE = ("loss", "accuracy", "margin")
 PROBE = False
-CHANGES_BASE = ("full", "freeze", "bitfit")
 
 load_splits = reward.load_splits
 head_modules = causal_lm.head_modules
@@ -51,7 +50,8 @@ def build_model(model_cfg, info: dict, path=None):
 def reference_mode(cfg) -> str:
     if cfg.task.reference != "auto":
         return cfg.task.reference
-    changes_base = cfg.method.name in CHANGES_BASE or getattr(cfg.method, "bias", "none") != "none"
+    # a method that trains the base itself leaves no "adapters off" model to serve as the reference
+    changes_base = methods.get(cfg.method.name).CHANGES_BASE or getattr(cfg.method, "bias", "none") != "none"
     return "precomputed" if changes_base or getattr(cfg.method, "init_from", None) else "adapters_disabled"
 
 
