@@ -120,9 +120,10 @@ def write_json(path: str | Path, obj, what: str = "the file") -> Path:
 
 
 @contextmanager
-def staged_dir(path: str | Path, what: str = "the folder"):
-    """`with staged_dir(out) as tmp: fill(tmp)`: the block fills the new folder `tmp`; on success it is fsynced and
-    renamed to `out` (which must not exist: replacing a folder is `swap`'s job), on any failure removed."""
+def staged_dir(path: str | Path, what: str = "the folder", remove_old=shutil.rmtree):
+    """`with staged_dir(out) as tmp: fill(tmp)`: the block fills the new folder `tmp` beside `out`; on success it is
+    fsynced and swapped in (`swap`), and a folder that was at `out` is removed last by `remove_old`; on any failure
+    `tmp` is removed and `out` is as it was. The caller has checked that `out`, if it exists, may be replaced."""
     path = Path(path)
     tmp = temp_name(path)
     try:
@@ -130,14 +131,15 @@ def staged_dir(path: str | Path, what: str = "the folder"):
         tmp.mkdir()
         yield tmp
         fsync_tree(tmp)
-        os.rename(tmp, path)
+        old = swap(tmp, path)
     except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(e, path, what) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    sync_folder(path.parent)
+    if old is not None:
+        remove_old(old)
 
 
 _RENAME_EXCHANGE = 2

@@ -16,8 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-from safetensors import SafetensorError
-
 from . import atomic, methods, models, predict, versions
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
@@ -169,19 +167,7 @@ def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = F
     cfg, _ = predict.read_run(run_dir)
     check_out_dir(out, overwrite, protected(run_dir, cfg))
     trained = predict.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    staging = atomic.temp_name(out, "export")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
+    # the earlier export (or empty folder) that OUT held is deleted last, once the new one is in place
+    with atomic.staged_dir(out, "the export", remove_old=remove) as staging:
         build(trained, staging, fmt, merge)
-        atomic.fsync_tree(staging)
-        old = atomic.swap(staging, out)
-    except (OSError, SafetensorError) as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise atomic.write_error(e, out, "the export") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if old is not None:
-        remove(old)  # the earlier export (or empty folder) that OUT held: deleted last, once the new one is in place
     return out

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -189,12 +187,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = Fa
 
     # Save next to OUT and move into place only once verified, so a failed import leaves no
     # half-written directory and an earlier import is replaced only by a good one.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.importing-{os.getpid()}"
-    if staging.exists():  # left by an import of ours that was killed (the name is ours alone)
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # (check_out_dir allowed only an empty dir or an earlier import at OUT)
+    with atomic.staged_dir(out, "the imported model") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model  # the reload needs the memory more
@@ -204,15 +198,6 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = Fa
                   "max_logit_diff_vs_gguf": max_diff, "chat_template": tokenizer.chat_template is not None,
                   "seconds": round(time.perf_counter() - start, 1)}
         (staging / "tunelab_import.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        atomic.fsync_tree(staging)
-        old = atomic.swap(staging, out)  # check_out_dir allowed only an empty dir or an earlier import there
-        if old is not None:
-            shutil.rmtree(old)  # the earlier import, deleted last
-    except atomic.WRITE_ERRORS as e:
-        raise atomic.write_error(e, out, "the imported model") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     if echo is not None:
         echo(f"imported {source.name} -> {out}: {params:,} parameters, {dtype}, {size / 1e6:.1f} MB on disk, "
              f"max |logit diff| vs GGUF {max_diff:.2e}, chat template {'kept' if report['chat_template'] else 'none in file'}, "
