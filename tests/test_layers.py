@@ -96,8 +96,6 @@ KNOWN = {
     "private: tunelab.advise.memory uses tunelab.methods.qlora._bnb_installed": "advise split: qlora declares these facts",
     "private: tunelab.advise.memory uses tunelab.methods.qlora._candidates": "advise split: qlora declares these facts",
     "private: tunelab.advise.memory uses tunelab.methods.qlora._fits": "advise split: qlora declares these facts",
-    # applications on the spines: lazy imports of predict/report/evaluate, to go once runs/ loads runs
-    "private: tunelab.cv imports tunelab.data._load_file": "layers: cv after runs/ (data.load_file public)",
 }
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import atomic, evaluate, pipeline, predict, runs
 from . import config as config_mod
-from .data import _load_file
+from .data import load_file
 from .data.split import stratified_folds
 from .errors import TunelabError
 
@@ -45,7 +45,7 @@ def run(recipe, overrides: list[str], folds: int = 5, overwrite: bool = False, e
     with claim:  # an earlier cross-validation there stays as it was until this one has finished
         if cfg.data.validation:
             echo(f"note: data.validation ({cfg.data.validation}) is not used: each fold validates on its held-out part")
-        rows, _ = _load_file(cfg.data.train, "data.train", cfg.data)
+        rows, _ = load_file(cfg.data.train, "data.train", cfg.data)
         parts = stratified_folds(rows, folds, cfg.train.seed)
         if min(len(p) for p in parts) == 0:
             raise TunelabError(f"Data file '{cfg.data.train}' has {len(rows)} usable rows: too few for {folds} folds.")
@@ -95,7 +95,7 @@ def _test_probs(run_dir: Path, model_cfg) -> torch.Tensor:
 
 
 def _test_features(model):
-    rows, _ = _load_file(model.cfg.data.test, "data.test", model.cfg.data)
+    rows, _ = load_file(model.cfg.data.test, "data.test", model.cfg.data)
     return model._features(rows)
 
 

@@ -33,7 +33,7 @@ from .clean import (
 from .sources import SUPPORTED_EXTENSIONS, absolute, read_examples
 from .split import random_split, stratified_split, too_few_to_split
 
-__all__ = ["load_splits", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
+__all__ = ["load_splits", "load_file", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
 
 
 def load_splits(cfg: DataConfig, seed: int, kind: str = "class") -> tuple[dict[str, list[dict]], dict]:
@@ -54,7 +54,7 @@ def load_splits(cfg: DataConfig, seed: int, kind: str = "class") -> tuple[dict[s
 
     for name, path in files.items():
         if path is not None:
-            splits[name], entries[name] = _load_file(path, f"data.{name}", cfg, kind)
+            splits[name], entries[name] = load_file(path, f"data.{name}", cfg, kind)
 
     if cfg.validation is not None:
         split_info = {"method": "file", "val_fraction": None, "seed": seed}
@@ -148,7 +148,9 @@ def format_tokens(stats: dict) -> str:
 
 # -- helpers -------------------------------------------------------------------
 
-def _load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tuple[list[dict], dict]:
+def load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tuple[list[dict], dict]:
+    """One labelled file (`key` names it in messages, e.g. data.train) read, cut to data.max_length and cleaned:
+    (rows, what was read and dropped). `kind`: the label is a class, a number or a set of labels."""
     examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field,
                              label_lists=kind == "set")
     keep = kept_chars(cfg.max_length)
