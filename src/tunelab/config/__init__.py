@@ -5,10 +5,12 @@ Every field carries a one-line description (shown by `tunelab config explain`). 
 current working directory, like every other command-line tool.
 
 - sections.py: the model, data, train, eval and multitask sections;
-- tasks.py: the task section, one model per task, discriminated on `task.type`;
-- methods.py: the method section, one model per method, discriminated on `method.name`;
+- tasks.py: the task section, one model per task, discriminated on `task.type`; each declares its facts (which
+  data and train keys apply to it);
+- methods.py: the method section, one model per method, discriminated on `method.name`; each declares the facts
+  about its method that the rules need (virtual tokens, switchable, unfreezes);
 - schema.py: the whole recipe (`Config`), one task or a list of them (`TaskSpec`);
-- rules.py: the rules between sections, and the facts about methods and tasks they need;
+- rules.py: the rules between sections, which read those facts (and the names each holds for, for messages);
 - loader.py: YAML and overrides in, `to_yaml` out; validation.py: validation and its messages (did-you-mean);
 - explainer.py: `tunelab config explain`.
 """

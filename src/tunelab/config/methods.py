@@ -2,24 +2,42 @@
 
 A method's keys are accepted only with that method (`method.r` with method.name=freeze is an unknown key). The
 method modules (methods/*.py) take their own model from here.
+
+Each model also declares the facts about its method that the rules between sections read (rules.py), as class
+variables beside its keys: config sits below the method modules and cannot ask them. The method module declares
+the same facts (tests/test_method_facts.py checks that the two agree).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import Field, field_validator
 
 from .sections import Section
 
 
-class FullConfig(Section):
+class _Method(Section):
+    """The facts every method section declares; each method's model sets those that hold for it."""
+
+    # Prepends virtual tokens once per row: examples packed after a row's first would not see them, and they hook one
+    # task's model (no multi-task runs).
+    VIRTUAL_TOKENS: ClassVar[bool] = False
+    # Its trained state can be one named adapter among others on a shared base (multitask.adapters=per_task, unless
+    # it has virtual tokens).
+    SWITCHABLE: ClassVar[bool] = False
+    # Leaves blocks frozen that train.unfreeze=gradual can unfreeze.
+    UNFREEZES: ClassVar[bool] = False
+
+
+class FullConfig(_Method):
     name: Literal["full"] = Field(description="Full fine-tuning: every parameter is trained.")
 
 
-class FreezeConfig(Section):
+class FreezeConfig(_Method):
     name: Literal["freeze"] = Field(description="Partial fine-tuning: embeddings and the lower blocks frozen.")
+    UNFREEZES = True
     freeze_layers: int | Literal["all"] = Field(
         "all", description="Number of lower transformer blocks to freeze; 'all' trains the head only."
     )
@@ -33,7 +51,7 @@ class FreezeConfig(Section):
         return v
 
 
-class _AdapterMethod(Section):
+class _AdapterMethod(_Method):
     """Methods whose trained state is an adapter kept apart from the base."""
 
     init_from: str | None = Field(
@@ -43,6 +61,7 @@ class _AdapterMethod(Section):
 
 class LoraConfig(_AdapterMethod):
     name: Literal["lora"] = Field(description="LoRA: low-rank adapters on chosen linear layers; the head is trained in full.")
+    SWITCHABLE = True
     r: int = Field(8, ge=1, description="Rank of the low-rank update.")
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
@@ -101,6 +120,7 @@ class LoraConfig(_AdapterMethod):
 
 class DoraConfig(LoraConfig):
     name: Literal["dora"] = Field(description="DoRA: LoRA on the direction of each weight plus a trained magnitude vector; mergeable.")
+    SWITCHABLE = True
 
 
 class BitFitConfig(_AdapterMethod):
@@ -109,6 +129,7 @@ class BitFitConfig(_AdapterMethod):
 
 class IA3Config(_AdapterMethod):
     name: Literal["ia3"] = Field(description="IA3: learned vectors that rescale keys, values and feed-forward activations.")
+    SWITCHABLE = True
     target_modules: list[str] | None = Field(
         None, description="Module names to rescale (e.g. [key, value, output.dense]); empty for the architecture's default."
     )
@@ -119,6 +140,7 @@ class IA3Config(_AdapterMethod):
 
 class AdapterConfig(_AdapterMethod):
     name: Literal["adapter"] = Field(description="Bottleneck adapters: small down/up projections inserted after sublayers.")
+    SWITCHABLE = True
     placement: Literal["houlsby", "pfeiffer"] = Field(
         "pfeiffer", description="'houlsby': after attention and after the feed-forward block; 'pfeiffer': after the feed-forward block only."
     )
@@ -129,6 +151,7 @@ class AdapterConfig(_AdapterMethod):
 
 class PromptConfig(_AdapterMethod):
     name: Literal["prompt"] = Field(description="Prompt tuning (Lester et al. 2021): trainable virtual token embeddings prepended to the input; the head is trained in full.")
+    VIRTUAL_TOKENS = SWITCHABLE = True
     num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
     init: Literal["random", "text"] = Field("random", description="'random' (as peft: N(0, 1)) or 'text': the token embeddings of init_text, repeated or cut to length.")
     init_text: str | None = Field(None, description="Text whose token embeddings initialise the prompt when init is 'text'.")
@@ -136,6 +159,7 @@ class PromptConfig(_AdapterMethod):
 
 class PTuningConfig(_AdapterMethod):
     name: Literal["ptuning"] = Field(description="P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder (MLP or LSTM) and prepended to the input.")
+    VIRTUAL_TOKENS = SWITCHABLE = True
     num_virtual_tokens: int = Field(20, ge=1, description="Number of virtual tokens prepended to every input.")
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder over the virtual token embeddings: 'mlp' or 'lstm' (bidirectional, then an MLP).")
     encoder_hidden_size: int | None = Field(None, ge=1, description="Hidden width of the prompt encoder; empty for the model's hidden size.")
@@ -145,6 +169,7 @@ class PTuningConfig(_AdapterMethod):
 
 class PrefixConfig(_AdapterMethod):
     name: Literal["prefix"] = Field(description="Prefix tuning (Li & Liang 2021): trainable key/value prefixes for every attention layer; the head is trained in full.")
+    VIRTUAL_TOKENS = SWITCHABLE = True
     num_virtual_tokens: int = Field(20, ge=1, description="Length of the key/value prefix of every attention layer.")
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP during training (only the computed prefixes are saved).")
     encoder_hidden_size: int | None = Field(None, ge=1, description="Hidden width of the reparameterisation MLP; empty for the model's hidden size.")
@@ -152,6 +177,7 @@ class PrefixConfig(_AdapterMethod):
 
 class QLoraConfig(LoraConfig):
     name: Literal["qlora"] = Field(description="QLoRA: LoRA on a frozen base whose linear weights are stored 4-bit NF4 (block size 64).")
+    SWITCHABLE = False  # unlike LoRA's: the base it quantizes cannot be shared
     double_quant: bool = Field(True, description="Quantize the per-block NF4 scales too (8-bit, blocks of 256): ~0.4 fewer bits per weight.")
     backend: Literal["auto", "torchao", "bitsandbytes"] = Field(
         "auto", description="NF4 kernels: 'auto' (bitsandbytes on CUDA when installed, else torchao), 'torchao' or 'bitsandbytes'."
@@ -163,4 +189,5 @@ class QLoraConfig(LoraConfig):
 
 METHOD_CONFIGS = (FullConfig, FreezeConfig, LoraConfig, DoraConfig, BitFitConfig, IA3Config, AdapterConfig, PromptConfig, PTuningConfig, PrefixConfig, QLoraConfig)
 METHOD_NAMES = tuple(m.model_fields["name"].annotation.__args__[0] for m in METHOD_CONFIGS)
+BY_NAME = dict(zip(METHOD_NAMES, METHOD_CONFIGS))
 MethodConfig = Annotated[Union[METHOD_CONFIGS], Field(discriminator="name")]  # noqa: UP007 (a Union of a tuple)

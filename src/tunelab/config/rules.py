@@ -2,32 +2,32 @@
 once every section is valid on its own.
 
 The facts these rules need about methods and tasks (which methods prepend virtual tokens, which tasks pack, ...)
-belong to the method and task modules, but config sits below them (layer 1) and cannot ask them. Each fact is
-therefore written here once, as one named constant below, for the method and task modules to agree with; no rule
-names a method or task itself. A task's rules about its own keys are its model's `problems()` (tasks.py).
+belong to the method and task modules, but config sits below them (layer 1) and cannot ask them. Each method's and
+task's own config model therefore declares them beside its keys (methods.py, tasks.py: e.g. PromptConfig's
+VIRTUAL_TOKENS), and the rules read them from the section in hand; no rule names a method or task itself. The names
+the messages list are derived from those facts below. A task's rules about its own keys are its model's `problems()`
+(tasks.py).
 """
 
 from __future__ import annotations
 
 from ..errors import TunelabError
+from .methods import BY_NAME
 from .schema import Config
+from .tasks import BY_TYPE
 
-# -- facts about methods ---------------------------------------------------------------------------------------
-# Virtual-token methods: they prepend their tokens once per row, so examples packed after the first of a row would
-# not see them, and they hook one task's model (no multi-task runs).
-VIRTUAL_TOKEN_METHODS = ("prompt", "ptuning", "prefix")
-# Methods whose trained state can be one named adapter per task on a shared base (multitask.adapters=per_task).
-NAMED_ADAPTER_METHODS = ("lora", "dora", "ia3", "adapter")
-# Methods with frozen blocks that train.unfreeze=gradual can unfreeze.
-UNFREEZING_METHODS = ("freeze",)
-
-# -- facts about tasks -----------------------------------------------------------------------------------------
-PADDING_FREE_TASKS = ("sft", "causal_lm", "classification", "regression", "multilabel")  # a pack() for train.padding_free
-PACKING_TASKS = ("sft", "causal_lm")  # data.packing: examples concatenated into rows of data.max_length
-PAIR_TASKS = ("classification", "regression", "multilabel")  # data.text_pair_field: a second text per row
-STREAMING_TASKS = ("classification",)  # data.streaming: rows read from disk as training needs them
-AUGMENT_TASKS = ("classification",)  # data.augment_copies: word-level edits keep the label
-LABEL_SMOOTHING_TASKS = ("classification",)  # train.label_smoothing: a cross-entropy over one label
+# -- the methods and tasks each fact holds for, in the order of the method and task unions (for messages) -----------
+VIRTUAL_TOKEN_METHODS = tuple(n for n, c in BY_NAME.items() if c.VIRTUAL_TOKENS)
+# multitask.adapters=per_task: one named adapter per task on a shared base (virtual tokens hook one task's model)
+NAMED_ADAPTER_METHODS = tuple(n for n, c in BY_NAME.items() if c.SWITCHABLE and not c.VIRTUAL_TOKENS)
+UNFREEZING_METHODS = tuple(n for n, c in BY_NAME.items() if c.UNFREEZES)
+# (its message has always named the tasks that also take data.packing first)
+PADDING_FREE_TASKS = tuple(sorted((t for t, c in BY_TYPE.items() if c.PADDING_FREE), key=lambda t: not BY_TYPE[t].PACKING))
+PACKING_TASKS = tuple(t for t, c in BY_TYPE.items() if c.PACKING)
+PAIR_TASKS = tuple(t for t, c in BY_TYPE.items() if c.TEXT_PAIRS)
+STREAMING_TASKS = tuple(t for t, c in BY_TYPE.items() if c.STREAMING)
+AUGMENT_TASKS = tuple(t for t, c in BY_TYPE.items() if c.AUGMENT)
+LABEL_SMOOTHING_TASKS = tuple(t for t, c in BY_TYPE.items() if c.LABEL_SMOOTHING)
 
 
 def words(names: tuple[str, ...], last: str = "and") -> str:
@@ -57,14 +57,14 @@ def check_tasks(cfg: Config, source: str) -> Config:
     if bad:
         raise TunelabError(f"Invalid config in {source}: task name {bad[0]!r} must be non-empty, without '/' or "
                            f"surrounding spaces.")
-    if cfg.method.name in VIRTUAL_TOKEN_METHODS:
+    if cfg.method.VIRTUAL_TOKENS:
         raise TunelabError(f"Invalid config in {source}: method.name={cfg.method.name} is not supported for multi-task "
                            f"runs (its virtual tokens hook one task's model); use {', '.join(NAMED_ADAPTER_METHODS)} "
                            f"or full.")
     if cfg.eval.forgetting not in (None, "auto", "none"):
         raise TunelabError(f"Invalid config in {source}: eval.forgetting is not measured in multi-task runs yet; remove "
                            f"it (each task's own validation metrics show what the shared body keeps).")
-    if cfg.multitask.adapters == "per_task" and cfg.method.name not in NAMED_ADAPTER_METHODS:
+    if cfg.multitask.adapters == "per_task" and not cfg.method.SWITCHABLE:  # (virtual-token methods failed above)
         raise TunelabError(f"Invalid config in {source}: multitask.adapters=per_task needs an adapter method "
                            f"({', '.join(NAMED_ADAPTER_METHODS)}), not method.name={cfg.method.name}.")
     for spec in cfg.tasks:
@@ -79,49 +79,49 @@ def check_single(cfg: Config, source: str) -> Config:
     """A single-task config: the rules between its data, task, method and train sections. Settles
     train.padding_free=auto to False where it cannot apply."""
     task, method = cfg.task.type, cfg.method.name
-    if cfg.data.augment_copies and task not in AUGMENT_TASKS:
+    virtual = cfg.method.VIRTUAL_TOKENS
+    if cfg.data.augment_copies and not cfg.task.AUGMENT:
         raise TunelabError(f"Invalid config in {source}: data.augment_copies applies to task.type {words(AUGMENT_TASKS)} "
                            f"(word-level edits would break {task} labels); remove it.")
-    if cfg.train.label_smoothing and task not in LABEL_SMOOTHING_TASKS:
+    if cfg.train.label_smoothing and not cfg.task.LABEL_SMOOTHING:
         raise TunelabError(f"Invalid config in {source}: train.label_smoothing applies to task.type "
                            f"{words(LABEL_SMOOTHING_TASKS)}, not {task}; remove it.")
-    if cfg.train.unfreeze == "gradual" and method not in UNFREEZING_METHODS:
+    if cfg.train.unfreeze == "gradual" and not cfg.method.UNFREEZES:
         raise TunelabError(f"Invalid config in {source}: train.unfreeze=gradual unfreezes the blocks that "
                            f"method.name=freeze froze; set method.name=freeze (with method.freeze_layers), or "
                            f"train.unfreeze=none.")
     for problem in cfg.task.problems():
         raise TunelabError(f"Invalid config in {source}: {problem}")
-    if cfg.data.text_pair_field and task not in PAIR_TASKS:
+    if cfg.data.text_pair_field and not cfg.task.TEXT_PAIRS:
         raise TunelabError(f"Invalid config in {source}: data.text_pair_field applies to task.type {words(PAIR_TASKS)}, "
                            f"not {task}; remove it.")
     if cfg.data.streaming and cfg.data.text_pair_field:
         raise TunelabError(f"Invalid config in {source}: data.streaming=true reads single texts; with "
                            f"data.text_pair_field set data.streaming=false.")
-    if cfg.data.streaming and task not in STREAMING_TASKS:
+    if cfg.data.streaming and not cfg.task.STREAMING:
         raise TunelabError(f"Invalid config in {source}: data.streaming=true is supported for task.type "
                            f"{words(STREAMING_TASKS)}, not {task} yet; set data.streaming=false (the data is then read "
                            f"into memory).")
     if cfg.data.streaming and cfg.data.augment_copies:
         raise TunelabError(f"Invalid config in {source}: data.augment_copies keeps the altered copies in memory, which "
                            f"data.streaming=true exists to avoid; remove one of them.")
-    if cfg.data.packing and task not in PACKING_TASKS:
+    if cfg.data.packing and not cfg.task.PACKING:
         raise TunelabError(f"Invalid config in {source}: data.packing=true applies to task.type {words(PACKING_TASKS)}, "
                            f"not {task}; remove it (classification batches are padded per batch).")
     if cfg.train.padding_free == "auto":  # on where it applies; the loop then checks the model keeps examples apart
-        cfg.train.padding_free = "auto" if (task in PADDING_FREE_TASKS and not cfg.data.packing and
-                                            method not in VIRTUAL_TOKEN_METHODS) else False
-    if cfg.train.padding_free is True and task not in PADDING_FREE_TASKS:
+        cfg.train.padding_free = "auto" if cfg.task.PADDING_FREE and not cfg.data.packing and not virtual else False
+    if cfg.train.padding_free is True and not cfg.task.PADDING_FREE:
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true applies to task.type "
                            f"{', '.join(PADDING_FREE_TASKS)}, "
                            f"not {task}; remove it (train.group_by_length=true cuts padding for any task).")
     if cfg.train.padding_free is True and cfg.data.packing:
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true and data.packing=true both pack "
                            f"examples; keep one (padding_free keeps each step's examples as they are).")
-    if cfg.train.padding_free is True and method in VIRTUAL_TOKEN_METHODS:
+    if cfg.train.padding_free is True and virtual:
         raise TunelabError(f"Invalid config in {source}: train.padding_free=true cannot be combined with method.name="
                            f"{method}: its virtual tokens are prepended once per row, so the examples after the "
                            f"first would not see them. Set train.padding_free=false.")
-    if cfg.data.packing and method in VIRTUAL_TOKEN_METHODS:
+    if cfg.data.packing and virtual:
         raise TunelabError(f"Invalid config in {source}: data.packing=true cannot be combined with method.name="
                            f"{method}: its virtual tokens are prepended once per row, so packed examples after "
                            f"the first would not see them. Set data.packing=false (and train.group_by_length=true).")

@@ -3,12 +3,13 @@
 Each task's model holds only the keys that task reads, so a key of another task is an error (with a did-you-mean
 and the task it belongs to, see validation.py), as an unknown key is. `task.type` may be left out: classification.
 A task's model may also say what is wrong with a combination of its own keys (`problems`), which validation
-reports with the other cross-section rules.
+reports with the other cross-section rules, and declares which data and train keys apply to its task (class variables
+that those rules read, rules.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag
 
@@ -32,6 +33,14 @@ class TaskConfig(Section):
                                   "(direct preference optimisation of a causal LM on such pairs), 'grpo' (online RL: sampled replies to "
                                   "prompts scored by task.reward_function or task.reward_model).")
 
+    # Which data and train keys apply to the task; each task's model sets those that hold for it.
+    PADDING_FREE: ClassVar[bool] = False  # train.padding_free: the task packs a step's examples into rows (pack())
+    PACKING: ClassVar[bool] = False  # data.packing: examples concatenated into rows of data.max_length
+    TEXT_PAIRS: ClassVar[bool] = False  # data.text_pair_field: a second text per row
+    STREAMING: ClassVar[bool] = False  # data.streaming: rows read from disk as training needs them
+    AUGMENT: ClassVar[bool] = False  # data.augment_copies: word-level edits keep the label
+    LABEL_SMOOTHING: ClassVar[bool] = False  # train.label_smoothing: a cross-entropy over one label
+
     def problems(self) -> list[str]:
         """What is wrong with this section's keys taken together (each a sentence naming the keys); none here."""
         return []
@@ -52,10 +61,12 @@ def _beta() -> Any:
 class ClassificationConfig(TaskConfig):
     type: Literal["classification"] = Field("classification", description="Single-label classification of a text "
                                             "(or a text pair).")
+    PADDING_FREE = TEXT_PAIRS = STREAMING = AUGMENT = LABEL_SMOOTHING = True
 
 
 class RegressionConfig(TaskConfig):
     type: Literal["regression"] = Field("regression", description="A score per text; MSE on standardised targets.")
+    PADDING_FREE = TEXT_PAIRS = True
     regression_loss: Literal["mse", "huber"] = Field("mse", description="regression: 'mse', or 'huber' (less pulled "
                                                      "by outliers), on targets standardised with train's mean and std.")
     huber_delta: float = Field(1.0, gt=0, description="regression with huber: where the loss turns from squared to "
@@ -64,6 +75,7 @@ class RegressionConfig(TaskConfig):
 
 class MultilabelConfig(TaskConfig):
     type: Literal["multilabel"] = Field("multilabel", description="Any number of labels per text; BCE.")
+    PADDING_FREE = TEXT_PAIRS = True
     threshold: float | Literal["tuned"] = Field(0.5, description="multilabel: a label is predicted when its probability "
                                                 "reaches this; 'tuned': per label, the threshold with the best F1 on "
                                                 "validation, chosen after training and stored with the run.")
@@ -102,12 +114,14 @@ class MlmConfig(TaskConfig):
 
 class SftConfig(_Templated):
     type: Literal["sft"] = Field("sft", description="Instruction / chat tuning of a causal LM.")
+    PADDING_FREE = PACKING = True
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
 
 
 class CausalLMConfig(TaskConfig):
     type: Literal["causal_lm"] = Field("causal_lm", description="Continued pretraining of a causal LM on plain text.")
+    PADDING_FREE = PACKING = True
 
     # Plain text has no prompt: every token is trained, and there is no template to choose. tasks/causal_lm.py,
     # which serves sft and causal_lm alike, still records both in the run's labels.json, so they read as sft's
