@@ -383,7 +383,7 @@ def _saved_bytes(model_dir, task_type: str, method: str, seq: int, batch: int, l
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        task.loss(model, batch_)
+        task.loss(model, batch_, info)
     return sum(saved.values())
 
 

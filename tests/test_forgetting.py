@@ -11,7 +11,7 @@ from conftest import forward_ops, make_chat_rows, make_rows, size, tol, write_js
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunelab
-from tunelab import TunelabError
+from tunelab import TunelabError, tasks
 from tunelab.evaluate import forgetting
 
 POOLS = {"praise": ["great", "superb", "charming"], "scorn": ["awful", "tedious", "bland"], "plain": ["plot", "cast", "script"]}
@@ -44,7 +44,7 @@ def test_a_labelled_probe_is_measured_before_and_after_on_the_same_halves(tmp_pa
     result = run.summary["forgetting"]
     assert result["kind"] == "probe" and result["metric"] == "accuracy" and result["file"] == str(probe_file)
     # "before" is the base model's figure: measuring a freshly loaded base gives it again.
-    probe = forgetting.load(str(probe_file), "classification", 42)
+    probe = forgetting.load(str(probe_file), tasks.get("classification"), "classification", 42)
     model, tok = tunelab.tasks.get("classification").build_model(
         tunelab.config.ModelConfig(path=str(tiny_bert)), {"labels": ["neg", "pos"]})
     assert forgetting.measure(probe, model, tok, "cpu", 128, 64) == result["before"]  # the same weights and kernels
@@ -57,7 +57,7 @@ def test_a_labelled_probe_is_measured_before_and_after_on_the_same_halves(tmp_pa
 
 def test_the_labelled_probe_halves_are_stratified_and_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "topics.jsonl", _topic_rows(60))
-    probe = forgetting.load(str(path), "classification", 0)
+    probe = forgetting.load(str(path), tasks.get("classification"), "classification", 0)
     for label in POOLS:  # every label split in two halves (within one row)
         fit, score = (sum(r["label"] == label for r in probe[h]) for h in ("fit", "score"))
         assert fit > 0 and score > 0 and abs(fit - score) <= 1
@@ -119,9 +119,9 @@ def test_an_unlabelled_probe_on_an_encoder_task_is_refused_before_any_run_dir(tm
 def test_bad_probe_files_get_clear_messages(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "probe.jsonl", rows)
     with pytest.raises(TunelabError, match=f"eval.forgetting: .*{message}"):
-        forgetting.load(str(path), "classification", 0)
+        forgetting.load(str(path), tasks.get("classification"), "classification", 0)
 
 
 def test_a_missing_probe_file_names_the_key(tmp_path):
     with pytest.raises(TunelabError, match="eval.forgetting"):
-        forgetting.load(str(tmp_path / "nope.txt"), "sft", 0)
+        forgetting.load(str(tmp_path / "nope.txt"), tasks.get("sft"), "sft", 0)

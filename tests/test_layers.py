@@ -87,8 +87,6 @@ KNOWN = {
     "function-local: tunelab.tasks.qa imports tunelab.evaluate inside a function": "task-interface work",
     "function-local: tunelab.tasks.reward imports tunelab.evaluate inside a function": "task-interface work",
     "function-local: tunelab.tasks.token_classification imports tunelab.evaluate inside a function": "task-interface work",
-    "private: tunelab.tasks.dpo uses tunelab.tasks.causal_lm._token_nll": "task-interface work (tasks/ being edited)",
-    "private: tunelab.tasks.mlm imports tunelab.tasks.causal_lm._stats": "task-interface work (tasks/mlm.py being edited)",
     # methods: named.save looks its method up by name in methods/__init__, which lists named
     "cycle: tunelab.methods <-> tunelab.methods.named": "methods-facts work: the registry entry keeps its method module",
     "function-local: tunelab.methods.named imports tunelab.methods inside a function": "methods-facts work (as above)",

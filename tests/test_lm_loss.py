@@ -127,7 +127,7 @@ def test_the_sft_loss_equals_transformers_own_loss(tiny_chat_llama):
                           {"role": "assistant", "content": f"answer {i} " * (3 * i + 1)}], "row": i} for i in range(4)]
     feats, _ = causal_lm.encode(rows, tok, info, 64)
     batch = causal_lm.collate(feats, tok.pad_token_id)
-    ours = causal_lm.loss(model, batch) / causal_lm.count(batch)
+    ours = causal_lm.loss(model, batch, info) / causal_lm.count(batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     theirs = out.loss
     # a forward pass, then per token a log-softmax over the vocabulary, and the mean over the tokens

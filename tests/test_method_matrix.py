@@ -86,7 +86,7 @@ def test_only_the_methods_params_and_head_change(arch, name):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt, _, _ = optim.build(model, head, cfg.train, 10)
     model.train()
-    (task.loss(model, batch) / task.count(batch)).backward()
+    (task.loss(model, batch, {}) / task.count(batch)).backward()
     opt.step()
     for n, p in model.named_parameters():
         changed = not torch.equal(before[n], p.detach())

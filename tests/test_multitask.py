@@ -64,8 +64,8 @@ def test_the_combined_gradient_is_the_weighted_sum_of_the_task_gradients(tiny_be
 
     for p in params:
         p.grad = None
-    by_hand = 0.7 * classification.loss(a, classification.collate(feats_a, tok.pad_token_id)) / 6 \
-        + 0.3 * classification.loss(b, classification.collate(feats_b, tok.pad_token_id)) / 6
+    by_hand = 0.7 * classification.loss(a, classification.collate(feats_a, tok.pad_token_id), {}) / 6 \
+        + 0.3 * classification.loss(b, classification.collate(feats_b, tok.pad_token_id), {}) / 6
     by_hand.backward()
     want = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     # micro-batches against whole batches: a forward and backward pass each, summed over the tokens; a gradient

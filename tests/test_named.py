@@ -122,7 +122,7 @@ def test_one_optimizer_trains_two_adapters_and_a_step_moves_only_the_active_one(
         methods.set_adapter(model, active)
         before = [p.detach().clone() for p in params]
         opt.zero_grad(set_to_none=True)
-        (task.loss(model.train(), batch) / task.count(batch)).backward()
+        (task.loss(model.train(), batch, {}) / task.count(batch)).backward()
         opt.step()
         live = {id(p) for p in model.parameters()}
         for p, b in zip(params, before):

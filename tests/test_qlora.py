@@ -218,7 +218,7 @@ def test_only_lora_and_head_get_gradients_and_change(arch):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n not in nf4_weights}
     opt, _, _ = optim.build(model, head, cfg.train, 10)
     model.train()
-    (task.loss(model, _batch(tok)) / 8).backward()
+    (task.loss(model, _batch(tok), {}) / 8).backward()
     opt.step()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n or targets.inside(n, head) for n in trainable)
@@ -367,7 +367,7 @@ def test_trained_biases_stay_on_quantized_layers(models_128, tmp_path):
     layer = model.bert.encoder.layer[0].output.dense
     assert isinstance(layer, qlora.NF4Linear) and layer.bias.requires_grad and len(_nf4_layers(model)) == 12
     batch = _batch(tok)
-    task.loss(model, batch).backward()
+    task.loss(model, batch, {}).backward()
     assert layer.bias.grad is not None and layer.weight.grad is None
     _perturb(model, head)
     expected = _logits(model, batch)

@@ -169,9 +169,9 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_bert, train
     real_loss, calls = classification.loss, {"n": 0}
     poisoned = set()
 
-    def loss(model, batch, **kw):
+    def loss(model, batch, info):
         calls["n"] += 1
-        value = real_loss(model, batch, **kw)
+        value = real_loss(model, batch, info)
         return value * float("nan") if (calls["n"] + 1) // 2 in poisoned else value  # 2 micro-batches a step
 
     monkeypatch.setattr(classification, "loss", loss)
@@ -200,9 +200,9 @@ def test_non_finite_steps_are_skipped_and_too_many_stop_the_run(tiny_bert, train
 def test_a_loss_spike_is_reported(tiny_bert, train_file, tmp_path, monkeypatch):
     real_loss, calls = classification.loss, {"n": 0}
 
-    def loss(model, batch, **kw):
+    def loss(model, batch, info):
         calls["n"] += 1
-        value = real_loss(model, batch, **kw)
+        value = real_loss(model, batch, info)
         return value * 20 if (calls["n"] + 1) // 2 == 15 else value
 
     monkeypatch.setattr(classification, "loss", loss)
@@ -298,9 +298,9 @@ def test_metrics_log_is_valid_json_and_on_disk_before_a_checkpoint_records_its_s
                                                                                     monkeypatch):
     real_loss, calls = classification.loss, {"n": 0}
 
-    def loss(model, batch, **kw):  # step 2's loss is NaN: the guard logs it, and the train record's mean of step 2
+    def loss(model, batch, info):  # step 2's loss is NaN: the guard logs it, and the train record's mean of step 2
         calls["n"] += 1
-        value = real_loss(model, batch, **kw)
+        value = real_loss(model, batch, info)
         return value * float("nan") if (calls["n"] + 1) // 2 == 2 else value
 
     synced = []

@@ -46,7 +46,7 @@ def test_the_loss_is_bradley_terry_on_the_last_token_scores(tiny_chat_llama):
         torch.testing.assert_close(scores, torch.tensor(alone), atol=score_tol, rtol=0)
         expected = -F.logsigmoid(torch.tensor([a - b for a, b in alone])).sum()
         # 4 pairs, each from 2 scores through a log-sigmoid of slope under 1
-        assert reward.loss(model, batch).item() == pytest.approx(expected.item(), abs=4 * 2 * score_tol)
+        assert reward.loss(model, batch, info).item() == pytest.approx(expected.item(), abs=4 * 2 * score_tol)
     m = reward.metrics(torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, -1.0]]), None, info)
     # float32 means over 3 pairs (of differences of scores up to 3)
     assert m["accuracy"] == pytest.approx(2 / 3, abs=tol(1.0, 3))

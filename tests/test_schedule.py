@@ -113,7 +113,7 @@ def test_label_smoothing_is_the_smoothed_cross_entropy(tiny_bert):
         smoothed = -(0.9 * logp.gather(1, batch["labels"][:, None]).squeeze(1) + 0.1 * logp.mean(-1)).sum()
         # the same logits; float32 log-softmaxes over 2 labels, smoothed and summed over the 8 rows, in another order
         atol = tol(8 * size(logp), 2 + 8 + 3)
-        torch.testing.assert_close(classification.loss(model, batch, label_smoothing=0.1), smoothed, atol=atol, rtol=0)
+        torch.testing.assert_close(classification.loss(model, batch, {"label_smoothing": 0.1}), smoothed, atol=atol, rtol=0)
 
 
 def test_ema_weights_are_what_evaluation_and_the_best_state_use(tiny_bert):

@@ -109,7 +109,7 @@ def _weights_tol(model_dir: Path, rows: list[dict], opt_kind: str, lr: float, st
     model, tok = classification.build_model(ModelConfig(path=str(model_dir), device="cpu"), INFO)
     feats, _ = classification.encode(rows, tok, INFO, 64)
     batch = classification.collate(feats, tok.pad_token_id)
-    (classification.loss(model.double(), batch) / len(rows)).backward()
+    (classification.loss(model.double(), batch, INFO) / len(rows)).backward()
     length = batch["input_ids"].shape[1]
     ops = 2 * forward_ops(32, 128, 2, tokens=length) + batch["input_ids"].numel()
     step = lr * tol([p.grad for p in model.parameters() if p.grad is not None], ops, torch.float64)

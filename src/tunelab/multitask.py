@@ -173,10 +173,10 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
                     methods.set_adapter(owner, n)
                 pad = p["tokenizer"].pad_token_id
                 summary["eval"][n] = evaluate.run(p["model"], p["task"], p["feats"]["validation"], p["info"], bs, pad, device)
-                if p["info"].get("tune_threshold"):  # multilabel, task.threshold=tuned: thresholds from validation
-                    p["info"] = p["task"].calibrate(*evaluate.outputs(p["model"], p["task"], p["feats"]["validation"], bs,
-                                                                      pad, device), p["info"])
-                    summary.setdefault("thresholds", {})[n] = p["info"]["threshold"]
+                p["info"], figures = p["task"].finish(p["info"], lambda: evaluate.outputs(
+                    p["model"], p["task"], p["feats"]["validation"], bs, pad, device), say)
+                for key, value in figures.items():  # what the task settled on validation (multilabel's thresholds)
+                    summary.setdefault(key, {})[n] = value
                 if "test" in p["feats"]:
                     summary["test"][n] = evaluate.run(p["model"], p["task"], p["feats"]["test"], p["info"], bs, pad, device)
                     log({"type": "eval", "step": result["steps"], "split": "test", "task": n, **summary["test"][n]})

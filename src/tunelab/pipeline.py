@@ -110,7 +110,7 @@ def load(cfg: Config, model_cfg, device) -> Work:
     loop.resolve_metric(task, cfg.train.metric)
     splits, report = task.load_splits(cfg, cfg.train.seed)
     say(data.format_report(report))
-    forgetting_probe = forgetting.load(cfg.eval.forgetting, cfg.task.type, cfg.train.seed)
+    forgetting_probe = forgetting.load(cfg.eval.forgetting, task, cfg.task.type, cfg.train.seed)
     info = task.label_info(splits, cfg)
     model, tokenizer = task.build_model(model_cfg, info)
     model.to(device)
@@ -128,7 +128,7 @@ def baselines(cfg: Config, w: Work) -> dict:
     bs, task = cfg.eval.batch_size, w.task
     summary: dict = {"method": cfg.method.name, "task": cfg.task.type, "model": cfg.model.path}
     held_out = {name: f for name, f in w.feats.items() if name != "train"}
-    if cfg.eval.base and getattr(task, "BASE", True):  # regression: an untrained head; the ridge probe is the baseline
+    if cfg.eval.base and task.BASE:
         summary["base"] = {name: evaluate.run(w.model, task, f, w.info, bs, w.pad_id, w.device)
                            for name, f in held_out.items()}
     if cfg.eval.linear_probe and task.PROBE:
@@ -146,9 +146,7 @@ def prepare(cfg: Config, w: Work) -> None:
     w.model = methods.prepare(w.model, cfg.method, w.head)
     if cfg.train.gradient_checkpointing:
         models.enable_gradient_checkpointing(w.model)
-    if hasattr(w.task, "precompute_reference") and w.task.reference_mode(cfg) == "precomputed":
-        say("reference log-probs: computing them once with the starting model")
-        w.task.precompute_reference(w.model, w.feats, w.pad_id, w.device, cfg.eval.batch_size)
+    w.task.prepare(w.model, w.feats, cfg, w.pad_id, w.device, cfg.eval.batch_size, say)
     w.trainable, w.total = models.count_params(w.model)
     say(models.trainable_summary(w.model))
 
@@ -179,12 +177,11 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
         # metric needs evaluating again.
         summary["eval"] = result["eval"] or evaluate.run(w.model, task, w.feats["validation"], w.info, bs, w.pad_id,
                                                          w.device)
-        if w.info.get("tune_threshold"):  # multilabel, task.threshold=tuned: per-label thresholds from validation
-            w.info = task.calibrate(*evaluate.outputs(w.model, task, w.feats["validation"], bs, w.pad_id, w.device),
-                                    w.info)
+        w.info, figures = task.finish(w.info, lambda: evaluate.outputs(w.model, task, w.feats["validation"], bs,
+                                                                       w.pad_id, w.device), say)
+        if figures:  # the task settled something on validation (multilabel's thresholds): the run keeps it
             write_json(run_dir / "labels.json", w.info)
-            summary["thresholds"] = w.info["threshold"]
-            say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in w.info["threshold"].items()))
+            summary.update(figures)
         if "test" in w.feats:
             summary["test"] = evaluate.run(w.model, task, w.feats["test"], w.info, bs, w.pad_id, w.device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})

@@ -27,7 +27,6 @@ from ..tasks import causal_lm, classification
 from . import probe as linear_probe
 from . import run as evaluate_run
 
-CAUSAL = ("sft", "causal_lm", "dpo")
 MAX_ROWS = 2000  # a probe is a check, not a second training set: cap the time it takes
 
 
@@ -35,12 +34,13 @@ def default_text() -> Path:
     return Path(str(resources.files("tunelab") / "resources" / "general_text.txt"))
 
 
-def load(setting: str | None, task_type: str, seed: int) -> dict | None:
-    """The probe named by `eval.forgetting` ('auto', a path, or none), read and checked; None for no probe."""
+def load(setting: str | None, task, task_type: str, seed: int) -> dict | None:
+    """The probe named by `eval.forgetting` ('auto', a path, or none), read and checked; None for no probe.
+    `task.FORGETTING` says which kind the task can measure: perplexity (a causal LM) or a linear probe."""
     if setting in (None, "", "none"):
         return None
     if setting == "auto":
-        if task_type not in CAUSAL:
+        if task.FORGETTING != "perplexity":
             return None
         path = default_text()
     else:
@@ -63,7 +63,7 @@ def load(setting: str | None, task_type: str, seed: int) -> dict | None:
         raise TunelabError(f"eval.forgetting: '{path}' has {len(texts)} usable passages; a probe needs at least 20 "
                            f"(a few hundred measure it well). Add text, or set eval.forgetting=none.")
     if labels is None:
-        if task_type not in CAUSAL:
+        if task.FORGETTING != "perplexity":
             raise TunelabError(
                 f"eval.forgetting: '{path}' has no label column, so it would measure perplexity, which needs a "
                 f"causal language model; this is a {task_type} run. Give a labelled file (text, label) of a second "

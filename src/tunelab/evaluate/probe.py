@@ -96,7 +96,7 @@ def run(model, task, feats: dict[str, list[dict]], info: dict, batch_size: int, 
         train = [train[i] for i in sorted(random.Random(0).sample(range(len(train)), MAX_TRAIN_ROWS))]
     x = pooled_features(model, task, train, batch_size, pad_id, device)
     y = torch.tensor([f["label"] for f in train])
-    score = fit_ridge(x, y) if getattr(task, "PROBE", True) == "ridge" else fit(x, y, len(info["labels"]))
+    score = fit_ridge(x, y) if task.PROBE == "ridge" else fit(x, y, len(info["labels"]))
     return {name: task.metrics(pooled_features(model, task, f, batch_size, pad_id, device, then=score),
                                torch.tensor([r["label"] for r in f]), info)
             for name, f in feats.items() if name != "train"}

@@ -1,17 +1,56 @@
-"""Tasks. Each is one module with: load_splits, label_info, build_model, head_modules, encode (features and
-their report), collate, forward, targets, loss (summed), count, metrics, samples, MAIN_METRIC, METRICS,
-HEADLINE, PROBE."""
+"""Tasks. Each is one module behind the interface `Task` below: how rows are read and become tensors, the head,
+the loss, metrics, samples, what a run predicts and evaluates, and the task's declared flags. Hooks a task has no
+use for come from base.py, so every task has every name; `tests/test_task_interface.py` checks each against `Task`.
+Callers (the loop, the pipeline, predict, the CLI) use these names and never test which task they hold."""
+
+from typing import Protocol
+
+import torch
 
 from .. import models
 from ..data import format_tokens, stream
 from ..errors import TunelabError
 from . import causal_lm, classification, dpo, embedding, mlm, multilabel, qa, regression, reward, token_classification
 
+
+class Task(Protocol):
+    """What every module in TASKS provides. Batches are dicts of tensors from `collate`; `info` is the run's
+    labels.json (labels, template, settings a loss reads), settled by `label_info` and `build_model`."""
+
+    MAIN_METRIC: str  # train.metric=auto: best checkpoint and early stopping
+    METRICS: tuple  # the scalar metrics train.metric may name
+    HEADLINE: tuple  # the figures printed base -> tuned
+    PROBE: bool | str  # a linear probe on frozen features as a baseline: False, True (logistic), "ridge", "multilabel"
+    BASE: bool  # the untouched model's metrics are a meaningful baseline (not for a fresh regression head)
+    PACKS: bool  # examples pack end to end into rows: `pack` (data.packing, train.padding_free)
+    ROWS_INTERACT: bool  # the loss couples a batch's rows (in-batch negatives): a batch is never split
+    FORGETTING: str  # what eval.forgetting measures: "perplexity" (general text) or "linear_probe" (a labelled file)
+
+    def load_splits(self, cfg, seed: int) -> tuple[dict, dict]: ...  # (splits of rows, data report)
+    def label_info(self, splits: dict, cfg) -> dict: ...
+    def build_model(self, model_cfg, info: dict, path=None) -> tuple: ...  # (model, tokenizer)
+    def head_modules(self, model) -> list[str]: ...  # names of the modules the task adds (trained in full)
+    def encode(self, rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[list[dict], dict]: ...
+    def pack(self, features: list[dict], max_length: int) -> list[dict]: ...
+    def packing_fault(self, model) -> str | None: ...
+    def collate(self, features: list[dict], pad_id: int) -> dict[str, torch.Tensor]: ...
+    def forward(self, model, batch) -> torch.Tensor: ...  # what metrics read, per row
+    def targets(self, batch) -> torch.Tensor: ...
+    def loss(self, model, batch, info: dict) -> torch.Tensor: ...  # summed; the loop divides by `count`
+    def count(self, batch) -> int: ...
+    def metrics(self, outputs: torch.Tensor, labels: torch.Tensor, info: dict,
+                features: list[dict] | None = None) -> dict: ...
+    def samples(self, model, tokenizer, rows: list[dict], info: dict, device, max_length: int,
+                max_new_tokens: int) -> list[dict]: ...
+    # hooks (no-op defaults in base.py)
+    def prepare(self, model, feats: dict, cfg, pad_id: int, device, batch_size: int, say) -> None: ...
+    def finish(self, info: dict, validation_outputs, say) -> tuple[dict, dict]: ...
+
 TASKS = {"classification": classification, "regression": regression, "multilabel": multilabel, "embedding": embedding, "mlm": mlm,
          "sft": causal_lm, "causal_lm": causal_lm, "token_classification": token_classification, "qa": qa, "reward": reward, "dpo": dpo, "grpo": causal_lm}
 
 
-def get(name: str):
+def get(name: str) -> Task:
     return TASKS[name]
 
 

@@ -25,11 +25,16 @@ from .. import models
 from ..data import chat
 from ..errors import TunelabError
 from ..ops import lm_loss, packing
+from .base import finish, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "perplexity")
 HEADLINE = ("loss", "perplexity")
 PROBE = False  # a linear probe needs labels
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
 
 
 def load_splits(cfg, seed: int):
@@ -59,7 +64,8 @@ def head_modules(model) -> list[str]:
     return []  # the LM head is the (usually tied) output embedding: part of the base, never a new head
 
 
-def _stats(values: list[int]) -> dict | None:
+def length_stats(values: list[int]) -> dict | None:
+    """min, median and max of token lengths (None for none)."""
     if not values:
         return None
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
@@ -89,7 +95,7 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
         feats.append({"input_ids": ids, "labels": labels, "row": r["row"]})
     lengths = [len(f["input_ids"]) for f in feats]
     stats = {"examples": len(feats), **counts, "tokens": sum(lengths),
-             "target_tokens": sum(sum(x != -100 for x in f["labels"][1:]) for f in feats), "length": _stats(lengths)}
+             "target_tokens": sum(sum(x != -100 for x in f["labels"][1:]) for f in feats), "length": length_stats(lengths)}
     return feats, stats
 
 
@@ -116,7 +122,7 @@ def _encode_text(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dic
         feats += [{"input_ids": c, "labels": list(c), "row": r["row"]} for c in chunks if len(c) >= 2]
     lengths = [len(f["input_ids"]) for f in feats]
     return feats, {"examples": len(feats), "texts": len(rows), "split_into_windows": windows_cut, "tokens": sum(lengths),
-                   "target_tokens": sum(n - 1 for n in lengths), "length": _stats(lengths)}
+                   "target_tokens": sum(n - 1 for n in lengths), "length": length_stats(lengths)}
 
 
 def pack(features: list[dict], max_length: int) -> list[dict]:
@@ -206,7 +212,7 @@ def _targets(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden, targets[keep], rows
 
 
-def _token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(negative log-likelihood of every target token, the row it belongs to); logits a chunk at a time."""
     hidden, targets, rows = _targets(model, batch)
     nll = lm_loss.token_nll(model.get_output_embeddings(), hidden, targets, _softcap(model))
@@ -219,7 +225,7 @@ def _softcap(model):
 
 def forward(model, batch) -> torch.Tensor:
     """Per example: (summed NLL of its target tokens, their count), for the eval metrics."""
-    nll, rows = _token_nll(model, batch)
+    nll, rows = token_nll(model, batch)
     sums = torch.zeros(batch["labels"].shape[0], device=nll.device).index_add_(0, rows, nll)
     return torch.stack([sums, targets(batch).to(sums.dtype)], dim=1)
 
@@ -228,7 +234,7 @@ def targets(batch) -> torch.Tensor:
     return (batch["labels"][:, 1:] != -100).sum(dim=1)
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     hidden, targets, _ = _targets(model, batch)
     return lm_loss.summed_nll(model.get_output_embeddings(), hidden, targets, _softcap(model))
 

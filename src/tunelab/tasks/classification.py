@@ -17,11 +17,16 @@ from ..data.clean import canonical_label, label_sort_key
 from ..errors import TunelabError
 from ..ops import metrics as M
 from ..ops import packing
+from .base import finish, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
 HEADLINE = ("accuracy",)
 PROBE = True  # a logistic-regression probe on frozen features is a fair baseline here
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 
 
 def load_splits(cfg, seed: int):
@@ -236,10 +241,11 @@ def packing_fault(model) -> str | None:
     return None
 
 
-def loss(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Loss summed over the batch; the loop divides by `count` over the whole accumulated batch."""
+def loss(model, batch, info: dict) -> torch.Tensor:
+    """Loss summed over the batch; the loop divides by `count` over the whole accumulated batch. The loop puts
+    train.label_smoothing into `info` when it is set."""
     return F.cross_entropy(forward(model, batch).float(), batch["labels"], reduction="sum",
-                           label_smoothing=label_smoothing)
+                           label_smoothing=info.get("label_smoothing", 0.0))
 
 
 def count(batch) -> int:

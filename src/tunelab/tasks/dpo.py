@@ -22,11 +22,16 @@ from ..data import preference as pairs
 from ..data.batching import length_sorted_batches
 from ..ops import preference
 from . import causal_lm, reward
+from .base import finish, pack, packing_fault  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "accuracy", "margin")
 HEADLINE = ("loss", "accuracy", "margin")
 PROBE = False
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
 
 load_splits = reward.load_splits
 head_modules = causal_lm.head_modules
@@ -65,7 +70,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def _logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(pairs, 2) summed reply log-probs and (pairs, 2) reply token counts; the same sums as
     preference.sequence_logps on the model's logits, without holding the logits of the batch (lm_loss)."""
-    nll, rows = causal_lm._token_nll(model, batch)
+    nll, rows = causal_lm.token_nll(model, batch)
     logps = torch.zeros(batch["labels"].shape[0], device=nll.device).index_add(0, rows, -nll)
     return logps.view(2, -1).T, causal_lm.targets(batch).view(2, -1).T
 
@@ -97,6 +102,14 @@ def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: l
     m = preference.dpo_metrics(chosen, rejected)
     return {"loss": float(losses.mean()), "accuracy": m["rewards/accuracies"], "margin": m["rewards/margins"],
             "rewards_chosen": m["rewards/chosen"], "rewards_rejected": m["rewards/rejected"], "pairs": len(losses)}
+
+
+def prepare(model, feats: dict, cfg, pad_id: int, device, batch_size: int, say) -> None:
+    """With a precomputed reference (reference_mode), the starting model's log-probs of every pair, before the
+    first step."""
+    if reference_mode(cfg) == "precomputed":
+        say("reference log-probs: computing them once with the starting model")
+        precompute_reference(model, feats, pad_id, device, batch_size)
 
 
 @torch.inference_mode()

@@ -34,11 +34,15 @@ from ..data.clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from ..data.sources import field_names, read_records
 from ..errors import TunelabError
 from ..ops import processes
+from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "mrr@10"
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10", "loss")
 HEADLINE = ("recall@1", "mrr@10")
 PROBE = False  # the base model's own embeddings are the baseline
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 ROWS_INTERACT = True  # in-batch negatives: a batch cut into smaller ones would change the loss
 POOLINGS = ("mean", "cls", "last")
 KS = (1, 5, 10)

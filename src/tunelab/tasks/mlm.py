@@ -36,12 +36,17 @@ from .. import models
 from ..data import chat
 from ..errors import TunelabError
 from . import token_classification
-from .causal_lm import _stats
+from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
+from .causal_lm import length_stats
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "accuracy", "perplexity")
 HEADLINE = ("accuracy", "perplexity")
 PROBE = False  # a linear probe needs labels
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 NEW_HEAD = "tunelab_new_mlm_head"  # set on a model whose MLM head build_model had transformers initialise
 
 
@@ -217,7 +222,7 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
             feats.append({"input_ids": inputs, "labels": labels, "row": r.get("row")})
     lengths = [len(f["input_ids"]) for f in feats]
     stats = {"examples": len(feats), "texts": len(rows), "split_into_windows": cut, "tokens": sum(lengths),
-             "length": _stats(lengths)}
+             "length": length_stats(lengths)}
     stats.update({"masking": "dynamic"} if dynamic else {"masked_tokens": masked})
     return feats, stats
 
@@ -273,7 +278,7 @@ def targets(batch) -> torch.Tensor:
     return (batch["labels"] != -100).sum(dim=1)
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     """Summed over the batch's masked tokens; the loop divides by `count` over the accumulated batch."""
     logits, targets_, _ = _masked_logits(model, batch)
     return F.cross_entropy(logits.float(), targets_, reduction="sum")

@@ -19,12 +19,17 @@ from ..data.clean import label_sort_key
 from ..errors import TunelabError
 from ..ops import metrics as M
 from . import classification
+from .base import prepare  # noqa: F401  (the interface's defaults)
 from .classification import collate, forward, head_modules, pack, packing_fault  # noqa: F401  (the task's API)
 
 MAIN_METRIC = "micro_f1"
 METRICS = ("micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "loss")
 HEADLINE = ("micro_f1", "macro_f1")
 PROBE = "multilabel"  # one logistic regression per label on the frozen features
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)  # thresholds tried per label with task.threshold=tuned
 
 
@@ -84,7 +89,7 @@ def encode(rows: list[dict], tokenizer, info: dict, max_length: int) -> tuple[li
     return feats, stats
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     """BCE summed over labels and examples; the loop divides by the examples (`count`)."""
     return F.binary_cross_entropy_with_logits(forward(model, batch).float(), batch["labels"].float(), reduction="sum")
 
@@ -125,6 +130,15 @@ def calibrate(outputs: torch.Tensor, labels: torch.Tensor, info: dict) -> dict:
         best = np.flatnonzero(f1 == f1.max())
         chosen[name] = float(GRID[best[np.argmin(np.abs(GRID[best] - 0.5))]])
     return {**info, "threshold": chosen}
+
+
+def finish(info: dict, validation_outputs, say) -> tuple[dict, dict]:
+    """task.threshold=tuned: per-label thresholds from the validation outputs of the best weights."""
+    if not info.get("tune_threshold"):
+        return info, {}
+    info = calibrate(*validation_outputs(), info)
+    say("thresholds tuned on validation: " + ", ".join(f"{k} {v:g}" for k, v in info["threshold"].items()))
+    return info, {"thresholds": info["threshold"]}
 
 
 def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:

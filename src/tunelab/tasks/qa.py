@@ -32,11 +32,16 @@ import torch.nn.functional as F
 from .. import models
 from ..data import squad
 from ..errors import TunelabError
+from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "f1"
 METRICS = ("f1", "exact_match", "loss")
 HEADLINE = ("exact_match", "f1")
 PROBE = False  # a linear probe on pooled features cannot point at a span
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 
 MASKED = -1e9  # logit of padding positions: never a start or end, and no weight in the loss
 
@@ -181,7 +186,7 @@ def _losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             + F.cross_entropy(logits[..., 1], target[:, 1], reduction="none")) / 2
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     """Summed over windows; the loop divides by `count` over the whole accumulated batch."""
     return _losses(forward(model, batch), targets(batch)).sum()
 

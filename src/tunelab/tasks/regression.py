@@ -19,12 +19,16 @@ from .. import data, models
 from ..errors import TunelabError
 from ..ops import metrics as M
 from . import classification
+from .base import finish, prepare  # noqa: F401  (the interface's defaults)
 from .classification import collate, forward, head_modules, pack, packing_fault  # noqa: F401  (the task's API)
 
 MAIN_METRIC = "rmse"
 METRICS = ("rmse", "mse", "mae", "pearson", "spearman", "loss")
 HEADLINE = ("pearson", "mae")
 PROBE = "ridge"  # the baseline: ridge regression on the frozen model's mean-pooled features
+PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 BASE = False  # an untrained regression head says nothing about the base model
 
 

@@ -20,11 +20,16 @@ from ..data import preference as pairs
 from ..errors import TunelabError
 from ..ops import preference
 from . import classification  # score(): plain padding of single sequences
+from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "margin", "loss")
 HEADLINE = ("accuracy", "margin")
 PROBE = False  # no labels to probe: the pairs are the supervision
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 
 
 def load_splits(cfg, seed: int):
@@ -63,7 +68,7 @@ def forward(model, batch) -> torch.Tensor:
     return scores.view(2, -1).T
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     scores = forward(model, batch)
     return preference.reward_loss(scores[:, 0], scores[:, 1]).sum()  # pinned to TRL's RewardTrainer in the tests
 

@@ -30,11 +30,16 @@ import torch.nn.functional as F
 from .. import models
 from ..data import conll
 from ..errors import TunelabError
+from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
 
 MAIN_METRIC = "f1"
 METRICS = ("f1", "precision", "recall", "token_accuracy", "loss")  # scalar metrics usable for early stopping
 HEADLINE = ("f1", "precision", "recall")
 PROBE = False  # a probe on pooled sentence features says nothing about per-word tags
+BASE = True  # the untrained model's metrics are a baseline
+PACKS = False  # no pack(): rows are never packed
+ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
+FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 
 
 def load_splits(cfg, seed: int):
@@ -165,7 +170,7 @@ def targets(batch) -> torch.Tensor:
     return batch["labels"]
 
 
-def loss(model, batch) -> torch.Tensor:
+def loss(model, batch, info: dict) -> torch.Tensor:
     """Cross-entropy summed over labelled subwords; the loop divides by `count` over the accumulated batch."""
     logits = forward(model, batch)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum")

@@ -18,18 +18,6 @@ from ..config import TrainConfig
 from ..errors import TunelabError
 from . import distributed
 
-
-# The two probes of the task below go once the task interface declares PACKS and ROWS_INTERACT for every task.
-def packs(task) -> bool:
-    """The task can pack several examples end to end into one row (train.padding_free)."""
-    return hasattr(task, "pack")
-
-
-def rows_interact(task) -> bool:
-    """The task's loss couples the rows of a batch (in-batch negatives), so a batch is never split."""
-    return getattr(task, "ROWS_INTERACT", False)
-
-
 GROUP_WINDOW = 50  # micro-batches whose examples are sorted by length together (train.group_by_length)
 
 
@@ -103,7 +91,7 @@ def steps_per_epoch(jobs: list, cfg: TrainConfig) -> int:
 
 def resolve_padding_free(setting: bool | str, jobs: list, log: Callable[[dict], None]) -> bool:
     """train.padding_free as on or off: checked on the model first (true: an error if it fails, 'auto': off)."""
-    packing = [j for j in jobs if packs(j.task)]
+    packing = [j for j in jobs if j.task.PACKS]
     if setting is False or not packing:
         return False
     fault = packing[0].task.packing_fault(packing[0].model)
@@ -151,7 +139,7 @@ def split(job, rows: list[int], padding_free: bool, cost: float | None) -> list[
     computed. The step's loss and gradient stay the same, since the loop sums each example's loss over the step
     and divides by the step's count; a task whose loss couples the rows of a batch (in-batch negatives) must set
     ROWS_INTERACT = True to be left whole. Packed rows (padding-free) have no padding to drop."""
-    if cost is None or len(rows) < 2 or rows_interact(job.task) or (padding_free and packs(job.task)):
+    if cost is None or len(rows) < 2 or job.task.ROWS_INTERACT or (padding_free and job.task.PACKS):
         return [rows]
     lengths = [evaluate.feature_length(job.train[x]) for x in rows]
     return [[rows[k] for k in group] for group in split_by_length(lengths, cost)]
@@ -160,7 +148,7 @@ def split(job, rows: list[int], padding_free: bool, cost: float | None) -> list[
 def collate(job, rows: list[dict], padding_free: bool) -> dict:
     """A micro-batch as tensors: padded rows, or (train.padding_free, tasks that pack) its examples packed end to
     end into as few rows as fit the longest of them."""
-    if padding_free and packs(job.task):
+    if padding_free and job.task.PACKS:
         # Rows no longer than the longest example: attention runs over a whole packed row (the mask only hides the
         # other examples), so one row of everything costs (total tokens)^2. On the 58M LoRA bench: 599 tok/s
         # against 513 for a single row, and the single row of 8 x 320 tokens raised peak RSS by ~50 %.

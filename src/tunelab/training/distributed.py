@@ -60,8 +60,8 @@ class TaskLoss(nn.Module):
         super().__init__()
         self.model, self.task = model, task
 
-    def forward(self, batch: dict, options: dict) -> torch.Tensor:
-        return self.task.loss(self.model, batch, **options)
+    def forward(self, batch: dict, info: dict) -> torch.Tensor:
+        return self.task.loss(self.model, batch, info)
 
 
 def wrap(model: nn.Module, task, device):

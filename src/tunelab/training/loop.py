@@ -20,7 +20,6 @@ have requires_grad. So nothing here branches on either.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import time
 from collections.abc import Callable
@@ -78,22 +77,19 @@ class Job:
     pad_id: int
     weight: float = 1.0
     adapter: str | None = None
-    loss_options: dict | None = None  # keyword arguments of task.loss, e.g. label_smoothing
+    loss_info: dict | None = None  # what task.loss is given: `info`, plus train settings a loss reads
 
-
-def _loss_options(task, info: dict, cfg: TrainConfig) -> dict:
-    """Keyword arguments of task.loss. The signature probe goes once every task's loss takes (model, batch, info)."""
-    options = {"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {}
-    if "info" in inspect.signature(task.loss).parameters:  # a loss with settings of its own (dpo: beta, loss type)
-        options["info"] = info
-    return options
+    def __post_init__(self):
+        if self.loss_info is None:
+            self.loss_info = self.info
 
 
 def run(model, task, train: list[dict], validation: list[dict], info: dict, cfg: TrainConfig, head: list[str],
         pad_id: int, device, eval_batch_size: int, log: Callable[[dict], None],
         unfreeze: list[tuple[str, list[str]]] = (), checkpoints=None, resume=None) -> dict:
     """Train one task: `run_jobs` with a single job of weight 1."""
-    job = Job("default", task, model, train, validation, info, pad_id, loss_options=_loss_options(task, info, cfg))
+    loss_info = {**info, "label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else info
+    job = Job("default", task, model, train, validation, info, pad_id, loss_info=loss_info)
     return run_jobs(model, [job], cfg, head, device, eval_batch_size, log, unfreeze=unfreeze,
                     checkpoints=checkpoints, resume=resume)
 
@@ -154,8 +150,7 @@ def accumulate(batches: list[tuple[Job, dict]], owner=None, precision: str = "fp
             methods.set_adapter(owner, job.adapter)
         device = next(iter(batch.values())).device
         with distributed.no_sync(parallel, last=i == len(batches) - 1), autocast(device, precision):
-            options = job.loss_options or {}
-            summed = parallel(batch, options) if parallel is not None else job.task.loss(job.model, batch, **options)
+            summed = parallel(batch, job.loss_info) if parallel is not None else job.task.loss(job.model, batch, job.loss_info)
             loss = job.weight * summed * (scale if counts else 0.0) / max(n_items[job.name], 1)
             loss.backward()
         total += loss.item() / scale
