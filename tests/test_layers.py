@@ -69,8 +69,6 @@ LAZY_OK = {"tunelab.cli", "tunelab"}
 
 # Violations other parts of the refactor (issue 24) remove, each with who/what removes it.
 KNOWN = {
-    # the spines: the shared run layer (lead) makes pipeline dispatch without the multitask/rl spines importing it
-    "private: tunelab.multitask uses tunelab.methods.named._registry": "lead: shared run layer (multitask)",
     # predict: loading a run and dispatching through the task interface
     "upward: tunelab.predict -> tunelab.multitask (L8 -> L9)": "task-interface work: predict dispatches through the task",
     "function-local: tunelab.predict imports tunelab.multitask inside a function": "task-interface work",
@@ -87,13 +85,6 @@ KNOWN = {
     "function-local: tunelab.tasks.qa imports tunelab.evaluate inside a function": "task-interface work",
     "function-local: tunelab.tasks.reward imports tunelab.evaluate inside a function": "task-interface work",
     "function-local: tunelab.tasks.token_classification imports tunelab.evaluate inside a function": "task-interface work",
-    # methods: named.save looks its method up by name in methods/__init__, which lists named
-    "cycle: tunelab.methods <-> tunelab.methods.named": "methods-facts work: the registry entry keeps its method module",
-    "function-local: tunelab.methods.named imports tunelab.methods inside a function": "methods-facts work (as above)",
-    # advise/ (being split): qlora should declare what the memory model asks of it
-    "private: tunelab.advise.memory uses tunelab.methods.qlora._bnb_installed": "advise split: qlora declares these facts",
-    "private: tunelab.advise.memory uses tunelab.methods.qlora._candidates": "advise split: qlora declares these facts",
-    "private: tunelab.advise.memory uses tunelab.methods.qlora._fits": "advise split: qlora declares these facts",
 }
 
 

@@ -27,14 +27,13 @@ from pydantic import ValidationError
 
 from . import atomic, evaluate, methods, models, predict, report, runs, tasks
 from . import config as config_mod
-from .config import METHOD_CONFIGS, METHOD_NAMES
+from .config import METHOD_NAMES
+from .config.methods import BY_NAME
 from .errors import TunelabError
 
-# A usual peak LR per method for fine-tuning small and mid-size models; the reasons differ by orders of magnitude:
-# full and partial fine-tuning move pretrained weights (small steps), LoRA-family and bottleneck adapters train
-# new low-rank or small modules, and the virtual-token and scaling methods need the largest steps.
-DEFAULT_LR = {"full": 5e-5, "freeze": 1e-4, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "adapter": 1e-3,
-              "bitfit": 1e-3, "ia3": 1e-2, "prefix": 1e-2, "ptuning": 1e-3, "prompt": 3e-2}
+# A usual peak LR per method for fine-tuning small and mid-size models, as each method declares it (they differ by
+# orders of magnitude: full and partial fine-tuning move pretrained weights, the others train new modules).
+DEFAULT_LR = {name: m.DEFAULT_LR for name, m in methods.METHODS.items()}
 LATENCY_EXAMPLES = 32
 COLUMNS = ["method", "status", "trainable_params", "trainable_percent", "storage_mb", "peak_memory_mb",
            "train_seconds", "tokens_per_second", "latency_ms", "latency_merged_ms", "metric", "split", "tuned", "base",
@@ -87,7 +86,7 @@ def method_config(cfg, name: str, lrs: dict[str, float], steps: int | None, run_
                   settings: dict | None = None):
     """The recipe with method `name`: shared method keys carried over, then `settings` (from --set), the method's
     LR, the common budget."""
-    cls = next(c for c in METHOD_CONFIGS if c.model_fields["name"].annotation.__args__[0] == name)
+    cls = BY_NAME[name]
     own = cfg.method.model_dump(exclude_unset=True)
     carried = {k: v for k, v in own.items() if k in cls.model_fields and k not in ("name", "init_from")}
     out = cfg.model_copy(deep=True)
@@ -100,7 +99,7 @@ def method_config(cfg, name: str, lrs: dict[str, float], steps: int | None, run_
     out.train.lr = lrs.get(name, cfg.train.lr if name == cfg.method.name else DEFAULT_LR[name])
     if steps:
         out.train.max_steps = steps
-    if cfg.train.unfreeze == "gradual" and name != "freeze":
+    if cfg.train.unfreeze == "gradual" and not cls.UNFREEZES:
         out.train.unfreeze = "none"
     # The base model's figures are the same for every method: the linear probe is fitted once.
     out.eval.linear_probe = cfg.eval.linear_probe and first
@@ -204,7 +203,7 @@ def latency(run_dir: Path, name: str, n: int = LATENCY_EXAMPLES, model_cfg=None)
     splits, _ = task.load_splits(cfg, cfg.train.seed)
     rows = (splits.get("test") or splits["validation"])[:n]
     max_length = models.max_input_length(trained.model, trained.tokenizer, cfg.data.max_length,
-                                                  getattr(cfg.method, "num_virtual_tokens", 0))
+                                         methods.reserved_positions(cfg.method))
     feats, _ = task.encode(rows, trained.tokenizer, trained.info, max_length)
     pad = trained.tokenizer.pad_token_id
     unmerged = _time(trained.model, task, feats, pad, trained.device)

@@ -143,7 +143,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
         store = {}
         if per_task:
             store["adapters"] = nn.ModuleDict({n: nn.ModuleList(m for _, m in e["modules"].values())
-                                               for n, e in methods.named._registry(owner)["adapters"].items()})
+                                               for n, e in methods.named.adapters(owner).items()})
         store["tasks"] = nn.ModuleDict({n: p["model"] for n, p in parts.items()})
         container = nn.ModuleDict(store)
         head_names = [f"tasks.{n}.{h}" for n, p in parts.items() for h in p["head"]]

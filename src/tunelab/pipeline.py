@@ -162,7 +162,7 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
             on_eval(record)
 
     with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
-        stages = methods.freeze.unfreeze_stages(w.model) if cfg.train.unfreeze == "gradual" else []
+        stages = methods.get(cfg.method.name).unfreeze_stages(w.model) if cfg.train.unfreeze == "gradual" else []
         if stages:
             say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"
                 f"{'' if cfg.train.unfreeze_every == 'epoch' else ' steps'}")

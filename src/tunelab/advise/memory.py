@@ -40,13 +40,12 @@ from pathlib import Path
 
 import torch
 
-from .. import config as C
 from .. import methods, models
+from ..config.methods import BY_NAME
 from ..errors import TunelabError
-from ..methods import lora as lora_mod
-from ..methods import qlora as qlora_mod
 from ..ops import lm_loss
 
+# The rows of advise's table, in the order it prints them (every method of methods.METHODS; a test checks that).
 METHOD_ORDER = ("full", "freeze", "lora", "dora", "qlora", "adapter", "prefix", "prompt", "ptuning", "bitfit", "ia3")
 # Merging folds the update into the base weights: inference costs what the base model costs.
 MERGEABLE = {name for name, m in methods.METHODS.items() if m.MERGEABLE}  # each method declares it
@@ -63,21 +62,16 @@ EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
 # `attention` is stored probabilities per token and block, in units of heads x key length: only when sdpa
 # falls back to its math kernel (attention dropout > 0 on CPU) or the model runs eager attention; then
 # softmax output, dropout mask and dropped probabilities = 3 (48 B = 3 x 4 heads x 4 B per unit of s measured).
-# `methods`: the fraction of full fine-tuning's block activations each method saves, measured the same way
-# with tunelab's default config per method (frozen layers keep only what the backward to the trainable
-# parameters needs). `bfloat16`: measured saved bytes in bf16 relative to float32 (norms stay float32).
+# Each method declares the fraction of full fine-tuning's block activations it saves per family (its
+# ACTIVATION_SHARE), measured the same way with tunelab's default config per method (frozen layers keep only what
+# the backward to the trainable parameters needs). `bfloat16`: measured saved bytes in bf16 relative to float32
+# (norms stay float32).
 # `eval`: the peak working set of a forward without gradients per token, relative to one block's full
 # activations (measured: llama 0.77-0.93, gpt2 ~1.0, bert 0.64 at 32-64 rows x 512 tokens).
 FAMILIES = {
-    "llama": {"a_h": 8, "a_kv": 2, "a_i": 4, "attention": 3, "bfloat16": 0.56, "eval": 0.85,
-              "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.87, "qlora": 0.87, "dora": 1.02, "ia3": 0.85,
-                          "adapter": 0.72, "prompt": 0.66, "ptuning": 0.66, "prefix": 0.73, "bitfit": 0.70}},
-    "gpt2": {"a_h": 14, "a_kv": 0, "a_i": 4, "attention": 3, "bfloat16": 0.68, "eval": 1.0,
-             "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.84, "qlora": 0.84, "dora": 1.04, "ia3": 1.0,
-                         "adapter": 0.80, "prompt": 0.77, "ptuning": 0.77, "prefix": 0.81, "bitfit": 0.77}},
-    "bert": {"a_h": 10, "a_kv": 0, "a_i": 2, "attention": 3, "bfloat16": 0.74, "eval": 0.65,
-             "methods": {"full": 1.0, "freeze": 0.0, "lora": 0.84, "qlora": 0.84, "dora": 1.06, "ia3": 1.0,
-                         "adapter": 0.67, "prompt": 0.61, "ptuning": 0.61, "prefix": 0.68, "bitfit": 0.61}},
+    "llama": {"a_h": 8, "a_kv": 2, "a_i": 4, "attention": 3, "bfloat16": 0.56, "eval": 0.85},
+    "gpt2": {"a_h": 14, "a_kv": 0, "a_i": 4, "attention": 3, "bfloat16": 0.68, "eval": 1.0},
+    "bert": {"a_h": 10, "a_kv": 0, "a_i": 2, "attention": 3, "bfloat16": 0.74, "eval": 0.65},
 }
 FAMILY_OF = {
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta", "deberta-v2",
@@ -155,15 +149,12 @@ def model_family(cfg, task: str) -> tuple[str, bool]:
 
 
 def method_config(method: str, lora_r: int, num_virtual_tokens: int):
-    by_name = {"full": C.FullConfig, "freeze": C.FreezeConfig, "lora": C.LoraConfig, "dora": C.DoraConfig,
-               "qlora": C.QLoraConfig, "adapter": C.AdapterConfig, "prefix": C.PrefixConfig, "prompt": C.PromptConfig,
-               "ptuning": C.PTuningConfig, "bitfit": C.BitFitConfig, "ia3": C.IA3Config}
-    if method not in by_name:
+    """The method's default config, with `lora_r` and `num_virtual_tokens` where it has those keys."""
+    if method not in BY_NAME:
         raise TunelabError(f"Unknown method '{method}'; choose one of {', '.join(METHOD_ORDER)}.")
-    kw = {"r": lora_r} if method in ("lora", "dora", "qlora") else {}
-    if method in ("prompt", "ptuning", "prefix"):
-        kw["num_virtual_tokens"] = num_virtual_tokens
-    return by_name[method](name=method, **kw)
+    cls = BY_NAME[method]
+    kw = {k: v for k, v in (("r", lora_r), ("num_virtual_tokens", num_virtual_tokens)) if k in cls.model_fields}
+    return cls(name=method, **kw)
 
 
 def nf4_bytes(numel: int, dtype: torch.dtype) -> int:
@@ -200,20 +191,15 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     # Loading materialises every weight in dtype before any method runs (QLoRA quantizes afterwards).
     load_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     head_copy = sum(_nbytes(p) for h in head for p in model.get_submodule(h).parameters())  # methods.named keeps one
-    cfg_method = method_config(method, lora_r, num_virtual_tokens)
+    cfg_method, module = method_config(method, lora_r, num_virtual_tokens), methods.get(method)
     try:
-        if method == "qlora":  # NF4 tensors cannot be built on meta: LoRA as qlora.apply does, quantization counted below
-            model = lora_mod.apply(model, cfg_method, head)
+        if module.QUANTIZES_BASE:  # 4-bit tensors cannot be built on meta: what apply would quantize, counted below
+            model, quantized_paths = module.dry_apply(model, cfg_method, head, device)
         else:
-            model = methods.prepare(model, cfg_method, head)
+            model, quantized_paths = methods.prepare(model, cfg_method, head), []
     except TunelabError as e:  # e.g. BitFit on a bias-free Llama: the method does not apply to this model
         return {"applicable": False, "reason": str(e).split(". ")[0] + "."}
-    quantized = set()
-    if method == "qlora":
-        settings = {**qlora_mod.DEFAULTS, "head": head}
-        backend = "bitsandbytes" if device == "cuda" and qlora_mod._bnb_installed() else "torchao"
-        quantized = {id(model.get_submodule(p).weight) for p in qlora_mod._candidates(model, settings)
-                     if qlora_mod._fits(model.get_submodule(p), backend)}
+    quantized = {id(model.get_submodule(p).weight) for p in quantized_paths}
     seen, weight_bytes, trainable, total, trainable_bytes, largest = set(), head_copy, 0, 0, 0, 0
     for p in model.parameters():
         if id(p) in seen:  # tied embeddings are one tensor
@@ -240,20 +226,21 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
 def activation_bytes(dims: dict, family: str, method: str, task: str, seq_len: int, batch: int, dtype: str,
                      device: str, attention_impl: str, num_virtual_tokens: int, gradient_checkpointing: bool) -> int:
     """Bytes autograd saves for one micro-batch (see FAMILIES); logits are counted apart (logit_bytes)."""
-    fam = FAMILIES[family]
+    fam, module = FAMILIES[family], methods.get(method)
+    share = module.ACTIVATION_SHARE[family]
     scale = 1.0 if dtype == "float32" else fam["bfloat16"]
-    virtual = num_virtual_tokens if method in ("prompt", "ptuning", "prefix") else 0
+    virtual = num_virtual_tokens if module.VIRTUAL_TOKENS else 0
     # Prompt tuning / P-tuning put the virtual tokens into the sequence; prefix tuning only into the keys.
-    tokens = batch * (seq_len + (virtual if method in ("prompt", "ptuning") else 0))
+    tokens = batch * (seq_len + (virtual if module.VIRTUAL_TOKENS == "inputs" else 0))
     keys = seq_len + virtual
     block = 4 * (fam["a_h"] * dims["hidden"] + fam["a_kv"] * dims["kv"] + fam["a_i"] * dims["intermediate"])
-    block *= fam["methods"][method]
+    block *= share
     math_attention = attention_impl == "eager" or (device == "cpu" and dims["attention_dropout"] > 0)
-    if math_attention and fam["methods"][method] > 0:
+    if math_attention and share > 0:
         block += 4 * fam["attention"] * dims["heads"] * keys
     block *= scale
     head = 4 * HEAD_WIDTHS * dims["hidden"] * scale
-    if gradient_checkpointing and fam["methods"][method] > 0:  # (frozen blocks keep nothing to checkpoint)
+    if gradient_checkpointing and share > 0:  # (frozen blocks keep nothing to checkpoint)
         # Each block keeps only its input; backward recomputes one block at a time.
         element = torch.empty((), dtype=models.DTYPES[dtype]).element_size()
         return int(tokens * (dims["layers"] * dims["hidden"] * element + head) + tokens * block)
@@ -333,7 +320,10 @@ def estimate(model_dir, task: str, seq_len: int, batch: int, method: str | None 
         "optimizer": 2 * trainable,
         "best_copy": trainable,
         "activations": act[gradient_checkpointing],
-        "logits": logit_bytes(dims, task, seq_len, batch, dtype, num_labels, head_trains=method in ("full", "freeze")),
+        # A method that saves the whole model trains the model's own head (an LM's output layer) too; the others
+        # train only the head modules they are given, none for an LM.
+        "logits": logit_bytes(dims, task, seq_len, batch, dtype, num_labels,
+                              head_trains=methods.get(method).ARTIFACT == "model"),
     }
     # AdamW's step runs after backward has freed the activations; its temporaries are one parameter's worth at a
     # time on CPU, all parameters at once with the foreach kernels torch uses on CUDA.

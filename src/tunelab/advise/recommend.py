@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.rules import words
 from ..errors import TunelabError
 from .memory import MERGEABLE, METHOD_ORDER, estimate, eval_batch_that_fits
 
@@ -93,7 +94,10 @@ def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | s
 def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool) -> tuple[list[dict], list[str]]:
     """The design notes' rules: limited memory -> LoRA / QLoRA; several tasks -> one small adapter per task;
     latency-critical -> mergeable methods only; memory to spare and one task -> full fine-tuning is an option;
-    gradient checkpointing where a method fits only with it."""
+    gradient checkpointing where a method fits only with it.
+
+    The methods named here are advice (which to suggest first, and in what order), not facts about the methods;
+    what a method is (mergeable, ...) comes from its own module."""
     by = {r["method"]: r for r in rows}
     fits = lambda m: m in by and by[m]["fits"] is not None
     allowed = lambda m: not latency_critical or m in MERGEABLE
@@ -143,8 +147,9 @@ def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool
                      f"{fmt_bytes(smallest['checkpointing']['train_peak'])}. Lower the batch (and raise train.grad_accum to "
                      f"keep the effective batch), shorten data.max_length, train in bfloat16, or use more memory.")
     if latency_critical:
-        notes.append("Latency-critical: adapter, prefix, prompt and ptuning add work to every inference call, so they "
-                     "are not recommended.")
+        unmerged = tuple(m for m in METHOD_ORDER if m not in MERGEABLE)
+        notes.append(f"Latency-critical: {words(unmerged)} add work to every inference call, so they are not "
+                     f"recommended.")
     lora, qlora = by["lora"], by["qlora"]
     if qlora["applicable"] and not fits("qlora") and qlora["checkpointing"]["phases"]["train"] <= memory:
         notes.append(f"QLoRA's training would fit ({fmt_bytes(qlora['checkpointing']['phases']['train'])}), but tunelab "

@@ -1,10 +1,25 @@
-"""Fine-tuning methods. Each is one module of plain functions:
+"""Fine-tuning methods. Each is one module of plain functions and the facts other modules ask of it
+(`methods.get(name).FACT`; the literal list of methods is catalog.py's `METHODS`):
 
     apply(model, cfg, head) -> model       set requires_grad / inject modules
     save(model, out_dir, base_model_path, head)
     load(model, out_dir) -> model          (adapter methods) restore onto a fresh base
     merge(model) -> model                  fold into plain weights, or a TunelabError saying it cannot
+    unfreeze_stages(model)                 (freeze only: config's UNFREEZES) what train.unfreeze=gradual thaws
     ARTIFACT                               "model" (complete HF dir) or "adapter"
+    CHANGES_BASE                           trains weights of the base itself (so "adapters off" is not the base)
+    MERGEABLE                              merge() folds it into plain weights
+    SWITCHABLE                             one named adapter among others on a shared base (named.py)
+    VIRTUAL_TOKENS                         None, or where its virtual tokens go: "inputs" (prepended to the
+                                           input) or "keys" (to every attention layer's keys and values)
+    QUANTIZES_BASE                         stores the frozen base quantized; `dry_apply` then says what it would
+                                           quantize on a meta-device model, where apply cannot
+    DEFAULT_LR                             a usual peak learning rate for it (`tunelab compare`)
+    ACTIVATION_SHARE                       {architecture family: share of full fine-tuning's saved block
+                                           activations}, measured (advise's memory model)
+
+The facts config's rules need (VIRTUAL_TOKENS, SWITCHABLE, unfreezing) are declared again on the method's config
+model, which sits below this package; tests/test_method_facts.py checks that the two agree.
 
 Injected modules (LoRA, DoRA, IA3, bottleneck adapters) carry a boolean
 `adapter_disabled`; when it is set they compute exactly what the base layer
@@ -17,15 +32,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import adapter, bitfit, dora, freeze, full, ia3, lora, named, prefix, prompt, ptuning, qlora
+from . import named
+from .catalog import METHODS, get
 from .layout import method_of
 
-METHODS = {"full": full, "freeze": freeze, "lora": lora, "dora": dora, "ia3": ia3, "bitfit": bitfit, "adapter": adapter,
-           "prompt": prompt, "ptuning": ptuning, "prefix": prefix, "qlora": qlora}
 
-
-def get(name: str):
-    return METHODS[name]
+def reserved_positions(cfg) -> int:
+    """Positions of the model's input length that the method's virtual tokens take (method.num_virtual_tokens)."""
+    return cfg.num_virtual_tokens if get(cfg.name).VIRTUAL_TOKENS else 0
 
 
 def prepare(model, cfg, head: list[str]):

@@ -38,6 +38,11 @@ from .targets import is_linear
 ARTIFACT = "adapter"  # tensors only, tunelab's layout; the base model is loaded from model.path
 CHANGES_BASE = False  # adds bottleneck layers beside frozen weights
 MERGEABLE = False  # merge(): added layers
+SWITCHABLE = True  # its wrapped sublayers swap in and out
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-3  # new small modules
+ACTIVATION_SHARE = {"llama": 0.72, "gpt2": 0.80, "bert": 0.67}  # of full fine-tuning's saved activations
 
 # model_type -> (attention output projection, feed-forward output projection), as paths inside one block.
 SUBLAYERS = {

@@ -25,6 +25,11 @@ from .targets import inside
 ARTIFACT = "adapter"  # tensors only; the base model is loaded from model.path
 CHANGES_BASE = True  # trains the base's own bias vectors
 MERGEABLE = True  # merge(): the trained biases are the base's
+SWITCHABLE = False  # it changes the base other adapters would share
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-3  # few parameters, large steps for them
+ACTIVATION_SHARE = {"llama": 0.70, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 
 
 def _body_biases(model: nn.Module, head: list[str]) -> dict[str, nn.Parameter]:

@@ -32,6 +32,11 @@ from . import lora
 ARTIFACT = "adapter"  # PEFT-layout adapter dir, as for LoRA
 CHANGES_BASE = False  # adds a magnitude and low-rank direction beside frozen weights
 MERGEABLE = True  # merge(): folded into W
+SWITCHABLE = True  # its layers swap in and out, as LoRA's
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-3  # new low-rank modules
+ACTIVATION_SHARE = {"llama": 1.02, "gpt2": 1.04, "bert": 1.06}  # of full fine-tuning's saved activations
 save = lora.save  # reads use_dora and the magnitude off the layers
 merge = lora.merge  # folds each layer's merged_weight() into its base and removes the DoRA modules
 

@@ -13,6 +13,11 @@ from .full import ARTIFACT, merge, save  # noqa: F401  (same artifact as full: a
 
 CHANGES_BASE = True  # trains the upper blocks of the base itself
 MERGEABLE = True  # merge(): already plain weights
+SWITCHABLE = False  # it changes the base other adapters would share
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-4  # moves pretrained weights (the upper blocks): small steps
+ACTIVATION_SHARE = {"llama": 0.0, "gpt2": 0.0, "bert": 0.0}  # (default freeze_layers=all: no block trains)
 
 
 def apply(model, cfg, head: list[str]):

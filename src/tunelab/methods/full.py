@@ -7,6 +7,11 @@ from pathlib import Path
 ARTIFACT = "model"  # a complete HF model dir, loadable with from_pretrained
 CHANGES_BASE = True  # trains the base weights themselves
 MERGEABLE = True  # merge(): already plain weights
+SWITCHABLE = False  # it changes the base other adapters would share
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 5e-5  # moves pretrained weights: small steps
+ACTIVATION_SHARE = {"llama": 1.0, "gpt2": 1.0, "bert": 1.0}  # of full fine-tuning's saved activations
 
 
 def apply(model, cfg, head: list[str]):

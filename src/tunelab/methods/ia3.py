@@ -38,6 +38,11 @@ from .targets import available, body_linears, matches
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 CHANGES_BASE = False  # adds scaling vectors beside frozen weights
 MERGEABLE = True  # merge(): the scales fold into W
+SWITCHABLE = True  # its scaled layers swap in and out
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-2  # scaling vectors need large steps
+ACTIVATION_SHARE = {"llama": 0.85, "gpt2": 1.0, "bert": 1.0}  # of full fine-tuning's saved activations
 
 # model type -> (target_modules, feedforward_modules): peft's tables.
 DEFAULTS = {

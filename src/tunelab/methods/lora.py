@@ -60,6 +60,11 @@ from .targets import available, body_linears, inside, matches
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 CHANGES_BASE = False  # adds low-rank matrices beside frozen weights (its `bias` option aside)
 MERGEABLE = True  # merge(): W + BA/r·alpha
+SWITCHABLE = True  # its layers swap in and out; with bias all/lora_only named.py refuses it, as it trains base biases
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-3  # new low-rank modules
+ACTIVATION_SHARE = {"llama": 0.87, "gpt2": 0.84, "bert": 0.84}  # of full fine-tuning's saved activations
 PREFIX = "base_model.model."
 
 # The LoRA paper's choice (attention query and value) per architecture; names from peft's mapping table.

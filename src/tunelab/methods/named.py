@@ -13,8 +13,9 @@ Parked adapters are not submodules of the model: `model.named_parameters()` and 
 (for one optimizer over several adapters). `methods.adapters_disabled` still turns the active one
 off, so "base" is always `with adapters_disabled(model):`.
 
-Methods that change base weights in place (full, freeze, bitfit, LoRA with bias all/lora_only)
-or the base itself (qlora quantizes it) cannot share a base with another adapter, and say so.
+Methods that change base weights in place (full, freeze, bitfit) or the base itself (qlora quantizes it)
+declare SWITCHABLE = False and cannot share a base with another adapter, nor can an adapter that trains base
+parameters (LoRA with bias all/lora_only); both are refused with a message.
 """
 
 from __future__ import annotations
@@ -25,13 +26,19 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import TunelabError
+from .catalog import METHODS, get
 
 REGISTRY = "_tunelab_adapters"  # in the model's __dict__, so parked modules are not submodules
-SWITCHABLE = ("lora", "dora", "ia3", "adapter", "prompt", "ptuning", "prefix")
+SWITCHABLE = tuple(name for name, m in METHODS.items() if m.SWITCHABLE)  # for messages; each method declares it
 
 
 def _registry(model: nn.Module) -> dict:
     return model.__dict__.setdefault(REGISTRY, {"active": None, "adapters": {}})
+
+
+def adapters(model: nn.Module) -> dict[str, dict]:
+    """Each adapter's entry by name: {"method", "modules": {path: (base layer, its module)}, "head", "shared"}."""
+    return _registry(model)["adapters"]
 
 
 def names(model: nn.Module) -> list[str]:
@@ -75,7 +82,7 @@ def record(model: nn.Module, name: str, method: str, head: list[str], attach) ->
     before = dict(model.named_modules())
     model = attach(model)
     # Only switchable methods keep what they replaced: qlora's float base layers must be freed, not held.
-    modules = _outermost_changes(before, dict(model.named_modules())) if method in SWITCHABLE else {}
+    modules = _outermost_changes(before, dict(model.named_modules())) if get(method).SWITCHABLE else {}
     entry = {"method": method, "modules": modules, "head": {h: model.get_submodule(h) for h in head},
              "shared": _shared(model, list(modules), head)}
     reg["adapters"][name] = entry
@@ -84,7 +91,7 @@ def record(model: nn.Module, name: str, method: str, head: list[str], attach) ->
 
 
 def _refuse(entry_name: str, entry: dict) -> None:
-    if entry["method"] not in SWITCHABLE:
+    if not get(entry["method"]).SWITCHABLE:
         raise TunelabError(
             f"Adapter '{entry_name}' is a {entry['method']} run, which changes the base model itself, so no other "
             f"adapter can share that base. Named adapters work with {', '.join(SWITCHABLE)}.")
@@ -104,7 +111,7 @@ def add(model: nn.Module, name: str, method: str, head: list[str], attach) -> nn
     if name in reg["adapters"]:
         raise TunelabError(f"The model already has an adapter named '{name}' (it has: {', '.join(reg['adapters'])}); "
                            f"pick another name.")
-    if method not in SWITCHABLE:
+    if not get(method).SWITCHABLE:
         raise TunelabError(f"method '{method}' cannot be added as a named adapter: it changes the base model itself. "
                            f"Named adapters work with {', '.join(SWITCHABLE)}.")
     if not reg["adapters"] and any(hasattr(m, "adapter_disabled") for m in model.modules()):
@@ -175,8 +182,6 @@ def parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def save(model: nn.Module, name: str, out_dir: Path, base_model_path: str) -> None:
     """Save adapter `name` with its method's own `save` (peft or tunelab layout), whichever is active."""
-    from . import get
-
     previous = active(model)
     use(model, name)
     entry = _registry(model)["adapters"][name]

@@ -35,6 +35,11 @@ from . import virtual_tokens as vt
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 CHANGES_BASE = False  # adds virtual tokens in front of the input
 MERGEABLE = False  # merge(): virtual tokens are not weights
+SWITCHABLE = True  # its encoder (model.prompt_encoder) swaps in and out
+VIRTUAL_TOKENS = "inputs"  # prepended to the input embeddings: they take positions and pass through every block
+QUANTIZES_BASE = False
+DEFAULT_LR = 3e-2  # a few input embeddings need the largest steps
+ACTIVATION_SHARE = {"llama": 0.66, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 PEFT_TYPE = "PROMPT_TUNING"
 
 

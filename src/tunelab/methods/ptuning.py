@@ -25,6 +25,11 @@ from . import virtual_tokens as vt
 ARTIFACT = "adapter"  # PEFT-layout adapter dir; the base model is loaded from model.path
 CHANGES_BASE = False  # adds virtual tokens from a prompt encoder
 MERGEABLE = False  # merge(): virtual tokens are not weights
+SWITCHABLE = True  # its encoder (model.prompt_encoder) swaps in and out
+VIRTUAL_TOKENS = "inputs"  # prepended to the input embeddings: they take positions and pass through every block
+QUANTIZES_BASE = False
+DEFAULT_LR = 1e-3  # the prompt encoder is a small network
+ACTIVATION_SHARE = {"llama": 0.66, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 PEFT_TYPE = "P_TUNING"
 
 

@@ -43,6 +43,11 @@ from . import lora, targets
 ARTIFACT = "adapter"  # PEFT-layout LoRA adapter; the 4-bit base is rebuilt from model.path
 CHANGES_BASE = False  # LoRA over a frozen quantized base
 MERGEABLE = True  # merge(): dequantized, then W + BA
+SWITCHABLE = False  # the base it quantizes cannot be shared
+VIRTUAL_TOKENS = None
+QUANTIZES_BASE = True  # a 4-bit NF4 base (dry_apply: what apply would quantize)
+DEFAULT_LR = 1e-3  # new low-rank modules, as LoRA
+ACTIVATION_SHARE = lora.ACTIVATION_SHARE  # the same layers train as with LoRA
 SETTINGS_NAME = "qlora_config.json"  # tunelab's own: how to re-quantize the base (peft ignores the file)
 BLOCK_SIZE = 64  # weights per NF4 absmax scale (the paper's)
 SCALER_BLOCK_SIZE = 256  # scales per block of the second (8-bit) quantization
@@ -102,11 +107,14 @@ def _bnb_installed() -> bool:
         return False
 
 
+def auto_backend(device_type: str) -> str:
+    """What backend=auto picks on a `device_type` device: bitsandbytes on CUDA when installed, else torchao."""
+    return "bitsandbytes" if device_type == "cuda" and _bnb_installed() else "torchao"
+
+
 def _resolve_backend(requested: str, double_quant: bool, device: torch.device) -> str:
     """'torchao' or 'bitsandbytes'; fails here, before the model is touched, when it cannot work."""
-    backend = requested
-    if requested == "auto":
-        backend = "bitsandbytes" if device.type == "cuda" and _bnb_installed() else "torchao"
+    backend = auto_backend(device.type) if requested == "auto" else requested
     if backend == "bitsandbytes":
         _bnb()
         if device.type != "cuda":
@@ -311,6 +319,16 @@ def apply(model: PreTrainedModel, cfg: QLoraConfig, head: list[str]) -> PreTrain
     quantize(model, _settings(cfg), head)
     print(describe(memory_report(model)), flush=True)
     return model
+
+
+def dry_apply(model: PreTrainedModel, cfg: QLoraConfig, head: list[str], device_type: str) -> tuple[nn.Module, list[str]]:
+    """What apply would do to a model on the meta device, where 4-bit tensors cannot be built (advise's memory model):
+    LoRA as apply adds it, and the paths of the linears apply would store in 4-bit on a `device_type` device (with
+    cfg.backend, auto resolved as apply resolves it). Nothing is quantized, so no backend needs to be installed."""
+    model = lora.apply(model, cfg, head)
+    backend = auto_backend(device_type) if cfg.backend == "auto" else cfg.backend
+    settings = {**_settings(cfg), "head": list(head)}
+    return model, [p for p in _candidates(model, settings) if _fits(model.get_submodule(p), backend)]
 
 
 def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str]) -> None:
