@@ -69,22 +69,6 @@ LAZY_OK = {"tunelab.cli", "tunelab"}
 
 # Violations other parts of the refactor (issue 24) remove, each with who/what removes it.
 KNOWN = {
-    # predict: loading a run and dispatching through the task interface
-    "upward: tunelab.predict -> tunelab.multitask (L8 -> L9)": "task-interface work: predict dispatches through the task",
-    "function-local: tunelab.predict imports tunelab.multitask inside a function": "task-interface work",
-    "function-local: tunelab.predict imports tunelab.data inside a function": "task-interface work (task.type tests)",
-    "function-local: tunelab.predict imports tunelab.data.chat inside a function": "task-interface work (task.type tests)",
-    # tasks run the model through evaluate.outputs on themselves; the interface has the caller run it
-    "upward: tunelab.tasks.classification -> tunelab.evaluate (L5 -> L6)": "task-interface work: no evaluate.outputs in tasks",
-    "upward: tunelab.tasks.embedding -> tunelab.evaluate (L5 -> L6)": "task-interface work: no evaluate.outputs in tasks",
-    "upward: tunelab.tasks.qa -> tunelab.evaluate (L5 -> L6)": "task-interface work: no evaluate.outputs in tasks",
-    "upward: tunelab.tasks.reward -> tunelab.evaluate (L5 -> L6)": "task-interface work: no evaluate.outputs in tasks",
-    "upward: tunelab.tasks.token_classification -> tunelab.evaluate (L5 -> L6)": "task-interface work: no evaluate.outputs in tasks",
-    "function-local: tunelab.tasks.classification imports tunelab.evaluate inside a function": "task-interface work",
-    "function-local: tunelab.tasks.embedding imports tunelab.evaluate inside a function": "task-interface work",
-    "function-local: tunelab.tasks.qa imports tunelab.evaluate inside a function": "task-interface work",
-    "function-local: tunelab.tasks.reward imports tunelab.evaluate inside a function": "task-interface work",
-    "function-local: tunelab.tasks.token_classification imports tunelab.evaluate inside a function": "task-interface work",
 }
 
 

@@ -12,7 +12,7 @@ from tunelab import tasks
 
 FLAG_VALUES = {"BASE": (True, False), "PACKS": (True, False), "ROWS_INTERACT": (True, False),
                "FORGETTING": ("perplexity", "linear_probe"), "PROBE": (True, False, "ridge", "multilabel"),
-               "GENERATES": (True, False)}
+               "GENERATES": (True, False), "EMBEDS": (True, False)}
 
 
 def _protocol_functions() -> dict[str, inspect.Signature]:
@@ -70,3 +70,27 @@ def test_packs_agrees_with_pack_and_the_task_config():
             continue
         assert module.PACKS == (type_ in rules.PADDING_FREE_TASKS), type_
         assert (module.pack is tasks.base.pack) == (not module.PACKS), type_
+
+
+def test_generates_and_embeds_agree_with_their_functions():
+    """GENERATES / EMBEDS are what predict.TunedModel checks before generate / embed: a task declaring one writes
+    the functions behind it, and a task declaring neither keeps base.py's (which refuse)."""
+    for type_, module in tasks.TASKS.items():
+        for flag, names in (("GENERATES", ("generate", "generation_prompt")), ("EMBEDS", ("embed_texts", "search"))):
+            for fn in names:
+                assert (getattr(module, fn) is getattr(tasks.base, fn)) == (not getattr(module, flag)), (type_, fn)
+
+
+@pytest.mark.parametrize("type_,words", [("sft", "which writes text: use generate"), ("dpo", "which writes text"),
+                                         ("mlm", "it labels nothing"), ("embedding", "use embed or search")])
+def test_a_task_that_labels_nothing_says_what_to_use_instead(type_, words):
+    """predict on a run that writes text, adapts a domain or embeds: the task's own message, naming the run."""
+    import types
+
+    from tunelab.errors import TunelabError
+
+    cfg = types.SimpleNamespace(task=types.SimpleNamespace(type=type_))
+    with pytest.raises(TunelabError, match=words) as e:
+        tasks.get(type_).predict(["a text"], None, None, {}, cfg, 16, None, "runs/x")
+    assert "'runs/x'" in str(e.value)
+

@@ -98,8 +98,6 @@ def predict(
     the reward of each reply)."""
     import tunelab
 
-    from .data.sources import read_examples
-
     if question is not None or context is not None:
         if question is None or context is None or file is not None or text:
             raise TunelabError("--question and --context go together, without FILE or --text: `tunelab predict RUN "
@@ -114,22 +112,11 @@ def predict(
         raise TunelabError("Give either a FILE of texts or one or more --text options to `tunelab predict` (not both, not neither).")
     check_output(output, file, overwrite)
     model = tunelab.load(run_dir, task=task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    if file is not None and model.cfg.task.type == "qa":  # SQuAD JSON or rows with question and context
-        from .data import squad
-
-        text = squad.read(str(file), "predict file", dedupe=False, need_answers=False)[0]
-    if file is not None and model.cfg.task.type == "reward":  # rows with prompt and response
-        from .data.sources import read_records
-
-        text = [r["record"] for r in read_records(file, "predict file")]
     pairs = pair or None
     if text:
         texts = text
-    else:
-        rows = read_examples(file, text_field or model.cfg.data.text_field, None, key="predict file",
-                             pair_field=model.cfg.data.text_pair_field if model.cfg.data is not None else None)
-        texts = [r["text"] for r in rows]
-        pairs = [r["pair"] for r in rows] if rows and "pair" in rows[0] else None
+    else:  # what the task reads: texts (and pairs), SQuAD questions with contexts, prompts with responses
+        texts, pairs = model.task.read_predict(file, text_field, model.cfg)
     preds = model.predict(texts, batch_size, pairs=pairs) if pairs else model.predict(texts, batch_size)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
     if output is None:
@@ -137,8 +124,9 @@ def predict(
     else:
         atomic.write_text(output, lines, "the --output file")
         typer.echo(f"{len(preds)} predictions -> {output}", err=True)
-    if model.cfg.task.type == "reward" and preds:  # the figure to compare two policies' replies by
-        typer.echo(f"mean reward {sum(p['score'] for p in preds) / len(preds):.4f} over {len(preds)} replies", err=True)
+    closing = model.task.predict_summary(preds)  # reward: the mean reward, to compare two policies' replies by
+    if closing:
+        typer.echo(closing, err=True)
 
 
 def read_texts(path: Path, field: str, key: str) -> tuple[list[str], list[int]]:

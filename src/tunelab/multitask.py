@@ -12,7 +12,8 @@ Run directory: what a single-task run writes, with `labels.json` = {"tasks": {na
   `heads/<task>.safetensors`;
 - full / freeze: `tasks/<task>/model/`, a complete transformers model directory per task (the body is stored
   once per task: simple to load anywhere, at the cost of disk).
-`tunelab.load(run_dir, task=name)` rebuilds one task for predict / eval / generate.
+`tunelab.load(run_dir, task=name)` rebuilds one task for predict / eval / generate (predict.load_task, with the
+body sharing and head files defined there).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import config as config_mod
 from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
-from .errors import TunelabError
+from .predict import head_file, save_head, share_body
 from .runs import (
     Run,
     begin,
@@ -40,43 +40,6 @@ from .runs import (
     write_start,
 )
 from .training import checkpoint, logs, loop
-
-
-def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
-    """Point `model`'s body children at `owner`'s (weights shared by reference); its head stays its own."""
-    prefix, owner_body = models.body_of(owner)
-    other_prefix, body = models.body_of(model)
-    if type(body) is not type(owner_body):
-        raise TunelabError(f"Tasks of one multi-task run must share a body of one architecture, but "
-                           f"{type(owner).__name__} has a {type(owner_body).__name__} and {type(model).__name__} a "
-                           f"{type(body).__name__}. Use one model.path for all tasks (it is shared).")
-    for name, child in owner_body.named_children():
-        if f"{prefix}.{name}" in owner_head or f"{other_prefix}.{name}" in head:
-            continue  # e.g. BERT's pooler belongs to the classification head
-        if getattr(body, name, None) is not None:
-            setattr(body, name, child)
-
-
-def _head_file(run_dir: Path, name: str) -> Path:
-    return run_dir / "heads" / f"{name}.safetensors"
-
-
-def save_head(model: nn.Module, head: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{h}.{k}": t.detach().cpu().contiguous().clone()
-               for h in head for k, t in model.get_submodule(h).state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def load_head(model: nn.Module, head: list[str], path: Path) -> None:
-    saved = load_file(str(path))
-    expected = {f"{h}.{k}" for h in head for k in model.get_submodule(h).state_dict()}
-    if set(saved) != expected:
-        raise TunelabError(f"'{path}' does not hold this task's head ({len(saved)} tensors, expected {len(expected)}: "
-                           f"{sorted(expected)[:3]}...). Was the run's config.yaml edited? Re-run `tunelab train`.")
-    for h in head:
-        module = model.get_submodule(h)
-        module.load_state_dict({k[len(h) + 1:]: v for k, v in saved.items() if k.startswith(h + ".")})
 
 
 def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume: Path | None = None) -> Run:
@@ -192,7 +155,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
                     p["tokenizer"].save_pretrained(out)
             else:
                 for n, p in parts.items():
-                    save_head(p["model"], p["head"], _head_file(run_dir, n))
+                    save_head(p["model"], p["head"], head_file(run_dir, n))
                     # Heads are saved apart; frozen now, the method's save does not take the trained head parameters for
                     # base parameters it trained (LoRA's bias rule reads what trains outside the head).
                     for h in p["head"]:
@@ -236,31 +199,3 @@ def headline(summary: dict, parts: dict) -> str:
                  f"peak {summary['peak_memory_mb']:.0f} MB, saved {summary['artifact_mb']:.1f} MB")
     return "\n".join(lines)
 
-
-def load_task(run_dir: Path, cfg: Config, infos: dict, name: str, device):
-    """(model, tokenizer, task module, info, single-task config) of task `name` of a multi-task run.
-
-    Adapters are put back as they were trained: onto the first task's model, whose body the task's model then
-    shares (an adapter's layer names need not mean the same layers in another task's model: BERT's pooler)."""
-    if name not in infos:
-        raise TunelabError(f"The run '{run_dir}' has no task {name!r}; its tasks are: {', '.join(infos)}. "
-                           f"Pass one with --task.")
-    sub = config_mod.single(cfg, name)
-    task, info = tasks.get(sub.task.type), infos[name]
-    method = methods.get(cfg.method.name)
-    if method.ARTIFACT == "model":
-        model, tok = task.build_model(cfg.model, info, path=run_dir / "tasks" / name / "model")
-        return model.to(device).eval(), tok, task, info, sub
-    first = cfg.tasks[0].name
-    first_task = tasks.get(cfg.tasks[0].task.type)
-    with predict.model_source(cfg.model) as model_cfg:
-        owner, tok = first_task.build_model(model_cfg, infos[first])
-        other = task.build_model(model_cfg, info) if name != first else None
-    adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
-    owner = methods.named.record(owner, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
-    model = owner
-    if other is not None:
-        model, tok = other
-        share_body(owner, model, first_task.head_modules(owner), task.head_modules(model))
-    load_head(model, task.head_modules(model), _head_file(run_dir, name))
-    return model.to(device).eval(), tok, task, info, sub

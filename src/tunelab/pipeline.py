@@ -134,7 +134,7 @@ def baselines(cfg: Config, w: Work) -> dict:
     if cfg.eval.linear_probe and task.PROBE:
         summary["linear_probe"] = probe.run(w.model, task, w.feats, w.info, bs, w.pad_id, w.device)
     w.samples["before"] = task.samples(w.model, w.tokenizer, w.shown, w.info, w.device, w.max_length,
-                                       cfg.eval.max_new_tokens)
+                                       cfg.eval.max_new_tokens, evaluate.runner(w.model, task, None, w.pad_id, w.device))
     if w.forgetting_probe:
         w.forgetting_before = forgetting.measure(w.forgetting_probe, w.model, w.tokenizer, w.device, w.max_length, bs)
     return summary
@@ -196,7 +196,8 @@ def save(cfg: Config, w: Work, summary: dict, run_dir: Path, result: dict, t_sta
         summary["forgetting"] = forgetting.summary(w.forgetting_probe, w.forgetting_before, after)
         say(forgetting.describe(summary["forgetting"]))
     w.samples["after"] = w.task.samples(w.model, w.tokenizer, w.shown, w.info, w.device, w.max_length,
-                                        cfg.eval.max_new_tokens)
+                                        cfg.eval.max_new_tokens, evaluate.runner(w.model, w.task, None, w.pad_id,
+                                                                                 w.device))
     write_json(run_dir / "samples.json", w.samples)
     method = methods.get(cfg.method.name)
     out = run_dir / method.ARTIFACT

@@ -1,4 +1,5 @@
-"""Load a finished run directory and predict or evaluate with it."""
+"""Load a finished run directory and predict or evaluate with it; a multi-task run's task is rebuilt here too (its
+shared body and saved heads: `load_task`)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from . import config as config_mod
 from . import evaluate, methods, models, tasks, versions
-from .data.clean import clean_examples
-from .data.sources import read_examples
 from .errors import TunelabError
 
 
@@ -30,8 +31,6 @@ class TunedModel:
         if self.cfg.tasks is None:
             self._setup(device)
             return
-        from .multitask import load_task
-
         if task is None:
             raise TunelabError(f"'{run_dir}' is a multi-task run; say which task to use with --task (task=...): "
                                f"{', '.join(self.info['tasks'])}.")
@@ -122,30 +121,25 @@ class TunedModel:
     def labels(self) -> list[str]:
         return list(self.info.get("labels", []))
 
-    def _features(self, rows: list[dict], with_stats: bool = False):
-        max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
-                                             getattr(self.cfg.method, "num_virtual_tokens", 0))
-        feats, stats = self.task.encode(rows, self.tokenizer, self.info, max_length)
-        return (feats, stats) if with_stats else feats
+    def _max_length(self) -> int:
+        return models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
+                                       getattr(self.cfg.method, "num_virtual_tokens", 0))
+
+    def _outputs(self, batch_size: int | None):
+        """What tasks are given to run the model: features -> (outputs, targets)."""
+        return evaluate.runner(self.model, self.task, batch_size or self.cfg.eval.batch_size,
+                               self.tokenizer.pad_token_id, self.device)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  system: str | None = None, stream: bool = False) -> list[str]:
         """Replies of an sft / causal_lm model. Each prompt is a user message (str) or a whole conversation (a list
         of {"role", "content"}); causal_lm models continue the text as it is. Greedy when temperature is 0;
         `stream` prints the reply to the terminal as it is produced."""
-        if self.cfg.task.type not in ("sft", "causal_lm", "dpo", "grpo"):
+        if not self.task.GENERATES:
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which labels text: use predict, not generate.")
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         items = [prompts] if single else list(prompts)
-        texts = []
-        for item in items:
-            if self.cfg.task.type == "causal_lm":
-                texts.append(item if isinstance(item, str) else "\n".join(m["content"] for m in item))
-                continue
-            messages = [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
-            if system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": system}] + messages
-            texts.append(self.task.prompt_text(messages, self.tokenizer, self.info))
+        texts = [self.task.generation_prompt(item, system, self.tokenizer, self.info) for item in items]
         streamer = None
         if stream:
             from transformers import TextStreamer
@@ -156,58 +150,15 @@ class TunedModel:
 
     def predict(self, texts: list[str] | str, batch_size: int | None = None, pairs: list[str] | str | None = None) -> list[dict]:
         """Label, its probability and the probability of every class, for each text (regression: the score, in the
-        label's own scale). `pairs`: each text's second text, for a run trained on pairs (data.text_pair_field)."""
-        if self.cfg.task.type in ("sft", "causal_lm"):
-            raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes text: use generate "
-                               f"(`tunelab generate {self.dir} --prompt ...`), not predict.")
-        if self.cfg.task.type == "mlm":
-            raise TunelabError(f"'{self.dir}' is an mlm (domain adaptation) run: it labels nothing. Start a later "
-                               f"recipe from it (model.path={self.dir}), or score text with `tunelab eval`.")
-        if self.cfg.task.type == "embedding":
-            raise TunelabError(f"'{self.dir}' is an embedding run, which turns texts into vectors: use embed or search "
-                               f"(`tunelab embed {self.dir} --input texts.jsonl --output vectors.npy`, `tunelab search "
-                               f"{self.dir} --corpus docs.jsonl --query ...`), not predict.")
-        if self.cfg.task.type == "reward":  # items are {"prompt", "response"}: the reward of each reply
-            max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
-                                                 getattr(self.cfg.method, "num_virtual_tokens", 0))
-            return self.task.score(self.model, self.tokenizer, list(texts), self.info, self.device, max_length,
-                                   batch_size or self.cfg.eval.batch_size)
-        if self.cfg.task.type == "qa":  # items are {"question", "context"}: answer text, character span, score
-            rows = self.task.question_rows(texts)
-            if not rows:
-                return []
-            feats = self._features(rows)
-            out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
-                                      self.tokenizer.pad_token_id, self.device)
-            return self.task.answers(out, feats, self.info, rows)
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts:
-            return []
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad:
-            raise TunelabError(
-                f"Text #{bad[0] + 1} to predict is {texts[bad[0]]!r}, not a string ({len(bad)} such in all). "
-                f"Give strings only; in a file, fill or remove rows whose text is empty or not text."
-            )
-        if hasattr(self.task, "predict_texts"):  # entity spans, with offsets into the texts as given
-            max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
-                                                 getattr(self.cfg.method, "num_virtual_tokens", 0))
-            preds = self.task.predict_texts(self.model, self.tokenizer, texts, self.info, self.device, max_length,
-                                            batch_size or self.cfg.eval.batch_size)
-            return [{"text": t, **p} for t, p in zip(texts, preds)]
-        rows = [{"text": " ".join(str(t).split()), "label": None} for t in texts]
-        pairs = self._pairs(pairs, len(texts))
-        for row, pair in zip(rows, pairs or []):
-            row["pair"] = " ".join(str(pair).split())
-        feats = self._features(rows)
-        out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
-                                  self.tokenizer.pad_token_id, self.device)
-        return [{"text": t, **({"pair": pairs[i]} if pairs else {}), **p}
-                for i, (t, p) in enumerate(zip(texts, self.task.predictions(out, self.info)))]
+        label's own scale; NER: entity spans). `pairs`: each text's second text, for a run trained on pairs
+        (data.text_pair_field). qa runs answer {"question", "context"} items, reward runs score {"prompt",
+        "response"} items."""
+        return self.task.predict(texts, pairs, self.tokenizer, self.info, self.cfg, self._max_length(),
+                                 self._outputs(batch_size), self.dir)
 
     def embed(self, texts: list[str] | str, batch_size: int | None = None) -> np.ndarray:
         """(texts, dim) float32 vectors of an embedding run, L2-normalised when it was trained with task.normalize."""
-        if self.cfg.task.type != "embedding":
+        if not self.task.EMBEDS:
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run; embed and search need an embedding run "
                                f"(task.type embedding).")
         texts = [texts] if isinstance(texts, str) else list(texts)
@@ -217,12 +168,8 @@ class TunedModel:
                                f"all). Give strings only; in a file, fill or remove rows whose text is empty.")
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        max_length = models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
-                                             getattr(self.cfg.method, "num_virtual_tokens", 0))
-        feats = self.task.texts_features(texts, self.tokenizer, self.info, max_length)
-        out, _ = evaluate.outputs(self.model, self.task, feats, batch_size or self.cfg.eval.batch_size,
-                                  self.tokenizer.pad_token_id, self.device)
-        return self.task.vectors(out, self.info).numpy()
+        return self.task.embed_texts(texts, self.tokenizer, self.info, self._max_length(),
+                                     self._outputs(batch_size)).numpy()
 
     def search(self, queries: list[str] | str, corpus: list[str], top_k: int = 5,
                batch_size: int | None = None) -> list[list[dict]]:
@@ -235,70 +182,15 @@ class TunedModel:
         return [[{"rank": r + 1, "score": float(s), "index": int(i), "text": corpus[int(i)]}
                  for r, (s, i) in enumerate(zip(row_s, row_i))] for row_s, row_i in zip(scores, top)]
 
-    def _pairs(self, pairs, n: int) -> list[str] | None:
-        """The second texts, checked against what the run was trained on."""
-        pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
-        trained_on = getattr(self.cfg.data, "text_pair_field", None)
-        if trained_on and pairs is None:
-            raise TunelabError(f"'{self.dir}' was trained on text pairs (data.text_pair_field={trained_on}): give each "
-                               f"text its second text, `--text A --pair B` (or a file with a '{trained_on}' column).")
-        if pairs is not None and not trained_on:
-            raise TunelabError(f"'{self.dir}' was trained on single texts, not pairs: leave out --pair.")
-        if pairs is not None and len(pairs) != n:
-            raise TunelabError(f"{n} texts but {len(pairs)} pairs: give one --pair per --text, in the same order.")
-        if pairs is not None and not all(isinstance(p, str) for p in pairs):
-            raise TunelabError("Every --pair (pair column value) must be a string.")
-        return pairs
-
     def evaluate(self, path: str | Path, text_field: str | None = None, label_field: str | None = None,
                  batch_size: int | None = None) -> dict:
         """Task metrics on a labelled file (whitespace normalised; empty or unlabelled rows dropped and counted).
         For sft / causal_lm runs: loss and perplexity on a file of the run's row format."""
-        if self.cfg.task.type in ("sft", "causal_lm", "mlm"):  # mlm: masked once, from the run's seed
-            from .data import chat
-
-            data_cfg = self.cfg.data.model_copy(update={"text_field": text_field or self.cfg.data.text_field})
-            rows, entry = chat.read(str(path), "eval file", data_cfg, self.cfg.task.type)
-            feats, stats = self._features(rows, with_stats=True)
-            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
-                                   self.tokenizer.pad_token_id, self.device)
-            return {**metrics, "dropped": {**entry["dropped"], **{k: v for k, v in stats.items()
-                                                                 if k in ("dropped_too_long", "no_target")}}}
-        if self.cfg.task.type == "embedding":  # (anchor, positive) rows: a search over the file's own texts
-            rows, entry = self.task.read(str(path), "eval file", self.cfg.data)
-            feats, stats = self._features(rows, with_stats=True)
-            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
-                                   self.tokenizer.pad_token_id, self.device)
-            return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
-        if hasattr(self.task, "read_labelled"):  # files whose rows are more than a text and a label (NER)
-            rows, entry = self.task.read_labelled(path, self.cfg, self.info)
-            feats, stats = self._features(rows, with_stats=True)
-            metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
-                                   self.tokenizer.pad_token_id, self.device)
-            return {**metrics, "dropped": entry["dropped"], "truncated": stats["truncated"]}
-        text_field = text_field or self.cfg.data.text_field
-        label_field = label_field or self.cfg.data.label_field
-        examples = read_examples(path, text_field, label_field, key="eval file", pair_field=self.cfg.data.text_pair_field,
-                                 label_lists=self.cfg.task.type == "multilabel")
-        if self.cfg.task.type == "regression":
-            from .data import number
-
-            examples = [{**ex, "label": number(ex, path, "eval file", label_field)} for ex in examples]
-        elif self.cfg.task.type == "multilabel":
-            from .data import label_set
-
-            data_cfg = self.cfg.data.model_copy(update={"label_field": label_field})
-            examples = [{**ex, "label": label_set(ex, path, "eval file", data_cfg)} for ex in examples]
-        rows, dropped = clean_examples(examples, dedupe=False)
-        if not rows:
-            reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
-            raise TunelabError(f"Eval file '{path}' has no rows with both a text and a label ({reasons}). "
-                               f"Check --text-field and --label-field name the right columns.")
-        self.task.check_labels(rows, self.info, f"file '{path}'")
-        feats = self._features(rows)
+        feats, counts = self.task.eval_features(path, self.cfg, self.info, text_field, label_field, self.tokenizer,
+                                                self._max_length())
         metrics = evaluate.run(self.model, self.task, feats, self.info, batch_size or self.cfg.eval.batch_size,
                                self.tokenizer.pad_token_id, self.device)
-        return {**metrics, "dropped": dropped}
+        return {**metrics, **counts}
 
 
 @contextmanager
@@ -376,3 +268,72 @@ def load(run_dir: str | Path, device: str | None = None, task: str | None = None
     someone else's, cannot run code or load pickles unless you pass `trust_remote_code=True` / `allow_pickle=True`
     here (`--trust-remote-code` / `--allow-pickle` on the command line)."""
     return TunedModel(run_dir, device, task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+# -- multi-task runs: one body shared by every task's model, each task's head saved apart ----------------------------
+
+def share_body(owner: nn.Module, model: nn.Module, owner_head: list[str], head: list[str]) -> None:
+    """Point `model`'s body children at `owner`'s (weights shared by reference); its head stays its own."""
+    prefix, owner_body = models.body_of(owner)
+    other_prefix, body = models.body_of(model)
+    if type(body) is not type(owner_body):
+        raise TunelabError(f"Tasks of one multi-task run must share a body of one architecture, but "
+                           f"{type(owner).__name__} has a {type(owner_body).__name__} and {type(model).__name__} a "
+                           f"{type(body).__name__}. Use one model.path for all tasks (it is shared).")
+    for name, child in owner_body.named_children():
+        if f"{prefix}.{name}" in owner_head or f"{other_prefix}.{name}" in head:
+            continue  # e.g. BERT's pooler belongs to the classification head
+        if getattr(body, name, None) is not None:
+            setattr(body, name, child)
+
+
+def head_file(run_dir: Path, name: str) -> Path:
+    """Where a multi-task run with an adapter method keeps task `name`'s head."""
+    return run_dir / "heads" / f"{name}.safetensors"
+
+
+def save_head(model: nn.Module, head: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{h}.{k}": t.detach().cpu().contiguous().clone()
+               for h in head for k, t in model.get_submodule(h).state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_head(model: nn.Module, head: list[str], path: Path) -> None:
+    saved = load_file(str(path))
+    expected = {f"{h}.{k}" for h in head for k in model.get_submodule(h).state_dict()}
+    if set(saved) != expected:
+        raise TunelabError(f"'{path}' does not hold this task's head ({len(saved)} tensors, expected {len(expected)}: "
+                           f"{sorted(expected)[:3]}...). Was the run's config.yaml edited? Re-run `tunelab train`.")
+    for h in head:
+        module = model.get_submodule(h)
+        module.load_state_dict({k[len(h) + 1:]: v for k, v in saved.items() if k.startswith(h + ".")})
+
+
+def load_task(run_dir: Path, cfg, infos: dict, name: str, device):
+    """(model, tokenizer, task module, info, single-task config) of task `name` of a multi-task run.
+
+    Adapters are put back as they were trained: onto the first task's model, whose body the task's model then
+    shares (an adapter's layer names need not mean the same layers in another task's model: BERT's pooler)."""
+    if name not in infos:
+        raise TunelabError(f"The run '{run_dir}' has no task {name!r}; its tasks are: {', '.join(infos)}. "
+                           f"Pass one with --task.")
+    sub = config_mod.single(cfg, name)
+    task, info = tasks.get(sub.task.type), infos[name]
+    method = methods.get(cfg.method.name)
+    if method.ARTIFACT == "model":
+        model, tok = task.build_model(cfg.model, info, path=run_dir / "tasks" / name / "model")
+        return model.to(device).eval(), tok, task, info, sub
+    first = cfg.tasks[0].name
+    first_task = tasks.get(cfg.tasks[0].task.type)
+    with model_source(cfg.model) as model_cfg:
+        owner, tok = first_task.build_model(model_cfg, infos[first])
+        other = task.build_model(model_cfg, info) if name != first else None
+    adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
+    owner = methods.named.record(owner, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
+    model = owner
+    if other is not None:
+        model, tok = other
+        share_body(owner, model, first_task.head_modules(owner), task.head_modules(model))
+    load_head(model, task.head_modules(model), head_file(run_dir, name))
+    return model.to(device).eval(), tok, task, info, sub

@@ -24,6 +24,16 @@ def outputs(model, task, features: list[dict], batch_size: int, pad_id: int, dev
     return _cat(outs, 0.0)[inverse], _cat(labels, -100)[inverse]
 
 
+def runner(model, task, batch_size: int | None, pad_id: int, device):
+    """`outputs` bound to a model, as tasks are given it (samples, predict, embed_texts): a callable
+    `(features, via=None) -> (outputs, targets)` running `task`'s collate and forward, or `via`'s when given (a
+    reward model scores single replies with classification's). batch_size None: all the features in one batch."""
+    def run(features: list[dict], via=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return outputs(model, via or task, features, batch_size or max(len(features), 1), pad_id, device)
+
+    return run
+
+
 def _cat(tensors: list[torch.Tensor], fill) -> torch.Tensor:
     """Concatenate batches; per-token outputs (token classification, QA) are padded along dim 1 to the longest
     batch with `fill` (-100 for targets: the ignored label)."""

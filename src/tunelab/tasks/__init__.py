@@ -25,6 +25,8 @@ class Task(Protocol):
     PACKS: bool  # examples pack end to end into rows: `pack` (data.packing, train.padding_free)
     ROWS_INTERACT: bool  # the loss couples a batch's rows (in-batch negatives): a batch is never split
     FORGETTING: str  # what eval.forgetting measures: "perplexity" (general text) or "linear_probe" (a labelled file)
+    GENERATES: bool  # writes text: `generation_prompt` and `generate` (TunedModel.generate; predict says use generate)
+    EMBEDS: bool  # turns texts into vectors: `embed_texts` and `search` (TunedModel.embed / search)
 
     def load_splits(self, cfg, seed: int) -> tuple[dict, dict]: ...  # (splits of rows, data report)
     def label_info(self, splits: dict, cfg) -> dict: ...
@@ -40,8 +42,48 @@ class Task(Protocol):
     def count(self, batch) -> int: ...
     def metrics(self, outputs: torch.Tensor, labels: torch.Tensor, info: dict,
                 features: list[dict] | None = None) -> dict: ...
-    def samples(self, model, tokenizer, rows: list[dict], info: dict, device, max_length: int,
-                max_new_tokens: int) -> list[dict]: ...
+
+    # `outputs` below is the caller's (evaluate.runner): `outputs(features)` runs the model over features with this
+    # task's collate and forward and gives (outputs, targets) in the features' order; `outputs(features, other)`
+    # batches them with another task's. A task interprets what it returns and never runs evaluate itself.
+    def samples(self, model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+                outputs) -> list[dict]:
+        """What the model makes of the first validation rows, before and after training (samples.json): its
+        prediction beside the gold one, or its generated reply (model and device: generation, mlm's masks)."""
+
+    # Inference on a finished run (predict.TunedModel, the CLI); defaults in base.py where several tasks share one.
+    def predict(self, items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+        """One dict per item (a text, a question, a prompt and reply: what the task reads), `pairs` the items' second
+        texts or None. A task that labels nothing raises the error saying what to use instead, naming `run_dir`."""
+
+    def read_predict(self, path, text_field: str | None, cfg) -> tuple[list, list | None]:
+        """(items, pairs or None) of a file given to `tunelab predict RUN FILE`, in the form `predict` takes."""
+
+    def predict_summary(self, predictions: list[dict]) -> str | None:
+        """A line `tunelab predict` prints after the predictions (reward: the mean reward), or None."""
+
+    def eval_features(self, path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                      max_length: int) -> tuple[list[dict], dict]:
+        """A labelled file to score a finished run on (TunedModel.evaluate, `tunelab eval`), read and encoded:
+        (features for `metrics`, what the result holds beside the metrics: rows dropped, inputs truncated)."""
+
+    def generation_prompt(self, item, system: str | None, tokenizer, info: dict) -> str:
+        """The text `generate` continues for one prompt: a user message (str) or a conversation ([{"role",
+        "content"}]), with `system` first when it has no system turn. GENERATES tasks only."""
+
+    def generate(self, model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, streamer=None, device=None) -> list[str]:
+        """The model's reply to each `generation_prompt` text (greedy at temperature 0). GENERATES tasks only."""
+
+    def embed_texts(self, texts: list[str], tokenizer, info: dict, max_length: int, outputs) -> torch.Tensor:
+        """(texts, dim) vectors of a non-empty list of texts, as a user gets them (normalised when trained so).
+        EMBEDS tasks only."""
+
+    def search(self, queries: torch.Tensor, corpus: torch.Tensor, k: int,
+               block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, indices) of the k corpus vectors nearest to each query by cosine similarity, exact. EMBEDS tasks
+        only."""
+
     # hooks (no-op defaults in base.py)
     def prepare(self, model, feats: dict, cfg, pad_id: int, device, batch_size: int, say) -> None: ...
     def finish(self, info: dict, validation_outputs, say) -> tuple[dict, dict]: ...

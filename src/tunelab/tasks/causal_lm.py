@@ -25,7 +25,14 @@ from .. import models
 from ..data import chat
 from ..errors import TunelabError
 from ..ops import lm_loss, packing
-from .base import finish, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+)
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "perplexity")
@@ -35,6 +42,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
+GENERATES = True  # writes text: generation_prompt, generate (TunedModel.generate, `tunelab generate` / chat)
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 
 def load_splits(cfg, seed: int):
@@ -285,7 +294,19 @@ def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: i
     return out
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def generation_prompt(item, system: str | None, tokenizer, info: dict) -> str:
+    """sft (and dpo, grpo): a user message or a conversation rendered with the run's template, up to the reply;
+    causal_lm: the text itself (a conversation's turns joined by newlines), continued as it is."""
+    if info.get("task") == "causal_lm":
+        return item if isinstance(item, str) else "\n".join(m["content"] for m in item)
+    messages = [{"role": "user", "content": item}] if isinstance(item, str) else list(item)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    return prompt_text(messages, tokenizer, info)
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """Generations for the first rows of a split: the prompt, the reference reply and the model's."""
     out = []
     for r in rows:
@@ -298,3 +319,28 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
         reply = generate(model, tokenizer, [prompt], info, max_new_tokens=max_new_tokens, device=device)[0]
         out.append({"row": r.get("row"), "prompt": prompt, "reference": reference, "generated": reply})
     return out
+
+
+# -- a finished run: predict, evaluate ----------------------------------------------------------------------------
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """A language model writes text: generate is its inference."""
+    raise TunelabError(f"'{run_dir}' is a {cfg.task.type} run, which writes text: use generate "
+                       f"(`tunelab generate {run_dir} --prompt ...`), not predict.")
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """A file of the run's row format (conversations for sft, text for causal_lm), for loss and perplexity."""
+    return text_features(encode, path, cfg, info, text_field, tokenizer, max_length)
+
+
+def text_features(encode_rows, path, cfg, info: dict, text_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """`eval_features` of the tasks that read data/chat.py's rows (causal_lm, sft, mlm), encoded by `encode_rows`:
+    the rows dropped on reading and on encoding (too long, no target) are counted together."""
+    data_cfg = cfg.data.model_copy(update={"text_field": text_field or cfg.data.text_field})
+    rows, entry = chat.read(str(path), "eval file", data_cfg, cfg.task.type)
+    feats, stats = encode_rows(rows, tokenizer, info, max_length)
+    return feats, {"dropped": {**entry["dropped"], **{k: v for k, v in stats.items()
+                                                     if k in ("dropped_too_long", "no_target")}}}

@@ -13,11 +13,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import data, models
-from ..data.clean import canonical_label, label_sort_key
+from ..data.clean import canonical_label, clean_examples, label_sort_key
+from ..data.sources import read_examples
 from ..errors import TunelabError
 from ..ops import metrics as M
 from ..ops import packing
-from .base import finish, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    generate,
+    generation_prompt,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+    texts_to_predict,
+)
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "macro_f1", "loss")  # scalar metrics usable for early stopping
@@ -27,6 +38,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # labels text: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 
 def load_splits(cfg, seed: int):
@@ -272,19 +285,83 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
     ]
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """Predictions for the first rows of a split, beside their labels ("gold" / "predicted", as NER and QA)."""
     return [{**shown, "gold": r["label"], "predicted": p["label"], "score": p["score"], "probs": p["probs"]}
-            for r, shown, p in predicted(sys.modules[__name__], model, tokenizer, rows, info, device, max_length)]
+            for r, shown, p in predicted(sys.modules[__name__], tokenizer, rows, info, max_length, outputs)]
 
 
-def predicted(task, model, tokenizer, rows: list[dict], info: dict, device, max_length: int) -> list[tuple]:
+def predicted(task, tokenizer, rows: list[dict], info: dict, max_length: int, outputs) -> list[tuple]:
     """(row, its row number and text (and pair), the task's prediction) for each row: the samples of a run."""
-    from .. import evaluate
-
     if not rows:  # eval.samples=0
         return []
     feats, _ = task.encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, task, feats, len(rows), tokenizer.pad_token_id, device)
+    out, _ = outputs(feats)
     return [(r, {"row": r.get("row"), "text": r["text"], **({"pair": r["pair"]} if "pair" in r else {})}, p)
             for r, p in zip(rows, task.predictions(out, info))]
+
+
+# -- a finished run: predict, evaluate ----------------------------------------------------------------------------
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """Label, its probability and the probability of every class, for each text (and its pair)."""
+    return predict_texts(sys.modules[__name__], items, pairs, tokenizer, info, cfg, max_length, outputs, run_dir)
+
+
+def predict_texts(task, items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """`predict` of the classification family (`task`: classification, multilabel, regression): {"text"[, "pair"]}
+    and the task's `predictions` of each text, whitespace normalised as in training."""
+    texts = texts_to_predict(items)
+    if not texts:
+        return []
+    rows = [{"text": " ".join(str(t).split()), "label": None} for t in texts]
+    pairs = checked_pairs(pairs, len(texts), cfg, run_dir)
+    for row, pair in zip(rows, pairs or []):
+        row["pair"] = " ".join(str(pair).split())
+    feats, _ = task.encode(rows, tokenizer, info, max_length)
+    out, _ = outputs(feats)
+    return [{"text": t, **({"pair": pairs[i]} if pairs else {}), **p}
+            for i, (t, p) in enumerate(zip(texts, task.predictions(out, info)))]
+
+
+def checked_pairs(pairs, n: int, cfg, run_dir) -> list[str] | None:
+    """The second texts, checked against what the run was trained on."""
+    pairs = [pairs] if isinstance(pairs, str) else (list(pairs) if pairs is not None else None)
+    trained_on = getattr(cfg.data, "text_pair_field", None)
+    if trained_on and pairs is None:
+        raise TunelabError(f"'{run_dir}' was trained on text pairs (data.text_pair_field={trained_on}): give each "
+                           f"text its second text, `--text A --pair B` (or a file with a '{trained_on}' column).")
+    if pairs is not None and not trained_on:
+        raise TunelabError(f"'{run_dir}' was trained on single texts, not pairs: leave out --pair.")
+    if pairs is not None and len(pairs) != n:
+        raise TunelabError(f"{n} texts but {len(pairs)} pairs: give one --pair per --text, in the same order.")
+    if pairs is not None and not all(isinstance(p, str) for p in pairs):
+        raise TunelabError("Every --pair (pair column value) must be a string.")
+    return pairs
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """A file of texts (and pairs) with labels: whitespace normalised, empty or unlabelled rows dropped and counted."""
+    return labelled_features(sys.modules[__name__], path, cfg, info, text_field, label_field, tokenizer, max_length)
+
+
+def labelled_features(task, path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                      max_length: int, label=None, label_lists: bool = False) -> tuple[list[dict], dict]:
+    """`eval_features` of the classification family; `label(example, label_field)` turns a raw label into the
+    task's (a number, a label set), `label_lists` reads list-valued labels (multilabel)."""
+    text_field = text_field or cfg.data.text_field
+    label_field = label_field or cfg.data.label_field
+    examples = read_examples(path, text_field, label_field, key="eval file", pair_field=cfg.data.text_pair_field,
+                             label_lists=label_lists)
+    if label is not None:
+        examples = [{**ex, "label": label(ex, label_field)} for ex in examples]
+    rows, dropped = clean_examples(examples, dedupe=False)
+    if not rows:
+        reasons = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
+        raise TunelabError(f"Eval file '{path}' has no rows with both a text and a label ({reasons}). "
+                           f"Check --text-field and --label-field name the right columns.")
+    task.check_labels(rows, info, f"file '{path}'")
+    feats, _ = task.encode(rows, tokenizer, info, max_length)
+    return feats, {"dropped": dropped}

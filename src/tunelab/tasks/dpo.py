@@ -22,7 +22,16 @@ from ..data import preference as pairs
 from ..data.batching import length_sorted_batches
 from ..ops import preference
 from . import causal_lm, reward
-from .base import finish, pack, packing_fault  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    eval_features,
+    finish,
+    pack,
+    packing_fault,
+    predict_summary,
+    read_predict,
+    search,
+)
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "accuracy", "margin")
@@ -32,6 +41,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
+GENERATES = True  # a policy writes text: generate (the sft template, as causal_lm's sft)
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 load_splits = reward.load_splits
 head_modules = causal_lm.head_modules
@@ -128,10 +139,14 @@ def precompute_reference(model, feats: dict, pad_id: int, device, batch_size: in
 
 generate = causal_lm.generate
 prompt_text = causal_lm.prompt_text
+generation_prompt = causal_lm.generation_prompt
+predict = causal_lm.predict  # a policy writes text: generate, not predict
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """The model's own reply to the first prompts, beside the chosen one (as sft's samples)."""
     conversations = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}], "row": r["row"]}
                      for r in rows]
-    return causal_lm.samples(model, tokenizer, conversations, {**info, "task": "sft"}, device, max_length, max_new_tokens)
+    return causal_lm.samples(model, tokenizer, conversations, {**info, "task": "sft"}, device, max_length, max_new_tokens,
+                             outputs)

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,16 @@ from ..data.clean import cut_long_texts, cut_report, is_empty_text, kept_chars
 from ..data.sources import field_names, read_records
 from ..errors import TunelabError
 from ..ops import processes
-from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    finish,
+    generate,
+    generation_prompt,
+    pack,
+    packing_fault,
+    predict_summary,
+    prepare,
+    read_predict,
+)
 
 MAIN_METRIC = "mrr@10"
 METRICS = ("mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10", "loss")
@@ -44,6 +52,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 ROWS_INTERACT = True  # in-batch negatives: a batch cut into smaller ones would change the loss
+GENERATES = False  # turns texts into vectors: embed, not generate
+EMBEDS = True  # embed_texts and search: TunedModel.embed / search, `tunelab embed` / `tunelab search`
 POOLINGS = ("mean", "cls", "last")
 KS = (1, 5, 10)
 
@@ -348,14 +358,36 @@ def vectors(outputs: torch.Tensor, info: dict) -> torch.Tensor:
     return F.normalize(out, dim=-1) if info["normalize"] else out
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """For the first validation rows: the positive each anchor finds nearest among those rows' positives."""
-    from .. import evaluate
-
     if not rows:
         return []
     feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(rows), tokenizer.pad_token_id, device)
+    out, _ = outputs(feats)
     scores, top = search(out[:, 0], out[:, 1], 1)
     return [{"row": r.get("row"), "anchor": r["anchor"], "gold": r["positive"], "predicted": rows[int(t)]["positive"],
              "score": float(s)} for r, s, t in zip(rows, scores[:, 0], top[:, 0])]
+
+
+# -- a finished run: embed, search, evaluate ----------------------------------------------------------------------
+
+def embed_texts(texts: list[str], tokenizer, info: dict, max_length: int, outputs) -> torch.Tensor:
+    """(texts, dim) vectors of texts, one side each (`texts_features`); normalised when task.normalize."""
+    out, _ = outputs(texts_features(texts, tokenizer, info, max_length))
+    return vectors(out, info)
+
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """An embedding run labels nothing: embed and search are its inference."""
+    raise TunelabError(f"'{run_dir}' is an embedding run, which turns texts into vectors: use embed or search "
+                       f"(`tunelab embed {run_dir} --input texts.jsonl --output vectors.npy`, `tunelab search "
+                       f"{run_dir} --corpus docs.jsonl --query ...`), not predict.")
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """(anchor, positive) rows, as training reads them: scored as a search over the file's own texts."""
+    rows, entry = read(str(path), "eval file", cfg.data)
+    feats, stats = encode(rows, tokenizer, info, max_length)
+    return feats, {"dropped": entry["dropped"], "truncated": stats["truncated"]}

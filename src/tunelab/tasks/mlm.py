@@ -36,8 +36,19 @@ from .. import models
 from ..data import chat
 from ..errors import TunelabError
 from . import token_classification
-from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
-from .causal_lm import length_stats
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    generate,
+    generation_prompt,
+    pack,
+    packing_fault,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+)
+from .causal_lm import length_stats, text_features
 
 MAIN_METRIC = "loss"
 METRICS = ("loss", "accuracy", "perplexity")
@@ -47,6 +58,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # a masked LM fills in masks, it does not write replies: predict and generate do not apply
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 NEW_HEAD = "tunelab_new_mlm_head"  # set on a model whose MLM head build_model had transformers initialise
 
 
@@ -296,7 +309,8 @@ def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: l
 
 
 @torch.inference_mode()
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """The first window of the first rows, as masked, with the original tokens at the masked positions and the
     model's guesses there (the same positions before and after training)."""
     out = []
@@ -311,3 +325,17 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
                     "predicted": show(logits.argmax(-1))})
     model.train(was_training)
     return out
+
+
+# -- a finished run: evaluate -----------------------------------------------------------------------------------------
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """Domain adaptation labels nothing: a later recipe starts from the run, or `tunelab eval` scores text."""
+    raise TunelabError(f"'{run_dir}' is an mlm (domain adaptation) run: it labels nothing. Start a later "
+                       f"recipe from it (model.path={run_dir}), or score text with `tunelab eval`.")
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """Text as training reads it (causal_lm's rows), masked once from the run's seed: the same positions each time."""
+    return text_features(encode, path, cfg, info, text_field, tokenizer, max_length)

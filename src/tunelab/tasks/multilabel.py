@@ -19,7 +19,15 @@ from ..data.clean import label_sort_key
 from ..errors import TunelabError
 from ..ops import metrics as M
 from . import classification
-from .base import prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    generate,
+    generation_prompt,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+)
 from .classification import collate, forward, head_modules, pack, packing_fault  # noqa: F401  (the task's API)
 
 MAIN_METRIC = "micro_f1"
@@ -30,6 +38,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = True  # examples pack end to end into rows (data.packing, train.padding_free)
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # labels text: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)  # thresholds tried per label with task.threshold=tuned
 
 
@@ -148,7 +158,22 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
              "scores": {n: float(p) for n, p in zip(names, row)}} for row in probs]
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     return [{**shown, "gold": list(r["label"] or ()), "predicted": p["labels"], "scores": p["scores"]}
-            for r, shown, p in classification.predicted(sys.modules[__name__], model, tokenizer, rows, info, device,
-                                                        max_length)]
+            for r, shown, p in classification.predicted(sys.modules[__name__], tokenizer, rows, info, max_length, outputs)]
+
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """The labels at or above their thresholds, and every label's probability, for each text (and its pair)."""
+    return classification.predict_texts(sys.modules[__name__], items, pairs, tokenizer, info, cfg, max_length, outputs,
+                                        run_dir)
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """classification's, with each label read as a set of labels (data.label_separator)."""
+    data_cfg = cfg.data.model_copy(update={"label_field": label_field or cfg.data.label_field})
+    return classification.labelled_features(sys.modules[__name__], path, cfg, info, text_field, label_field, tokenizer,
+                                            max_length, label=lambda ex, _: data.label_set(ex, path, "eval file", data_cfg),
+                                            label_lists=True)

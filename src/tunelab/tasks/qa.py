@@ -22,7 +22,6 @@ import math
 import re
 import statistics
 import string
-import sys
 from collections import Counter
 
 import numpy as np
@@ -32,7 +31,17 @@ import torch.nn.functional as F
 from .. import models
 from ..data import squad
 from ..errors import TunelabError
-from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    generate,
+    generation_prompt,
+    pack,
+    packing_fault,
+    predict_summary,
+    prepare,
+    search,
+)
 
 MAIN_METRIC = "f1"
 METRICS = ("f1", "exact_match", "loss")
@@ -42,6 +51,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # points at answers in a context: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 MASKED = -1e9  # logit of padding positions: never a start or end, and no weight in the loss
 
@@ -61,11 +72,6 @@ def label_info(splits: dict, cfg) -> dict:
     t = cfg.task
     return {"task": "qa", "doc_stride": t.doc_stride, "max_answer_length": t.max_answer_length, "n_best": t.n_best,
             "null_threshold": t.null_threshold, "version_2": t.version_2 if t.version_2 is not None else unanswerable > 0}
-
-
-def read_labelled(path, cfg, info: dict) -> tuple[list[dict], dict]:
-    """Questions with their answers from a file, for `TunedModel.evaluate` / `tunelab eval`."""
-    return squad.read(str(path), "eval file", dedupe=False)
 
 
 def build_model(model_cfg, info: dict, path=None):
@@ -331,15 +337,38 @@ def answers(outputs: torch.Tensor, features: list[dict], info: dict, rows: list[
             for i, r in enumerate(rows)]
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """Answers to the first questions of a split, beside the gold ones."""
-    from .. import evaluate
-
     if not rows:
         return []
     feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(feats), tokenizer.pad_token_id, device)
+    out, _ = outputs(feats)
     preds = answers(out, feats, info, rows)
     return [{"row": r.get("row"), "id": r.get("id"), "question": r["question"], "context": r["context"],
              "gold": [a["text"] for a in r.get("answers") or []], "predicted": p["answer"], "score": p["score"]}
             for r, p in zip(rows, preds)]
+
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """Items are {"question", "context"[, "id"]}: the answer text, its character span in the context and its score
+    (`answers`)."""
+    rows = question_rows(items)
+    if not rows:
+        return []
+    feats, _ = encode(rows, tokenizer, info, max_length)
+    out, _ = outputs(feats)
+    return answers(out, feats, info, rows)
+
+
+def read_predict(path, text_field: str | None, cfg) -> tuple[list, list | None]:
+    """Questions with their contexts: SQuAD JSON, or rows with question and context."""
+    return squad.read(str(path), "predict file", dedupe=False, need_answers=False)[0], None
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """Questions with their answers from a file (SQuAD JSON or rows), every window of each."""
+    rows, entry = squad.read(str(path), "eval file", dedupe=False)
+    feats, stats = encode(rows, tokenizer, info, max_length)
+    return feats, {"dropped": entry["dropped"], "truncated": stats["truncated"]}

@@ -19,7 +19,16 @@ from .. import data, models
 from ..errors import TunelabError
 from ..ops import metrics as M
 from . import classification
-from .base import finish, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    generate,
+    generation_prompt,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+)
 from .classification import collate, forward, head_modules, pack, packing_fault  # noqa: F401  (the task's API)
 
 MAIN_METRIC = "rmse"
@@ -30,6 +39,8 @@ PACKS = True  # examples pack end to end into rows (data.packing, train.padding_
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 BASE = False  # an untrained regression head says nothing about the base model
+GENERATES = False  # scores text: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 
 def load_splits(cfg, seed: int):
@@ -104,7 +115,20 @@ def predictions(outputs: torch.Tensor, info: dict) -> list[dict]:
     return [{"score": float(v)} for v in own_scale(outputs.float(), info)]
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     return [{**shown, "gold": r["label"], "predicted": p["score"]}
-            for r, shown, p in classification.predicted(sys.modules[__name__], model, tokenizer, rows, info, device,
-                                                        max_length)]
+            for r, shown, p in classification.predicted(sys.modules[__name__], tokenizer, rows, info, max_length, outputs)]
+
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """The score of each text (and its pair), in the label's own scale."""
+    return classification.predict_texts(sys.modules[__name__], items, pairs, tokenizer, info, cfg, max_length, outputs,
+                                        run_dir)
+
+
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """classification's, with each label read as a number."""
+    return classification.labelled_features(sys.modules[__name__], path, cfg, info, text_field, label_field, tokenizer,
+                                            max_length, label=lambda ex, field: data.number(ex, path, "eval file", field))

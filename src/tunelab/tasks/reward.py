@@ -10,17 +10,26 @@ and the mean margin r(chosen) - r(rejected).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .. import models
 from ..data import chat
 from ..data import preference as pairs
+from ..data.sources import read_records
 from ..errors import TunelabError
 from ..ops import preference
 from . import classification  # score(): plain padding of single sequences
-from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    eval_features,
+    finish,
+    generate,
+    generation_prompt,
+    pack,
+    packing_fault,
+    prepare,
+    search,
+)
 
 MAIN_METRIC = "accuracy"
 METRICS = ("accuracy", "margin", "loss")
@@ -30,6 +39,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # scores replies: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 
 def load_splits(cfg, seed: int):
@@ -86,24 +97,22 @@ def metrics(outputs: torch.Tensor, labels: torch.Tensor, info: dict, features: l
             "loss": float(preference.reward_loss(outputs[:, 0], outputs[:, 1]).mean()), "pairs": len(outputs)}
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """The first pairs of a split with the score of each reply."""
     if not rows:
         return []
-    from .. import evaluate
-
     feats, _ = encode(rows, tokenizer, info, max_length)
-    out, _ = evaluate.outputs(model, sys.modules[__name__], feats, len(feats), tokenizer.pad_token_id, device)
+    out, _ = outputs(feats)
     by_row = {r["row"]: r for r in rows}
     return [{"row": f["row"], "prompt": by_row[f["row"]]["prompt"][-1]["content"], "chosen": by_row[f["row"]]["chosen"],
              "rejected": by_row[f["row"]]["rejected"], "score_chosen": float(o[0]), "score_rejected": float(o[1])}
             for f, o in zip(feats, out)]
 
 
-def score(model, tokenizer, items: list[dict], info: dict, device, max_length: int, batch_size: int) -> list[dict]:
-    """The reward of each {"prompt": str or chat messages, "response": str}, rendered as in training."""
-    from .. import evaluate
-
+def score(items: list[dict], tokenizer, info: dict, max_length: int, outputs) -> list[dict]:
+    """The reward of each {"prompt": str or chat messages, "response": str}, rendered as in training; single
+    sequences, batched as classification batches them (the head's output at the last token)."""
     feats = []
     for i, item in enumerate(items, start=1):
         if not isinstance(item, dict) or not isinstance(item.get("response"), str) or item.get("prompt") is None:
@@ -114,5 +123,22 @@ def score(model, tokenizer, items: list[dict], info: dict, device, max_length: i
         text, _ = chat.render(messages + [{"role": "assistant", "content": item["response"]}], info["template"], tokenizer)
         ids = tokenizer(text, add_special_tokens=info["template"] == "alpaca")["input_ids"][:max_length]
         feats.append({"input_ids": ids, "label": 0})
-    out, _ = evaluate.outputs(model, classification, feats, batch_size, tokenizer.pad_token_id, device)
+    out, _ = outputs(feats, classification)
     return [{"prompt": item["prompt"], "response": item["response"], "score": float(o[0])} for item, o in zip(items, out)]
+
+
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """Items are {"prompt", "response"}: the reward of each reply (`score`)."""
+    return score(list(items), tokenizer, info, max_length, outputs)
+
+
+def read_predict(path, text_field: str | None, cfg) -> tuple[list, list | None]:
+    """Rows with a prompt and a response, as they are."""
+    return [r["record"] for r in read_records(path, "predict file")], None
+
+
+def predict_summary(predictions: list[dict]) -> str | None:
+    """The figure to compare two policies' replies by: the mean reward."""
+    if not predictions:
+        return None
+    return f"mean reward {sum(p['score'] for p in predictions) / len(predictions):.4f} over {len(predictions)} replies"

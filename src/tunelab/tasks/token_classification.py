@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,19 @@ import torch.nn.functional as F
 from .. import models
 from ..data import conll
 from ..errors import TunelabError
-from .base import finish, pack, packing_fault, prepare  # noqa: F401  (the interface's defaults)
+from .base import (  # noqa: F401  (the interface's defaults)
+    embed_texts,
+    finish,
+    generate,
+    generation_prompt,
+    pack,
+    packing_fault,
+    predict_summary,
+    prepare,
+    read_predict,
+    search,
+    texts_to_predict,
+)
 
 MAIN_METRIC = "f1"
 METRICS = ("f1", "precision", "recall", "token_accuracy", "loss")  # scalar metrics usable for early stopping
@@ -40,6 +51,8 @@ BASE = True  # the untrained model's metrics are a baseline
 PACKS = False  # no pack(): rows are never packed
 ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by length
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
+GENERATES = False  # labels text: predict, not generate
+EMBEDS = False  # no vectors for users: embed and search need an embedding run
 
 
 def load_splits(cfg, seed: int):
@@ -259,17 +272,15 @@ def _spans(ex: dict, tags: list[str], probs: list[float] | None = None) -> list[
     return out
 
 
-def predict_rows(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, batch_size: int) -> list[dict]:
+def predict_rows(rows: list[dict], tokenizer, info: dict, max_length: int, outputs) -> list[dict]:
     """Decoded entities of sentences {"tokens", "text", "spans"}: [{"entities": [{"label", "start", "end", "text",
     "score"}], "truncated": bool}]. A word whose first subword was cut (or that has no subword) is tagged O."""
-    from .. import evaluate
-
     out = [{"entities": [], "truncated": False} for _ in rows]
     todo = [i for i, r in enumerate(rows) if r["tokens"]]
     if not todo:
         return out
     feats, _ = encode([rows[i] for i in todo], tokenizer, info, max_length)
-    logits, _ = evaluate.outputs(model, sys.modules[__name__], feats, batch_size, tokenizer.pad_token_id, device)
+    logits, _ = outputs(feats)
     names = info["labels"]
     for i, f, lg in zip(todo, feats, logits):
         n = len(rows[i]["tokens"])
@@ -282,28 +293,35 @@ def predict_rows(model, tokenizer, rows: list[dict], info: dict, device, max_len
     return out
 
 
-def predict_texts(model, tokenizer, texts: list[str], info: dict, device, max_length: int, batch_size: int) -> list[dict]:
-    """Entities of raw texts, with character offsets into each text as given. Texts are cut into words by
-    data.conll.split_words (punctuation on its own, as CoNLL does) and tagged word by word."""
+def predict(items, pairs, tokenizer, info: dict, cfg, max_length: int, outputs, run_dir) -> list[dict]:
+    """Entities of raw texts, with character offsets into each text as given: {"text", "entities", "truncated"}.
+    Texts are cut into words by data.conll.split_words (punctuation on its own, as CoNLL does) and tagged word by
+    word. `pairs` are not read (a sentence is tagged alone)."""
+    texts = texts_to_predict(items)
+    if not texts:
+        return []
     rows = []
     for t in texts:
         spans = conll.split_words(t)
         rows.append({"tokens": [t[a:b] for a, b in spans], "text": t, "spans": spans})
-    return predict_rows(model, tokenizer, rows, info, device, max_length, batch_size)
+    return [{"text": t, **p} for t, p in zip(texts, predict_rows(rows, tokenizer, info, max_length, outputs))]
 
 
-def read_labelled(path, cfg, info: dict) -> tuple[list[dict], dict]:
-    """A labelled file to evaluate a finished run on (`TunedModel.evaluate`), checked against the run's types."""
+def eval_features(path, cfg, info: dict, text_field: str | None, label_field: str | None, tokenizer,
+                  max_length: int) -> tuple[list[dict], dict]:
+    """A labelled file (CoNLL or JSONL, as training reads) checked against the run's entity types."""
     rows, entry = conll.read(path, "eval file", cfg.data.model_copy(update={"dedupe": False}))
     unseen = sorted({t[2:] for ex in rows for t in ex["tags"] if t != "O"} - set(info["entity_types"]))
     if unseen:
         raise TunelabError(f"File '{path}' has entity types this model was not trained on: {', '.join(unseen)} "
                            f"(its types: {', '.join(info['entity_types'])}). Fix those tags, or retrain with them.")
-    return rows, entry
+    feats, stats = encode(rows, tokenizer, info, max_length)
+    return feats, {"dropped": entry["dropped"], "truncated": stats["truncated"]}
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int) -> list[dict]:
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
     """Gold and predicted entities of the first validation sentences."""
-    preds = predict_rows(model, tokenizer, rows, info, device, max_length, max(len(rows), 1))
+    preds = predict_rows(rows, tokenizer, info, max_length, outputs)
     return [{"row": r.get("row"), "text": r["text"], "gold": _spans(r, r["tags"]), "predicted": p["entities"]}
             for r, p in zip(rows, preds)]
