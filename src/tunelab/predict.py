@@ -125,6 +125,11 @@ class TunedModel:
         return models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
                                        getattr(self.cfg.method, "num_virtual_tokens", 0))
 
+    def _features(self, rows: list[dict], with_stats: bool = False):
+        """The task's features of `rows` (cv.py encodes its test split with it)."""
+        feats, stats = self.task.encode(rows, self.tokenizer, self.info, self._max_length())
+        return (feats, stats) if with_stats else feats
+
     def _outputs(self, batch_size: int | None):
         """What tasks are given to run the model: features -> (outputs, targets)."""
         return evaluate.runner(self.model, self.task, batch_size or self.cfg.eval.batch_size,
