@@ -96,7 +96,7 @@ def _test_probs(run_dir: Path, model_cfg) -> torch.Tensor:
 
 def _test_features(model):
     rows, _ = load_file(model.cfg.data.test, "data.test", model.cfg.data)
-    return model._features(rows)
+    return model.encode(rows)
 
 
 def _ensemble(first_run: Path, probs: list[torch.Tensor], model_cfg) -> dict:

@@ -40,14 +40,14 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     """`on_eval(record)` is called with every validation record (a sweep's pruner listens there). `resume`: the
     directory of an unfinished run (its config is `cfg`), continued from its last good checkpoint."""
     distributed.setup(models.device_of(cfg.model))
-    if cfg.tasks is not None or cfg.task.type == "grpo":
-        distributed.refuse("multi-task training" if cfg.tasks is not None else "grpo")
-    if resume is not None and cfg.task is not None and cfg.task.type == "grpo":
-        raise TunelabError(f"--resume {resume}: resuming is not supported yet for grpo runs (online RL keeps its own "
-                           f"loop); start the run again.")
+    if cfg.tasks is not None or cfg.task.ONLINE_RL:
+        distributed.refuse("multi-task training" if cfg.tasks is not None else cfg.task.type)
+    if resume is not None and cfg.task is not None and cfg.task.ONLINE_RL:
+        raise TunelabError(f"--resume {resume}: resuming is not supported yet for {cfg.task.type} runs (online RL "
+                           f"keeps its own loop); start the run again.")
     if cfg.tasks is not None:
         return train_multitask(cfg, overwrite, recipe_name, resume)
-    if cfg.task.type == "grpo":  # online RL has its own loop: sample, score, update
+    if cfg.task.ONLINE_RL:  # online RL has its own loop: sample, score, update
         return train_rl(cfg, overwrite, recipe_name)
     t_start, out_path, device, saved, claim = begin(cfg, overwrite, recipe_name, resume)
     # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run

@@ -123,12 +123,12 @@ class TunedModel:
 
     def _max_length(self) -> int:
         return models.max_input_length(self.model, self.tokenizer, self.cfg.data.max_length,
-                                       getattr(self.cfg.method, "num_virtual_tokens", 0))
+                                       methods.reserved_positions(self.cfg.method))
 
-    def _features(self, rows: list[dict], with_stats: bool = False):
-        """The task's features of `rows` (cv.py encodes its test split with it)."""
-        feats, stats = self.task.encode(rows, self.tokenizer, self.info, self._max_length())
-        return (feats, stats) if with_stats else feats
+    def encode(self, rows: list[dict]) -> list[dict]:
+        """Rows of the run's task (text and label, ...) as the features it was trained on (cv encodes its test split
+        with it)."""
+        return self.task.encode(rows, self.tokenizer, self.info, self._max_length())[0]
 
     def _outputs(self, batch_size: int | None):
         """What tasks are given to run the model: features -> (outputs, targets)."""

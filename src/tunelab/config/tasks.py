@@ -40,6 +40,7 @@ class TaskConfig(Section):
     STREAMING: ClassVar[bool] = False  # data.streaming: rows read from disk as training needs them
     AUGMENT: ClassVar[bool] = False  # data.augment_copies: word-level edits keep the label
     LABEL_SMOOTHING: ClassVar[bool] = False  # train.label_smoothing: a cross-entropy over one label
+    ONLINE_RL: ClassVar[bool] = False  # trained by sampling and scoring its own replies (rl.py), not the loop
 
     def problems(self) -> list[str]:
         """What is wrong with this section's keys taken together (each a sentence naming the keys); none here."""
@@ -181,6 +182,7 @@ class DpoConfig(_Templated):
 class GrpoConfig(_Templated):
     type: Literal["grpo"] = Field("grpo", description="Online RL: sampled replies to prompts scored by "
                                                       "task.reward_function or task.reward_model.")
+    ONLINE_RL: ClassVar[bool] = True
     beta: float = _beta()
     reward_function: str | None = Field(None, description="grpo: 'module:function' (importable; a .py file path works "
                                         "too) called as function(prompts, completions) -> list of floats.")

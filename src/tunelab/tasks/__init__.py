@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from .. import models
+from .. import methods, models
 from ..data import format_tokens, stream
 from ..errors import TunelabError
 from . import causal_lm, classification, dpo, embedding, mlm, multilabel, qa, regression, reward, token_classification
@@ -99,7 +99,7 @@ def get(name: str) -> Task:
 def encode_splits(cfg, task, model, tokenizer, info: dict, splits: dict, report: dict, say=print) -> tuple[dict, int]:
     """Tokenize every split with `task` (counts into the report), pack train when asked; returns (features,
     max_length). `say` prints the counts."""
-    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, getattr(cfg.method, "num_virtual_tokens", 0))
+    max_length = models.max_input_length(model, tokenizer, cfg.data.max_length, methods.reserved_positions(cfg.method))
     if max_length < cfg.data.max_length:
         say(f"note: data.max_length={cfg.data.max_length} exceeds what the model takes; inputs are cut at {max_length} tokens")
     feats = {}
