@@ -19,8 +19,12 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    path: str = Field(description="Local Hugging Face model directory (config.json + weights + tokenizer), or a finished "
-                                  "tunelab run directory: its trained model, adapters merged in (sft -> dpo).")
+    path: str = Field(description="Local Hugging Face model directory (config.json + weights + tokenizer), a Hugging Face "
+                                  "Hub id ('org/name', downloaded once into the HF cache; a local directory of that name "
+                                  "wins), or a finished tunelab run directory: its trained model, adapters merged in "
+                                  "(sft -> dpo).")
+    revision: str | None = Field(None, description="Hub ids: the branch, tag or commit to use ('main' when unset); a run "
+                                                   "records the commit it used, so resume and load get the same weights.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model dir; off unless you trust it.")
     allow_pickle: bool = Field(False, description="Also load weights stored as pickle (.bin/.pt), which can run code "
@@ -35,9 +39,16 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train: str = Field(description="Training data file: .jsonl, .csv or .parquet.")
+    train: str = Field(description="Training data: a .jsonl, .csv or .parquet file, a Hugging Face Hub dataset "
+                                   "('hf://org/name'), or a directory written by datasets' save_to_disk.")
     validation: str | None = Field(None, description="Validation file; when absent a stratified split of train is held out.")
     test: str | None = Field(None, description="Optional test file, evaluated once with the best model.")
+    dataset_config: str | None = Field(None, description="Hub datasets: the configuration (subset) to read, for "
+                                                         "datasets that have several.")
+    dataset_revision: str | None = Field(None, description="Hub datasets: the branch, tag or commit ('main' when unset).")
+    train_split: str = Field("train", description="Hub datasets and save_to_disk DatasetDicts: the split data.train reads.")
+    validation_split: str = Field("validation", description="The split data.validation reads (when it names a dataset).")
+    test_split: str = Field("test", description="The split data.test reads (when it names a dataset).")
     text_field: str = Field("text", description="Column holding the input text.")
     label_field: str = Field("label", description="Column holding the label (string or integer; regression: a number).")
     label_separator: str | None = Field(None, description="multilabel: labels given as one string are split on this "
@@ -115,8 +126,11 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': the training forward runs under bfloat16 "
                                                "autocast (matmuls in bf16; weights, gradients and AdamW state stay float32). "
                                                "Evaluation stays float32, so base and tuned are scored alike.")
-    log_to: list[Literal["tensorboard"]] = Field([], description="Also log train/eval scalars to these: 'tensorboard' "
-                                                 "(event files in <run dir>/tensorboard; needs the tensorboard package).")
+    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field([], description="Also log train/eval scalars to "
+        "these: 'tensorboard' (event files in <run dir>/tensorboard; needs the tensorboard package), 'mlflow' (the "
+        "config as params, every metrics.jsonl record at its step, summary and report as artifacts; "
+        "MLFLOW_TRACKING_URI, default a SQLite store mlflow.db), 'wandb' (offline unless an API key is set).")
+    log_artifacts: bool = Field(False, description="With mlflow / wandb: also upload the trained adapter or model.")
     padding_free: bool | Literal["auto"] = Field("auto", description=(
         "sft, causal_lm, classification: each micro-batch's examples are packed end to end into rows no longer "
         "than its longest, each with its own positions and attending only to itself: the same examples and targets "
