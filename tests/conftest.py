@@ -287,3 +287,16 @@ def cli_run(monkeypatch, capsys):
         return Result(code, out, err + tb)
 
     return call
+
+
+# -- a loopback Hugging Face Hub (tests/hub_server.py) ---------------------------------------------------------------
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub on 127.0.0.1 that the real huggingface_hub downloads from, with HF_HOME / HF_HUB_CACHE in tmp_path
+    (for this process and its subprocesses; see hub_server.point_client_at). Add repos with hub.commit(...)."""
+    from hub_server import HubServer, point_client_at
+
+    with HubServer() as server:
+        point_client_at(server.url, tmp_path / "hf-home", monkeypatch)
+        yield server
