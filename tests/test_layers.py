@@ -36,6 +36,7 @@ LAYERS = {
     # L3: pure tensor functions; load an HF model dir and name its parts
     "tunelab.ops": 3,
     "tunelab.models": 3,
+    "tunelab.hub": 3,
     # L4: one file per fine-tuning method plus shared targets / layout
     "tunelab.methods": 4,
     # L5: one file per task

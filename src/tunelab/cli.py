@@ -461,8 +461,56 @@ def data_inspect(
     typer.echo(json.dumps(report, indent=2) if as_json else data.format_report(report))
 
 
-models_app = typer.Typer(no_args_is_help=True, help="Bring models from other formats into a Hugging Face model directory.")
+models_app = typer.Typer(no_args_is_help=True, help="Fetch models from the Hugging Face Hub, list the cached ones, "
+                                                    "import other formats.")
 app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    repo_id: str = typer.Argument(..., help="A Hugging Face Hub model id, e.g. HuggingFaceTB/SmolLM2-135M-Instruct."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="A branch, tag or commit (default main)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Fetch pickled weights (pytorch_model.bin) "
+                                      "when the repo has no safetensors: only for files you trust."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Also fetch the modelling code the "
+                                           "repo ships (*.py), for model.trust_remote_code=true."),
+):
+    """Download a model's files into the Hugging Face cache (HF_HOME / HF_HUB_CACHE), to train offline later
+    (HF_HUB_OFFLINE=1) with model.path set to the same id."""
+    from . import hub
+
+    if not hub.is_hub_id(repo_id):
+        raise TunelabError(f"'{repo_id}' is not a Hugging Face Hub id ('org/name' or 'name', and not an existing local "
+                           f"path): `tunelab models fetch` downloads from the Hub; a local folder needs no fetching.")
+    got = hub.download(repo_id, revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                       key="tunelab models fetch", revision_key="--revision")
+    files = [f for f in got.dir.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    typer.echo(f"{repo_id} at {revision or 'main'}: commit {got.commit}, {len(files)} files, {size / 2**20:.1f} MB")
+    typer.echo(f"local dir: {got.dir}")
+    typer.echo(f"to train on exactly this commit: model.path={repo_id} model.revision={got.commit}")
+
+
+@models_app.command("ls")
+def models_ls(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")):
+    """The models in the Hugging Face cache: each cached revision's refs, commit, files and size on disk."""
+    from huggingface_hub import constants
+
+    from . import hub
+
+    found = hub.cached_models()
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        typer.echo(f"no models in the Hugging Face cache ({constants.HF_HUB_CACHE}); `tunelab models fetch ID` adds one")
+        return
+    typer.echo(f"Hugging Face cache: {constants.HF_HUB_CACHE}")
+    typer.echo(f"{'model':40} {'refs':16} {'commit':12} {'files':>5} {'size':>10}")
+    for model in found:
+        for r in model["revisions"]:
+            refs = ",".join(r["refs"]) or "-"
+            typer.echo(f"{model['id']:40} {refs:16} {r['commit'][:12]:12} {r['files']:5d} {r['size'] / 2**20:8.1f} MB")
 
 
 @models_app.command("import")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from . import atomic, evaluate, methods, models, predict, report, runs, tasks
+from . import atomic, evaluate, hub, methods, models, predict, report, runs, tasks
 from . import config as config_mod
 from .config import METHOD_NAMES
 from .config.methods import BY_NAME
@@ -118,6 +118,8 @@ def run(recipe, overrides: list[str], method_names: list[str], output: str | Non
     out = runs.expand(output or f"runs/compare-{Path(recipe).stem if recipe else 'run'}")
     claim = runs.claim(out, overwrite, "compare", cfg)
     with claim:  # an earlier comparison there stays as it was until this one has finished
+        # A Hub id is pinned to the commit its branch points at now: every method trains the same weights.
+        cfg.model = hub.pinned(cfg.model)
         # Every method's config is built (and so checked) before the first one trains.
         configs = {name: method_config(cfg, name, lrs, steps, (out / "runs" / name).resolve(), first=i == 0,
                                        settings=settings.get(name)) for i, name in enumerate(method_names)}

@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import atomic, methods, models, predict, versions
+from . import atomic, hub, methods, models, predict, versions
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
 from .methods.layout import PEFT_CONFIG
@@ -37,6 +37,8 @@ def protected(run_dir: Path, cfg) -> list[tuple[str, Path]]:
     found = [("the run folder", run_dir)]
     found += [(f"the run's {name}/", run_dir / name) for name in ("model", "adapter", "adapters", "tasks")
               if (run_dir / name).exists()]  # listed apart: one may be a link to a folder elsewhere
+    if hub.is_hub_id(cfg.model.path):  # it lives in the Hugging Face cache, which an export does not touch
+        return found
     return found + [("the run's base model (model.path in its config.yaml)", Path(cfg.model.path))]
 
 

@@ -115,7 +115,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
 
         run_dir = claim.make()
         if saved is None:
-            cfg = resolve_paths(cfg, Path(out_path))
+            cfg = resolve_paths(cfg, Path(out_path), model_cfg)
             write_start(run_dir, cfg)
         else:  # the log goes on from the checkpoint
             with open(run_dir / "metrics.jsonl", "r+b") as f:

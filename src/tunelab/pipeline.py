@@ -61,7 +61,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         main = distributed.is_main()
         run_dir = claim.make() if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
         if saved is None:
-            cfg = resolve_paths(cfg, Path(out_path))
+            cfg = resolve_paths(cfg, Path(out_path), model_cfg)
             write_start(run_dir, cfg)
         elif main:  # the log goes on from the checkpoint: what was logged after it is logged again
             with open(run_dir / "metrics.jsonl", "r+b") as f:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import config as config_mod
-from . import evaluate, methods, models, tasks, versions
+from . import evaluate, hub, methods, models, tasks, versions
 from .errors import TunelabError
 
 
@@ -95,9 +95,10 @@ class TunedModel:
             raise TunelabError(f"'{run_dir}' is a {cfg.method.name} run without an adapter/ directory; only adapter "
                                f"runs ({', '.join(methods.named.SWITCHABLE)}) can share a base. Load it on its own "
                                f"with tunelab.load('{run_dir}').")
-        if Path(cfg.model.path).resolve() != Path(self.cfg.model.path).resolve():
-            raise TunelabError(f"'{run_dir}' was trained on the base '{cfg.model.path}', this model's base is "
-                               f"'{self.cfg.model.path}'; adapters can only share the base they were trained on.")
+        if base_of(cfg.model) != base_of(self.cfg.model):
+            raise TunelabError(f"'{run_dir}' was trained on the base {describe_base(cfg.model)}, this model's base is "
+                               f"{describe_base(self.cfg.model)}; adapters can only share the base they were trained "
+                               f"on.")
         if info != self.info:
             raise TunelabError(f"'{run_dir}' has labels {info.get('labels')}, this model has {self.info.get('labels')}; "
                                f"adapters sharing a base here need the same label set (the same head shape).")
@@ -198,17 +199,37 @@ class TunedModel:
         return {**metrics, **counts}
 
 
+def base_of(model_cfg) -> tuple:
+    """What identifies a base model: a Hub id with its commit, or a local folder."""
+    if hub.is_hub_id(model_cfg.path):
+        return ("hub", model_cfg.path, model_cfg.revision)
+    return ("dir", Path(model_cfg.path).expanduser().resolve())
+
+
+def describe_base(model_cfg) -> str:
+    at = f" at revision {model_cfg.revision}" if model_cfg.revision and hub.is_hub_id(model_cfg.path) else ""
+    return f"'{model_cfg.path}'{at}"
+
+
 @contextmanager
 def model_source(model_cfg, key: str = "model.path"):
-    """`model_cfg` with a Hugging Face model directory as its path. A tunelab run directory stands for the model it
-    trained: a full fine-tune's own model/, or for a method that keeps its weights apart (an sft LoRA run, say) the
-    base with the method merged in, written to a temporary directory that lives as long as the `with` block. This is
-    how a later stage starts from an earlier one (sft -> reward model / DPO) without an export step.
+    """`model_cfg` with a Hugging Face model directory as its path. A Hub id stands for the snapshot folder of the
+    commit that model.revision (default main) resolves to, fetched into the Hugging Face cache if it is not there
+    (hub.py): the model_cfg given out has that commit as its revision, for the run to record. A tunelab run directory
+    stands for the model it trained: a full fine-tune's own model/, or for a method that keeps its weights apart (an
+    sft LoRA run, say) the base with the method merged in, written to a temporary directory that lives as long as the
+    `with` block. This is how a later stage starts from an earlier one (sft -> reward model / DPO) without an export
+    step.
 
     The run is loaded with `trust_remote_code` / `allow_pickle` as `model_cfg` (the caller's recipe) says: the
     model.* switches in the run's own config.yaml are ignored, so a run folder from someone else cannot turn on code
     or pickles."""
     path = Path(model_cfg.path).expanduser()
+    if hub.is_hub_id(model_cfg.path):
+        got = hub.download(model_cfg.path, model_cfg.revision, allow_pickle=model_cfg.allow_pickle,
+                           trust_remote_code=model_cfg.trust_remote_code, key=key)
+        yield model_cfg.model_copy(update={"path": str(got.dir), "revision": got.commit})
+        return
     if not models.is_run_dir(path):
         yield model_cfg
         return
@@ -253,6 +274,8 @@ def _own_switches(cfg, run_dir: Path, trust_remote_code: bool, allow_pickle: boo
     if not wanted or trust_remote_code:
         return
     base = Path(cfg.model.path).expanduser()
+    if hub.is_hub_id(cfg.model.path):  # its code, if the cache has it (nothing is downloaded to find out)
+        base = hub.cached(cfg.model.path, cfg.model.revision) or base
     folders = [run_dir / "model", run_dir / "adapter", *sorted(run_dir.glob("tasks/*/model")),
                base / "model" if models.is_run_dir(base) else base]
     code = sorted({c for folder in folders for c in models.custom_code(folder)})

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import atomic, models, report, versions
+from . import atomic, hub, models, report, versions
 from . import config as config_mod
 from .config import Config
 from .errors import TunelabError
@@ -154,8 +154,8 @@ def holder(path: Path) -> str:
 # -- what a run reads must not be where it writes ----------------------------------------------------------------------
 
 def inputs(cfg) -> list[tuple[str, str]]:
-    """(config key, path) of every file or folder the run reads."""
-    found = [("model.path", cfg.model.path)]
+    """(config key, path) of every file or folder the run reads (a Hub model is read from the Hugging Face cache)."""
+    found = [] if hub.is_hub_id(cfg.model.path) else [("model.path", cfg.model.path)]
     for i, data in enumerate([cfg.data] if cfg.data is not None else [t.data for t in cfg.tasks]):
         prefix = "data" if cfg.data is not None else f"tasks[{i}].data"
         found += [(f"{prefix}.{k}", getattr(data, k)) for k in ("train", "validation", "test") if getattr(data, k)]
@@ -340,9 +340,13 @@ class Run:
 
 
 def write_start(run_dir: Path, cfg: Config) -> None:
-    """The first files of a new run: its resolved config and the library versions it is made with."""
+    """The first files of a new run: its resolved config and the library versions it is made with (and, for a model
+    by Hub id, the id and commit: model.revision in config.yaml already holds the commit, see resolve_paths)."""
     atomic.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg), "the run's config")
-    write_json(run_dir / "versions.json", versions.current())
+    found = versions.current()
+    if hub.is_hub_id(cfg.model.path):
+        found["hub_model"] = {"id": cfg.model.path, "commit": cfg.model.revision}
+    write_json(run_dir / "versions.json", found)
 
 
 @contextmanager
@@ -453,10 +457,14 @@ def default_output_dir(recipe_name: str) -> str:
     return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resolve_paths(cfg: Config, run_dir: Path) -> Config:
-    """Make file paths absolute so the saved config works from any directory."""
+def resolve_paths(cfg: Config, run_dir: Path, source=None) -> Config:
+    """Make file paths absolute so the saved config works from any directory. `source`: the model section as
+    predict.model_source resolved it; a Hub id keeps its id and gets the commit it resolved to as model.revision,
+    so that --resume and tunelab.load use the same weights when the branch has moved on."""
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = str(run_dir.resolve())
+    if source is not None and hub.is_hub_id(cfg.model.path):
+        cfg.model.revision = source.revision
     if Path(cfg.model.path).exists():
         cfg.model.path = str(Path(cfg.model.path).resolve())
     if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
