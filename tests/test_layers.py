@@ -59,6 +59,7 @@ LAYERS = {
     "tunelab.sweep": 9,
     "tunelab.advise": 9,
     "tunelab.importer": 9,
+    "tunelab.inspect": 9,
     # L10: argument parsing and printing; the public API
     "tunelab.cli": 10,
     "tunelab.__main__": 10,

@@ -449,16 +449,51 @@ def format_metrics(m: dict) -> str:
 
 @data_app.command("inspect")
 def data_inspect(
-    file: Path = typer.Argument(..., help="JSONL/CSV/TSV/Parquet file."),
-    text_field: str = typer.Option("text", help="Text column."),
-    label_field: str = typer.Option("label", help="Label column."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    source: Path = typer.Argument(..., help="A recipe (.yaml): its rows as its task and model's tokenizer encode them; "
+                                  "or a JSONL/CSV/TSV/Parquet file of labelled texts."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="With a recipe: dotted key=value overrides."),
+    examples: int = typer.Option(3, "-n", "--examples", min=0, help="With a recipe: how many examples to show."),
+    split: str = typer.Option("train", "--split", help="With a recipe: the split to show (train, validation, test)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write the inspection as an HTML page here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --html file."),
+    text_field: str = typer.Option("text", help="With a file: the text column."),
+    label_field: str = typer.Option("label", help="With a file: the label column."),
+    as_json: bool = typer.Option(False, "--json", help="Print the inspection as JSON."),
 ):
-    """Rows read, rows cleaning would drop and why, label counts, text lengths."""
-    from . import data
+    """See what is trained: a recipe's examples with the tokens that carry loss marked, token lengths against
+    data.max_length, label mixes and a template lint; or a file's rows read, dropped and why, labels, lengths."""
+    from rich.console import Console
 
-    report = data.inspect(file, text_field, label_field)
-    typer.echo(json.dumps(report, indent=2) if as_json else data.format_report(report))
+    from . import data
+    from . import inspect as inspect_mod
+
+    if html is not None and (html.exists() or html.is_symlink()) and not overwrite:
+        raise TunelabError(f"--html file '{html}' already exists. Choose another name, or pass --overwrite to replace it.")
+    if split not in ("train", "validation", "test"):
+        raise TunelabError(f"--split {split}: give train, validation or test.")
+    if source.suffix.lower() in (".yaml", ".yml"):
+        from . import config
+
+        result = inspect_mod.run(config.load(source, overrides or []), examples, split)
+    else:
+        if overrides:
+            raise TunelabError(f"'{source}' is a data file: overrides ({' '.join(overrides)}) go with a recipe (.yaml).")
+        result = data.inspect(source, text_field, label_field)
+    if html is not None:
+        inspect_mod.write_html(result, html, f"tunelab data inspect {source}")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+    elif "task" not in result:
+        typer.echo(data.format_report(result))
+    else:
+        console = Console(highlight=False, soft_wrap=True)
+        # colour only where it shows: piped (or NO_COLOR) output gets brackets around the marked tokens instead
+        if console.is_terminal and not console.no_color:
+            console.print(inspect_mod.format_text(result, rich=True))
+        else:
+            typer.echo(inspect_mod.format_text(result))
+    if html is not None:
+        typer.echo(f"page: {html}", err=True)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Fetch models from the Hugging Face Hub, list the cached ones, "

@@ -33,7 +33,11 @@ from .clean import (
 from .sources import SUPPORTED_EXTENSIONS, absolute, read_examples
 from .split import random_split, stratified_split, too_few_to_split
 
-__all__ = ["load_splits", "load_file", "inspect", "format_report", "format_tokens", "canonical_label", "SUPPORTED_EXTENSIONS"]
+__all__ = ["load_splits", "load_file", "inspect", "format_report", "format_tokens", "drop_warning", "canonical_label",
+           "SUPPORTED_EXTENSIONS"]
+
+DEDUPE_REASONS = ("duplicate", "conflicting_label")  # the drop reasons data.dedupe=false turns off
+LARGE_DROP = 0.2  # cleaning that drops this share of a file is worth a warning: a count alone is easy to miss
 
 
 def load_splits(cfg: DataConfig, seed: int, kind: str = "class") -> tuple[dict[str, list[dict]], dict]:
@@ -132,6 +136,21 @@ def format_report(report: dict) -> str:
         title = f"{name}: {path}" if path else f"{name}: held out from train"
         lines += [""] + _format_entry(title, entry)
     return "\n".join(lines)
+
+
+def drop_warning(entry: dict) -> tuple[str, str] | None:
+    """(what happened, the fix) when cleaning dropped a fifth or more of a file's rows (one split's report entry), else
+    None. Repetition is often meant (upsampling a small set by repeating it), and dedupe silently undoes it."""
+    read = entry.get("rows_read") or 0
+    dropped = {reason: n for reason, n in (entry.get("dropped") or {}).items() if n}
+    total = sum(dropped.values())
+    if entry.get("from") or not read or total < LARGE_DROP * read:
+        return None
+    detail = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items())
+    what = f"cleaning dropped {total} of {read} rows ({total / read:.0%}: {detail})"
+    if any(reason in DEDUPE_REASONS for reason in dropped):
+        return what, "if the repetition is intended (upsampling), keep those rows with data.dedupe=false"
+    return what, "fix or fill in those rows, or check that the data.*_field keys name the right columns"
 
 
 def format_tokens(stats: dict) -> str:
@@ -242,6 +261,8 @@ def _format_entry(title: str, entry: dict) -> list[str]:
         lines.append(f"  rows read: {entry['rows_read']}, dropped: {sum(dropped.values())} ({detail}), kept: {kept}")
         if entry.get("held_out"):
             lines.append(f"  held out for validation: {entry['held_out']}, left in train: {entry['rows']}")
+        if warning := drop_warning(entry):
+            lines.append(f"  warning: {warning[0]}; {warning[1]}")
     if "format" in entry:
         lines.append(f"  format: {entry['format']}" + (f", {entry['assistant_turns']} assistant turns" if "assistant_turns" in entry else ""))
     if "targets" in entry:
