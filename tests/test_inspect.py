@@ -393,3 +393,21 @@ def test_the_file_form_still_reports_a_data_file(sentiment_files, cli_run, tmp_p
     assert out.code == 0 and "rows read: 41, dropped: 21" in out.out and "data.dedupe=false" in out.out
     ok = cli_run("data", "inspect", sentiment_files["train"], "--json")
     assert ok.code == 0 and json.loads(ok.out)["rows_read"] == 240
+
+
+def test_mlm_marks_the_masked_positions_with_the_token_each_hides(tiny_bert, tmp_path):
+    texts = [{"text": r["text"]} for r in make_rows(60, seed=6)]
+    cfg = recipe(tmp_path, tiny_bert, texts, "task.new_mlm_head=true", "data.max_length=16", task="mlm")
+    result = inspect.run(cfg, n=3, split="validation")  # validation rows are masked once, in encode (seeded)
+    task = tasks.get("mlm")
+    splits, _ = task.load_splits(cfg, cfg.train.seed)
+    info = task.label_info(splits, cfg)
+    _, tok = task.build_model(cfg.model, info)
+    feats, _ = task.encode(splits["validation"], tok, info, 16)
+    assert len(result["examples"]) == 3 and any(ex["parts"][0]["marked"] for ex in result["examples"])
+    for ex, f in zip(result["examples"], feats):
+        part = ex["parts"][0]
+        assert part["ids"] == f["input_ids"]
+        assert part["marked"] == [t for t, x in enumerate(f["labels"]) if x != -100]
+        hidden = [m[1:] for _, m in part["segments"] if m]
+        assert hidden == [tok.convert_ids_to_tokens(x) for x in f["labels"] if x != -100]

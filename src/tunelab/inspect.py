@@ -93,7 +93,7 @@ def run(cfg: Config, n: int = 3, split: str = "train") -> dict:
                               for i, (f, seq) in enumerate(zip(feats[:n], _collated(task, view, feats[:n],
                                                                                     tok.pad_token_id)))]
         if kind in TEMPLATED or kind == "causal_lm":
-            _lint(task, kind, view, tok, info, splits[split], feats, natural, max_length, cfg, split, result)
+            _lint(task, kind, view, tok, info, splits[split], feats, natural, max_length, split, result)
     result["data"] = report
     result["report_text"] = format_report(report)
     result["warnings"] = [{"code": "dropped_share", "text": f"{name}: {text}", "fix": fix}
@@ -114,7 +114,7 @@ def _tokenizer(task, kind: str, model_cfg, info: dict):
         if getattr(tok, "is_fast", False):  # a slow one: build_model's own checks say what is wrong
             from transformers import AutoConfig
 
-            if "template" in info:
+            if kind in TEMPLATED:  # as their build_model does (causal_lm's text has no template)
                 info["template"] = chat.resolve_template(info["template"], tok, f"'{model_cfg.path}'")
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
             return tok, SimpleNamespace(config=config), False
@@ -240,7 +240,7 @@ def _mix(view: str, rows) -> dict | None:
 
 # -- examples --------------------------------------------------------------------------------------------------------
 
-def _marks(view: str, name, ids: list[int], labels, info: dict, tok) -> list:
+def _marks(view: str, ids: list[int], labels, info: dict, tok) -> list:
     """Per position: None, "loss" (carries loss), "reply" (reward: the reply scored at its last token), or a tag."""
     n = len(ids)
     if view in ("lm", "pairs_lm"):
@@ -275,7 +275,7 @@ def segments(tok, ids: list[int], marks: list) -> list[list]:
 def _example(view: str, tok, info: dict, split: str, feat: dict, seqs: list, row: dict | None) -> dict:
     parts = []
     for name, ids, labels in seqs:
-        marks = _marks(view, name, ids, labels, info, tok)
+        marks = _marks(view, ids, labels, info, tok)
         part = {"name": name, "ids": ids, "marked": [t for t, m in enumerate(marks) if m is not None],
                 "segments": segments(tok, ids, marks), "facts": _facts(view, tok, ids, marks)}
         if view == "span" and feat.get("start"):
@@ -284,7 +284,7 @@ def _example(view: str, tok, info: dict, split: str, feat: dict, seqs: list, row
             part["segments"] = segments(tok, ids, [None] * a + ["answer"] * (b - a) + [None] * (len(ids) - b))
         parts.append(part)
     number = feat.get("row") if feat.get("row") is not None else (row or {}).get("row")
-    return {"split": split, "row": number, "parts": parts, "target": _target(view, feat, row, info)}
+    return {"split": split, "row": number, "parts": parts, "target": _target(view, feat, row)}
 
 
 def _facts(view: str, tok, ids: list[int], marks: list) -> list[str]:
@@ -299,7 +299,7 @@ def _facts(view: str, tok, ids: list[int], marks: list) -> list[str]:
     return out
 
 
-def _target(view: str, feat: dict, row: dict | None, info: dict):
+def _target(view: str, feat: dict, row: dict | None):
     if row is None:
         return None
     if view in ("text", "number"):
@@ -312,7 +312,7 @@ def _target(view: str, feat: dict, row: dict | None, info: dict):
 
 # -- the template lint -------------------------------------------------------------------------------------------------
 
-def _lint(task, kind: str, view: str, tok, info: dict, rows, feats, natural, max_length: int, cfg, split: str,
+def _lint(task, kind: str, view: str, tok, info: dict, rows, feats, natural, max_length: int, split: str,
           result: dict) -> None:
     """Warnings (each with its fix) about what the template and max_length do to the split's examples."""
     warn = lambda code, text, fix: result["warnings"].append({"code": code, "text": text, "fix": fix})
@@ -334,7 +334,7 @@ def _lint(task, kind: str, view: str, tok, info: dict, rows, feats, natural, max
 
     ended, masked, missing, enders = 0, 0, 0, Counter()
     for f, name, ids, labels in seqs:
-        marks = _marks("lm", name, ids, labels, info, tok)
+        marks = _marks("lm", ids, labels, info, tok)
         runs = replies_of(marks)
         if f.get("row") in cut and runs:  # the last reply was cut at max_length: its end is gone, not missing
             runs = runs[:-1]
@@ -372,9 +372,9 @@ def _lint(task, kind: str, view: str, tok, info: dict, rows, feats, natural, max
         result["notes"].append(f"the pad token is EOS ({tok.eos_token!r}): harmless here, collate masks padding by "
                                f"position, and EOS carries loss at the end of {ended} of {replies} replies")
 
-    _lint_system(kind, tok, info, rows, warn)
+    _lint_system(tok, info, rows, warn)
     if task.GENERATES:
-        _lint_generation_prompt(task, kind, tok, info, rows, natural, warn)
+        _lint_generation_prompt(task, tok, info, rows, natural, warn)
     _lint_lengths(view, result["tokens"][split], natural, max_length, split, warn)
 
 
@@ -389,22 +389,22 @@ def replies_of(marks: list) -> list[tuple[int, int]]:
     return runs
 
 
-def _messages(kind: str, row: dict) -> list[dict]:
+def _messages(row: dict) -> list[dict]:
     """The conversation a row is rendered from (a preference row: its prompt and the chosen reply)."""
     if "messages" in row:
         return row["messages"]
     return row["prompt"] + [{"role": "assistant", "content": row["chosen"]}]
 
 
-def _prompt(kind: str, row: dict) -> list[dict]:
+def _prompt(row: dict) -> list[dict]:
     return chat.prompt_messages(row) if "messages" in row else row["prompt"]
 
 
-def _lint_system(kind: str, tok, info: dict, rows, warn) -> None:
-    with_system = [r for r in rows if _messages(kind, r)[0]["role"] == "system"]
+def _lint_system(tok, info: dict, rows, warn) -> None:
+    with_system = [r for r in rows if _messages(r)[0]["role"] == "system"]
     dropped = [r for r in with_system
-               if _messages(kind, r)[0]["content"].strip()
-               not in chat.render(_messages(kind, r), info["template"], tok)[0]]
+               if _messages(r)[0]["content"].strip()
+               not in chat.render(_messages(r), info["template"], tok)[0]]
     if dropped:
         warn("system_dropped", f"the template drops the system turn of {len(dropped)} of {len(with_system)} rows "
              f"(first: row {dropped[0]['row']}): the model never sees those instructions",
@@ -412,7 +412,7 @@ def _lint_system(kind: str, tok, info: dict, rows, warn) -> None:
              "into the first user turn")
 
 
-def _lint_generation_prompt(task, kind: str, tok, info: dict, rows, natural, warn) -> None:
+def _lint_generation_prompt(task, tok, info: dict, rows, natural, warn) -> None:
     """The tokens `tunelab generate` feeds for a row's prompt must be those the model was trained to continue."""
     by_row = {r["row"]: r for r in rows}
     differ, first = 0, None
@@ -422,7 +422,7 @@ def _lint_generation_prompt(task, kind: str, tok, info: dict, rows, natural, war
         start = next((t for t in range(len(labels) - 1, 0, -1) if labels[t] != -100 and labels[t - 1] == -100), None)
         if start is None:
             continue
-        text = task.generation_prompt(_prompt(kind, by_row[f["row"]]), None, tok, info)
+        text = task.generation_prompt(_prompt(by_row[f["row"]]), None, tok, info)
         gen = tok(text, add_special_tokens=info["template"] == "alpaca")["input_ids"]
         if gen != ids[:start]:
             differ += 1
@@ -486,11 +486,16 @@ def _marked(text: str, mark, rich: bool) -> str:
 
 
 def legend(result: dict, rich: bool) -> str:
-    sample = {"lm": "loss", "pairs_lm": "loss", "pairs_score": "reply", "span": "answer", "tags": "B-X"}
-    mark = sample.get(VIEWS.get(result["task"]))
-    meaning = {"loss": "carries loss", "reply": "the reply; its last token, where the score is read, is «marked»",
-               "answer": "the answer span", "B-X": "a subword trained to a tag (mlm: the token it hides)"}
-    return f"marked: {_marked('text', mark, rich)} = {meaning[mark]}" if mark else ""
+    """What the marks of the examples shown mean."""
+    marks = {m for ex in result["examples"] for part in ex["parts"] for _, m in part["segments"] if m}
+    meaning = [("loss", "text", "carries loss"), ("reply", "text", "the reply, scored at its last token («marked»)"),
+               ("answer", "text", "the answer span")]
+    out = [f"{_marked(text, mark, rich)} = {what}" for mark, text, what in meaning if mark in marks]
+    if any(m.startswith("→") for m in marks):
+        out.append(f"{_marked('[MASK]', '→word', rich)} = a masked position and the token it hides")
+    elif marks - {"loss", "reply", "answer"}:
+        out.append(f"{_marked('word', 'B-X', rich)} = a subword trained to an entity tag")
+    return "marked: " + "; ".join(out) if out else ""
 
 
 def format_text(result: dict, rich: bool = False) -> str:
