@@ -33,21 +33,37 @@ __version__ = "0.1.0"
 __all__ = ["train", "resume", "load", "TunedModel", "TunelabError", "__version__"]
 
 
-def train(recipe: str | Path | None = None, overrides: list[str] | None = None, overwrite: bool = False, **kw):
-    """Train from a YAML recipe plus dotted overrides (`**{"train.lr": 3e-4}` or ["train.lr=3e-4"])."""
-    from . import config, pipeline
+def train(recipe: str | Path | None = None, overrides: list[str] | None = None, overwrite: bool = False,
+          data=None, **kw):
+    """Train from a YAML recipe plus dotted overrides (`**{"train.lr": 3e-4}` or ["train.lr=3e-4"]).
 
-    cfg = config.load(recipe, overrides, **kw)
+    `data`: Hugging Face `datasets` objects to train on instead of the recipe's files: a Dataset (data.train), a
+    DatasetDict (data.train, and data.validation / data.test where it has the splits data.validation_split /
+    data.test_split name), or a dict {"train": ds, "validation": ds2, "test": ...} of datasets or paths. config.yaml
+    records each as '<in-memory Dataset, N rows, sha256 ...>'; resuming such a run needs the same data again
+    (`tunelab.resume(run_dir, data=...)`)."""
+    from . import config, pipeline
+    from .data import hub
+
+    given = hub.overrides(data)  # `data` keeps the objects alive for the run: hub holds them weakly
+    cfg = config.load(recipe, overrides, **{**kw, **given})
+    extra = hub.dict_splits(given, cfg.data) if cfg.data is not None else {}
+    if extra:
+        cfg = config.load(recipe, overrides, **{**kw, **given, **extra})
     return pipeline.train(cfg, overwrite=overwrite, recipe_name=Path(recipe).stem if recipe else "run")
 
 
-def resume(run_dir: str | Path, anyway: bool = False):
+def resume(run_dir: str | Path, anyway: bool = False, data=None):
     """Continue an unfinished run from its last good checkpoint, exactly where it stopped. A run whose config.yaml,
-    data files or model changed since that checkpoint is refused, naming what changed, unless `anyway`."""
+    data files or model changed since that checkpoint is refused, naming what changed, unless `anyway`. `data`: the
+    datasets a run trained on in memory (as given to `train`), which config.yaml names but cannot hold."""
     from . import config, pipeline, runs
+    from .data import hub
 
+    given = hub.overrides(data)
     runs.check_resumable(Path(run_dir), anyway)
     cfg = config.load(Path(run_dir) / "config.yaml", [])
+    hub.check_resumed(given, cfg.data)
     return pipeline.train(cfg, resume=Path(run_dir))
 
 

@@ -41,8 +41,10 @@ class ModelConfig(Section):
 class DataConfig(Section):
     train: str = Field(description="Training data: a .jsonl, .csv or .parquet file, a Hugging Face Hub dataset "
                                    "('hf://org/name'), or a directory written by datasets' save_to_disk.")
-    validation: str | None = Field(None, description="Validation file; when absent a stratified split of train is held out.")
-    test: str | None = Field(None, description="Optional test file, evaluated once with the best model.")
+    validation: str | None = Field(None, description="Validation data (a file or a dataset, as data.train); when absent "
+                                                     "a stratified split of train is held out.")
+    test: str | None = Field(None, description="Optional test data (a file or a dataset, as data.train), evaluated once "
+                                               "with the best model.")
     dataset_config: str | None = Field(None, description="Hub datasets: the configuration (subset) to read, for "
                                                          "datasets that have several.")
     dataset_revision: str | None = Field(None, description="Hub datasets: the branch, tag or commit ('main' when unset).")
@@ -62,6 +64,9 @@ class DataConfig(Section):
     positive_field: str = Field("positive", description="embedding: the column holding the text that matches the anchor.")
     negative_field: str | None = Field(None, description="embedding: optional column holding a hard negative per row "
                                        "(a text that does not match the anchor).")
+    tags_field: str = Field("tags", description="token_classification: the column holding each row's list of BIO tags "
+                                                "beside 'tokens' (Hugging Face NER datasets call it 'ner_tags'; ClassLabel "
+                                                "ids are read as their names).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Fraction of train held out for validation when no validation file is given.")
     max_length: int = Field(128, ge=8, le=8192, description="Inputs are truncated to this many tokens.")
     dedupe: bool = Field(True, description="Drop exact duplicate rows and texts that appear with conflicting labels.")
@@ -81,7 +86,9 @@ class DataConfig(Section):
     augment_rate: float = Field(0.1, gt=0, le=0.5, description="Fraction of a text's words each operation changes (at least one).")
     streaming: bool = Field(False, description="Classification: keep the data on disk and read rows when training needs "
                                                "them (files larger than memory); only where each row lies is kept, "
-                                               "about 40 bytes a row. .jsonl, .csv and .tsv.")
+                                               "about 40 bytes a row. .jsonl, .csv and .tsv files, and Hugging Face "
+                                               "datasets (read by index from their memory-mapped Arrow files; a Hub "
+                                               "dataset is downloaded to the HF cache first).")
     packing: bool = Field(False, description="sft / causal_lm: concatenate training examples into rows of data.max_length "
                                              "tokens; each example attends only to itself and keeps its own positions.")
 

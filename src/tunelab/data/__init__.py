@@ -30,7 +30,7 @@ from .clean import (
     no_rows_left,
     spelling_report,
 )
-from .sources import SUPPORTED_EXTENSIONS, absolute, read_examples
+from .sources import SUPPORTED_EXTENSIONS, absolute, describe, read_examples
 from .split import random_split, stratified_split, too_few_to_split
 
 __all__ = ["load_splits", "load_file", "inspect", "format_report", "format_tokens", "drop_warning", "canonical_label",
@@ -129,7 +129,7 @@ def format_report(report: dict) -> str:
     elif split["method"] == "random":
         how = f"validation held out from train: {split['val_fraction']:.0%} at random, seed {split['seed']}"
     else:
-        how = "validation read from its own file"
+        how = "validation read from data.validation"
     lines = [f"Data ({how})"]
     for name, entry in report["splits"].items():
         path = report["files"].get(name)
@@ -170,19 +170,20 @@ def format_tokens(stats: dict) -> str:
 def load_file(path: str, key: str, cfg: DataConfig, kind: str = "class") -> tuple[list[dict], dict]:
     """One labelled file (`key` names it in messages, e.g. data.train) read, cut to data.max_length and cleaned:
     (rows, what was read and dropped). `kind`: the label is a class, a number or a set of labels."""
+    origin: dict = {}
     examples = read_examples(path, cfg.text_field, cfg.label_field, key=key, pair_field=cfg.text_pair_field,
-                             label_lists=kind == "set")
+                             label_lists=kind == "set", options=cfg, origin=origin)
     keep = kept_chars(cfg.max_length)
     rows_cut = cut_long_texts(examples, ("text", "pair"), keep)
     if kind == "number":
-        examples = [{**ex, "label": number(ex, path, key, cfg.label_field)} for ex in examples]
+        examples = [{**ex, "label": number(ex, path, key, cfg.label_field, cfg)} for ex in examples]
     elif kind == "set":
         examples = [{**ex, "label": label_set(ex, path, key, cfg)} for ex in examples]
     kept, dropped = clean_examples(examples, dedupe=cfg.dedupe)
     if not kept:
         raise no_rows_left(path, key, cfg, len(examples), dropped)
     return kept, {"rows_read": len(examples), "dropped": dropped, "rows": len(kept), **cut_report(rows_cut, keep),
-                  **_label_summary(kept, kind)}
+                  **_label_summary(kept, kind), **({"dataset": origin} if origin else {})}
 
 
 def _label_summary(rows: list[dict], kind: str) -> dict:
@@ -209,15 +210,16 @@ def label_set(ex: dict, path, key: str, cfg: DataConfig) -> tuple | None:
         names = [str(v) for v in value]
     else:
         raise TunelabError(
-            f"Data file '{path}' ({key}) row {ex['row']} has {value!r:.60} in '{cfg.label_field}': task.type multilabel "
+            f"{describe(path, key, cfg)} row {ex['row']} has {value!r:.60} in '{cfg.label_field}': task.type multilabel "
             f"needs a list of label names (e.g. [\"sports\", \"politics\"]) or a string of them joined by "
             f"data.label_separator. Fix that row, or point data.label_field at the column that holds the labels.")
     names = tuple(sorted({canonical_label(n) for n in names} - {""}, key=label_sort_key))
     return names if names or cfg.allow_empty_labels else None
 
 
-def number(ex: dict, path, key: str, field: str) -> float | None:
-    """A regression row's label as a float; None (no label) is left for cleaning to drop and count."""
+def number(ex: dict, path, key: str, field: str, options=None) -> float | None:
+    """A regression row's label as a float; None (no label) is left for cleaning to drop and count. `options`: the
+    data section, which names a dataset's split in the message."""
     value = ex["label"]
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -227,7 +229,7 @@ def number(ex: dict, path, key: str, field: str) -> float | None:
         out = None
     if out is None or not math.isfinite(out):
         raise TunelabError(
-            f"Data file '{path}' ({key}) row {ex['row']} has {value!r:.60} in '{field}', which is not a finite number; "
+            f"{describe(path, key, options)} row {ex['row']} has {value!r:.60} in '{field}', which is not a finite number; "
             f"task.type regression needs a numeric label in every row. Fix or remove that row (an empty label is "
             f"dropped and counted), or point data.label_field at the column that holds the score.")
     return out
@@ -250,6 +252,17 @@ def _stats(values: list[int]) -> dict | None:
     }
 
 
+def dataset_line(origin: dict) -> str:
+    """Where a dataset split came from, in a few words: its split, Hub config and commit, or content hash."""
+    parts = [f"split {origin['split']}" if origin.get("split") else "a single Dataset (no splits)"]
+    if origin.get("kind") == "hub":
+        parts += [f"config {origin['config']}", f"revision {origin['revision']}",
+                  f"commit {origin['commit'] or 'unknown'}"]
+    elif origin.get("sha256"):
+        parts.append(f"content sha256 {origin['sha256']}")
+    return ", ".join(parts) + f", {origin['rows']} rows"
+
+
 def _format_entry(title: str, entry: dict) -> list[str]:
     lines = [title]
     if entry.get("from"):
@@ -263,6 +276,8 @@ def _format_entry(title: str, entry: dict) -> list[str]:
             lines.append(f"  held out for validation: {entry['held_out']}, left in train: {entry['rows']}")
         if warning := drop_warning(entry):
             lines.append(f"  warning: {warning[0]}; {warning[1]}")
+    if entry.get("dataset"):
+        lines.append(f"  dataset: {dataset_line(entry['dataset'])}")
     if "format" in entry:
         lines.append(f"  format: {entry['format']}" + (f", {entry['assistant_turns']} assistant turns" if "assistant_turns" in entry else ""))
     if "targets" in entry:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ..errors import TunelabError
 from .clean import cut_long_texts, cut_report, is_empty_text, kept_chars
-from .sources import field_names, read_records
+from .sources import describe, field_names, read_records
 from .split import random_split
 
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -61,9 +61,10 @@ def detect_format(record: dict, text_field: str, what: str) -> str:
 
 
 def read(path: str, key: str, data_cfg, task_type: str) -> tuple[list[dict], dict]:
-    """(examples, report entry) of one file; any malformed row is an error naming it."""
-    records = read_records(path, key)
-    what = f"Data file '{path}' ({key})"
+    """(examples, report entry) of one file or dataset; any malformed row is an error naming it."""
+    origin: dict = {}
+    records = read_records(path, key, data_cfg, origin)
+    what = describe(path, key, data_cfg)
     if not records:
         raise TunelabError(f"{what} has no rows.")
     fmt = data_cfg.format
@@ -98,6 +99,8 @@ def read(path: str, key: str, data_cfg, task_type: str) -> tuple[list[dict], dic
              **cut_report(rows_cut, keep)}
     if turns is not None:
         entry["assistant_turns"] = turns
+    if origin:
+        entry["dataset"] = origin
     return kept, entry
 
 

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 
 from ..config import DataConfig
 from ..errors import TunelabError
+from .sources import describe
 
 DROP_REASONS = ("empty_text", "missing_label", "duplicate", "conflicting_label")
 
@@ -166,7 +167,7 @@ def label_sort_key(label: str):
 def no_rows_left(path: str, key: str, cfg: DataConfig, rows_read: int, dropped: dict) -> TunelabError:
     reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
     return TunelabError(
-        f"Data file '{path}' ({key}) has no rows left after cleaning: all {rows_read} rows were dropped ({reasons}). "
+        f"{describe(path, key, cfg)} has no rows left after cleaning: all {rows_read} rows were dropped ({reasons}). "
         f"Check that data.text_field ('{cfg.text_field}') and data.label_field ('{cfg.label_field}') "
         f"name the columns holding the text and the label, and that those columns are filled in."
     )

@@ -4,7 +4,9 @@ Formats, chosen by the file's extension:
 - `.conll`, `.txt`: CoNLL columns. One token per line, the token in the first column and its tag in the last
   (split on tabs when the line has one, else on runs of spaces, so CoNLL-2003's `word POS chunk NER` reads as
   it is); a blank line ends a sentence; `-DOCSTART-` lines are skipped.
-- `.jsonl`, `.json` (JSON lines), one sentence per line, either `{"tokens": [...], "tags": [...]}` or
+- `.jsonl`, `.json` (JSON lines) or a Hugging Face dataset (data/hub.py), one sentence per row, either
+  `{"tokens": [...], "tags": [...]}` (the tag column named by data.tags_field; a ClassLabel column's ids read as their
+  names, as in conll2003's `ner_tags`) or
   `{"text": "...", "entities": [{"start", "end", "label"}]}` with character offsets (end exclusive). A text row is
   cut into words by `split_words`, with a cut at every entity boundary, so an entity is exactly a run of words.
 
@@ -21,10 +23,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path
 
 from ..errors import TunelabError
-from .sources import decode_utf8, describe, field_names, read_records, resolve_path
+from .hub import is_source
+from .sources import absolute, decode_utf8, describe, field_names, read_records, resolve_path
 from .split import random_split
 
 CONLL_EXTENSIONS = (".conll", ".txt")
@@ -118,12 +120,14 @@ def _read_conll(text: str, what: str) -> list[dict]:
 
 # -- JSONL ------------------------------------------------------------------------
 
-def _token_row(record: dict) -> dict:
-    tokens, tags = record["tokens"], record.get("tags")
+def _token_row(record: dict, tags_field: str = "tags") -> dict:
+    tokens, tags = record["tokens"], record.get(tags_field)
     if not isinstance(tokens, list) or not isinstance(tags, list):
-        raise ValueError("'tokens' and 'tags' must both be lists (of strings)")
+        hint = "" if tags_field in record else f" (there is no '{tags_field}' field: set data.tags_field to the tag column)"
+        raise ValueError(f"'tokens' and '{tags_field}' must both be lists (of strings){hint}")
     if len(tokens) != len(tags):
-        raise ValueError(f"'tokens' has {len(tokens)} items but 'tags' has {len(tags)}; every token needs exactly one tag")
+        raise ValueError(f"'tokens' has {len(tokens)} items but '{tags_field}' has {len(tags)}; every token needs "
+                         f"exactly one tag")
     for i, (tok, tag) in enumerate(zip(tokens, tags), start=1):
         if not isinstance(tok, str) or not tok.strip() or len(tok.split()) > 1:
             raise ValueError(f"token {i} is {tok!r}: each token must be a non-empty string without spaces")
@@ -171,17 +175,19 @@ def _entity_row(record: dict, text_field: str) -> dict:
     return {"tokens": [text[a:b] for a, b in spans], "tags": tags, "text": text, "spans": spans}
 
 
-def _read_jsonl(path, key: str, what: str, text_field: str) -> list[dict]:
+def _read_jsonl(path, key: str, what: str, data_cfg, origin: dict | None = None) -> list[dict]:
+    """JSON-lines rows, or a dataset's (data_cfg names its split and the tag column), as sentences."""
     out, problems = [], []
-    for r in read_records(path, key):
+    text_field, tags_field = data_cfg.text_field, getattr(data_cfg, "tags_field", "tags")
+    for r in read_records(path, key, data_cfg, origin):
         rec = r["record"]
         try:
             if "tokens" in rec:
-                ex = _token_row(rec)
+                ex = _token_row(rec, tags_field)
             elif text_field in rec:
                 ex = _entity_row(rec, text_field)
             else:
-                raise ValueError(f"has neither 'tokens' + 'tags' nor '{text_field}' + 'entities' (its fields: "
+                raise ValueError(f"has neither 'tokens' + '{tags_field}' nor '{text_field}' + 'entities' (its fields: "
                                  f"{field_names(rec)})")
         except ValueError as e:
             problems.append((r["row"], str(e)))
@@ -198,17 +204,20 @@ def _read_jsonl(path, key: str, what: str, text_field: str) -> list[dict]:
 # -- files and splits ---------------------------------------------------------------
 
 def read(path, key: str, data_cfg) -> tuple[list[dict], dict]:
-    """(examples, report entry) of one file. Empty sentences and (with data.dedupe) exact repeats are dropped
-    and counted; every malformed line or row is an error naming it."""
-    p = resolve_path(path, key, EXTENSIONS)
-    what = describe(path, key)
-    if p.suffix.lower() in CONLL_EXTENSIONS:
+    """(examples, report entry) of one file or dataset. Empty sentences and (with data.dedupe) exact repeats are
+    dropped and counted; every malformed line or row is an error naming it."""
+    what = describe(path, key, data_cfg)
+    origin: dict = {}
+    if is_source(path):
+        examples = _read_jsonl(path, key, what, data_cfg, origin)
+        fmt = "dataset: " + "/".join(sorted({"text+entities" if "spans" in ex else "tokens+tags" for ex in examples}))
+    elif (p := resolve_path(path, key, EXTENSIONS)).suffix.lower() in CONLL_EXTENSIONS:
         fmt = "conll"
         if p.stat().st_size == 0:
             raise TunelabError(f"{what} is empty. It should hold CoNLL columns: one 'token tag' line per word, a blank line between sentences.")
         examples = _read_conll(decode_utf8(p.read_bytes(), path, what), what)
     else:
-        examples = _read_jsonl(path, key, what, data_cfg.text_field)
+        examples = _read_jsonl(path, key, what, data_cfg)
         fmt = "jsonl: " + "/".join(sorted({"text+entities" if "spans" in ex else "tokens+tags" for ex in examples}))
     read_n = len(examples)
     kept, seen, dropped, repaired = [], set(), {"empty": 0, "duplicate": 0}, 0
@@ -230,7 +239,8 @@ def read(path, key: str, data_cfg) -> tuple[list[dict], dict]:
         raise TunelabError(f"{what} has no sentences ({read_n} read, {dropped['empty']} empty, {dropped['duplicate']} "
                            f"duplicates). It should hold {'CoNLL token/tag lines' if fmt == 'conll' else ROW_EXAMPLE}.")
     entry = {"format": fmt, "rows_read": read_n, "dropped": dropped, "rows": len(kept), "labels": entity_counts(kept),
-             "words": sum(len(ex["tokens"]) for ex in kept), "tags_repaired": repaired}
+             "words": sum(len(ex["tokens"]) for ex in kept), "tags_repaired": repaired,
+             **({"dataset": origin} if origin else {})}
     return kept, entry
 
 
@@ -260,6 +270,6 @@ def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
     for name in ("validation", "test"):
         if name in splits:  # reported, not dropped: the user decides whether leakage matters
             entries[name]["overlap_with_train"] = sum(tuple(ex["tokens"]) in train_sentences for ex in splits[name])
-    report = {"files": {k: (str(Path(v).expanduser().absolute()) if v else None) for k, v in files.items()},
+    report = {"files": {k: absolute(v) for k, v in files.items()},
               "split": split, "splits": {k: entries[k] for k in ("train", "validation", "test") if k in entries}}
     return {k: splits[k] for k in ("train", "validation", "test") if k in splits}, report

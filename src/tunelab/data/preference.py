@@ -19,15 +19,16 @@ import torch
 from ..errors import TunelabError
 from . import chat
 from .clean import cut_long_texts, cut_report, is_empty_text, kept_chars
-from .sources import field_names, read_records
+from .sources import describe, field_names, read_records
 
 ROW_EXAMPLE = '{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not."}'
 
 
 def read(path: str, key: str, data_cfg, task_type: str = "dpo") -> tuple[list[dict], dict]:
-    """(pairs, report entry) of one file; every malformed row is an error naming it."""
-    records = read_records(path, key)
-    what = f"Data file '{path}' ({key})"
+    """(pairs, report entry) of one file or dataset; every malformed row is an error naming it."""
+    origin: dict = {}
+    records = read_records(path, key, data_cfg, origin)
+    what = describe(path, key, data_cfg)
     if not records:
         raise TunelabError(f"{what} has no rows.")
     pairs, problems = [], []
@@ -52,7 +53,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "dpo") -> tuple[list[di
             seen.add(key_)
             kept.append(p)
     entry = {"format": "preference", "rows_read": len(records), "dropped": {"duplicate": len(pairs) - len(kept)},
-             "rows": len(kept), **cut_report(rows_cut, keep)}
+             "rows": len(kept), **cut_report(rows_cut, keep), **({"dataset": origin} if origin else {})}
     return kept, entry
 
 

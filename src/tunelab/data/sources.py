@@ -1,10 +1,14 @@
-"""Reading data files into raw examples.
+"""Reading data files (and Hugging Face datasets) into raw examples.
 
 `read_examples` turns a .jsonl/.json, .csv/.tsv or .parquet file into a list of
 {"text": <raw>, "label": <raw>, "row": int} dicts, untouched apart from picking
 the two columns; cleaning happens in clean.py. Every problem with the file is
 raised as a TunelabError naming the file, the line and the config key to fix,
 because users meet these errors before anything else in tunelab.
+
+`read_examples` and `read_records` are where every task's rows come from, so they also read the dataset sources of
+hub.py (hf://org/name, a save_to_disk folder, an in-memory dataset) with the same checks and messages; a dataset's
+rows are named by their index in the split.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import re
 from pathlib import Path
 
 from ..errors import TunelabError
+from . import hub
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -33,9 +38,25 @@ FORMAT_HINTS = {
 
 
 def read_examples(path: str | Path, text_field: str = "text", label_field: str | None = "label",
-                  key: str | None = None, pair_field: str | None = None, label_lists: bool = False) -> list[dict]:
-    """Read one data file. `key` (e.g. "data.train") is the config key named in error messages.
-    With label_field=None (texts to predict) no label column is needed and every label is None."""
+                  key: str | None = None, pair_field: str | None = None, label_lists: bool = False,
+                  options=None, origin: dict | None = None) -> list[dict]:
+    """Read one data file or dataset source. `key` (e.g. "data.train") is the config key named in error messages.
+    With label_field=None (texts to predict) no label column is needed and every label is None. `options`: the data
+    section, for a dataset source's config, revision and split; `origin`, when given, is filled with where a
+    dataset came from (its Hub commit, ...) for the data report."""
+    if hub.is_source(path):
+        split = hub.open_split(path, key, options)
+        _record_origin(origin, split)
+        examples = []
+        for i, r in split.rows(dataset_columns(split, text_field, label_field, pair_field)):
+            ex = {"text": r[text_field], "label": r[label_field] if label_field else None, "row": i}
+            if pair_field:
+                ex["pair"] = r[pair_field]
+            examples.append(ex)
+        if not examples:
+            raise TunelabError(f"{split.what} has no rows.")
+        check_types(examples, split.what, text_field, label_field, "row", pair_field, label_lists)
+        return examples
     p = resolve_path(path, key)
     what = describe(path, key)
     ext = p.suffix.lower()
@@ -56,10 +77,15 @@ def read_examples(path: str | Path, text_field: str = "text", label_field: str |
     return examples
 
 
-def read_records(path: str | Path, key: str | None = None) -> list[dict]:
+def read_records(path: str | Path, key: str | None = None, options=None, origin: dict | None = None) -> list[dict]:
     """Every column of every row, as {"row": n, "record": {...}} (nested JSON values kept), for tasks whose rows are
     more than a text and a label (sft, causal_lm). A .txt file gives one {"text": paragraph} per blank-line-separated
-    paragraph, `row` being the line it starts on."""
+    paragraph, `row` being the line it starts on. A dataset source (`options`, `origin`: as for read_examples) gives
+    its rows by index."""
+    if hub.is_source(path):
+        split = hub.open_split(path, key, options)
+        _record_origin(origin, split)
+        return [{"row": i, "record": r} for i, r in split.rows()]
     p = resolve_path(path, key, SUPPORTED_EXTENSIONS + (".txt",))
     what = describe(path, key)
     ext = p.suffix.lower()
@@ -107,6 +133,20 @@ def read_records(path: str | Path, key: str | None = None) -> list[dict]:
     except csv.Error as e:
         raise TunelabError(f"{what} could not be parsed near line {reader.line_num}: {e}. Fix that record.") from None
     return out
+
+
+def dataset_columns(split: hub.Split, text_field: str, label_field: str | None, pair_field: str | None = None) -> list:
+    """The columns read_examples reads from a dataset, or the error naming the one it lacks and the key to set."""
+    required = _required(text_field, label_field, pair_field)
+    for field, config_key in required:
+        if field not in split.columns:
+            raise _missing_column(split.what, field, config_key, split.columns, "the dataset")
+    return [field for field, _ in required]
+
+
+def _record_origin(origin: dict | None, split: hub.Split) -> None:
+    if origin is not None:
+        origin.update(split.origin)
 
 
 def _jsonl_objects(text: str, path: str | Path, what: str) -> list[dict]:
@@ -222,7 +262,9 @@ def resolve_path(path: str | Path, key: str | None = None, extensions: tuple[str
             f"{' in ' + key if key and key.startswith('data.') else ''}; relative paths are taken from the current directory ({Path.cwd()})."
         )
     if not p.is_file():
-        raise TunelabError(f"{what} is not a file (looked at {p.absolute()}). Point {key or 'it'} at a data file, not a directory.")
+        raise TunelabError(f"{what} is not a file (looked at {p.absolute()}). Point {key or 'it'} at a data file, or at "
+                           f"a folder written by a Hugging Face dataset's save_to_disk (this folder holds no "
+                           f"dataset_dict.json or state.json).")
     if p.suffix.lower() not in extensions:
         raise TunelabError(
             f"{what} has an unsupported extension '{p.suffix or '(none)'}'. Supported: "
@@ -237,7 +279,11 @@ def field_names(keys) -> str:
     return ", ".join(k if str(k).isprintable() else repr(str(k))[1:-1] for k in keys) or "none"
 
 
-def describe(path: str | Path, key: str | None) -> str:
+def describe(path: str | Path, key: str | None, options=None) -> str:
+    """How messages name a data source: "Data file 'x.jsonl' (data.train)", or for a dataset
+    "Dataset 'hf://org/name' split 'train' (data.train)" (the split `options` choose for `key`)."""
+    if hub.is_source(path):
+        return hub.describe(path, key, hub.split_for(key, options))
     return f"Data file '{path}' ({key})" if key else f"Data file '{path}'"
 
 
@@ -456,4 +502,7 @@ def check_types(examples: list[dict], what: str, text_field: str, label_field: s
 
 
 def absolute(path) -> str | None:
-    return None if path is None else str(Path(path).expanduser().absolute())
+    """A file's absolute path for the data report; a Hub id or an in-memory dataset's name as it is."""
+    if path is None or hub.kind(path) in ("hub", "memory"):
+        return path
+    return str(Path(path).expanduser().absolute())

@@ -8,6 +8,7 @@ from collections import defaultdict
 from ..config import DataConfig
 from ..errors import TunelabError
 from .clean import canonical_label, label_sort_key
+from .sources import describe
 
 
 def stratified_split(examples: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -67,7 +68,7 @@ def random_split(examples: list[dict], val_fraction: float, seed: int, train_pat
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(order)))
     if len(order) - n_val < 1:
-        raise TunelabError(f"Data file '{train_path}' (data.train) has {len(order)} usable {unit}: too few to hold "
+        raise TunelabError(f"{describe(train_path, 'data.train')} has {len(order)} usable {unit}: too few to hold "
                            f"out a validation set. Add {unit}, or give data.validation.")
     held = set(order[:n_val])
     return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]
@@ -75,7 +76,7 @@ def random_split(examples: list[dict], val_fraction: float, seed: int, train_pat
 
 def too_few_to_split(cfg: DataConfig, rows: int) -> TunelabError:
     return TunelabError(
-        f"Data file '{cfg.train}' (data.train) has too few rows to hold out a validation set: "
+        f"{describe(cfg.train, 'data.train', cfg)} has too few rows to hold out a validation set: "
         f"after cleaning no label has 2 or more rows ({rows} rows in all). "
         f"Add more training data, or give a separate validation file in data.validation."
     )

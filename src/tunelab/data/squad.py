@@ -3,8 +3,9 @@
 Two layouts are read:
 - SQuAD JSON (a .json file holding one object): {"data": [{"title", "paragraphs": [{"context", "qas": [{"id",
   "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]};
-- flat rows (.jsonl, JSON-lines .json, .parquet), one question per row: id, question, context, answers either as
-  Hugging Face datasets has them ({"text": [...], "answer_start": [...]}) or as a list of {"text", "answer_start"}.
+- flat rows (.jsonl, JSON-lines .json, .parquet, or a Hugging Face dataset such as hf://rajpurkar/squad), one
+  question per row: id, question, context, answers either as Hugging Face datasets has them ({"text": [...],
+  "answer_start": [...]}) or as a list of {"text", "answer_start"}.
 
 Every question becomes {"id", "question", "context", "answers": [{"text", "start"}], "row", "where"}. A question
 with no answers is unanswerable (SQuAD v2). Each answer must be found in the context at its answer_start, exactly:
@@ -21,10 +22,9 @@ from __future__ import annotations
 import json
 import numbers
 import random
-from pathlib import Path
 
 from ..errors import TunelabError
-from . import sources
+from . import hub, sources
 
 FLAT_EXAMPLE = ('{"id": "q1", "question": "Where was Ada born?", "context": "Ada was born in Leeds.", '
                 '"answers": {"text": ["Leeds"], "answer_start": [16]}}')
@@ -32,11 +32,14 @@ FLAT_EXAMPLE = ('{"id": "q1", "question": "Where was Ada born?", "context": "Ada
 
 # -- reading -----------------------------------------------------------------------
 
-def read(path: str, key: str, dedupe: bool = True, need_answers: bool = True) -> tuple[list[dict], dict]:
-    """(questions, report entry) of one file; the first malformed question is an error naming it.
-    With need_answers=False (questions to answer) rows need only a question and a context."""
-    what = f"Data file '{path}' ({key})"
-    records, fmt = _records(path, key, what)
+def read(path: str, key: str, dedupe: bool = True, need_answers: bool = True,
+         options=None) -> tuple[list[dict], dict]:
+    """(questions, report entry) of one file or dataset; the first malformed question is an error naming it.
+    With need_answers=False (questions to answer) rows need only a question and a context. `options`: the data
+    section (a dataset's split)."""
+    what = sources.describe(path, key, options)
+    origin: dict = {}
+    records, fmt = _records(path, key, what, options, origin)
     if not records:
         raise TunelabError(f"{what} holds no questions. It should hold SQuAD JSON ({{\"data\": [{{\"paragraphs\": "
                            f"[{{\"context\", \"qas\": [...]}}]}}]}}) or one question per line, e.g. {FLAT_EXAMPLE}.")
@@ -60,12 +63,14 @@ def read(path: str, key: str, dedupe: bool = True, need_answers: bool = True) ->
     unanswerable = sum(not ex["answers"] for ex in kept)
     entry = {"format": fmt, "rows_read": len(examples), "dropped": {"duplicate": len(examples) - len(kept)},
              "rows": len(kept), "labels": {"answerable": len(kept) - unanswerable, "unanswerable": unanswerable},
-             "contexts": len({ex["context"] for ex in kept})}
+             "contexts": len({ex["context"] for ex in kept}), **({"dataset": origin} if origin else {})}
     return kept, entry
 
 
-def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
+def _records(path: str, key: str, what: str, options=None, origin: dict | None = None) -> tuple[list[dict], str]:
     """Raw question records, each with "where" (how an error names it), and the layout's name."""
+    if hub.is_source(path):
+        return _flat(sources.read_records(path, key, options, origin), "row"), "dataset rows"
     p = sources.resolve_path(path, key)
     if p.suffix.lower() == ".json":
         text = sources.decode_utf8(p.read_bytes(), path, what)
@@ -91,8 +96,10 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
                 if sources.may_hold_surrogates(text):
                     sources.check_no_surrogates(tree, what)
                 return _nested(tree, what), "SQuAD JSON"
-    rows = sources.read_records(path, key)
-    line = "row" if p.suffix.lower() == ".parquet" else "line"
+    return _flat(sources.read_records(path, key), "row" if p.suffix.lower() == ".parquet" else "line"), "flat rows"
+
+
+def _flat(rows: list[dict], line: str) -> list[dict]:
     out = []
     for r in rows:
         rec = r["record"]
@@ -100,7 +107,7 @@ def _records(path: str, key: str, what: str) -> tuple[list[dict], str]:
         out.append({**rec, "id": str(qid) if qid is not None else f"{line}-{r['row']}", "row": r["row"],
                     "where": f"{line} {r['row']}" + (f", question id '{qid}'" if qid is not None else ""),
                     "flat": True})
-    return out, "flat rows"
+    return out
 
 
 def _nested(tree: dict, what: str) -> list[dict]:
@@ -223,7 +230,7 @@ def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
     splits, entries = {}, {}
     for name, path in files.items():
         if path is not None:
-            splits[name], entries[name] = read(path, f"data.{name}", cfg.data.dedupe)
+            splits[name], entries[name] = read(path, f"data.{name}", cfg.data.dedupe, options=cfg.data)
     if cfg.data.validation is None:
         splits["train"], splits["validation"] = hold_out(splits["train"], cfg.data.val_fraction, seed, cfg.data.train)
         entries["train"].update(rows=len(splits["train"]), held_out=len(splits["validation"]))
@@ -237,7 +244,7 @@ def load_splits(cfg, seed: int) -> tuple[dict[str, list[dict]], dict]:
         if name in splits:
             # Questions whose paragraph is also in train: reported, not dropped (SQuAD's own splits share none).
             entries[name]["overlap_with_train"] = sum(ex["context"] in train_contexts for ex in splits[name])
-    report = {"files": {k: str(Path(v).expanduser().absolute()) if v else None for k, v in files.items()},
+    report = {"files": {k: sources.absolute(v) for k, v in files.items()},
               "split": split, "splits": {k: entries[k] for k in ("train", "validation", "test") if k in entries}}
     return {k: splits[k] for k in ("train", "validation", "test") if k in splits}, report
 
@@ -247,7 +254,7 @@ def hold_out(examples: list[dict], fraction: float, seed: int, path: str) -> tup
     round(fraction * questions) questions or more; both keep the input order."""
     contexts = list(dict.fromkeys(ex["context"] for ex in examples))
     if len(contexts) < 2:
-        raise TunelabError(f"Data file '{path}' (data.train) has {len(contexts)} distinct context(s): too few to hold out "
+        raise TunelabError(f"{sources.describe(path, 'data.train')} has {len(contexts)} distinct context(s): too few to hold out "
                            f"a validation paragraph (questions on one paragraph stay together). Add paragraphs, or give "
                            f"data.validation.")
     random.Random(seed).shuffle(contexts)

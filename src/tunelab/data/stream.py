@@ -1,5 +1,11 @@
 """data.streaming: classification data kept on disk and read row by row, so memory stays flat however big the file.
 
+A Hugging Face dataset (data/hub.py) streams the same way, its rows found by index in the Arrow files `datasets`
+memory-maps (the Hub download in the HF cache, a save_to_disk folder) instead of by byte offset in a text file: the
+same index, cleaning, seeded split and resume. A Hub dataset is downloaded in full first (to disk, not memory):
+`datasets`' own streaming (an IterableDataset, read once in order) could not give a seeded order over every row, a
+stratified validation split, dedupe across the whole split or an exact resume position.
+
 One pass over each file checks and cleans every row with the same rules, errors and drop reasons as the in-memory
 path (same kept rows, same order, same seeded validation split), keeping of each row only where it lies in the file,
 its line number, a 64-bit hash of its text, its label id and its position in its split: about 40 bytes a row, 40 MB
@@ -25,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TunelabError
-from . import sources
+from . import hub, sources
 from .batching import feature_length
 from .clean import (
     DROP_REASONS,
@@ -51,8 +57,10 @@ CACHE = 4096  # tokenised rows kept for the loop's repeated reads of one step's 
 class Index:
     """Where each usable row of one file is: byte offset and size, line number, text hash and label id, as arrays."""
 
-    def __init__(self, path: Path, what: str, delimiter: str | None, text_field: str, label_field: str, keep: int):
+    def __init__(self, path: Path | None, what: str, delimiter: str | None, text_field: str, label_field: str,
+                 keep: int, text_at=None):
         self.path, self.what, self.delimiter = path, what, delimiter
+        self.text_at = text_at  # a dataset: the text of a row by its index (Split.column); offsets are indices
         self.text_field, self.label_field = text_field, label_field
         self.keep = keep  # clean.kept_chars: a longer text is cut to its first and last `keep` characters
         self.rows_cut = 0
@@ -64,6 +72,8 @@ class Index:
 
     def read(self, i: int) -> str:
         """The normalised text of row i (a position in the index arrays)."""
+        if self.text_at is not None:
+            return self.clean({"text": self.text_at(self.offsets[i])})[0]
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             weakref.finalize(self, os.close, self._fd)
@@ -86,9 +96,18 @@ class Index:
         return normalise_text(row["text"]), bool(cut)
 
 
-def index(path, key: str, text_field: str, label_field: str, max_length: int) -> Index:
-    """Check and clean every row of a .jsonl/.csv/.tsv file in one pass, as read_examples + clean_examples would,
-    keeping only the row's whereabouts (before dedupe: `deduped` does that)."""
+def index(path, key: str, text_field: str, label_field: str, max_length: int, options=None,
+          origin: dict | None = None) -> Index:
+    """Check and clean every row of a .jsonl/.csv/.tsv file or a dataset in one pass, as read_examples +
+    clean_examples would, keeping only the row's whereabouts (before dedupe: `deduped` does that). `options` and
+    `origin`: as for sources.read_examples."""
+    if hub.is_source(path):
+        split = hub.open_split(path, key, options)
+        if origin is not None:
+            origin.update(split.origin)
+        columns = sources.dataset_columns(split, text_field, label_field)
+        ix = Index(None, split.what, None, text_field, label_field, kept_chars(max_length), split.column(text_field))
+        return _fill(ix, _dataset(ix, split, columns), "rows")
     p = sources.resolve_path(path, key)
     what = sources.describe(path, key)
     ext = p.suffix.lower()
@@ -101,9 +120,13 @@ def index(path, key: str, text_field: str, label_field: str, max_length: int) ->
         raise TunelabError(f"{what} is empty. It should hold {sources.FORMAT_HINTS[ext]}.")
     delimiter = None if ext in (".jsonl", ".json") else ("\t" if ext == ".tsv" else ",")
     ix = Index(p, what, delimiter, text_field, label_field, kept_chars(max_length))
+    return _fill(ix, _jsonl(ix, path) if delimiter is None else _delimited(ix), sources.FORMAT_HINTS[ext])
+
+
+def _fill(ix: Index, records, hint: str) -> Index:
+    """The index arrays of (offset, size, row, text, label) records, cleaned as clean_examples would."""
     offsets, sizes, rows, hashes, labels = array("q"), array("i"), array("q"), array("Q"), array("i")
     ids: dict[str, int] = {}
-    records = _jsonl(ix, path) if delimiter is None else _delimited(ix)
     for offset, size, row, text, label in records:
         ix.rows_read += 1
         text, cut = ix.clean({"text": text})
@@ -124,10 +147,18 @@ def index(path, key: str, text_field: str, label_field: str, max_length: int) ->
         hashes.append(int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little"))
         labels.append(ids[name])
     if ix.rows_read == 0:
-        raise TunelabError(f"{what} has no data rows. It should hold {sources.FORMAT_HINTS[ext]}.")
+        raise TunelabError(f"{ix.what} has no data rows. It should hold {hint}.")
     ix.offsets, ix.rows, ix.hashes = np.frombuffer(offsets, np.int64), np.frombuffer(rows, np.int64), np.frombuffer(hashes, np.uint64)
     ix.sizes, ix.labels = np.frombuffer(sizes, np.int32), np.frombuffer(labels, np.int32)
     return ix
+
+
+def _dataset(ix: Index, split: hub.Split, columns: list[str]):
+    """A dataset's rows as index records: the offset and the row are the row's index, the size unused."""
+    for i, r in split.rows(columns):
+        ex = {"text": r[ix.text_field], "label": r[ix.label_field], "row": i}
+        sources.check_types([ex], ix.what, ix.text_field, ix.label_field, "row")
+        yield i, 0, i, ex["text"], ex["label"]
 
 
 def _lines(path: Path, what: str):
@@ -323,14 +354,16 @@ def load_splits(cfg, seed: int) -> tuple[dict, dict]:
     for name, path in files.items():
         if path is None:
             continue
-        ix = index(path, f"data.{name}", cfg.text_field, cfg.label_field, cfg.max_length)
+        origin: dict = {}
+        ix = index(path, f"data.{name}", cfg.text_field, cfg.label_field, cfg.max_length, cfg, origin)
         keep = deduped(ix, cfg.dedupe)
         if not len(keep):
             raise no_rows_left(path, f"data.{name}", cfg, ix.rows_read, ix.dropped)
         splits[name] = Rows(ix, keep)
         counts = splits[name].label_counts()
         entries[name] = {"rows_read": ix.rows_read, "dropped": ix.dropped, "rows": len(keep),
-                         **cut_report(ix.rows_cut, ix.keep), "labels": counts, **spelling_report(counts)}
+                         **cut_report(ix.rows_cut, ix.keep), "labels": counts, **spelling_report(counts),
+                         **({"dataset": origin} if origin else {})}
     if cfg.validation is not None:
         split_info = {"method": "file", "val_fraction": None, "seed": seed}
     else:

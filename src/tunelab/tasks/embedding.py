@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .. import models
 from ..data import chat
 from ..data.clean import cut_long_texts, cut_report, is_empty_text, kept_chars
-from ..data.sources import field_names, read_records
+from ..data.sources import describe, field_names, read_records
 from ..errors import TunelabError
 from ..ops import processes
 from .base import (  # noqa: F401  (the interface's defaults)
@@ -70,8 +70,9 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
     fields = {"anchor": data_cfg.anchor_field, "positive": data_cfg.positive_field}
     if data_cfg.negative_field:
         fields["negative"] = data_cfg.negative_field
-    records = read_records(path, key)
-    what = f"Data file '{path}' ({key})"
+    origin: dict = {}
+    records = read_records(path, key, data_cfg, origin)
+    what = describe(path, key, data_cfg)
     if not records:
         raise TunelabError(f"{what} has no rows.")
     first = records[0]["record"]
@@ -110,7 +111,7 @@ def read(path: str, key: str, data_cfg, task_type: str = "embedding") -> tuple[l
             seen.add(key_)
             kept.append(row)
     return kept, {"format": "embedding", "rows_read": len(records), "dropped": {"duplicate": len(rows) - len(kept)},
-                  "rows": len(kept), **cut_report(rows_cut, keep)}
+                  "rows": len(kept), **cut_report(rows_cut, keep), **({"dataset": origin} if origin else {})}
 
 
 def label_info(splits: dict, cfg) -> dict:
