@@ -3,6 +3,7 @@ of tests/hub_server.py into a cache under tmp_path, and tunelab trains, resumes 
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import socket
@@ -176,6 +177,28 @@ def test_shards_named_outside_the_usual_scheme_are_fetched_from_the_index(hub, t
 
     loaded = AutoModel.from_pretrained(got.dir).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items() if k in loaded)
+
+
+def test_a_download_shows_a_progress_bar_though_model_loading_turned_them_off(hub, repo, tiny_bert, monkeypatch,
+                                                                               capsys):
+    """tunelab's own model loading turns huggingface_hub's bars off (transformers' disable_progress_bar); a download
+    after it still shows one, and leaves them off again. HF_HUB_DISABLE_PROGRESS_BARS=1 is the user's: no bar."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers import AutoModel
+
+    from tunelab import models
+
+    models.load(ModelConfig(path=str(tiny_bert)), AutoModel)
+    assert are_progress_bars_disabled()
+    capsys.readouterr()
+    hub_mod.download(REPO)
+    assert "Fetching 6 files: 100%" in capsys.readouterr().err and are_progress_bars_disabled()
+    for module in (constants, importlib.import_module("huggingface_hub.utils.tqdm")):  # both read it at import
+        monkeypatch.setattr(module, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+    hub.tag(REPO, "v1", repo)
+    hub_mod.download(REPO, "v1")
+    assert "Fetching" not in capsys.readouterr().err
 
 
 # -- errors: one paragraph, exit 2 ------------------------------------------------------------------------------------
