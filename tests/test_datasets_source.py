@@ -431,7 +431,8 @@ def _resume_args(model: Path, out: Path) -> list[str]:
             f"output_dir={out}", *FAST]
 
 
-def test_an_in_memory_dataset_trains_records_its_content_hash_and_resumes_only_with_the_same_data(tiny_bert, tmp_path):
+def test_an_in_memory_dataset_trains_records_its_content_hash_and_resumes_only_with_the_same_data(tiny_bert, tmp_path,
+                                                                                                 cli_run):
     splits = _sentiment_splits()
     dd = datasets.DatasetDict(train=splits["train"], validation=splits["validation"])
     whole = tunelab.train(None, _resume_args(tiny_bert, tmp_path / "whole"), data=dd)
@@ -454,12 +455,25 @@ def test_an_in_memory_dataset_trains_records_its_content_hash_and_resumes_only_w
                                            rf"passed to tunelab.train\(data=...\) in Python; it is not saved with the "
                                            rf"run.*tunelab.resume\(run_dir, data=...\)"):
         tunelab.resume(crashed)
+    result = cli_run("train", "--resume", str(crashed))
+    assert result.code == 2 and "names an in-memory dataset" in result.err and "Traceback" not in result.err
     changed = datasets.DatasetDict(train=copy["train"].select(range(119)), validation=copy["validation"])
     with pytest.raises(TunelabError, match=r"The dataset passed as data.train .* is not the one this run trained on"):
         tunelab.resume(crashed, data=changed)
     resumed = tunelab.resume(crashed, data=copy)  # rebuilt from the same rows: the same content, the same hash
     a, b = (load_file(str(r / "model" / "model.safetensors")) for r in (whole.dir, resumed.dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_content_hash_follows_the_values_not_how_the_dataset_was_built():
+    rows = [{"text": f"text {i}", "label": "ab"[i % 3 == 0]} for i in range(300)]
+    ds = datasets.Dataset.from_list(rows)
+    same = [datasets.Dataset.from_list(rows[::-1]).select(range(299, -1, -1)),
+            datasets.concatenate_datasets([datasets.Dataset.from_list(rows[:100]), datasets.Dataset.from_list(rows[100:])])]
+    assert all(data_hub.content_sha256(d) == data_hub.content_sha256(ds) for d in same)
+    changed = [datasets.Dataset.from_list(rows[:17] + [{**rows[17], "text": "text 17 "}] + rows[18:]),
+               ds.select(range(299)), ds.cast_column("label", datasets.ClassLabel(names=["a", "b"]))]
+    assert len({data_hub.content_sha256(d) for d in [ds, *changed]}) == 4
 
 
 def test_data_takes_a_dict_of_datasets_and_paths_and_refuses_what_it_cannot_index(tiny_bert, tmp_path):

@@ -311,22 +311,16 @@ def pinned(report: dict) -> str | None:
 # -- in-memory datasets (the Python API) --------------------------------------------------------------------------
 
 def content_sha256(obj) -> str:
-    """sha256 of what a Dataset (or every split of a DatasetDict) holds: its features and its rows in order, as
-    Arrow IPC. Equal rows give equal hashes however the dataset was built (datasets' own fingerprint is random for
-    an in-memory dataset, so it cannot tell that the same data was passed again)."""
-    import pyarrow as pa
-
+    """sha256 of what a Dataset (or every split of a DatasetDict) holds: its features and its rows' values in order.
+    Equal rows give equal hashes however the dataset was built, selected or concatenated (datasets' own fingerprint of
+    an in-memory dataset is random, and Arrow's bytes depend on how the columns are chunked)."""
     h = hashlib.sha256()
     datasets = sys.modules["datasets"]
     parts = sorted(obj.items()) if isinstance(obj, datasets.DatasetDict) else [("", obj)]
     for name, ds in parts:
         h.update(f"split {name}\0{json.dumps(ds.features.to_dict(), sort_keys=True)}\0{ds.num_rows}\0".encode())
         for batch in ds.with_format("arrow").iter(batch_size=65536):
-            sink = pa.BufferOutputStream()
-            table = batch.combine_chunks()
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table)
-            h.update(sink.getvalue())
+            h.update(json.dumps(batch.to_pydict(), ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 
