@@ -276,3 +276,17 @@ def test_a_repo_without_safetensors_or_pickles(hub, tiny_bert, tmp_path, cli_run
 
 def test_models_fetch_refuses_a_local_path(tiny_bert, cli_run):
     one_paragraph(cli_run("models", "fetch", str(tiny_bert)), "is not a Hugging Face Hub id")
+
+
+def test_advise_takes_a_hub_id(hub, repo, tiny_bert):
+    from tunelab import advise
+
+    def figures(result):  # all but where the model was read from
+        if isinstance(result, dict):
+            return {k: figures(v) for k, v in result.items() if k != "model"}
+        return [figures(v) for v in result] if isinstance(result, list) else result
+
+    by_id = advise.advise(REPO, "classification", 64, 8, memory_bytes="1GB", device="cpu")
+    by_dir = advise.advise(tiny_bert, "classification", 64, 8, memory_bytes="1GB", device="cpu")
+    assert figures(by_id) == figures(by_dir) and by_id["rows"][0]["plain"]["total_params"] > 0
+    assert "model.safetensors" in hub.fetched(REPO)

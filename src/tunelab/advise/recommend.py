@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hub
 from ..config.rules import words
 from ..errors import TunelabError
 from .memory import MERGEABLE, METHOD_ORDER, estimate, eval_batch_that_fits
@@ -69,6 +70,8 @@ def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | s
     under CUDA, else this machine's RAM), and recommendations, each with a one-line reason."""
     if tasks < 1:
         raise TunelabError(f"tasks must be >= 1 (the number of tasks to fine-tune for), got {tasks}.")
+    if hub.is_hub_id(str(model_dir)):  # fetched once (into the HF cache, where training will look) for every method
+        model_dir = hub.download(str(model_dir), key="--model", revision_key="--revision").dir
     if memory_bytes is None:
         memory, memory_source = machine_memory()
     else:
