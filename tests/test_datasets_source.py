@@ -404,8 +404,8 @@ def test_offline_reads_the_cached_commit_and_refuses_what_is_not_cached(hf, tmp_
     with pytest.raises(TunelabError, match=rf"offline \(HF_HUB_OFFLINE=1\), the cache holds commit {sha} of "
                                            rf"org/reviews, not revision '{newer}'"):
         data.load_splits(_cfg("classification", "hf://org/reviews", f"data.dataset_revision={newer}").data, 0)
-    with pytest.raises(TunelabError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\) and the HF cache .* holds no copy "
-                                           r"of org/other"):
+    with pytest.raises(TunelabError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\) and the datasets cache \(.*hf-home/datasets; "
+                                           r"HF_HOME / HF_DATASETS_CACHE\) holds no copy of org/other"):
         data.load_splits(_cfg("classification", "hf://org/other").data, 0)
 
 

@@ -269,8 +269,9 @@ def hub_error(e: Exception, repo: str, config: str | None, revision: str | None,
             f"(hf://org/name); for a private dataset log in (`hf auth login` or HF_TOKEN).")
     if isinstance(e, ConnectionError) or "offline" in text.lower() or type(e).__name__ == "LocalEntryNotFoundError":
         mode = "offline mode is on (HF_HUB_OFFLINE=1)" if offline() else "the Hub could not be reached"
+        cache = getattr(getattr(datasets, "config", None), "HF_DATASETS_CACHE", None) or "~/.cache/huggingface/datasets"
         return TunelabError(
-            f"{what}: {mode} and the HF cache ({os.environ.get('HF_HOME') or '~/.cache/huggingface'}) holds no copy of "
+            f"{what}: {mode} and the datasets cache ({cache}; HF_HOME / HF_DATASETS_CACHE) holds no copy of "
             f"{repo}{f' (config {config})' if config else ''}. Download it once on a machine with network access with "
             f"the same HF_HOME (e.g. python -c \"import datasets; datasets.load_dataset('{repo}'"
             f"{f', {config!r}' if config else ''})\"), or point the key at a local copy (save_to_disk folder or file).")
