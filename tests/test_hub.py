@@ -290,3 +290,12 @@ def test_advise_takes_a_hub_id(hub, repo, tiny_bert):
     by_dir = advise.advise(tiny_bert, "classification", 64, 8, memory_bytes="1GB", device="cpu")
     assert figures(by_id) == figures(by_dir) and by_id["rows"][0]["plain"]["total_params"] > 0
     assert "model.safetensors" in hub.fetched(REPO)
+
+
+def test_a_cache_that_cannot_be_written(hub, repo, tmp_path, cli_run, monkeypatch):
+    from huggingface_hub import constants
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))
+    one_paragraph(cli_run("models", "fetch", REPO), "could not be written into the Hugging Face cache",
+                  str(tmp_path / "a-file" / "hub"), "HF_HUB_CACHE")
