@@ -125,7 +125,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
 
         jobs = [loop.Job(n, p["task"], p["model"], p["feats"]["train"], p["feats"]["validation"], p["info"],
                          p["tokenizer"].pad_token_id, p["weight"], n if per_task else None) for n, p in parts.items()]
-        with logs.open_log(run_dir, cfg.train.log_to) as log:
+        with logs.open_log(run_dir, cfg) as log:
             checkpoints = checkpoint.Checkpoints(run_dir, cfg.train.keep_checkpoints) if cfg.train.save_checkpoints else None
             result = loop.run_jobs(container, jobs, cfg.train, head_names, device, bs, log,
                                    cfg.multitask.sampling, cfg.multitask.temperature, owner=owner,

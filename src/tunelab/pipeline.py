@@ -161,7 +161,7 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
         if on_eval is not None and record.get("type") == "eval" and record.get("split") == "validation":
             on_eval(record)
 
-    with logs.open_log(run_dir, cfg.train.log_to, listener) as log:
+    with logs.open_log(run_dir, cfg, listener) as log:
         stages = methods.get(cfg.method.name).unfreeze_stages(w.model) if cfg.train.unfreeze == "gradual" else []
         if stages:
             say(f"gradual unfreezing: {', '.join(label for label, _ in stages)}, one every {cfg.train.unfreeze_every}"

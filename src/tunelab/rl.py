@@ -142,7 +142,7 @@ def _train(cfg: Config, model_cfg, claim, t_start: float, out_path: str, device)
     write_json(run_dir / "labels.json", info)
     steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * len(train_prompts) / cfg.train.batch_size))
     t_train = time.perf_counter()
-    with logs.open_log(run_dir, cfg.train.log_to) as log:
+    with logs.open_log(run_dir, cfg) as log:
         history = grpo.train(model, tokenizer, train_prompts, reward_fn, steps, lr=cfg.train.lr,
                              prompts_per_step=cfg.train.batch_size, seed=cfg.train.seed, log=log,
                              group_size=cfg.task.group_size, max_new_tokens=cfg.eval.max_new_tokens,

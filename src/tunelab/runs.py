@@ -363,11 +363,13 @@ def saving_artifact(out: Path):
 def finish(claim: Claim, run_dir: Path, summary: dict, cfg: Config) -> Path:
     """summary.json marks the run finished (its artifact is on disk already); only then are checkpoints dropped and,
     when the run replaces an old one, the new folder swapped in and the old one deleted, last. report.html is
-    derived from the finished run, in its final place."""
+    derived from the finished run, in its final place; then the trackers in train.log_to (MLflow, W&B) get the
+    finished run's files and mark it finished."""
     write_json(run_dir / "summary.json", summary)
     drop_checkpoints(run_dir, cfg)
     run_dir = claim.finish()
     write_report(run_dir)
+    logs.finish(run_dir, cfg)
     return run_dir
 
 

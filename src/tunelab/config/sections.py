@@ -133,11 +133,17 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="'bf16': the training forward runs under bfloat16 "
                                                "autocast (matmuls in bf16; weights, gradients and AdamW state stay float32). "
                                                "Evaluation stays float32, so base and tuned are scored alike.")
-    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field([], description="Also log train/eval scalars to "
-        "these: 'tensorboard' (event files in <run dir>/tensorboard; needs the tensorboard package), 'mlflow' (the "
-        "config as params, every metrics.jsonl record at its step, summary and report as artifacts; "
-        "MLFLOW_TRACKING_URI, default a SQLite store mlflow.db), 'wandb' (offline unless an API key is set).")
-    log_artifacts: bool = Field(False, description="With mlflow / wandb: also upload the trained adapter or model.")
+    log_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field([], description="Also log every metrics.jsonl "
+        "number at its step to these (metrics.jsonl is always written): 'tensorboard' (event files in <run "
+        "dir>/tensorboard; pip install tensorboard), 'mlflow' (a run named after the output dir: the resolved config "
+        "as params, task/method/model tags, summary.json, config.yaml, report.html and metrics.jsonl as artifacts at "
+        "the end; MLFLOW_TRACKING_URI, default a SQLite store mlflow.db in the current directory; "
+        "MLFLOW_EXPERIMENT_NAME, default 'tunelab'; pip install 'tunelab[mlflow]'), 'wandb' (the same; WANDB_MODE, "
+        "offline when no API key is set; WANDB_PROJECT, default 'tunelab'; pip install 'tunelab[wandb]'). Only the "
+        "first process logs; --resume continues the same MLflow and W&B runs; a tracker that fails mid-run is warned "
+        "about and training goes on.")
+    log_artifacts: bool = Field(False, description="With mlflow / wandb: also upload the trained weights (adapter/ or "
+                                "model/) when the run has finished.")
     padding_free: bool | Literal["auto"] = Field("auto", description=(
         "sft, causal_lm, classification: each micro-batch's examples are packed end to end into rows no longer "
         "than its longest, each with its own positions and attending only to itself: the same examples and targets "

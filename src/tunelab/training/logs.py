@@ -1,10 +1,12 @@
-"""Where a run's records go: metrics.jsonl always (the report and `compare` read it), TensorBoard when asked.
+"""Where a run's records go: metrics.jsonl always (the report and `compare` read it); TensorBoard, MLflow and
+Weights & Biases when `train.log_to` asks (tracking.py has the trackers).
 
 Every record is one JSON line: {"type": "train" | "eval" | "optimizer" | ..., "step": ..., <numbers>}, valid JSON: a
 number that is not finite (a diverged loss) is written as null. Each line is flushed to the file as it is written,
 so a checkpoint's log size (Checkpoints.log_bytes, which fsyncs the file) covers every record before it.
-TensorBoard gets the numeric fields of records that have a step, as `<train|split>/<name>` scalars, and each
-parameter group's LR as `lr/<group>`.
+TensorBoard, MLflow and W&B get the numeric fields of records that have a step, under one set of names
+(tracking.scalars): `<train|split>/<name>`, and each parameter group's LR as `lr/<group>`. Only the first process
+of a multi-process run writes to them. A tracker that fails is dropped with a warning; metrics.jsonl never is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..errors import TunelabError
+from . import distributed, tracking
 
 
 def check(log_to: list[str]) -> None:
@@ -26,43 +29,49 @@ def check(log_to: list[str]) -> None:
             raise TunelabError("train.log_to: 'tensorboard' needs the tensorboard package, which is not installed. "
                                "Install it (pip install 'tunelab[tensorboard]' or pip install tensorboard), "
                                "or remove tensorboard from train.log_to.") from None
+    tracking.check(log_to)
 
 
 @contextmanager
-def open_log(run_dir: Path, log_to: list[str], listener=None):
-    """Yield `log(record)`; `listener(record)` sees every record too (a sweep's pruner listens there)."""
+def open_log(run_dir: Path, cfg, listener=None):
+    """Yield `log(record)` for a run with config `cfg`; `listener(record)` sees every record too (a sweep's pruner
+    listens there). MLflow and W&B runs stay open when training ends well: `finish` gives them the finished run."""
+    log_to = cfg.train.log_to
     writer = None
     if "tensorboard" in log_to:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    trackers = tracking.start(run_dir, cfg) if distributed.is_main() else None
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as log_file:
         def log(record: dict) -> None:
             log_file.write(json.dumps(atomic.finite(record), allow_nan=False) + "\n")
             log_file.flush()  # through to the file: a checkpoint taken next records the log's size
+            named, step = tracking.scalars(record), record.get("step")
             if writer is not None:
-                _scalars(writer, record)
+                for name, value in named:
+                    writer.add_scalar(name, value, step)
+            if trackers is not None:
+                trackers.log(named, step)
             if listener is not None:
                 listener(record)
 
         try:
             yield log
+        except BaseException as e:
+            if trackers is not None:
+                trackers.stop(e)
+            raise
+        else:
+            if trackers is not None:
+                trackers.stop(None)
         finally:
             if writer is not None:
                 writer.close()
 
 
-def _scalars(writer, record: dict) -> None:
-    step = record.get("step")
-    if step is None:
-        return
-    kind = record.get("type")
-    prefix = "train" if kind == "train" else record.get("split", kind)
-    if record.get("task"):
-        prefix = f"{prefix}/{record['task']}"
-    for key, value in record.items():
-        if key in ("step", "epoch") or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        writer.add_scalar(f"{prefix}/{key}", value, step)
-    for group, lr in (record.get("lrs") or {}).items():
-        writer.add_scalar(f"lr/{group}", lr, step)
+def finish(run_dir: Path, cfg) -> None:
+    """The finished run (summary.json, config.yaml, report.html, metrics.jsonl; the weights with
+    train.log_artifacts) to the trackers it logged to. runs.finish calls it last, in the run's final folder."""
+    if distributed.is_main():
+        tracking.finish(run_dir, cfg)
