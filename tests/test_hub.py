@@ -299,3 +299,15 @@ def test_a_cache_that_cannot_be_written(hub, repo, tmp_path, cli_run, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "a-file" / "hub"))
     one_paragraph(cli_run("models", "fetch", REPO), "could not be written into the Hugging Face cache",
                   str(tmp_path / "a-file" / "hub"), "HF_HUB_CACHE")
+
+
+def test_generate_takes_a_hub_id_of_a_chat_model(hub, tiny_chat_llama, tmp_path):
+    """`tunelab generate org/name` (TunedModel.from_model_dir) fetches the model and answers as its local folder
+    does; an unknown id is one paragraph through the CLI."""
+    hub.commit("org/tiny-chat", tiny_chat_llama)
+    by_id = predict.TunedModel.from_model_dir("org/tiny-chat").generate(["hello there"], max_new_tokens=6)
+    local = predict.TunedModel.from_model_dir(tiny_chat_llama).generate(["hello there"], max_new_tokens=6)
+    assert by_id == local and hub.fetched("org/tiny-chat")
+    p = subprocess.run([sys.executable, "-m", "tunelab", "generate", "org/no-such-chat", "--prompt", "hi"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "org/no-such-chat" in p.stderr and "Traceback" not in p.stderr

@@ -235,7 +235,7 @@ def compare(
 
 @app.command()
 def advise(
-    model: Path = typer.Option(..., "--model", help="Local Hugging Face model directory."),
+    model: Path = typer.Option(..., "--model", help="Local Hugging Face model directory, or a Hub id (org/name)."),
     task: str = typer.Option(..., "--task", help="classification, token_classification, qa, sft or causal_lm."),
     seq_len: int = typer.Option(..., "--seq-len", min=1, help="Tokens per example."),
     batch: int = typer.Option(..., "--batch", min=1, help="Examples per micro-batch."),
@@ -287,7 +287,8 @@ def sweep(
 
 @app.command()
 def generate(
-    source: Path = typer.Argument(..., help="An sft / causal_lm run directory, or a plain model dir (e.g. a merged export)."),
+    source: Path = typer.Argument(..., help="An sft / causal_lm run directory, a plain model dir (e.g. a merged export), "
+                                       "or a Hugging Face Hub id (org/name) of a chat model."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A user message to answer (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat; an empty line or /exit ends it."),
     input_file: Optional[Path] = typer.Option(None, "--input", help="JSONL of prompts: a 'prompt' string or 'messages' per line."),
@@ -300,10 +301,12 @@ def generate(
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
     trust_remote_code: bool = trust_code_option(),
     allow_pickle: bool = allow_pickle_option(),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With a Hub id: branch, tag or commit (default main)."),
 ):
     """Generate replies with a trained causal LM: streamed to the terminal, or batched from a file."""
     import tunelab
 
+    from . import hub
     from .data.sources import read_records
     from .predict import TunedModel
 
@@ -311,10 +314,12 @@ def generate(
         raise TunelabError("Give exactly one of --prompt, --chat or --input to `tunelab generate`.")
     check_output(output, input_file, overwrite)
     is_run = (source / "config.yaml").is_file()
-    if not is_run and not (source / "config.json").is_file():
-        raise TunelabError(f"'{source}' is neither a tunelab run directory (config.yaml) nor a model directory (config.json).")
+    if not is_run and not (source / "config.json").is_file() and not hub.is_hub_id(str(source)):
+        raise TunelabError(f"'{source}' is neither a tunelab run directory (config.yaml), a model directory "
+                           f"(config.json), nor a Hugging Face Hub id (org/name).")
     switches = dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    model = tunelab.load(source, task=task, **switches) if is_run else TunedModel.from_model_dir(source, **switches)
+    model = tunelab.load(source, task=task, **switches) if is_run else \
+        TunedModel.from_model_dir(str(source), revision=revision, **switches)
     opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, system=system)
     if prompt:
         for p in prompt:

@@ -34,7 +34,8 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
     if not p.exists():
         raise TunelabError(
             f"Model directory '{path}' ({key}) does not exist (looked at {p.resolve()}). Point {key} at a local "
-            f"Hugging Face model directory holding config.json, the weights and the tokenizer files; nothing is downloaded."
+            f"Hugging Face model directory holding config.json, the weights and the tokenizer files, or at a Hugging "
+            f"Face Hub id (org/name)."
         )
     if not p.is_dir() or not (p / "config.json").is_file():
         raise TunelabError(

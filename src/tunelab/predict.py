@@ -43,9 +43,12 @@ class TunedModel:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str | None = None, *, trust_remote_code: bool = False,
-                       allow_pickle: bool = False) -> TunedModel:
-        """A plain causal-LM model directory (e.g. a merged export) as a chat model: `generate` works on it,
-        with the tokenizer's chat template (or the built-in Alpaca one)."""
+                       allow_pickle: bool = False, revision: str | None = None) -> TunedModel:
+        """A plain causal-LM model directory (e.g. a merged export) or Hub id (at `revision`, default main) as a chat
+        model: `generate` works on it, with the tokenizer's chat template (or the built-in Alpaca one)."""
+        if hub.is_hub_id(str(path)):
+            path = hub.download(str(path), revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                key="the model", revision_key="--revision").dir
         self = cls.__new__(cls)
         self.dir = Path(path)
         model = {"path": str(path), "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
