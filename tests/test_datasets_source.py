@@ -285,6 +285,11 @@ def test_classification_trains_on_a_hub_dataset_and_records_its_commit(hf, tiny_
     assert report["files"]["train"] == "hf://org/reviews"
     assert json.loads((run.dir / "labels.json").read_text())["labels"] == ["neg", "pos"]  # class names, not ids
     assert "test" in run.summary and run.summary["steps"] == 4
+    # the commit read is pinned in config.yaml (resume reads the same rows when main moves) and named in versions.json
+    assert config.load(run.dir / "config.yaml", []).data.dataset_revision == sha
+    assert json.loads((run.dir / "versions.json").read_text())["hub_datasets"] == {
+        f"data.{name}": {"repo": "org/reviews", "config": "default", "split": name, "revision": "main", "commit": sha}
+        for name in splits}
     fetched = hf.fetched("org/reviews", "dataset")
     assert sorted(f for f in fetched if f.endswith(".parquet")) == [f"data/{s}-00000-of-00001.parquet"
                                                                     for s in ("test", "train", "validation")]

@@ -189,3 +189,22 @@ def test_score_checks_what_a_reward_returns(returned, message):
 
     assert grpo.score(lambda p, c: [1, np.float32(0.5), torch.tensor(2.0), True][: len(c)] + [0] * (len(c) - 4),
                       ["p"] * 4, ["a", "b", "c", "d"], "r", "now") == [1.0, 0.5, 2.0, 1.0]
+
+
+def test_grpo_reads_the_split_a_saved_dataset_dict_names(tmp_path, tiny_chat_llama):
+    """data.train_split reaches grpo's prompt reader: a DatasetDict saved to disk is read at that split, and a bad
+    row is named as the dataset's row, not a file line."""
+    datasets = pytest.importorskip("datasets")
+    import tunelab
+
+    (tmp_path / "rewards.py").write_text("def n(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    good = datasets.Dataset.from_list([{"prompt": f"say word {i}"} for i in range(8)])
+    bad = datasets.Dataset.from_list([{"prompt": "fine"}, {"prompt": ""}])
+    datasets.DatasetDict({"prompts": good, "broken": bad}).save_to_disk(str(tmp_path / "ds"))
+    common = [f"model.path={tiny_chat_llama}", f"data.train={tmp_path / 'ds'}", "task.type=grpo",
+              f"task.reward_function={tmp_path / 'rewards.py'}:n", "task.group_size=2", "train.batch_size=2",
+              "train.max_steps=1", "eval.max_new_tokens=2", "data.val_fraction=0.25"]
+    run = tunelab.train(None, [*common, "data.train_split=prompts", f"output_dir={tmp_path / 'rl'}"])
+    assert run.summary["steps"] == 1
+    with pytest.raises(tunelab.TunelabError, match=r"split 'broken' \(data\.train\) row 1: no usable 'prompt'"):
+        tunelab.train(None, [*common, "data.train_split=broken", f"output_dir={tmp_path / 'rl2'}"])

@@ -61,8 +61,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
         main = distributed.is_main()
         run_dir = claim.make() if main else Path(tempfile.mkdtemp(prefix="tunelab-rank-"))
         if saved is None:
-            cfg = resolve_paths(cfg, Path(out_path), model_cfg)
-            write_start(run_dir, cfg)
+            cfg = resolve_paths(cfg, Path(out_path), model_cfg, work.report)
+            write_start(run_dir, cfg, work.report)
         elif main:  # the log goes on from the checkpoint: what was logged after it is logged again
             with open(run_dir / "metrics.jsonl", "r+b") as f:
                 f.truncate(saved[1]["log_bytes"])

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import methods, models, predict
 from .config import Config
 from .data import chat
-from .data.sources import read_records
+from .data.sources import describe, read_records
 from .data.split import random_split
 from .errors import TunelabError
 from .runs import (
@@ -80,16 +80,17 @@ def load_reward(task_cfg):
     return fn
 
 
-def _prompts(path: str, key: str) -> list:
+def _prompts(path: str, key: str, data_cfg) -> list:
+    """The prompts of a grpo data file or dataset (`data_cfg` picks a dataset's config, revision and split)."""
     out = []
-    for r in read_records(path, key):
+    for r in read_records(path, key, data_cfg):
         prompt = r["record"].get("prompt")
         if isinstance(prompt, str) and prompt.strip():
             out.append([{"role": "user", "content": prompt}])
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             out.append(prompt)
         else:
-            raise TunelabError(f"Data file '{path}' ({key}) row {r['row']}: no usable 'prompt' (a non-empty string, or "
+            raise TunelabError(f"{describe(path, key, data_cfg)} row {r['row']}: no usable 'prompt' (a non-empty string, or "
                                f"chat messages ending on a user turn). Fix or remove the row.")
     return out
 
@@ -117,9 +118,9 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run") -> Run
 def _train(cfg: Config, model_cfg, claim, t_start: float, out_path: str, device) -> Run:
     reward = load_reward(cfg.task)
     reward_fn = grpo.checked(reward, reward_name(cfg.task))  # every call during the run is checked too
-    train_rows = _prompts(cfg.data.train, "data.train")
+    train_rows = _prompts(cfg.data.train, "data.train", cfg.data)
     if cfg.data.validation:
-        val_rows = _prompts(cfg.data.validation, "data.validation")
+        val_rows = _prompts(cfg.data.validation, "data.validation", cfg.data)
     else:
         train_rows, val_rows = random_split(train_rows, cfg.data.val_fraction, cfg.train.seed, cfg.data.train)
     info = {"task": "sft", "template": cfg.task.template, "train_on_prompt": False, "truncation": cfg.data.truncation}

@@ -37,6 +37,7 @@ import torch
 from . import atomic, hub, models, report, versions
 from . import config as config_mod
 from .config import Config
+from .data import hub as data_hub
 from .errors import TunelabError
 from .training import checkpoint, distributed, logs
 
@@ -339,13 +340,16 @@ class Run:
     summary: dict
 
 
-def write_start(run_dir: Path, cfg: Config) -> None:
+def write_start(run_dir: Path, cfg: Config, data_report: dict | None = None) -> None:
     """The first files of a new run: its resolved config and the library versions it is made with (and, for a model
-    by Hub id, the id and commit: model.revision in config.yaml already holds the commit, see resolve_paths)."""
+    by Hub id, the id and commit: model.revision in config.yaml already holds the commit, see resolve_paths; for data
+    from Hub datasets, each split's repo, config, split and commit)."""
     atomic.write_text(run_dir / "config.yaml", config_mod.to_yaml(cfg), "the run's config")
     found = versions.current()
     if hub.is_hub_id(cfg.model.path):
         found["hub_model"] = {"id": cfg.model.path, "commit": cfg.model.revision}
+    if data_report and data_hub.record(data_report):
+        found["hub_datasets"] = data_hub.record(data_report)
     write_json(run_dir / "versions.json", found)
 
 
@@ -459,14 +463,18 @@ def default_output_dir(recipe_name: str) -> str:
     return f"runs/{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def resolve_paths(cfg: Config, run_dir: Path, source=None) -> Config:
+def resolve_paths(cfg: Config, run_dir: Path, source=None, data_report: dict | None = None) -> Config:
     """Make file paths absolute so the saved config works from any directory. `source`: the model section as
     predict.model_source resolved it; a Hub id keeps its id and gets the commit it resolved to as model.revision,
-    so that --resume and tunelab.load use the same weights when the branch has moved on."""
+    so that --resume and tunelab.load use the same weights when the branch has moved on. `data_report`: the data
+    report of a single-task run; Hub datasets read from one repo get the commit they were read at as
+    data.dataset_revision, for the same reason."""
     cfg = cfg.model_copy(deep=True)
     cfg.output_dir = str(run_dir.resolve())
     if source is not None and hub.is_hub_id(cfg.model.path):
         cfg.model.revision = source.revision
+    if data_report is not None and cfg.data is not None and data_hub.pinned(data_report):
+        cfg.data.dataset_revision = data_hub.pinned(data_report)
     if Path(cfg.model.path).exists():
         cfg.model.path = str(Path(cfg.model.path).resolve())
     if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
