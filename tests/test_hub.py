@@ -311,3 +311,34 @@ def test_generate_takes_a_hub_id_of_a_chat_model(hub, tiny_chat_llama, tmp_path)
     p = subprocess.run([sys.executable, "-m", "tunelab", "generate", "org/no-such-chat", "--prompt", "hi"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "org/no-such-chat" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cv_and_sweep_train_every_fold_and_trial_on_one_commit(hub, repo, tiny_bert, sentiment_files, tmp_path,
+                                                               monkeypatch):
+    """main moves after the first fold / trial: the later ones still train the commit the command started on."""
+    pytest.importorskip("optuna")
+    from tunelab import cv, pipeline, sweep
+
+    real, calls = pipeline.train, {"n": 0}
+
+    def train_then_move(cfg, *a, **kw):
+        run = real(cfg, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            hub.commit(REPO, repo_folder(tiny_bert, tmp_path / f"moved-{id(cfg)}", shift=0.05))
+        return run
+
+    monkeypatch.setattr(pipeline, "train", train_then_move)
+    common = [f"model.path={REPO}", f"data.train={sentiment_files['train']}", "data.max_length=32",
+              "train.max_steps=2", "train.batch_size=8", *QUIET]
+    cv.run(None, [*common, f"output_dir={tmp_path / 'cv'}"], folds=2, echo=lambda *_: None)
+    folds = [yaml.safe_load((tmp_path / "cv" / f"fold_{i}" / "config.yaml").read_text()) for i in (1, 2)]
+    assert [f["model"]["revision"] for f in folds] == [repo, repo]
+
+    calls["n"] = 0
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-4, high: 1.0e-3, log: true}\n")
+    sweep.run(None, [*common, f"output_dir={tmp_path / 'sweep'}"], space, trials=2, echo=lambda *_: None)
+    trials = sorted((tmp_path / "sweep").glob("trial_*/config.yaml"))
+    assert len(trials) == 2 and {yaml.safe_load(t.read_text())["model"]["revision"] for t in trials} == {
+        yaml.safe_load((tmp_path / "sweep" / "config.yaml").read_text())["model"]["revision"]}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, evaluate, pipeline, predict, runs
+from . import atomic, evaluate, hub, pipeline, predict, runs
 from . import config as config_mod
 from .data import load_file
 from .data.split import stratified_folds
@@ -43,6 +43,7 @@ def run(recipe, overrides: list[str], folds: int = 5, overwrite: bool = False, e
     parent = runs.expand(cfg.output_dir or runs.default_output_dir(f"cv-{Path(recipe).stem if recipe else 'run'}"))
     claim = runs.claim(parent, overwrite, "cv", cfg)
     with claim:  # an earlier cross-validation there stays as it was until this one has finished
+        cfg.model = hub.pinned(cfg.model)  # a Hub id: every fold trains the commit its branch points at now
         if cfg.data.validation:
             echo(f"note: data.validation ({cfg.data.validation}) is not used: each fold validates on its held-out part")
         rows, _ = load_file(cfg.data.train, "data.train", cfg.data)

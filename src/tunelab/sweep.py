@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, pipeline, runs, tasks
+from . import atomic, hub, pipeline, runs, tasks
 from . import config as config_mod
 from .errors import TunelabError
 from .training.loop import LOWER_IS_BETTER
@@ -69,6 +69,7 @@ def run(recipe, overrides: list[str], space_file, trials: int, overwrite: bool =
     parent = runs.expand(base.output_dir or runs.default_output_dir(f"sweep-{Path(recipe).stem if recipe else 'run'}"))
     claim = runs.claim(parent, overwrite, "sweep", base)
     with claim:  # an earlier sweep there stays as it was until this one has finished
+        base.model = hub.pinned(base.model)  # a Hub id: every trial trains the commit its branch points at now
         parent = claim.make()
         atomic.write_text(parent / "config.yaml", config_mod.to_yaml(base), "the sweep's config")
 
@@ -82,6 +83,8 @@ def run(recipe, overrides: list[str], space_file, trials: int, overwrite: bool =
             out = parent / f"trial_{trial.number}"
             cfg = config_mod.load(recipe, list(overrides) + [f"{k}={json.dumps(v)}" for k, v in values.items()]
                                   + [f"output_dir={out}"])
+            if cfg.model.path == base.model.path and "model.revision" not in values:
+                cfg.model.revision = base.model.revision
             echo(f"== trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
             def on_eval(record: dict) -> None:
