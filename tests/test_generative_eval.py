@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
+import torch
+from conftest import make_chat_rows, write_jsonl
 
+import tunelab
+from tunelab import config
+from tunelab.errors import TunelabError
 from tunelab.ops import textmetrics
+from tunelab.tasks import causal_lm
 
 _WORDS = ["the", "a", "cat", "Cat", "sat", "on", "mat", "3.5", "1,000", "x-ray", "don't", "naïve", "日本", "&amp;",
           "Hello,", "world!", "(yes)", "<skipped>", "e.g.", "a.b", "--", "über", "İstanbul", "end.", "Q&A", "\n", "-\n"]
@@ -69,3 +76,86 @@ def test_reply_scores_counts_eos_share_and_length():
     out = textmetrics.reply_scores(["a b", "c"], ["a b", "d"], lengths=[3, 8], ended=[True, False])
     assert out["rows"] == 2 and out["exact_match"] == 0.5
     assert out["mean_length"] == 5.5 and out["ended_with_eos"] == 0.5
+
+
+# -- generation on a tiny chat model ----------------------------------------------------------------------------------
+
+SFT_INFO = {"task": "sft", "template": "chat", "train_on_prompt": False, "truncation": "cut"}
+
+
+def _chat_model(path):
+    cfg = config.validate({"model": {"path": str(path)}, "data": {"train": "x.jsonl"}, "task": {"type": "sft"}})
+    model, tok = causal_lm.build_model(cfg.model, SFT_INFO)
+    return model.eval(), tok
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_chat_llama):
+    model, tok = _chat_model(tiny_chat_llama)
+    prompts = [p["prompt"] for p in causal_lm.generation_rows(make_chat_rows(7, seed=5), tok, SFT_INFO)]
+    prompts[3] = causal_lm.prompt_text([{"role": "user", "content": "What is the opposite of a very long word, hot, "
+                                                                    "big and up?"}], tok, SFT_INFO)  # longer: padding
+    batched = causal_lm.generate_replies(model, tok, prompts, SFT_INFO, max_new_tokens=12, batch_size=4)
+    single = causal_lm.generate(model, tok, prompts, SFT_INFO, max_new_tokens=12)
+    assert [r["reply"] for r in batched] == single
+    assert len({len(p) for p in prompts}) > 1
+
+
+def test_eos_share_counts_a_reply_that_stops_and_one_cut_at_the_limit(tiny_chat_llama):
+    """A model whose only possible next token is EOS stops at once; one that can never say EOS runs to the limit."""
+    model, tok = _chat_model(tiny_chat_llama)
+    prompt = causal_lm.generation_rows(make_chat_rows(1), tok, SFT_INFO)[0]["prompt"]
+    head = model.get_output_embeddings()
+    bias = torch.full((len(tok),), -1e4)
+    bias[tok.eos_token_id] = 1e4
+    handle = head.register_forward_hook(lambda m, i, o: o + bias)
+    stopped = causal_lm.generate_replies(model, tok, [prompt], SFT_INFO, max_new_tokens=6)
+    handle.remove()
+    bias = torch.zeros(len(tok))
+    bias[tok.eos_token_id] = -1e4
+    handle = head.register_forward_hook(lambda m, i, o: o + bias)
+    cut = causal_lm.generate_replies(model, tok, [prompt], SFT_INFO, max_new_tokens=6)
+    handle.remove()
+    assert stopped == [{"reply": "", "tokens": 0, "ended": True}]
+    assert cut[0]["tokens"] == 6 and cut[0]["ended"] is False
+    figures = textmetrics.reply_scores([stopped[0]["reply"], cut[0]["reply"]], ["a", "b"], [0, 6], [True, False])
+    assert figures["ended_with_eos"] == 0.5 and figures["mean_length"] == 3.0
+
+
+def _run(tmp_path, model_path, *extra):
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(160, seed=3))
+    test = write_jsonl(tmp_path / "test.jsonl", make_chat_rows(20, seed=9))
+    return tunelab.train(None, [f"model.path={model_path}", f"data.train={train}", f"data.test={test}",
+                                "task.type=sft", "data.dedupe=false", "data.max_length=64", "train.batch_size=8",
+                                "train.lr=1e-2", "eval.samples=1", "eval.max_new_tokens=12", "eval.generate=4",
+                                "method.name=lora", "method.target_modules=all-linear", "train.max_steps=30",
+                                f"output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama, tmp_path, capsys):
+    run = _run(tmp_path, tiny_chat_llama)
+    gen = run.summary["generation"]
+    assert set(gen) == {"base", "tuned"} and set(gen["tuned"]) == {"validation", "test"}
+    rows = json.loads((run.dir / "generations.json").read_text())
+    for split in ("validation", "test"):
+        assert len(rows[split]) == 4
+        for side in ("base", "tuned"):
+            replies = [r[f"{side}_reply"] for r in rows[split]]
+            refs = [r["reference"] for r in rows[split]]
+            figures = gen[side][split]
+            assert figures["rows"] == 4
+            assert figures["rougeL"] == sum(map(textmetrics.rouge_l, replies, refs)) / 4
+            assert figures["bleu"] == textmetrics.corpus_bleu(replies, refs)
+            assert figures["ended_with_eos"] == sum(r[f"{side}_ended"] for r in rows[split]) / 4
+            assert figures["mean_length"] == sum(r[f"{side}_tokens"] for r in rows[split]) / 4
+    # the same prompts, answered by the saved run, give the tuned replies
+    model = tunelab.load(run.dir)
+    again = model.task.generate(model.model, model.tokenizer, [r["prompt"] for r in rows["validation"]], model.info,
+                                12, device=model.device)
+    assert again == [r["tuned_reply"] for r in rows["validation"]]
+    assert "generation (validation, 4 rows): rougeL" in capsys.readouterr().out
+
+
+def test_eval_generate_is_refused_for_a_task_that_writes_no_replies():
+    with pytest.raises(TunelabError, match=r"eval.generate=4 .*sft, causal_lm or dpo; a classification run"):
+        config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "task": {"type": "classification"},
+                         "eval": {"generate": 4}})

@@ -17,7 +17,7 @@ from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
 from .data import augment
 from .errors import TunelabError
-from .evaluate import forgetting, probe
+from .evaluate import forgetting, generative, probe
 from .multitask import train as train_multitask
 from .rl import train as train_rl
 from .runs import (
@@ -92,6 +92,8 @@ class Work:
     forgetting_probe: object = None
     forgetting_before: object = None
     samples: dict = field(default_factory=dict)
+    held_out: dict = field(default_factory=dict)  # eval.generate: the first rows of validation and test
+    generation: dict = field(default_factory=dict)  # their prompts and the base model's replies, per split
     head: list = field(default_factory=list)
     trainable: int = 0
     total: int = 0
@@ -120,7 +122,8 @@ def load(cfg: Config, model_cfg, device) -> Work:
         say(f"augmentation: {report['splits']['train']['augmented']}")
     feats, max_length = tasks.encode_splits(cfg, task, model, tokenizer, info, splits, report, say)
     return Work(task, model, tokenizer, info, report, feats, max_length, splits["validation"][: cfg.eval.samples],
-                device, model_cfg, forgetting_probe)
+                device, model_cfg, forgetting_probe,
+                held_out={n: list(r[: cfg.eval.generate]) for n, r in splits.items() if n != "train" and cfg.eval.generate})
 
 
 def baselines(cfg: Config, w: Work) -> dict:
@@ -137,6 +140,12 @@ def baselines(cfg: Config, w: Work) -> dict:
                                        cfg.eval.max_new_tokens, evaluate.runner(w.model, task, None, w.pad_id, w.device))
     if w.forgetting_probe:
         w.forgetting_before = forgetting.measure(w.forgetting_probe, w.model, w.tokenizer, w.device, w.max_length, bs)
+    if w.held_out:  # eval.generate: the same prompts are answered again after training (fit)
+        w.generation["prompts"] = {n: task.generation_rows(rows, w.tokenizer, w.info) for n, rows in w.held_out.items()}
+        if cfg.eval.base:
+            w.generation["base"] = {n: generative.generate(task, w.model, w.tokenizer, p, w.info, cfg.eval,
+                                                           cfg.train.seed, w.device, bs)
+                                    for n, p in w.generation["prompts"].items()}
     return summary
 
 
@@ -185,6 +194,13 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
         if "test" in w.feats:
             summary["test"] = evaluate.run(w.model, task, w.feats["test"], w.info, bs, w.pad_id, w.device)
             log({"type": "eval", "step": result["steps"], "split": "test", **summary["test"]})
+    if w.generation:
+        prompts, base = w.generation["prompts"], w.generation.get("base", {})
+        tuned = {n: generative.generate(task, w.model, w.tokenizer, p, w.info, cfg.eval, cfg.train.seed, w.device, bs)
+                 for n, p in prompts.items()}
+        summary["generation"] = {side: {n: generative.score(prompts[n], r) for n, r in replies.items()}
+                                 for side, replies in (("base", base), ("tuned", tuned)) if replies}
+        write_json(run_dir / "generations.json", generative.records(prompts, base, tuned))
     return result
 
 
@@ -245,6 +261,7 @@ def headline(summary: dict, metrics: tuple[str, ...]) -> str:
             lp = summary.get("linear_probe", {}).get(split, {}).get(metric)
             name = split if len(metrics) == 1 else f"{split} {metric}"
             lines.append(f"{name:{width}} {fmt(base)} {fmt(lp)} {fmt(tuned[metric])}")
+    lines += generative.describe(summary.get("generation", {}))
     lines.append(f"trainable {summary['trainable_params']:,} / {summary['total_params']:,} ({summary['trainable_percent']:.2f}%), "
                  f"{summary['train_seconds']:.1f}s, {summary['tokens_per_second']:.0f} tokens/s, peak {summary['peak_memory_mb']:.0f} MB, "
                  f"saved {summary['artifact_mb']:.1f} MB -> {summary.get('artifact')}/")

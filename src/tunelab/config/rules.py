@@ -28,6 +28,7 @@ PAIR_TASKS = tuple(t for t, c in BY_TYPE.items() if c.TEXT_PAIRS)
 STREAMING_TASKS = tuple(t for t, c in BY_TYPE.items() if c.STREAMING)
 AUGMENT_TASKS = tuple(t for t, c in BY_TYPE.items() if c.AUGMENT)
 LABEL_SMOOTHING_TASKS = tuple(t for t, c in BY_TYPE.items() if c.LABEL_SMOOTHING)
+GENERATIVE_EVAL_TASKS = tuple(t for t, c in BY_TYPE.items() if c.GENERATIVE_EVAL)
 
 
 def words(names: tuple[str, ...], last: str = "and") -> str:
@@ -64,6 +65,9 @@ def check_tasks(cfg: Config, source: str) -> Config:
     if cfg.eval.forgetting not in (None, "auto", "none"):
         raise TunelabError(f"Invalid config in {source}: eval.forgetting is not measured in multi-task runs yet; remove "
                            f"it (each task's own validation metrics show what the shared body keeps).")
+    if cfg.eval.generate:
+        raise TunelabError(f"Invalid config in {source}: eval.generate is not measured in multi-task runs yet; remove "
+                           f"it (score a task's replies afterwards with `tunelab eval RUN FILE --generate`).")
     if cfg.multitask.adapters == "per_task" and not cfg.method.SWITCHABLE:  # (virtual-token methods failed above)
         raise TunelabError(f"Invalid config in {source}: multitask.adapters=per_task needs an adapter method "
                            f"({', '.join(NAMED_ADAPTER_METHODS)}), not method.name={cfg.method.name}.")
@@ -90,6 +94,11 @@ def check_single(cfg: Config, source: str) -> Config:
         raise TunelabError(f"Invalid config in {source}: train.unfreeze=gradual unfreezes the blocks that "
                            f"method.name=freeze froze; set method.name=freeze (with method.freeze_layers), or "
                            f"train.unfreeze=none.")
+    if cfg.eval.generate and not cfg.task.GENERATIVE_EVAL:
+        raise TunelabError(f"Invalid config in {source}: eval.generate={cfg.eval.generate} scores generated replies "
+                           f"against reference replies, which applies to task.type "
+                           f"{words(GENERATIVE_EVAL_TASKS, 'or')}; a {task} run writes no replies. Remove "
+                           f"eval.generate (or set it to 0).")
     for problem in cfg.task.problems():
         raise TunelabError(f"Invalid config in {source}: {problem}")
     if cfg.data.text_pair_field and not cfg.task.TEXT_PAIRS:

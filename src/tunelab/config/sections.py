@@ -181,7 +181,15 @@ class EvalConfig(Section):
     batch_size: int = Field(64, ge=1, description="Batch size for evaluation and prediction.")
     samples: int = Field(3, ge=0, description="Validation examples shown before and after training (samples.json): "
                                             "predictions, or generations for sft / causal_lm.")
-    max_new_tokens: int = Field(64, ge=1, description="Length limit of the sample generations (sft / causal_lm).")
+    max_new_tokens: int = Field(64, ge=1, description="Length limit of the sample generations and of eval.generate's "
+                                                      "replies (sft / causal_lm / dpo).")
+    generate: int = Field(0, ge=0, description="sft, causal_lm and dpo: generate replies to the first N validation and "
+                                               "test rows with the base and the tuned model and score them against the "
+                                               "reference replies (exact match, token F1, ROUGE-L, BLEU, length, share "
+                                               "ended with EOS): summary.json 'generation', generations.json. 0: off.")
+    do_sample: bool = Field(False, description="eval.generate: sample replies (seeded by train.seed) instead of greedy.")
+    temperature: float = Field(0.7, gt=0, description="eval.generate with do_sample: the sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="eval.generate with do_sample: nucleus sampling's probability mass.")
     forgetting: str | None = Field(
         "auto", description="Catastrophic-forgetting probe, measured before and after training: a text file (.txt, one "
                             "passage per line; or a 'text' column) -> perplexity of a causal LM; a labelled file ('text', "

@@ -41,6 +41,7 @@ class TaskConfig(Section):
     AUGMENT: ClassVar[bool] = False  # data.augment_copies: word-level edits keep the label
     LABEL_SMOOTHING: ClassVar[bool] = False  # train.label_smoothing: a cross-entropy over one label
     ONLINE_RL: ClassVar[bool] = False  # trained by sampling and scoring its own replies (rl.py), not the loop
+    GENERATIVE_EVAL: ClassVar[bool] = False  # eval.generate: replies to held-out prompts scored against references
 
     def problems(self) -> list[str]:
         """What is wrong with this section's keys taken together (each a sentence naming the keys); none here."""
@@ -116,6 +117,7 @@ class MlmConfig(TaskConfig):
 class SftConfig(_Templated):
     type: Literal["sft"] = Field("sft", description="Instruction / chat tuning of a causal LM.")
     PADDING_FREE = PACKING = True
+    GENERATIVE_EVAL = True
     train_on_prompt: bool = Field(False, description="sft: also train on prompt / user / system tokens (default: loss on "
                                                      "assistant tokens only, every assistant turn).")
 
@@ -123,6 +125,7 @@ class SftConfig(_Templated):
 class CausalLMConfig(TaskConfig):
     type: Literal["causal_lm"] = Field("causal_lm", description="Continued pretraining of a causal LM on plain text.")
     PADDING_FREE = PACKING = True
+    GENERATIVE_EVAL = True
 
     # Plain text has no prompt: every token is trained, and there is no template to choose. tasks/causal_lm.py,
     # which serves sft and causal_lm alike, still records both in the run's labels.json, so they read as sft's
@@ -163,6 +166,7 @@ class RewardConfig(_Templated):
 class DpoConfig(_Templated):
     type: Literal["dpo"] = Field("dpo", description="Direct preference optimisation of a causal LM on "
                                                     "prompt/chosen/rejected pairs.")
+    GENERATIVE_EVAL: ClassVar[bool] = True
     beta: float = _beta()
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: 'sigmoid' (DPO) or 'ipo' (IPO: squared "
                                                 "loss on per-token averaged log-ratios).")

@@ -75,6 +75,16 @@ class Task(Protocol):
                  temperature: float = 0.0, top_p: float = 1.0, streamer=None, device=None) -> list[str]:
         """The model's reply to each `generation_prompt` text (greedy at temperature 0). GENERATES tasks only."""
 
+    def generation_rows(self, rows: list[dict], tokenizer, info: dict) -> list[dict]:
+        """{"row", "prompt", "reference"} of held-out rows: the `generate` prompt text and the reference reply it is
+        scored against (eval.generate, TunedModel.evaluate_generation). GENERATES tasks only."""
+
+    def generate_replies(self, model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
+                         temperature: float = 0.0, top_p: float = 1.0, device=None,
+                         batch_size: int = 8) -> list[dict]:
+        """{"reply", "tokens", "ended"} per prompt text: batched (left padding, KV cache), the generated token count
+        without EOS, and whether it stopped at EOS rather than the token limit. GENERATES tasks only."""
+
     def embed_texts(self, texts: list[str], tokenizer, info: dict, max_length: int, outputs) -> torch.Tensor:
         """(texts, dim) vectors of a non-empty list of texts, as a user gets them (normalised when trained so).
         EMBEDS tasks only."""

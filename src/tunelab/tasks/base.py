@@ -74,6 +74,18 @@ def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: i
     raise TunelabError("This task does not write text: use predict, not generate.")
 
 
+def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
+    """Only tasks whose rows hold reference replies are scored by generation; config's rules stop eval.generate
+    elsewhere and predict.TunedModel.evaluate_generation checks GENERATES first."""
+    raise TunelabError("This task does not write text: generative evaluation needs an sft, causal_lm or dpo run.")
+
+
+def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, device=None, batch_size: int = 8) -> list[dict]:
+    """Only tasks with GENERATES = True write text."""
+    raise TunelabError("This task does not write text: generative evaluation needs an sft, causal_lm or dpo run.")
+
+
 def embed_texts(texts: list[str], tokenizer, info: dict, max_length: int, outputs) -> torch.Tensor:
     """Only tasks with EMBEDS = True turn texts into vectors; predict.TunedModel.embed checks the flag first."""
     raise TunelabError("This task does not turn texts into vectors: embed and search need an embedding run.")

@@ -264,32 +264,77 @@ def prompt_text(messages: list[dict], tokenizer, info: dict) -> str:
     return chat.render(messages, info.get("template", "alpaca"), tokenizer, add_generation_prompt=True)[0]
 
 
+def _generation_limit(model, tokenizer) -> int:
+    virtual = getattr(model, "prompt_encoder", None)  # prompt / P-tuning / prefix positions come first
+    reserved = 0 if virtual is None else int(virtual().shape[0])
+    return models.max_input_length(model, tokenizer, 1 << 30, reserved)
+
+
+def _prompt_ids(text: str, tokenizer, info: dict, limit: int, max_new_tokens: int) -> list[int]:
+    add_special = info.get("template") == "alpaca" or info.get("task") == "causal_lm"
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    # Prompt + reply must fit the model's positions: keep the prompt's end, leave room for the reply.
+    return ids[-max(1, limit - min(max_new_tokens, limit // 2)):]
+
+
+def _decoding(model, tokenizer, temperature: float, top_p: float) -> dict:
+    kwargs = {"do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if hasattr(model, "prompt_encoder"):  # virtual tokens: the hooks add them to every full forward
+        kwargs["use_cache"] = False
+    return kwargs
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, streamer=None, device=None) -> list[str]:
-    """Replies to rendered prompts (greedy when temperature is 0). One prompt at a time: no padding to get wrong,
-    and a streamer can follow it."""
+    """Replies to rendered prompts (greedy when temperature is 0). One prompt at a time, so a streamer can follow
+    it; `generate_replies` batches."""
     was_training = model.training
     model.eval()
     out = []
-    add_special = info.get("template") == "alpaca" or info.get("task") == "causal_lm"
-    virtual = getattr(model, "prompt_encoder", None)  # prompt / P-tuning / prefix positions come first
-    reserved = 0 if virtual is None else int(virtual().shape[0])
-    limit = models.max_input_length(model, tokenizer, 1 << 30, reserved)
+    limit = _generation_limit(model, tokenizer)
     for text in prompts:
-        ids = tokenizer(text, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
-        # Prompt + reply must fit the model's positions: keep the prompt's end, leave room for the reply.
-        ids = ids[:, -max(1, limit - min(max_new_tokens, limit // 2)):].to(device or "cpu")
-        kwargs = {"do_sample": temperature > 0, "max_new_tokens": min(max_new_tokens, limit - ids.shape[1]), "pad_token_id": tokenizer.pad_token_id,
-                  "eos_token_id": tokenizer.eos_token_id, "streamer": streamer}
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if hasattr(model, "prompt_encoder"):  # virtual tokens: the hooks add them to every full forward
-            kwargs["use_cache"] = False
-        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
+        ids = torch.tensor([_prompt_ids(text, tokenizer, info, limit, max_new_tokens)], device=device or "cpu")
+        seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                             max_new_tokens=min(max_new_tokens, limit - ids.shape[1]),
+                             **_decoding(model, tokenizer, temperature, top_p))[0, ids.shape[1]:]
         out.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
+                     temperature: float = 0.0, top_p: float = 1.0, device=None, batch_size: int = 8) -> list[dict]:
+    """{"reply", "tokens", "ended"} per prompt: the reply text, its generated tokens (EOS not counted) and whether
+    it stopped at EOS rather than at the token limit. Prompts of similar length are batched with left padding and
+    the KV cache; a virtual-token model goes one prompt at a time (its hooks prepend the tokens to each row, which
+    left padding would put after the pads)."""
+    was_training = model.training
+    model.eval()
+    limit = _generation_limit(model, tokenizer)
+    encoded = [_prompt_ids(text, tokenizer, info, limit, max_new_tokens) for text in prompts]
+    size = 1 if hasattr(model, "prompt_encoder") else max(1, batch_size)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[dict] = [{}] * len(encoded)
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device or "cpu")
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=ids.device)
+        seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=min(max_new_tokens, limit - width),
+                              **_decoding(model, tokenizer, temperature, top_p))[:, width:].tolist()
+        for i, seq in zip(chunk, seqs):
+            # A row that finished early is padded to the batch's length: everything from its first EOS is not reply.
+            ended = eos in seq
+            reply = seq[: seq.index(eos)] if ended else seq
+            out[i] = {"reply": tokenizer.decode(reply, skip_special_tokens=True).strip(), "tokens": len(reply),
+                      "ended": ended}
     model.train(was_training)
     return out
 
@@ -305,19 +350,28 @@ def generation_prompt(item, system: str | None, tokenizer, info: dict) -> str:
     return prompt_text(messages, tokenizer, info)
 
 
-def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
-            outputs) -> list[dict]:
-    """Generations for the first rows of a split: the prompt, the reference reply and the model's."""
+def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
+    """{"row", "prompt", "reference"} of held-out rows: a conversation up to its last reply (rendered) and that
+    reply; causal_lm: the first words of a text (at least 4, a third) and the rest of it."""
     out = []
     for r in rows:
         if "messages" in r:
             prompt = prompt_text(chat.prompt_messages(r), tokenizer, info)
             reference = r["messages"][-1]["content"]
-        else:  # causal_lm: continue the first words of the text
+        else:
             words = r["text"].split()
             prompt, reference = " ".join(words[: max(4, len(words) // 3)]), " ".join(words[max(4, len(words) // 3):])
-        reply = generate(model, tokenizer, [prompt], info, max_new_tokens=max_new_tokens, device=device)[0]
-        out.append({"row": r.get("row"), "prompt": prompt, "reference": reference, "generated": reply})
+        out.append({"row": r.get("row"), "prompt": prompt, "reference": reference})
+    return out
+
+
+def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
+            outputs) -> list[dict]:
+    """Generations for the first rows of a split: the prompt, the reference reply and the model's."""
+    out = []
+    for r in generation_rows(rows, tokenizer, info):
+        reply = generate(model, tokenizer, [r["prompt"]], info, max_new_tokens=max_new_tokens, device=device)[0]
+        out.append({**r, "generated": reply})
     return out
 
 

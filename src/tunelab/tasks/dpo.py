@@ -138,15 +138,24 @@ def precompute_reference(model, feats: dict, pad_id: int, device, batch_size: in
 
 
 generate = causal_lm.generate
+generate_replies = causal_lm.generate_replies
 prompt_text = causal_lm.prompt_text
 generation_prompt = causal_lm.generation_prompt
 predict = causal_lm.predict  # a policy writes text: generate, not predict
 
 
+def _conversations(rows: list[dict]) -> list[dict]:
+    """Preference rows as sft conversations: the prompt, then the chosen reply (the reference a reply is scored on)."""
+    return [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}], "row": r["row"]} for r in rows]
+
+
+def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
+    """{"row", "prompt", "reference"}: each pair's prompt rendered with the sft template, its chosen reply."""
+    return causal_lm.generation_rows(_conversations(rows), tokenizer, {**info, "task": "sft"})
+
+
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
             outputs) -> list[dict]:
     """The model's own reply to the first prompts, beside the chosen one (as sft's samples)."""
-    conversations = [{"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}], "row": r["row"]}
-                     for r in rows]
-    return causal_lm.samples(model, tokenizer, conversations, {**info, "task": "sft"}, device, max_length, max_new_tokens,
-                             outputs)
+    return causal_lm.samples(model, tokenizer, _conversations(rows), {**info, "task": "sft"}, device, max_length,
+                             max_new_tokens, outputs)

@@ -36,7 +36,9 @@ from ..ops import processes
 from .base import (  # noqa: F401  (the interface's defaults)
     finish,
     generate,
+    generate_replies,
     generation_prompt,
+    generation_rows,
     pack,
     packing_fault,
     predict_summary,

@@ -22,7 +22,9 @@ from . import classification
 from .base import (  # noqa: F401  (the interface's defaults)
     embed_texts,
     generate,
+    generate_replies,
     generation_prompt,
+    generation_rows,
     predict_summary,
     prepare,
     read_predict,

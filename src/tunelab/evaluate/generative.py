@@ -1,0 +1,76 @@
+"""Generative evaluation (eval.generate, `tunelab eval RUN FILE --generate`): a model writes replies to held-out
+prompts and they are scored against the reference replies (ops/textmetrics.py: exact match, token F1, ROUGE-L,
+BLEU, reply length, share ended with EOS). A run does it with the base model and again with the tuned one on the same
+prompts, so the two columns differ only in the weights.
+
+The task says what a prompt and its reference are (`generation_rows`) and writes the replies in batches
+(`generate_replies`); this module only scores and words them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import textmetrics
+
+HEADLINE = ("rougeL", "token_f1", "bleu", "exact_match")
+TABLE_ROWS = 5  # prompts report.html shows base vs tuned
+
+
+def generate(task, model, tokenizer, prompts: list[dict], info: dict, eval_cfg, seed: int, device,
+             batch_size: int) -> list[dict]:
+    """The replies of `model` to `prompts` (task.generation_rows' dicts), greedy or seeded sampling."""
+    if not prompts:
+        return []
+    temperature = eval_cfg.temperature if eval_cfg.do_sample else 0.0
+    # Sampling draws from a generator of its own, seeded by train.seed, so base and tuned replies are repeatable and
+    # the training's random stream is left where it was.
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return task.generate_replies(model, tokenizer, [p["prompt"] for p in prompts], info,
+                                     max_new_tokens=eval_cfg.max_new_tokens, temperature=temperature,
+                                     top_p=eval_cfg.top_p, device=device, batch_size=batch_size)
+
+
+def score(prompts: list[dict], replies: list[dict]) -> dict:
+    """The figures of one split's replies against the references."""
+    return textmetrics.reply_scores([r["reply"] for r in replies], [p["reference"] for p in prompts],
+                                    [r["tokens"] for r in replies], [r["ended"] for r in replies])
+
+
+def records(prompts: dict, base: dict, tuned: dict) -> dict:
+    """generations.json: per split, each row's prompt, reference, base reply and tuned reply (with length and EOS)."""
+    out = {}
+    for split, rows in prompts.items():
+        out[split] = []
+        for i, p in enumerate(rows):
+            row = dict(p)
+            for side, replies in (("base", base), ("tuned", tuned)):
+                if split in replies:
+                    r = replies[split][i]
+                    row.update({f"{side}_reply": r["reply"], f"{side}_tokens": r["tokens"], f"{side}_ended": r["ended"]})
+            out[split].append(row)
+    return out
+
+
+def describe(generation: dict) -> list[str]:
+    """The console headline: one line per split, base -> tuned (or the tuned figures alone)."""
+    lines = []
+    tuned, base = generation.get("tuned", {}), generation.get("base", {})
+    for split, after in tuned.items():
+        if not after.get("rows"):
+            continue
+        before = base.get(split)
+        parts = [_pair(m, before, after, "{:.2f}") for m in HEADLINE]
+        parts.append(_pair("mean_length", before, after, "{:.1f}", "length"))
+        parts.append(_pair("ended_with_eos", before, after, "{:.0%}", "ended with EOS"))
+        lines.append(f"generation ({split}, {after['rows']} rows): {', '.join(parts)}")
+    return lines
+
+
+def _pair(metric: str, before: dict | None, after: dict, fmt: str, name: str | None = None) -> str:
+    label = name or metric.replace("_", " ")
+    if before and before.get("rows"):
+        return f"{label} {fmt.format(before[metric])} -> {fmt.format(after[metric])}"
+    return f"{label} {fmt.format(after[metric])}"
