@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 
@@ -10,9 +11,11 @@ import torch
 from conftest import make_chat_rows, write_jsonl
 
 import tunelab
-from tunelab import config
+from tunelab import compare, config
 from tunelab.errors import TunelabError
 from tunelab.ops import textmetrics
+from tunelab.report import markup
+from tunelab.report import run as run_report
 from tunelab.tasks import causal_lm
 
 _WORDS = ["the", "a", "cat", "Cat", "sat", "on", "mat", "3.5", "1,000", "x-ray", "don't", "naïve", "日本", "&amp;",
@@ -74,7 +77,7 @@ def test_exact_match_and_token_f1_follow_squad():
 
 def test_reply_scores_counts_eos_share_and_length():
     out = textmetrics.reply_scores(["a b", "c"], ["a b", "d"], lengths=[3, 8], ended=[True, False])
-    assert out["rows"] == 2 and out["exact_match"] == 0.5
+    assert out["examples"] == 2 and out["exact_match"] == 0.5
     assert out["mean_length"] == 5.5 and out["ended_with_eos"] == 0.5
 
 
@@ -142,7 +145,7 @@ def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama,
             replies = [r[f"{side}_reply"] for r in rows[split]]
             refs = [r["reference"] for r in rows[split]]
             figures = gen[side][split]
-            assert figures["rows"] == 4
+            assert figures["examples"] == 4
             assert figures["rougeL"] == sum(map(textmetrics.rouge_l, replies, refs)) / 4
             assert figures["bleu"] == textmetrics.corpus_bleu(replies, refs)
             assert figures["ended_with_eos"] == sum(r[f"{side}_ended"] for r in rows[split]) / 4
@@ -153,6 +156,35 @@ def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama,
                                 12, device=model.device)
     assert again == [r["tuned_reply"] for r in rows["validation"]]
     assert "generation (validation, 4 rows): rougeL" in capsys.readouterr().out
+    # report.html: the figures and the prompts with both replies
+    page = run_report.write_run(run.dir).read_text()
+    section = page[page.index("<h2>Generation</h2>"):]
+    section = section[: section.index("</section>")]
+    assert f"<td class='num'>{markup.fmt(gen['tuned']['validation']['rougeL'])}</td>" in section
+    for r in rows["validation"]:
+        for key in ("reference", "base_reply", "tuned_reply"):
+            assert markup.esc(markup.clip(r[key], markup.CLIP)) in section
+
+
+def test_compare_shows_the_generation_columns(tmp_path, tiny_chat_llama):
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(60, seed=3))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(json.dumps({  # JSON is YAML
+        "model": {"path": str(tiny_chat_llama), "device": "cpu"}, "task": {"type": "sft"},
+        "data": {"train": str(train), "max_length": 48, "dedupe": False}, "method": {"name": "lora", "r": 4},
+        "train": {"batch_size": 8}, "eval": {"samples": 0, "forgetting": "none", "generate": 3, "max_new_tokens": 6}}))
+    out = tmp_path / "cmp"
+    (row,) = compare.run(str(recipe), [], ["lora"], str(out), steps=2, echo=lambda m: None)
+    summary = json.loads((out / "runs" / "lora" / "summary.json").read_text())
+    figures = summary["generation"]
+    assert row["generation"]["split"] == "validation"
+    assert row["generation"]["rougeL_tuned"] == figures["tuned"]["validation"]["rougeL"]
+    assert row["generation"]["ended_with_eos_base"] == figures["base"]["validation"]["ended_with_eos"]
+    with (out / "compare.csv").open() as f:
+        (table,) = list(csv.DictReader(f))
+    assert float(table["token_f1_tuned"]) == figures["tuned"]["validation"]["token_f1"]
+    assert "rougeL (base → tuned)" in (out / "compare.md").read_text()
+    assert "<th>rougeL tuned</th>" in (out / "report.html").read_text()
 
 
 def test_eval_generate_is_refused_for_a_task_that_writes_no_replies():

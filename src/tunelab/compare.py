@@ -37,7 +37,10 @@ DEFAULT_LR = {name: m.DEFAULT_LR for name, m in methods.METHODS.items()}
 LATENCY_EXAMPLES = 32
 COLUMNS = ["method", "status", "trainable_params", "trainable_percent", "storage_mb", "peak_memory_mb",
            "train_seconds", "tokens_per_second", "latency_ms", "latency_merged_ms", "metric", "split", "tuned", "base",
-           "linear_probe", "forgetting_before", "forgetting_after", "forgetting_change", "lr", "steps", "reason"]
+           "linear_probe", "forgetting_before", "forgetting_after", "forgetting_change", "lr", "steps", "reason",
+           "generation_split", "rougeL_base", "rougeL_tuned", "token_f1_base", "token_f1_tuned", "ended_with_eos_base",
+           "ended_with_eos_tuned"]
+GENERATION_FIGURES = ("rougeL", "token_f1", "ended_with_eos")  # eval.generate's columns, base and tuned
 
 
 def parse_methods(text: str) -> list[str]:
@@ -194,7 +197,19 @@ def _train_one(name: str, recipe_path: Path, log_path: Path, mcfg) -> dict:
         "metric": metric, "split": split, "tuned": s[key].get(metric),
         "base": s.get("base", {}).get(split, {}).get(metric),
         "linear_probe": s.get("linear_probe", {}).get(split, {}).get(metric), "forgetting": forgetting,
+        "generation": generation_row(s.get("generation")),
     }
+
+
+def generation_row(generation: dict | None) -> dict | None:
+    """eval.generate's figures of one run for the table: test's where generated, else validation's."""
+    tuned = (generation or {}).get("tuned", {})
+    split = "test" if tuned.get("test", {}).get("examples") else "validation"
+    if not tuned.get(split, {}).get("examples"):
+        return None
+    base = generation.get("base", {}).get(split, {})
+    return {"split": split, **{f"{m}_{side}": figs.get(m) for m in GENERATION_FIGURES
+                               for side, figs in (("base", base), ("tuned", tuned[split]))}}
 
 
 def latency(run_dir: Path, name: str, n: int = LATENCY_EXAMPLES, model_cfg=None) -> dict:
@@ -239,8 +254,10 @@ def _fmt(v, digits: int = 4) -> str:
 
 def _flat(r: dict) -> dict:
     f = r.get("forgetting") or {}
+    g = r.get("generation") or {}
     return {**{k: r.get(k) for k in COLUMNS}, "forgetting_before": f.get("before"), "forgetting_after": f.get("after"),
-            "forgetting_change": f.get("change")}
+            "forgetting_change": f.get("change"), "generation_split": g.get("split"),
+            **{f"{m}_{side}": g.get(f"{m}_{side}") for m in GENERATION_FIGURES for side in ("base", "tuned")}}
 
 
 def _write_tables(out: Path, rows: list[dict]) -> None:
@@ -262,6 +279,9 @@ def markdown(rows: list[dict]) -> str:
             f"{split} {metric}", "base"]
     if forget:
         head.append(f"forgetting: {forget['metric']} (base → tuned)")
+    generated = any(r.get("generation") for r in ok)
+    if generated:
+        head += ["rougeL (base → tuned)", "ended with EOS (base → tuned)"]
     head.append("lr")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -276,6 +296,10 @@ def markdown(rows: list[dict]) -> str:
         if forget:
             f = r.get("forgetting")
             cells.append(f"{f['before']:.4f} → {f['after']:.4f} ({f['change']:+.4f})" if f else "–")
+        if generated:
+            g = r.get("generation") or {}
+            cells += [f"{_fmt(g.get('rougeL_base'))} → {_fmt(g.get('rougeL_tuned'))}",
+                      f"{_fmt(g.get('ended_with_eos_base'), 2)} → {_fmt(g.get('ended_with_eos_tuned'), 2)}"]
         cells.append(f"{r['lr']:g}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

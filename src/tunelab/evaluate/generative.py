@@ -59,18 +59,18 @@ def describe(generation: dict) -> list[str]:
     lines = []
     tuned, base = generation.get("tuned", {}), generation.get("base", {})
     for split, after in tuned.items():
-        if not after.get("rows"):
+        if not after.get("examples"):
             continue
         before = base.get(split)
         parts = [_pair(m, before, after, "{:.2f}") for m in HEADLINE]
         parts.append(_pair("mean_length", before, after, "{:.1f}", "length"))
         parts.append(_pair("ended_with_eos", before, after, "{:.0%}", "ended with EOS"))
-        lines.append(f"generation ({split}, {after['rows']} rows): {', '.join(parts)}")
+        lines.append(f"generation ({split}, {after['examples']} rows): {', '.join(parts)}")
     return lines
 
 
 def _pair(metric: str, before: dict | None, after: dict, fmt: str, name: str | None = None) -> str:
     label = name or metric.replace("_", " ")
-    if before and before.get("rows"):
+    if before and before.get("examples"):
         return f"{label} {fmt.format(before[metric])} -> {fmt.format(after[metric])}"
     return f"{label} {fmt.format(after[metric])}"

@@ -135,9 +135,9 @@ def reply_scores(predictions: list[str], references: list[str], lengths: list[in
     if not (n == len(references) == len(lengths) == len(ended)):
         raise ValueError("predictions, references, lengths and ended must have one entry per row")
     if n == 0:
-        return {"rows": 0}
+        return {"examples": 0}
     return {
-        "rows": n,
+        "examples": n,
         "exact_match": sum(map(exact_match, predictions, references)) / n,
         "token_f1": sum(map(token_f1, predictions, references)) / n,
         "rougeL": sum(map(rouge_l, predictions, references)) / n,

@@ -18,7 +18,7 @@ def write_compare(out_dir, rows: list[dict], title: str | None = None) -> Path:
     "total_params", "trainable_percent", "storage_mb", "peak_memory_mb", "memory_kind": "rss" | "cuda",
     "train_seconds", "tokens_per_second", "latency_ms", "latency_merged_ms" (None: cannot merge), "metric",
     "split", "tuned", "base", "linear_probe", "forgetting": None | {"kind", "metric", "file", "before", "after",
-    "change"}}; a skipped row needs only method, status and reason. Each run's own report.html is linked (and
+    "change"}, "generation": None | {"split", "rougeL_base", "rougeL_tuned", ... (compare.generation_row)}}; a skipped row needs only method, status and reason. Each run's own report.html is linked (and
     written, where the run has none yet)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,10 @@ def _compare_table(rows: list[dict], out_dir: Path) -> str:
     head = ["method", "status", "lr", "trainable", "storage MB", "peak memory MB", "train s", "tokens / s",
             "latency ms", "merged latency ms"] + ([] if one_metric else ["metric"]) + [
             "tuned", "base", "linear probe", "change vs base", "forgetting change"]
+    generated = any(r.get("generation") for r in ok)  # eval.generate: reply scores base and tuned
+    if generated:
+        head += ["rougeL base", "rougeL tuned", "token F1 base", "token F1 tuned", "ended with EOS base",
+                 "ended with EOS tuned"]
     lines = []
     for r in rows:
         link = run_link(r.get("run_dir"), out_dir)
@@ -71,6 +75,10 @@ def _compare_table(rows: list[dict], out_dir: Path) -> str:
                   h.change(r.get("base"), r.get("tuned"), metric),
                   h.change(forget.get("before"), forget.get("after"), str(forget.get("metric", "")))
                   if forget else h.td("")]
+        if generated:
+            g = r.get("generation") if isinstance(r.get("generation"), dict) else {}
+            cells += [h.num(g.get(f"{m}_{side}")) for m in ("rougeL", "token_f1", "ended_with_eos")
+                      for side in ("base", "tuned")]
         lines.append("".join(cells))
     caption = f"task metric: {measured[0]}" if one_metric and measured else None
     return "<div class='wide'>" + h.raw_table(head, lines, caption) + "</div>"

@@ -31,6 +31,7 @@ def write_run(run_dir) -> Path:
         h.part("Run", _facts, summary),
         h.part("Base vs tuned", _multitask_scores if multi else _scores, summary),
         h.part("Forgetting", _forgetting, summary) if "forgetting" in summary else "",
+        h.part("Generation", _generation, summary, run_dir / "generations.json") if "generation" in summary else "",
         h.part("Confusion matrix", _confusion, summary, multi),
         h.part("Training curves", _curves, records, bad_lines),
         h.part("Samples", _samples, run_dir / "samples.json"),
@@ -133,6 +134,28 @@ def _forgetting(summary: dict) -> str:
     row = [h.td(f.get("kind")), h.td(f.get("metric")), h.td(f.get("file")), h.num(f.get("before")),
            h.num(f.get("after")), h.change(f.get("before"), f.get("after"), str(f.get("metric", "")))]
     return f"<p>{h.esc(what)}.</p>" + h.raw_table(head, ["".join(row)])
+
+
+GENERATION_ROWS = 5  # prompts shown with their base and tuned replies
+
+
+def _generation(summary: dict, path: Path) -> str:
+    """eval.generate: the reply scores base vs tuned, then the first prompts with both replies."""
+    gen = h.as_dict(summary["generation"])
+    intro = ("<p>Replies generated for the first held-out prompts by the model before and after training, scored "
+             "against the reference replies: exact match and token F1 after SQuAD normalisation, ROUGE-L F, corpus "
+             "BLEU (0-100), mean length in tokens, share of replies that ended with EOS rather than at "
+             "eval.max_new_tokens.</p>")
+    scores = _score_table(h.as_dict(gen.get("base")), {}, h.as_dict(gen.get("tuned")))
+    if not path.is_file():
+        return intro + scores + h.note("No generations.json in this run: the replies themselves are not shown.")
+    data = h.as_dict(_read_json(path))
+    split = "validation" if data.get("validation") else next(iter(data), None)
+    rows = [h.as_dict(r) for r in h.as_list(data.get(split))][:GENERATION_ROWS]
+    head = ["prompt", "reference", "base reply", "tuned reply"]
+    body = ["".join(h.cell(r.get(k)) for k in ("prompt", "reference", "base_reply", "tuned_reply")) for r in rows]
+    return (intro + scores + f"<p>The first {len(rows)} {h.esc(split)} prompt(s); fields are cut at {h.CLIP} "
+            f"characters (generations.json holds them whole).</p>" + h.raw_table(head, body))
 
 
 def _confusion(summary: dict, multi: bool) -> str | None:
