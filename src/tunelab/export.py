@@ -20,6 +20,7 @@ from . import atomic, hub, methods, models, predict, versions
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
 from .methods.layout import PEFT_CONFIG
+from .report import card
 
 MARKER = ".tunelab-export"
 INFO = "tunelab_export.json"  # in every export; the only sign of one made before the marker existed
@@ -136,8 +137,9 @@ def artifact(run, out: Path, fmt: str) -> Path:
     return out
 
 
-def build(trained, out: Path, fmt: str, merge: bool) -> None:
-    """Write the export into the empty folder `out`, with its description and marker."""
+def build(trained, out: Path, fmt: str, merge: bool, final: Path | None = None) -> None:
+    """Write the export into the empty folder `out`, with its model card (README.md, whose load snippets name
+    `final`, where the export is put in place), description and marker."""
     if fmt == "sentence-transformers":
         sentence_transformers(trained, out)
         merge = True
@@ -147,6 +149,9 @@ def build(trained, out: Path, fmt: str, merge: bool) -> None:
         artifact(trained, out, fmt)
     if fmt != "sentence-transformers":
         fmt = "transformers" if merge or methods.get(trained.cfg.method.name).ARTIFACT == "model" else fmt
+    # the run's own card (copied with its artifact) describes the run's folder; this one the export's format
+    library = fmt if fmt == "sentence-transformers" else card.artifact_library(out)
+    card.write_export(out, resolved(final or out), trained.dir, trained.cfg, library)
     run_dir = str(resolved(trained.dir))
     _write(out / INFO, {"run": run_dir, "method": trained.cfg.method.name, "merged": merge, "format": fmt,
                         "labels": trained.info.get("labels")})
@@ -171,5 +176,5 @@ def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = F
     trained = predict.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     # the earlier export (or empty folder) that OUT held is deleted last, once the new one is in place
     with atomic.staged_dir(out, "the export", remove_old=remove) as staging:
-        build(trained, staging, fmt, merge)
+        build(trained, staging, fmt, merge, final=out)
     return out

@@ -39,6 +39,7 @@ from . import config as config_mod
 from .config import Config
 from .data import hub as data_hub
 from .errors import TunelabError
+from .report import card
 from .training import checkpoint, distributed, logs
 
 MARKER = ".tunelab-run"
@@ -365,11 +366,13 @@ def saving_artifact(out: Path):
 
 
 def finish(claim: Claim, run_dir: Path, summary: dict, cfg: Config) -> Path:
-    """summary.json marks the run finished (its artifact is on disk already); only then are checkpoints dropped and,
-    when the run replaces an old one, the new folder swapped in and the old one deleted, last. report.html is
-    derived from the finished run, in its final place; then the trackers in train.log_to (MLflow, W&B) get the
-    finished run's files and mark it finished."""
+    """summary.json marks the run finished (its artifact is on disk already), and the model card (README.md in each
+    artifact folder) is written from it; only then are checkpoints dropped and, when the run replaces an old one,
+    the new folder swapped in and the old one deleted, last. report.html is derived from the finished run, in its
+    final place; then the trackers in train.log_to (MLflow, W&B) get the finished run's files and mark it
+    finished."""
     write_json(run_dir / "summary.json", summary)
+    write_card(run_dir, cfg, claim)
     drop_checkpoints(run_dir, cfg)
     run_dir = claim.finish()
     write_report(run_dir)
@@ -509,6 +512,20 @@ def peak_rss() -> int:
     except (OSError, StopIteration):  # not Linux
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def write_card(run_dir: Path, cfg: Config, claim: Claim) -> None:
+    """The model cards, part of the run like its weights: written before the swap, so a full disk fails the run and
+    leaves an old one it replaces as it was. The snippets name the folder the run will be in (a resumed
+    replacement: the one its marker says it replaces). A card that cannot be rendered is a warning, not a lost run."""
+    final = Path((marker(run_dir) or {}).get("replaces") or run_dir) if claim.resume else \
+        (claim.out if claim.replace and claim.aside is None else run_dir)
+    try:
+        card.write_run(run_dir, cfg, final)
+    except TunelabError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the run is saved; say what went wrong and go on)
+        say(f"warning: the model card (README.md) could not be written ({type(e).__name__}: {e}).")
 
 
 def write_report(run_dir: Path) -> None:

@@ -43,6 +43,7 @@ FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe a
 BASE = False  # an untrained regression head says nothing about the base model
 GENERATES = False  # scores text: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+PIPELINE_TAG = "text-classification"  # a score from a sequence-classification head, as the Hub files regression models
 
 
 def load_splits(cfg, seed: int):
