@@ -134,7 +134,7 @@ def _run(tmp_path, model_path, *extra):
                                 f"output_dir={tmp_path / 'run'}", *extra])
 
 
-def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama, tmp_path, capsys):
+def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama, tmp_path, capsys, cli_run):
     run = _run(tmp_path, tiny_chat_llama)
     gen = run.summary["generation"]
     assert set(gen) == {"base", "tuned"} and set(gen["tuned"]) == {"validation", "test"}
@@ -164,6 +164,17 @@ def test_a_run_with_eval_generate_scores_base_and_tuned_replies(tiny_chat_llama,
     for r in rows["validation"]:
         for key in ("reference", "base_reply", "tuned_reply"):
             assert markup.esc(markup.clip(r[key], markup.CLIP)) in section
+
+    # `tunelab eval RUN FILE --generate`: the test file's first rows answered by the saved run, as in the run
+    result = cli_run("eval", run.dir, tmp_path / "test.jsonl", "--generate", "-n", "4", "--max-new-tokens", "12",
+                     "-o", tmp_path / "gen.json")
+    assert result.code == 0, result.err
+    scored = json.loads((tmp_path / "gen.json").read_text())
+    assert [r["reply"] for r in scored["replies"]] == [r["tuned_reply"] for r in rows["test"]]
+    assert {k: scored[k] for k in gen["tuned"]["test"]} == gen["tuned"]["test"]
+    assert f"rougeL {gen['tuned']['test']['rougeL']:.4f}" in result.out
+    refused = cli_run("eval", run.dir, tmp_path / "test.jsonl", "-n", "4")
+    assert refused.code == 2 and "-n applies to generated replies: add --generate" in refused.err
 
 
 def test_compare_shows_the_generation_columns(tmp_path, tiny_chat_llama):

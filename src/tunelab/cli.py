@@ -368,17 +368,30 @@ def eval_(
                                           "evaluating the same file again replaces its metrics)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow replacing an existing --output file."),
     task: Optional[str] = typer.Option(None, "--task", help="Which task of a multi-task run."),
+    generate: bool = typer.Option(False, "--generate", help="sft / causal_lm / dpo runs: generate a reply to each "
+                                  "row's prompt and score it against the row's reply (exact match, token F1, ROUGE-L, "
+                                  "BLEU, length, share ended with EOS); the replies go into the metrics JSON."),
+    rows: Optional[int] = typer.Option(None, "-n", "--rows", min=1, help="With --generate: the first N rows only "
+                                       "(default all)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="With --generate: reply length "
+                                                 "limit (default the run's eval.max_new_tokens)."),
     trust_remote_code: bool = trust_code_option(),
     allow_pickle: bool = allow_pickle_option(),
 ):
     """Evaluate a trained run on a labelled file; prints and saves the metrics."""
     import tunelab
 
+    if not generate and (rows is not None or max_new_tokens is not None):
+        raise TunelabError(f"{'-n' if rows is not None else '--max-new-tokens'} applies to generated replies: add "
+                           f"--generate, or drop it.")
     check_output(output, file, overwrite)
     out = output or default_eval_output(run_dir, file)
     check_output(out, file, overwrite=True)
     model = tunelab.load(run_dir, task=task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    metrics = model.evaluate(file, text_field, label_field)
+    if generate:
+        metrics = model.evaluate_generation(file, rows, text_field, max_new_tokens)
+    else:
+        metrics = model.evaluate(file, text_field, label_field)
     atomic.write_json(out, {"file": str(file), **metrics}, "the --output file")
     typer.echo(format_metrics(metrics))
     typer.echo(f"metrics -> {out}")

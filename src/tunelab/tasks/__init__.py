@@ -80,6 +80,9 @@ class Task(Protocol):
         """{"row", "prompt", "reference"} of held-out rows: the `generate` prompt text and the reference reply it is
         scored against (eval.generate, TunedModel.evaluate_generation). GENERATES tasks only."""
 
+    def read_generation(self, path, cfg, text_field: str | None) -> list[dict]:
+        """The rows of a file given to `tunelab eval RUN FILE --generate`, in the form `generation_rows` takes."""
+
     def generate_replies(self, model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, device=None,
                          batch_size: int = 8) -> list[dict]:

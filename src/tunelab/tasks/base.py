@@ -80,6 +80,12 @@ def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
     raise TunelabError("This task does not write text: generative evaluation needs an sft, causal_lm or dpo run.")
 
 
+def read_generation(path, cfg, text_field: str | None) -> list[dict]:
+    """Only tasks whose rows hold reference replies are scored by generation (`tunelab eval --generate`)."""
+    raise TunelabError(f"A {cfg.task.type} run writes no replies, so it is not scored by generation: use `tunelab "
+                       f"eval RUN FILE` without --generate.")
+
+
 def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: int = 64,
                      temperature: float = 0.0, top_p: float = 1.0, device=None, batch_size: int = 8) -> list[dict]:
     """Only tasks with GENERATES = True write text."""

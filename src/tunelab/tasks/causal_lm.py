@@ -366,6 +366,12 @@ def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
     return out
 
 
+def read_generation(path, cfg, text_field: str | None) -> list[dict]:
+    """The rows of a file of the run's format (conversations for sft, text for causal_lm), for generation_rows."""
+    data_cfg = cfg.data.model_copy(update={"text_field": text_field or cfg.data.text_field})
+    return chat.read(str(path), "eval file", data_cfg, cfg.task.type)[0]
+
+
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
             outputs) -> list[dict]:
     """Generations for the first rows of a split: the prompt, the reference reply and the model's."""

@@ -155,6 +155,11 @@ def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
     return causal_lm.generation_rows(_conversations(rows), tokenizer, {**info, "task": "sft"})
 
 
+def read_generation(path, cfg, text_field: str | None) -> list[dict]:
+    """The pairs of a preference file (prompt / chosen / rejected): the chosen reply is the reference."""
+    return pairs.read(str(path), "eval file", cfg.data)[0]
+
+
 def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: int, max_new_tokens: int,
             outputs) -> list[dict]:
     """The model's own reply to the first prompts, beside the chosen one (as sft's samples)."""

@@ -42,6 +42,7 @@ from .base import (  # noqa: F401  (the interface's defaults)
     packing_fault,
     predict_summary,
     prepare,
+    read_generation,
     search,
 )
 

@@ -28,6 +28,7 @@ from .base import (  # noqa: F401  (the interface's defaults)
     generation_rows,
     predict_summary,
     prepare,
+    read_generation,
     read_predict,
     search,
 )

@@ -30,6 +30,7 @@ from .base import (  # noqa: F401  (the interface's defaults)
     pack,
     packing_fault,
     prepare,
+    read_generation,
     search,
 )
 
