@@ -156,3 +156,54 @@ def test_figures_a_run_did_not_measure_are_left_out(summary, tiny_bert):
     text = card.render(cfg, summary, None, {}, library="peft", name="run", load="")
     data = ModelCard(text).data.to_dict()
     assert "model-index" not in data and "## Results" not in text and "## Data" not in text
+
+
+def test_a_multitask_run_has_a_card_per_adapter_with_each_task_s_figures(tiny_bert, tmp_path):
+    from test_multitask import _recipe
+
+    from tunelab import pipeline
+
+    run = pipeline.train(_recipe(tmp_path, tiny_bert, "lora", multitask__adapters="per_task",
+                                 train__max_steps=2))
+    for name in ("sentiment", "topic"):
+        loaded = ModelCard.load(run.dir / "adapters" / name / "README.md")
+        data = loaded.data.to_dict()
+        assert data["pipeline_tag"] == "text-classification" and {"multitask", "lora"} <= set(data["tags"])
+        found = {(r.task_name, r.dataset_split, r.metric_type): r.metric_value for r in loaded.data.eval_results}
+        assert found == {(n, "validation", m): v for n in ("sentiment", "topic")
+                         for m, v in _scalars(run.summary["eval"][n]).items()}
+        assert repr(str(run.dir / "adapters" / name)) in loaded.content
+
+
+def test_a_grpo_run_reports_its_validation_reward(tiny_chat_llama, tmp_path):
+    (tmp_path / "rewards.py").write_text("def share_of_o(prompts, completions):\n"
+                                         "    return [c.count('o') / max(len(c), 1) for c in completions]\n")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say word {i}"} for i in range(8)])
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={prompts}", "task.type=grpo",
+                               f"task.reward_function={tmp_path / 'rewards.py'}:share_of_o", "method.name=full",
+                               "train.max_steps=1", "train.batch_size=2", "eval.max_new_tokens=2",
+                               f"output_dir={tmp_path / 'rl'}"])
+    loaded = ModelCard.load(run.dir / "model" / "README.md")
+    assert loaded.data.to_dict()["pipeline_tag"] == "text-generation" and "grpo" in loaded.data.tags
+    assert [(r.metric_type, r.metric_value) for r in loaded.data.eval_results] == [("reward", run.summary["eval"]["reward"])]
+
+
+def test_a_replacing_run_s_card_names_the_folder_it_ends_up_in(tiny_bert, tmp_path):
+    first = _train(tmp_path, tiny_bert, "method.name=lora")
+    args = [f"model.path={tiny_bert}", f"data.train={tmp_path / 'run-train.jsonl'}", "train.max_steps=1",
+            "method.name=lora", f"output_dir={first.dir}"]
+    run = tunelab.train(None, args, overwrite=True)  # written beside the old run, then swapped in
+    assert run.dir == first.dir and run.summary["steps"] == 1
+    text = (run.dir / "adapter" / "README.md").read_text()
+    assert ".tunelab-new" not in text and repr(str(run.dir / "adapter")) in text
+
+
+def test_generated_reply_scores_and_forgetting_are_in_the_body(tiny_bert):
+    cfg = tunelab.config.load(None, [f"model.path={tiny_bert}", "data.train=x.jsonl"])
+    summary = {"eval": {"loss": 2.5}, "generation": {"base": {"validation": {"rougeL": 0.125, "examples": 4}},
+                                                     "tuned": {"validation": {"rougeL": 0.375, "examples": 4}}},
+               "forgetting": {"kind": "perplexity", "metric": "perplexity", "file": "/x/general.txt", "before": 12.5,
+                              "after": 13.25, "change": 0.75}}
+    text = card.render(cfg, summary, None, {}, library="peft", name="run", load="")
+    assert "| rougeL | 0.125 | 0.375 |" in text and "examples" not in text.split("Generated replies")[1]
+    assert "perplexity 12.5 before training, 13.25 after" in text and "general.txt" in text

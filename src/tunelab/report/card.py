@@ -205,6 +205,13 @@ def results_section(cfg, summary: dict) -> str:
                     for m, v in mine.items()]
             title = f"{name}, {split}" if name else split.capitalize()
             out.append(f"{title}:\n\n" + _table(header, rows))
+    generation = summary.get("generation") or {}  # eval.generate: {"base"/"tuned": {split: reply scores}}
+    for split in SPLITS:
+        sides = {side: scalars((generation.get(side) or {}).get(split)) for side in ("base", "tuned")}
+        sides = {side: found for side, found in sides.items() if found}
+        if "tuned" in sides:
+            out.append(f"Generated replies against the references ({split}):\n\n" + _table(
+                ["metric", *sides], [[m, *(found.get(m) for found in sides.values())] for m in sides["tuned"]]))
     forgetting = summary.get("forgetting")
     if isinstance(forgetting, dict) and {"metric", "before", "after"} <= set(forgetting):
         out.append(f"Forgetting ({forgetting.get('kind')} probe on {Path(str(forgetting.get('file'))).name}): "
@@ -220,7 +227,7 @@ def config_section(cfg) -> str:
                  "seed", "precision", "metric") and v is not None}}
     rows = [[f"{section}.{k}", v] for section, found in keys.items() for k, v in found.items()
             if v is not None and not isinstance(v, (dict, list))]
-    if cfg.data.max_length and not cfg.tasks:
+    if not cfg.tasks and cfg.data.max_length:
         rows.append(["data.max_length", cfg.data.max_length])
     return ("## Training config\n\n" + _table(["setting", "value"], rows)
             + "\n\nThe full resolved config is the run's config.yaml.")
