@@ -202,3 +202,22 @@ def test_eval_generate_is_refused_for_a_task_that_writes_no_replies():
     with pytest.raises(TunelabError, match=r"eval.generate=4 .*sft, causal_lm or dpo; a classification run"):
         config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "task": {"type": "classification"},
                          "eval": {"generate": 4}})
+
+
+def test_a_dpo_run_scores_its_replies_against_the_chosen_ones(tmp_path, tiny_chat_llama):
+    rng = random.Random(4)
+    pairs = []
+    for i in range(40):
+        a, b = rng.choice([("hot", "cold"), ("up", "down"), ("big", "small")])
+        pairs.append({"prompt": f"What is the opposite of {a}, {i}?", "chosen": f"The opposite of {a} is {b}.",
+                      "rejected": f"I do not know {a}."})
+    train = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=dpo",
+                               "method.name=lora", "train.batch_size=8", "train.max_steps=2", "eval.samples=0",
+                               "data.max_length=64", "eval.forgetting=none", "eval.generate=3", "eval.max_new_tokens=5",
+                               f"output_dir={tmp_path / 'dpo'}"])
+    rows = json.loads((run.dir / "generations.json").read_text())["validation"]
+    assert len(rows) == 3 and all(r["reference"].startswith("The opposite of ") for r in rows)
+    assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)  # rendered with the chat template
+    assert run.summary["generation"]["tuned"]["validation"]["rougeL"] == \
+        sum(textmetrics.rouge_l(r["tuned_reply"], r["reference"]) for r in rows) / 3

@@ -65,7 +65,8 @@ def describe(generation: dict) -> list[str]:
         parts = [_pair(m, before, after, "{:.2f}") for m in HEADLINE]
         parts.append(_pair("mean_length", before, after, "{:.1f}", "length"))
         parts.append(_pair("ended_with_eos", before, after, "{:.0%}", "ended with EOS"))
-        lines.append(f"generation ({split}, {after['examples']} rows): {', '.join(parts)}")
+        rows = f"{after['examples']} row{'' if after['examples'] == 1 else 's'}"
+        lines.append(f"generation ({split}, {rows}): {', '.join(parts)}")
     return lines
 
 
