@@ -176,13 +176,13 @@ def test_a_multitask_run_has_a_card_per_adapter_with_each_task_s_figures(tiny_be
 
 
 def test_a_grpo_run_reports_its_validation_reward(tiny_chat_llama, tmp_path):
-    (tmp_path / "rewards.py").write_text("def share_of_o(prompts, completions):\n"
-                                         "    return [c.count('o') / max(len(c), 1) for c in completions]\n")
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say word {i}"} for i in range(8)])
-    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={prompts}", "task.type=grpo",
-                               f"task.reward_function={tmp_path / 'rewards.py'}:share_of_o", "method.name=full",
-                               "train.max_steps=1", "train.batch_size=2", "eval.max_new_tokens=2",
-                               f"output_dir={tmp_path / 'rl'}"])
+    from test_grpo import _prompt_file
+
+    (tmp_path / "length.py").write_text("def length(prompts, completions):\n    return [len(c) for c in completions]\n")
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={_prompt_file(tmp_path, 8)}",
+                               "task.type=grpo", f"task.reward_function={tmp_path / 'length.py'}:length",
+                               "method.name=full", "train.max_steps=1", "train.batch_size=2",
+                               "eval.max_new_tokens=2", f"output_dir={tmp_path / 'rl'}"])
     loaded = ModelCard.load(run.dir / "model" / "README.md")
     assert loaded.data.to_dict()["pipeline_tag"] == "text-generation" and "grpo" in loaded.data.tags
     assert [(r.metric_type, r.metric_value) for r in loaded.data.eval_results] == [("reward", run.summary["eval"]["reward"])]
