@@ -221,3 +221,32 @@ def test_a_dpo_run_scores_its_replies_against_the_chosen_ones(tmp_path, tiny_cha
     assert all(r["prompt"].endswith("<|im_start|>assistant\n") for r in rows)  # rendered with the chat template
     assert run.summary["generation"]["tuned"]["validation"]["rougeL"] == \
         sum(textmetrics.rouge_l(r["tuned_reply"], r["reference"]) for r in rows) / 3
+
+
+def test_a_reward_run_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama):
+    rng = random.Random(6)
+    pairs = [{"prompt": f"question {i} about tea", "chosen": "thanks please kind", "rejected": rng.choice(["no go", "away"])}
+             for i in range(40)]
+    reward_train = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    judge = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={reward_train}", "task.type=reward",
+                                 "method.name=lora", "method.r=4", "train.batch_size=8", "train.max_steps=2",
+                                 "eval.samples=0", "data.max_length=64", f"output_dir={tmp_path / 'rm'}"])
+    run = _run(tmp_path, tiny_chat_llama, f"eval.judge={judge.dir}", "train.max_steps=4")
+    rows = json.loads((run.dir / "generations.json").read_text())
+    scorer = tunelab.load(judge.dir)
+    for split, verdict in run.summary["generation"]["judge"].items():
+        prompts = [r["messages"] for r in rows[split]]  # the conversation before the reply, as the judge reads it
+        scores = {side: [s["score"] for s in scorer.predict([{"prompt": p, "response": r[f"{side}_reply"]}
+                                                              for p, r in zip(prompts, rows[split])])]
+                  for side in ("base", "tuned")}
+        assert [r["tuned_judge"] for r in rows[split]] == scores["tuned"]
+        assert verdict["base_mean"] == sum(scores["base"]) / 4 and verdict["tuned_mean"] == sum(scores["tuned"]) / 4
+        wins = sum((t > b) + 0.5 * (t == b) for b, t in zip(scores["base"], scores["tuned"]))
+        assert verdict["win_rate"] == wins / 4
+    assert "judge: base mean" in run_report.write_run(run.dir).read_text()
+
+
+def test_eval_judge_needs_eval_generate():
+    with pytest.raises(TunelabError, match=r"eval.judge='runs/rm' scores generated replies, but eval.generate is 0"):
+        config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "task": {"type": "sft"},
+                         "eval": {"judge": "runs/rm"}})

@@ -142,10 +142,12 @@ def baselines(cfg: Config, w: Work) -> dict:
         w.forgetting_before = forgetting.measure(w.forgetting_probe, w.model, w.tokenizer, w.device, w.max_length, bs)
     if w.held_out:  # eval.generate: the same prompts are answered again after training (fit)
         w.generation["prompts"] = {n: task.generation_rows(rows, w.tokenizer, w.info) for n, rows in w.held_out.items()}
-        if cfg.eval.base:
+        if cfg.eval.base or cfg.eval.judge:  # a judge's win rate compares the tuned replies with these
             w.generation["base"] = {n: generative.generate(task, w.model, w.tokenizer, p, w.info, cfg.eval,
                                                            cfg.train.seed, w.device, bs)
                                     for n, p in w.generation["prompts"].items()}
+        if cfg.eval.judge:  # checked and used before training, so a wrong path costs no training
+            judged(cfg.eval.judge, w.generation["prompts"], w.generation["base"])
     return summary
 
 
@@ -200,6 +202,11 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
                  for n, p in prompts.items()}
         summary["generation"] = {side: {n: generative.score(prompts[n], r) for n, r in replies.items()}
                                  for side, replies in (("base", base), ("tuned", tuned)) if replies}
+        if cfg.eval.judge:
+            judged(cfg.eval.judge, prompts, tuned)
+            summary["generation"]["judge"] = generative.judge(
+                {n: {side: [r["judge"] for r in replies[n]] for side, replies in (("base", base), ("tuned", tuned))}
+                 for n in prompts if prompts[n]})
         write_json(run_dir / "generations.json", generative.records(prompts, base, tuned))
     return result
 
@@ -246,6 +253,19 @@ def unsharded(model, task, method_cfg, model_cfg, info: dict, head: list[str], d
         raise TunelabError(f"Internal error: the sharded model lacks {sorted(missing)[:3]} when gathered whole.")
     whole.load_state_dict(state, strict=False)
     return whole.eval()
+
+
+def judged(run_dir: str, prompts: dict, replies: dict) -> None:
+    """eval.judge: a tunelab reward model's score of each reply, added to it as "judge". Loaded for the call only, so
+    it holds no memory while the run trains."""
+    scorer = predict.load(run_dir)
+    if scorer.cfg.task.type != "reward":
+        raise TunelabError(f"eval.judge: '{run_dir}' is a {scorer.cfg.task.type} run, not a reward model (task.type "
+                           f"reward); give a reward run's directory, or remove eval.judge.")
+    for split, rows in replies.items():
+        scored = scorer.predict([{"prompt": p["messages"], "response": r["reply"]} for p, r in zip(prompts[split], rows)])
+        for r, s in zip(rows, scored):
+            r["judge"] = s["score"]
 
 
 def headline(summary: dict, metrics: tuple[str, ...]) -> str:

@@ -99,6 +99,9 @@ def check_single(cfg: Config, source: str) -> Config:
                            f"against reference replies, which applies to task.type "
                            f"{words(GENERATIVE_EVAL_TASKS, 'or')}; a {task} run writes no replies. Remove "
                            f"eval.generate (or set it to 0).")
+    if cfg.eval.judge and not cfg.eval.generate:
+        raise TunelabError(f"Invalid config in {source}: eval.judge={cfg.eval.judge!r} scores generated replies, but "
+                           f"eval.generate is 0; set eval.generate to the number of held-out rows to answer.")
     for problem in cfg.task.problems():
         raise TunelabError(f"Invalid config in {source}: {problem}")
     if cfg.data.text_pair_field and not cfg.task.TEXT_PAIRS:

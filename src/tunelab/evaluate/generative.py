@@ -39,6 +39,18 @@ def score(prompts: list[dict], replies: list[dict]) -> dict:
                                     [r["tokens"] for r in replies], [r["ended"] for r in replies])
 
 
+def judge(scores: dict) -> dict:
+    """Per split, from the judge's score of each base and tuned reply ({split: {"base": [...], "tuned": [...]}}):
+    the mean of each, and the share of rows whose tuned reply scores above its base one (a tie counts half)."""
+    out = {}
+    for split, s in scores.items():
+        base, tuned = s["base"], s["tuned"]
+        wins = sum(1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, tuned))
+        out[split] = {"examples": len(tuned), "base_mean": sum(base) / len(base), "tuned_mean": sum(tuned) / len(tuned),
+                      "win_rate": wins / len(tuned)}
+    return out
+
+
 def records(prompts: dict, base: dict, tuned: dict) -> dict:
     """generations.json: per split, each row's prompt, reference, base reply and tuned reply (with length and EOS)."""
     out = {}
@@ -50,6 +62,8 @@ def records(prompts: dict, base: dict, tuned: dict) -> dict:
                 if split in replies:
                     r = replies[split][i]
                     row.update({f"{side}_reply": r["reply"], f"{side}_tokens": r["tokens"], f"{side}_ended": r["ended"]})
+                    if "judge" in r:
+                        row[f"{side}_judge"] = r["judge"]
             out[split].append(row)
     return out
 
@@ -67,6 +81,10 @@ def describe(generation: dict) -> list[str]:
         parts.append(_pair("ended_with_eos", before, after, "{:.0%}", "ended with EOS"))
         rows = f"{after['examples']} row{'' if after['examples'] == 1 else 's'}"
         lines.append(f"generation ({split}, {rows}): {', '.join(parts)}")
+        verdict = generation.get("judge", {}).get(split)
+        if verdict:
+            lines.append(f"judge ({split}): mean score {verdict['base_mean']:.3f} -> {verdict['tuned_mean']:.3f}, "
+                         f"tuned wins {verdict['win_rate']:.0%}")
     return lines
 
 

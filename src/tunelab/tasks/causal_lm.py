@@ -352,17 +352,20 @@ def generation_prompt(item, system: str | None, tokenizer, info: dict) -> str:
 
 
 def generation_rows(rows: list[dict], tokenizer, info: dict) -> list[dict]:
-    """{"row", "prompt", "reference"} of held-out rows: a conversation up to its last reply (rendered) and that
-    reply; causal_lm: the first words of a text (at least 4, a third) and the rest of it."""
+    """{"row", "prompt", "reference", "messages"} of held-out rows: a conversation up to its last reply (rendered;
+    `messages` unrendered, what a reward model reads) and that reply; causal_lm: the first words of a text (at least
+    4, a third) and the rest of it (`messages` the same words)."""
     out = []
     for r in rows:
         if "messages" in r:
-            prompt = prompt_text(chat.prompt_messages(r), tokenizer, info)
+            messages = chat.prompt_messages(r)
+            prompt = prompt_text(messages, tokenizer, info)
             reference = r["messages"][-1]["content"]
         else:
             words = r["text"].split()
             prompt, reference = " ".join(words[: max(4, len(words) // 3)]), " ".join(words[max(4, len(words) // 3):])
-        out.append({"row": r.get("row"), "prompt": prompt, "reference": reference})
+            messages = prompt
+        out.append({"row": r.get("row"), "prompt": prompt, "reference": reference, "messages": messages})
     return out
 
 
