@@ -381,7 +381,7 @@ def samples(model, tokenizer, rows: list[dict], info: dict, device, max_length: 
     out = []
     for r in generation_rows(rows, tokenizer, info):
         reply = generate(model, tokenizer, [r["prompt"]], info, max_new_tokens=max_new_tokens, device=device)[0]
-        out.append({**r, "generated": reply})
+        out.append({"row": r["row"], "prompt": r["prompt"], "reference": r["reference"], "generated": reply})
     return out
 
 
