@@ -11,7 +11,7 @@ import torch
 from conftest import make_chat_rows, write_jsonl
 
 import tunelab
-from tunelab import compare, config
+from tunelab import compare, config, predict
 from tunelab.errors import TunelabError
 from tunelab.ops import textmetrics
 from tunelab.report import markup
@@ -244,6 +244,12 @@ def test_a_reward_run_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama):
         wins = sum((t > b) + 0.5 * (t == b) for b, t in zip(scores["base"], scores["tuned"]))
         assert verdict["win_rate"] == wins / 4
     assert "judge: base mean" in run_report.write_run(run.dir).read_text()
+    # a run that scores no replies is refused as a judge, and as a GRPO reward, naming the setting
+    (tmp_path / "again").mkdir()
+    with pytest.raises(TunelabError, match=r"eval.judge: '.*' is a sft run, not a reward model .*remove eval.judge"):
+        _run(tmp_path / "again", tiny_chat_llama, f"eval.judge={run.dir}", "train.max_steps=1")
+    with pytest.raises(TunelabError, match=r"task.reward_model: '.*' is a sft run, not a reward model \(task.type reward\)\.$"):
+        predict.reward_scorer(str(run.dir), "task.reward_model")
 
 
 def test_eval_judge_needs_eval_generate():

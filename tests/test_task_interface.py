@@ -12,7 +12,7 @@ from tunelab import tasks
 
 FLAG_VALUES = {"BASE": (True, False), "PACKS": (True, False), "ROWS_INTERACT": (True, False),
                "FORGETTING": ("perplexity", "linear_probe"), "PROBE": (True, False, "ridge", "multilabel"),
-               "GENERATES": (True, False), "EMBEDS": (True, False),
+               "GENERATES": (True, False), "EMBEDS": (True, False), "SCORES_REPLIES": (True, False),
                "PIPELINE_TAG": ("text-classification", "token-classification", "question-answering", "text-generation",
                                 "fill-mask", "feature-extraction", "sentence-similarity")}
 

@@ -258,14 +258,10 @@ def unsharded(model, task, method_cfg, model_cfg, info: dict, head: list[str], d
 def judged(run_dir: str, prompts: dict, replies: dict) -> None:
     """eval.judge: a tunelab reward model's score of each reply, added to it as "judge". Loaded for the call only, so
     it holds no memory while the run trains."""
-    scorer = predict.load(run_dir)
-    if scorer.cfg.task.type != "reward":
-        raise TunelabError(f"eval.judge: '{run_dir}' is a {scorer.cfg.task.type} run, not a reward model (task.type "
-                           f"reward); give a reward run's directory, or remove eval.judge.")
+    score = predict.reward_scorer(run_dir, "eval.judge", "; give a reward run's directory, or remove eval.judge")
     for split, rows in replies.items():
-        scored = scorer.predict([{"prompt": p["messages"], "response": r["reply"]} for p, r in zip(prompts[split], rows)])
-        for r, s in zip(rows, scored):
-            r["judge"] = s["score"]
+        for r, s in zip(rows, score([p["messages"] for p in prompts[split]], [r["reply"] for r in rows])):
+            r["judge"] = s
 
 
 def headline(summary: dict, metrics: tuple[str, ...]) -> str:

@@ -275,6 +275,17 @@ def save_merged(run: TunedModel, out: Path) -> Path:
     return out
 
 
+def reward_scorer(run_dir: str, key: str, fix: str = ""):
+    """A tunelab reward-model run as a function (prompts, replies) -> one score each; `key` names the setting that
+    gave it (task.reward_model, eval.judge) and `fix` ends the message when it is another kind of run."""
+    scorer = load(run_dir)
+    if not scorer.task.SCORES_REPLIES:
+        raise TunelabError(f"{key}: '{run_dir}' is a {scorer.cfg.task.type} run, not a reward model (task.type "
+                           f"reward){fix}.")
+    return lambda prompts, replies: [s["score"] for s in scorer.predict(
+        [{"prompt": p, "response": r} for p, r in zip(prompts, replies)])]
+
+
 def read_run(run_dir: Path) -> tuple:
     """(config, labels info) of a finished run directory, or a clear error."""
     if not run_dir.is_dir():

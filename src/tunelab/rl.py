@@ -49,12 +49,7 @@ def load_reward(task_cfg):
     """The reward as a function (prompts, completions) -> list of floats, as the user wrote it (unchecked: `train`
     tries it on a sample before the run and wraps its calls with grpo.checked)."""
     if task_cfg.reward_model:
-        scorer = predict.load(task_cfg.reward_model)
-        if scorer.cfg.task.type != "reward":
-            raise TunelabError(f"task.reward_model: '{task_cfg.reward_model}' is a {scorer.cfg.task.type} run, not a "
-                               f"reward model (task.type reward).")
-        return lambda prompts, completions: [s["score"] for s in scorer.predict(
-            [{"prompt": p, "response": c} for p, c in zip(prompts, completions)])]
+        return predict.reward_scorer(task_cfg.reward_model, "task.reward_model")
     spec = task_cfg.reward_function
     module_name, _, name = spec.rpartition(":")
     if not module_name or not name:

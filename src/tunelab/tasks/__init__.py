@@ -27,6 +27,7 @@ class Task(Protocol):
     FORGETTING: str  # what eval.forgetting measures: "perplexity" (general text) or "linear_probe" (a labelled file)
     GENERATES: bool  # writes text: `generation_prompt` and `generate` (TunedModel.generate; predict says use generate)
     EMBEDS: bool  # turns texts into vectors: `embed_texts` and `search` (TunedModel.embed / search)
+    SCORES_REPLIES: bool  # `predict` of {prompt, response} items gives each a `score` (a reward model)
     PIPELINE_TAG: str  # the Hub's pipeline_tag in a model card's front matter (report/card.py)
 
     def load_splits(self, cfg, seed: int) -> tuple[dict, dict]: ...  # (splits of rows, data report)

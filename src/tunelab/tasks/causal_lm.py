@@ -44,6 +44,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
 GENERATES = True  # writes text: generation_prompt, generate (TunedModel.generate, `tunelab generate` / chat)
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "text-generation"  # the Hub's pipeline_tag for the model card (report/card.py)
 
 

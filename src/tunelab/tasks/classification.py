@@ -43,6 +43,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GENERATES = False  # labels text: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "text-classification"  # the Hub's pipeline_tag for the model card (report/card.py)
 
 

@@ -43,6 +43,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "perplexity"  # eval.forgetting=auto: perplexity on general text
 GENERATES = True  # a policy writes text: generate (the sft template, as causal_lm's sft)
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "text-generation"  # a policy that writes replies
 
 load_splits = reward.load_splits

@@ -57,6 +57,7 @@ FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe a
 ROWS_INTERACT = True  # in-batch negatives: a batch cut into smaller ones would change the loss
 GENERATES = False  # turns texts into vectors: embed, not generate
 EMBEDS = True  # embed_texts and search: TunedModel.embed / search, `tunelab embed` / `tunelab search`
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "sentence-similarity"  # sentence vectors compared by cosine
 POOLINGS = ("mean", "cls", "last")
 KS = (1, 5, 10)

@@ -63,6 +63,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GENERATES = False  # a masked LM fills in masks, it does not write replies: predict and generate do not apply
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "fill-mask"  # the Hub's pipeline_tag for the model card (report/card.py)
 NEW_HEAD = "tunelab_new_mlm_head"  # set on a model whose MLM head build_model had transformers initialise
 

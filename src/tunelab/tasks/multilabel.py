@@ -43,6 +43,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GENERATES = False  # labels text: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "text-classification"  # one sequence-classification head, several labels
 GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)  # thresholds tried per label with task.threshold=tuned
 

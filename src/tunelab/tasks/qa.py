@@ -56,6 +56,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GENERATES = False  # points at answers in a context: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "question-answering"  # the Hub's pipeline_tag for the model card (report/card.py)
 
 MASKED = -1e9  # logit of padding positions: never a start or end, and no weight in the loss

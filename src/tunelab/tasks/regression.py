@@ -44,6 +44,7 @@ FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe a
 BASE = False  # an untrained regression head says nothing about the base model
 GENERATES = False  # scores text: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = False  # scores no replies: not a judge or GRPO reward
 PIPELINE_TAG = "text-classification"  # a score from a sequence-classification head, as the Hub files regression models
 
 

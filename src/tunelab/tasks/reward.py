@@ -44,6 +44,7 @@ ROWS_INTERACT = False  # each row's loss is its own: a batch may be split by len
 FORGETTING = "linear_probe"  # eval.forgetting: a labelled file's linear-probe accuracy before and after
 GENERATES = False  # scores replies: predict, not generate
 EMBEDS = False  # no vectors for users: embed and search need an embedding run
+SCORES_REPLIES = True  # a reward for a (prompt, reply): a judge (eval.judge) and a GRPO reward (task.reward_model)
 PIPELINE_TAG = "text-classification"  # a sequence-classification head scoring replies
 
 
