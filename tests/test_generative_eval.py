@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -256,3 +257,95 @@ def test_eval_judge_needs_eval_generate():
     with pytest.raises(TunelabError, match=r"eval.judge='runs/rm' scores generated replies, but eval.generate is 0"):
         config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "task": {"type": "sft"},
                          "eval": {"judge": "runs/rm"}})
+
+
+JUDGES = """
+CALLS = []
+
+def length(prompts, replies, references):
+    CALLS.append((prompts, replies, references))
+    return [len(r) for r in replies]
+
+def raises(prompts, replies, references):
+    return [1.0 / 0 for r in replies]
+
+def too_few(prompts, replies, references):
+    return [1.0]
+
+def nan(prompts, replies, references):
+    return [float("nan") for r in replies]
+
+def words(prompts, replies, references):
+    return ["good" for r in replies]
+
+def one_number(prompts, replies, references):
+    return 0.5
+
+def two_arguments(prompts, completions):
+    return [1.0 for c in completions]
+
+not_a_function = 3
+"""
+
+
+def _judges(tmp_path, monkeypatch, name: str) -> str:
+    """A module `name` of JUDGES on sys.path for this test only (each test its own name: imports are cached)."""
+    folder = tmp_path / "judges"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(JUDGES)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return name
+
+
+def test_a_python_function_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama, monkeypatch, capsys):
+    module = _judges(tmp_path, monkeypatch, "judges_scored")
+    run = _run(tmp_path, tiny_chat_llama, f"eval.judge={module}:length", "train.max_steps=4")
+    console = capsys.readouterr().out
+    rows = json.loads((run.dir / "generations.json").read_text())
+    verdicts = run.summary["generation"]["judge"]
+    assert set(verdicts) == {"validation", "test"}
+    for split, verdict in verdicts.items():
+        scores = {side: [len(r[f"{side}_reply"]) for r in rows[split]] for side in ("base", "tuned")}
+        assert [r["base_judge"] for r in rows[split]] == scores["base"]
+        assert [r["tuned_judge"] for r in rows[split]] == scores["tuned"]
+        assert verdict == {"examples": 4, "base_mean": sum(scores["base"]) / 4, "tuned_mean": sum(scores["tuned"]) / 4,
+                           "win_rate": sum((t > b) + 0.5 * (t == b) for b, t in zip(scores["base"], scores["tuned"])) / 4}
+        assert f"judge ({split}): mean score {verdict['base_mean']:.3f} -> {verdict['tuned_mean']:.3f}" in console
+    # called once per side and split with the unrendered conversations, the replies and the references
+    calls = sys.modules[module].CALLS
+    expected = [([r["messages"] for r in rows[split]], [r[f"{side}_reply"] for r in rows[split]],
+                 [r["reference"] for r in rows[split]]) for side in ("base", "tuned") for split in ("validation", "test")]
+    assert [tuple(c) for c in calls] == expected
+    assert all(m[-1]["role"] == "user" for prompts, _, _ in calls for m in prompts)
+    assert "judge: base mean" in run_report.write_run(run.dir).read_text()
+
+
+@pytest.mark.parametrize("judge, message", [
+    ("judges_errors:nowhere", "eval.judge='judges_errors:nowhere' could not be loaded (AttributeError"),
+    ("no_such_module_anywhere:score", "could not be loaded (ModuleNotFoundError: No module named "
+                                      "'no_such_module_anywhere')"),
+    ("BROKEN:f", "could not be loaded (SyntaxError"),
+    ("judges_errors:not_a_function", "'not_a_function' is 3, not a function. Name a function(prompts, replies, "
+                                     "references) that returns one number per reply."),
+    ("runs/no_such_run", "eval.judge='runs/no_such_run' is neither an existing directory nor a Python function"),
+    (":score", "eval.judge=':score' is neither an existing directory nor a Python function"),
+    ("judges_errors:raises", "The judge eval.judge='judges_errors:raises' raised ZeroDivisionError: float division by zero "
+                             "when judging the base model's replies to the validation prompts. The judge is called as "
+                             "function(prompts, replies, references)"),
+    ("judges_errors:too_few", "returned 1 value(s) for 4 replies when judging the base model's replies"),
+    ("judges_errors:nan", "returned nan (float) for reply 1 of 4 when judging the base model's replies to the "
+                          "validation prompts (reply "),
+    ("judges_errors:words", "returned 'good' (str) for reply 1 of 4"),
+    ("judges_errors:one_number", "returned 0.5 (float), not a list of numbers"),
+    ("judges_errors:two_arguments", "raised TypeError: two_arguments() takes 2 positional arguments but 3 were given"),
+])
+def test_a_python_judge_that_fails_is_one_paragraph_before_training(tmp_path, tiny_chat_llama, monkeypatch, judge,
+                                                                    message):
+    _judges(tmp_path, monkeypatch, "judges_errors")
+    (tmp_path / "broken.py").write_text("def f(prompts, replies, references):\n    return [1.0 for r in replies\n")
+    judge = judge.replace("BROKEN", str(tmp_path / "broken.py"))
+    with pytest.raises(TunelabError) as e:
+        _run(tmp_path, tiny_chat_llama, f"eval.judge={judge}", "train.max_steps=1")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # stopped before the run had a directory: nothing was trained

@@ -5,6 +5,7 @@ the stages in order, each a function below: load (data, model, features) -> base
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import time
@@ -17,13 +18,14 @@ from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
 from .data import augment
 from .errors import TunelabError
-from .evaluate import forgetting, generative, probe
+from .evaluate import forgetting, generative, probe, usercode
 from .multitask import train as train_multitask
 from .rl import train as train_rl
 from .runs import (
     Run,
     begin,
     dir_size_mb,
+    expand,
     finish,
     peak_memory_mb,
     resolve_paths,
@@ -94,6 +96,7 @@ class Work:
     samples: dict = field(default_factory=dict)
     held_out: dict = field(default_factory=dict)  # eval.generate: the first rows of validation and test
     generation: dict = field(default_factory=dict)  # their prompts and the base model's replies, per split
+    judge: object = None  # eval.judge as a function (prompt rows, replies) -> one score each
     head: list = field(default_factory=list)
     trainable: int = 0
     total: int = 0
@@ -110,6 +113,7 @@ def load(cfg: Config, model_cfg, device) -> Work:
     """Read and check the data, load the model, tokenize every split."""
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
+    judge = judge_of(cfg.eval.judge) if cfg.eval.judge else None  # a wrong name costs no data or model loading
     splits, report = task.load_splits(cfg, cfg.train.seed)
     say(data.format_report(report))
     forgetting_probe = forgetting.load(cfg.eval.forgetting, task, cfg.task.type, cfg.train.seed)
@@ -123,7 +127,8 @@ def load(cfg: Config, model_cfg, device) -> Work:
     feats, max_length = tasks.encode_splits(cfg, task, model, tokenizer, info, splits, report, say)
     return Work(task, model, tokenizer, info, report, feats, max_length, splits["validation"][: cfg.eval.samples],
                 device, model_cfg, forgetting_probe,
-                held_out={n: list(r[: cfg.eval.generate]) for n, r in splits.items() if n != "train" and cfg.eval.generate})
+                held_out={n: list(r[: cfg.eval.generate]) for n, r in splits.items() if n != "train" and cfg.eval.generate},
+                judge=judge)
 
 
 def baselines(cfg: Config, w: Work) -> dict:
@@ -146,8 +151,8 @@ def baselines(cfg: Config, w: Work) -> dict:
             w.generation["base"] = {n: generative.generate(task, w.model, w.tokenizer, p, w.info, cfg.eval,
                                                            cfg.train.seed, w.device, bs)
                                     for n, p in w.generation["prompts"].items()}
-        if cfg.eval.judge:  # checked and used before training, so a wrong path costs no training
-            judged(cfg.eval.judge, w.generation["prompts"], w.generation["base"])
+        if w.judge:  # checked and used before training, so a judge that fails costs no training
+            judged(w.judge, w.generation["prompts"], w.generation["base"], "base")
     return summary
 
 
@@ -202,8 +207,8 @@ def fit(cfg: Config, w: Work, summary: dict, checkpoint_dir: Path, run_dir: Path
                  for n, p in prompts.items()}
         summary["generation"] = {side: {n: generative.score(prompts[n], r) for n, r in replies.items()}
                                  for side, replies in (("base", base), ("tuned", tuned)) if replies}
-        if cfg.eval.judge:
-            judged(cfg.eval.judge, prompts, tuned)
+        if w.judge:
+            judged(w.judge, prompts, tuned, "tuned")
             summary["generation"]["judge"] = generative.judge(
                 {n: {side: [r["judge"] for r in replies[n]] for side, replies in (("base", base), ("tuned", tuned))}
                  for n in prompts if prompts[n]})
@@ -255,12 +260,46 @@ def unsharded(model, task, method_cfg, model_cfg, info: dict, head: list[str], d
     return whole.eval()
 
 
-def judged(run_dir: str, prompts: dict, replies: dict) -> None:
-    """eval.judge: a tunelab reward model's score of each reply, added to it as "judge". Loaded for the call only, so
-    it holds no memory while the run trains."""
-    score = predict.reward_scorer(run_dir, "eval.judge", "; give a reward run's directory, or remove eval.judge")
+def judge_of(value: str):
+    """eval.judge as a function (prompt rows, replies, whose replies they are) -> one score per reply. A directory is
+    a tunelab reward-model run, loaded for each call only, so it holds no memory while the run trains; otherwise
+    'module:function' or 'file.py:function', the user's own code (naming it in the recipe is the opt-in, as for
+    GRPO's task.reward_function), imported now and called as function(prompts, replies, references): the prompts
+    unrendered, as a reward model reads them (chat messages; causal_lm: the text's opening words)."""
+    if expand(value).is_dir():
+        def scored_by_run(rows: list[dict], replies: list[str], whose: str) -> list[float]:
+            score = predict.reward_scorer(value, "eval.judge", "; give a reward run's directory or a Python "
+                                                               "'module:function', or remove eval.judge")
+            return score([r["messages"] for r in rows], replies)
+        return scored_by_run
+    if usercode.parts(value) is None:
+        raise TunelabError(f"eval.judge={value!r} is neither an existing directory nor a Python function: give the run "
+                           f"directory of a tunelab reward model (task.type reward), or a function as "
+                           f"'module:function' or 'path/to/file.py:function' (it runs your code: see docs/safety.md), "
+                           f"or remove eval.judge.")
+    fn = usercode.load(value, "eval.judge",
+                       "function(prompts, replies, references) that returns one number per reply")
+
+    def scored_by_function(rows: list[dict], replies: list[str], whose: str) -> list[float]:
+        # a copy: the rows' own messages go into generations.json, whatever the function does to its arguments
+        prompts, references = copy.deepcopy([r["messages"] for r in rows]), [r["reference"] for r in rows]
+        fix = (f"The judge is called as function(prompts, replies, references) with three lists of {len(replies)} "
+               f"(the prompts as chat messages, or texts for causal_lm; the replies and the reference replies as "
+               f"strings) and must return {len(replies)} finite numbers, one per reply (a reply may be empty); "
+               f"fix it.")
+        shown = [p[-1].get("content", "") if isinstance(p, list) and p and isinstance(p[-1], dict) else p
+                 for p in prompts]  # a conversation is shown by its last message
+        return usercode.numbers(lambda: fn(prompts, list(replies), references), shown, replies,
+                                f"The judge eval.judge={value!r}", f"when judging {whose}", fix,
+                                ("reply", "replies"))
+    return scored_by_function
+
+
+def judged(judge, prompts: dict, replies: dict, side: str) -> None:
+    """eval.judge's score of each reply of one side (base or tuned), added to it as "judge"."""
     for split, rows in replies.items():
-        for r, s in zip(rows, score([p["messages"] for p in prompts[split]], [r["reply"] for r in rows])):
+        whose = f"the {side} model's replies to the {split} prompts"
+        for r, s in zip(rows, judge(prompts[split], [r["reply"] for r in rows], whose)):
             r["judge"] = s
 
 

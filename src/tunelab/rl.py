@@ -10,8 +10,6 @@ each completion as the reply to its prompt).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from .data import chat
 from .data.sources import describe, read_records
 from .data.split import random_split
 from .errors import TunelabError
+from .evaluate import usercode
 from .runs import (
     Run,
     begin,
@@ -50,29 +49,8 @@ def load_reward(task_cfg):
     tries it on a sample before the run and wraps its calls with grpo.checked)."""
     if task_cfg.reward_model:
         return predict.reward_scorer(task_cfg.reward_model, "task.reward_model")
-    spec = task_cfg.reward_function
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise TunelabError(f"task.reward_function={spec!r}: expected 'module:function' or 'file.py:function'.")
-    try:
-        if module_name.endswith(".py"):
-            spec_ = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if spec_ is None or not Path(module_name).is_file():
-                raise FileNotFoundError(module_name)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        fn = getattr(module, name)
-    except Exception as e:  # noqa: BLE001 - ImportError, a missing file or name, or the module's own code failing
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise TunelabError(f"task.reward_function={spec!r} could not be loaded ({type(e).__name__}"
-                           f"{': ' + detail if detail else ''}). Give an importable module or an existing .py file "
-                           f"that imports without errors, and a function defined in it.") from None
-    if not callable(fn):
-        raise TunelabError(f"task.reward_function={spec!r}: '{name}' is {fn!r:.40}, not a function. Name a "
-                           f"function(prompts, completions) that returns one number per completion.")
-    return fn
+    return usercode.load(task_cfg.reward_function, "task.reward_function",
+                         "function(prompts, completions) that returns one number per completion")
 
 
 def _prompts(path: str, key: str, data_cfg) -> list:

@@ -190,9 +190,12 @@ class EvalConfig(Section):
     do_sample: bool = Field(False, description="eval.generate: sample replies (seeded by train.seed) instead of greedy.")
     temperature: float = Field(0.7, gt=0, description="eval.generate with do_sample: the sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="eval.generate with do_sample: nucleus sampling's probability mass.")
-    judge: str | None = Field(None, description="eval.generate: the run directory of a tunelab reward model (task.type "
-                                                "reward) that scores every base and tuned reply: mean score and the "
-                                                "tuned reply's win rate over the base one (ties count half).")
+    judge: str | None = Field(None, description="eval.generate: what scores every base and tuned reply (mean score "
+                                                "and the tuned reply's win rate over the base one, ties half): the run "
+                                                "directory of a tunelab reward model (task.type reward), or a Python "
+                                                "function 'module:function' / 'file.py:function' called as "
+                                                "function(prompts, replies, references) -> one number per reply. A "
+                                                "function runs your code: name only one you trust.")
     forgetting: str | None = Field(
         "auto", description="Catastrophic-forgetting probe, measured before and after training: a text file (.txt, one "
                             "passage per line; or a 'text' column) -> perplexity of a causal LM; a labelled file ('text', "

@@ -4,7 +4,9 @@ BLEU, reply length, share ended with EOS). A run does it with the base model and
 prompts, so the two columns differ only in the weights.
 
 The task says what a prompt and its reference are (`generation_rows`) and writes the replies in batches
-(`generate_replies`); this module only scores and words them.
+(`generate_replies`); this module only scores and words them. A judge (eval.judge: a reward-model run, or the
+user's function through usercode.py; the pipeline calls it) scores each reply too, and `judge` sums its scores up the
+same way for either kind.
 """
 
 from __future__ import annotations

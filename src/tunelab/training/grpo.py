@@ -21,15 +21,14 @@ full fine-tuning (no adapters) a frozen copy of the starting model.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
 from .. import methods
-from ..errors import TunelabError
+from ..evaluate import usercode
 
 
 def completion_logps(model, prompt_ids: list[int], completion_ids: list[list[int]]) -> list[torch.Tensor]:
@@ -84,40 +83,8 @@ def score(reward_fn: Callable, prompts: list[str], completions: list[str], name:
     number of values, or a value that is not a finite number. `when` says what it was scoring."""
     fix = (f"The reward is called as function(prompts, completions) with two lists of {len(completions)} strings and "
            f"must return {len(completions)} finite numbers, one per completion (a completion may be empty); fix it.")
-    got = None
-    try:
-        got = reward_fn(list(prompts), list(completions))
-        values = list(got) if isinstance(got, Iterable) and not isinstance(got, (str, bytes, dict)) else None
-    except TunelabError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's function: any failure is theirs to fix, in one paragraph
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise TunelabError(f"The reward {name} raised {type(e).__name__}{': ' + detail if detail else ''} {when}. "
-                           f"{fix}") from None
-    if values is None:
-        raise TunelabError(f"The reward {name} returned {_short(got)} ({type(got).__name__}), not a list of numbers, "
-                           f"{when}. {fix}")
-    if len(values) != len(completions):
-        raise TunelabError(f"The reward {name} returned {len(values)} value(s) for {len(completions)} completions "
-                           f"{when}. {fix}")
-    out = []
-    for i, v in enumerate(values):
-        try:
-            number = None if isinstance(v, (str, bytes)) or v is None else float(v)
-        except (TypeError, ValueError, OverflowError):
-            number = None
-        if number is None or not math.isfinite(number):
-            prompt = " ".join(str(prompts[i]).split())[-80:]  # the end of the prompt: where the question is
-            raise TunelabError(
-                f"The reward {name} returned {_short(v)} ({type(v).__name__}) for completion {i + 1} of "
-                f"{len(completions)} {when} (completion {completions[i]!r:.60} to the prompt ending {prompt!r}), "
-                f"which is not a finite number. {fix}")
-        out.append(number)
-    return out
-
-
-def _short(value) -> str:
-    return " ".join(repr(value).split())[:60]  # on one line, whatever the object's repr
+    return usercode.numbers(lambda: reward_fn(list(prompts), list(completions)), prompts, completions,
+                            f"The reward {name}", when, fix)
 
 
 def checked(reward_fn: Callable, name: str) -> Callable:
