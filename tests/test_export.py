@@ -161,4 +161,4 @@ def test_export_command(tiny_bert, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["tunelab", "export", str(run.dir), str(tmp_path / "x"), "--format", "onnx"])
     with pytest.raises(SystemExit) as e:
         cli.main()
-    assert e.value.code == 2 and "--format must be peft, tunelab or sentence-transformers" in capsys.readouterr().err
+    assert e.value.code == 2 and "--format must be one of peft, tunelab, sentence-transformers, gguf" in capsys.readouterr().err

@@ -37,6 +37,9 @@ LAYERS = {
     "tunelab.ops": 3,
     "tunelab.models": 3,
     "tunelab.hub": 3,
+    "tunelab.gguf_export": 3,  # a merged model + tokenizer -> one GGUF file (with gguf_pretokenizers, its table)
+    "tunelab.gguf_pretokenizers": 3,
+    "tunelab.ollama": 3,  # a Modelfile from a chat template
     # L4: one file per fine-tuning method plus shared targets / layout
     "tunelab.methods": 4,
     # L5: one file per task

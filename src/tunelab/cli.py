@@ -402,22 +402,33 @@ def export(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
     out: Path = typer.Argument(..., help="Directory to write."),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter in Hugging Face peft layout), tunelab (tunelab's "
-                            "own layout), or sentence-transformers (embedding runs: a merged model with its pooling, "
-                            "for SentenceTransformer(OUT))."),
+                            "own layout), sentence-transformers (embedding runs: a merged model with its pooling, "
+                            "for SentenceTransformer(OUT)), or gguf (causal-LM runs: one merged GGUF file for "
+                            "llama.cpp, with an Ollama Modelfile)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the method into the base weights: a plain transformers model dir."),
+    quant: str = typer.Option("f16", "--quant", help="--format gguf: the matrices' type, f32, f16 or q8_0 (8-bit, "
+                              "about half f16's size). Norms and biases stay f32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in OUT (a folder that "
                                    "`tunelab export` made; anything else is refused)."),
     trust_remote_code: bool = trust_code_option(),
     allow_pickle: bool = allow_pickle_option(),
 ):
-    """Write a run's adapter (peft layout) or, with --merge, a plain model that loads with transformers alone.
-    The export is built beside OUT and put in place only when it is complete."""
+    """Write a run's adapter (peft layout); with --merge, a plain model that loads with transformers alone; with
+    --format gguf, a GGUF file and Modelfile for llama.cpp and Ollama. The export is built beside OUT and put in
+    place only when it is complete."""
     from . import export as export_mod
 
-    if fmt not in ("peft", "tunelab", "sentence-transformers"):
-        raise TunelabError(f"--format must be peft, tunelab or sentence-transformers, not '{fmt}'.")
-    written = export_mod.run(run_dir, out, fmt, merge, overwrite, trust_remote_code=trust_remote_code,
+    written = export_mod.run(run_dir, out, fmt, merge, overwrite, quant=quant, trust_remote_code=trust_remote_code,
                              allow_pickle=allow_pickle)
+    info = json.loads((written / export_mod.INFO).read_text(encoding="utf-8"))
+    if "gguf" in info:
+        g = info["gguf"]
+        typer.echo(f"wrote {g['file']}: {g['architecture']}, {g['quant']}, {g['bytes'] / 1e6:.1f} MB, "
+                   f"{g['tokenizer']['tokens']:,} tokens (pre-tokenizer {g['tokenizer']['pre_tokenizer']}), chat "
+                   f"template {'included' if g['tokenizer']['chat_template'] else 'none (plain text model)'}; "
+                   f"Modelfile template: {g['modelfile']['format'] or 'pass-through'}; {g['seconds']} s")
+        if g["modelfile"]["warning"]:
+            typer.echo(f"warning: {g['modelfile']['warning']}", err=True)
     typer.echo(f"exported -> {written}")
 
 

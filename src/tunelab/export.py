@@ -1,6 +1,6 @@
 """Take a trained run elsewhere: its adapter as saved (peft layout where peft has one), merged into a plain
-Hugging Face model directory that loads with transformers alone, or (embedding runs) a sentence-transformers
-model directory.
+Hugging Face model directory that loads with transformers alone, (embedding runs) a sentence-transformers model
+directory, or (causal-LM runs) one GGUF file with an Ollama Modelfile beside it.
 
 The export is built in a hidden folder beside OUT and put in place only once it is complete (atomic.swap): a
 failure leaves what was at OUT byte for byte. Every export holds the marker `.tunelab-export`, and --overwrite
@@ -16,7 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from . import atomic, hub, methods, models, predict, versions
+from . import atomic, gguf_export, hub, methods, models, ollama, predict, versions
+from .data import chat
 from .errors import TunelabError
 from .methods.layout import CONFIG_NAME as TUNELAB_LAYOUT
 from .methods.layout import PEFT_CONFIG
@@ -99,6 +100,32 @@ def sentence_transformers(run, out: Path) -> Path:
     return out
 
 
+def gguf(run, out: Path, quant: str, final: Path) -> dict:
+    """The run merged and written as OUT/<name>-<quant>.gguf, with a Modelfile for Ollama; returns what was written."""
+    if not run.task.GENERATES:
+        raise TunelabError(f"--format gguf is for language models that write text (sft, causal_lm, dpo, grpo runs); "
+                           f"'{run.dir}' is a {run.cfg.task.type} run. Use --format peft, or --merge.")
+    start = time.perf_counter()
+    model = methods.get(run.cfg.method.name).merge(run.model)
+    tokenizer, template = run.tokenizer, run.info.get("template")
+    chat_template = None if run.cfg.task.type == "causal_lm" else (
+        chat.ALPACA_JINJA if template == "alpaca" else tokenizer.chat_template)
+    name = f"{final.name}-{quant}.gguf"
+    base, _ = card.base_model(run.cfg, card.inputs(run.dir)[2])
+    written = gguf_export.write(model, tokenizer, out / name, quant, name=final.name, chat_template=chat_template,
+                                base_model=base, licence=card.licence(run.cfg))
+    eos = tokenizer.eos_token or ""
+    recognised = ollama.recognise(lambda messages: chat.render(messages, template, tokenizer, True)[0], eos) \
+        if chat_template else ollama.Recognised(None, None)
+    stops = list(dict.fromkeys(([t for t in ("<|im_end|>",) if recognised.format is ollama.CHATML]) + [eos]))
+    text, warning = ollama.modelfile(name, recognised, [s for s in stops if s], eos, chat_template,
+                                     chat=chat_template is not None)
+    (out / "Modelfile").write_text(text, encoding="utf-8")
+    return {**written, "file": name, "modelfile": {"format": recognised.format.name if recognised.format else None,
+                                                   "system": recognised.system, "stops": stops, "warning": warning},
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
@@ -137,26 +164,33 @@ def artifact(run, out: Path, fmt: str) -> Path:
     return out
 
 
-def build(trained, out: Path, fmt: str, merge: bool, final: Path | None = None) -> None:
+def build(trained, out: Path, fmt: str, merge: bool, final: Path | None = None, quant: str = "f16") -> dict:
     """Write the export into the empty folder `out`, with its model card (README.md, whose load snippets name
-    `final`, where the export is put in place), description and marker."""
-    if fmt == "sentence-transformers":
+    `final`, where the export is put in place), description and marker; returns the description."""
+    extra = {}
+    if fmt == "gguf":
+        extra["gguf"] = gguf(trained, out, quant, resolved(final or out))
+        merge = True
+    elif fmt == "sentence-transformers":
         sentence_transformers(trained, out)
         merge = True
     elif merge:
         merged(trained, out)
     else:
         artifact(trained, out, fmt)
-    if fmt != "sentence-transformers":
+    if fmt not in ("sentence-transformers", "gguf"):
         fmt = "transformers" if merge or methods.get(trained.cfg.method.name).ARTIFACT == "model" else fmt
     # the run's own card (copied with its artifact) describes the run's folder; this one the export's format
-    library = fmt if fmt == "sentence-transformers" else card.artifact_library(out)
-    card.write_export(out, resolved(final or out), trained.dir, trained.cfg, library)
+    library = fmt if fmt in ("sentence-transformers", "gguf") else card.artifact_library(out)
+    card.write_export(out, resolved(final or out), trained.dir, trained.cfg, library,
+                      gguf_file=extra["gguf"]["file"] if "gguf" in extra else None)
     run_dir = str(resolved(trained.dir))
-    _write(out / INFO, {"run": run_dir, "method": trained.cfg.method.name, "merged": merge, "format": fmt,
-                        "labels": trained.info.get("labels")})
+    info = {"run": run_dir, "method": trained.cfg.method.name, "merged": merge, "format": fmt,
+            "labels": trained.info.get("labels"), **extra}
+    _write(out / INFO, info)
     _write(out / MARKER, {"kind": "export", "tunelab": versions.current().get("tunelab"), "run": run_dir,
                           "format": fmt, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return info
 
 
 def remove(path: Path) -> None:
@@ -166,15 +200,23 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+FORMATS = ("peft", "tunelab", "sentence-transformers", "gguf")
+
+
 def run(run_dir: str | Path, out: str | Path, fmt: str = "peft", merge: bool = False, overwrite: bool = False, *,
-        trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
-    """Export the run at `run_dir` to `out`; the run's own config.yaml turns on neither code nor pickles (see
-    predict.load): `trust_remote_code` / `allow_pickle` do."""
+        quant: str = "f16", trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Export the run at `run_dir` to `out` (described in OUT/tunelab_export.json); the run's own config.yaml turns
+    on neither code nor pickles (see predict.load): `trust_remote_code` / `allow_pickle` do."""
     run_dir, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise TunelabError(f"--format must be one of {', '.join(FORMATS)}, not '{fmt}'.")
+    if quant not in gguf_export.QUANTS or (quant != "f16" and fmt != "gguf"):
+        raise TunelabError(f"--quant is {', '.join(gguf_export.QUANTS)} with --format gguf only (got --quant "
+                           f"{quant} with --format {fmt}).")
     cfg, _ = predict.read_run(run_dir)
     check_out_dir(out, overwrite, protected(run_dir, cfg))
     trained = predict.load(run_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     # the earlier export (or empty folder) that OUT held is deleted last, once the new one is in place
     with atomic.staged_dir(out, "the export", remove_old=remove) as staging:
-        build(trained, staging, fmt, merge, final=out)
+        build(trained, staging, fmt, merge, final=out, quant=quant)
     return out

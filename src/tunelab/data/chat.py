@@ -33,6 +33,16 @@ from .split import random_split
 ALPACA = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.")
+# The alpaca template as Jinja, for programs that render a chat template themselves (a GGUF export's
+# tokenizer.chat_template, read by llama.cpp): the same text as _alpaca below for messages without an "input" field,
+# the trailing blank line left off after the last message unless a reply is to follow, as _alpaca's rstrip does.
+ALPACA_JINJA = (
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}" + ALPACA
+    + "{% endif %}{{ '\\n\\n' }}{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{{ '### Instruction:\\n' + m['content'] }}{% elif m['role'] == 'assistant' %}"
+    "{{ '### Response:\\n' + m['content'] + eos_token }}{% endif %}"
+    "{% if m['role'] != 'system' and (not loop.last or add_generation_prompt) %}{{ '\\n\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "model": "assistant", "system": "system"}
 ROW_EXAMPLE = {

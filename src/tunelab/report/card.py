@@ -14,7 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCardData
+import yaml
+from huggingface_hub import EvalResult, ModelCardData, metadata_load
 
 from .. import atomic, hub, tasks
 from .. import config as config_mod
@@ -45,6 +46,18 @@ def base_model(cfg, versions: dict) -> tuple[str | None, str | None]:
         return None, None
     # a local save records its own folder there, which is no Hub id (is_hub_id says so when the folder exists)
     return (name, None) if isinstance(name, str) and name and hub.is_hub_id(name) else (None, None)
+
+
+def licence(cfg) -> str | None:
+    """The base model's licence as its own model card (README.md front matter) states it, where that card is here
+    (a local folder, or the Hugging Face cache): nothing is downloaded to find out."""
+    folder = hub.cached(cfg.model.path, cfg.model.revision) if hub.is_hub_id(cfg.model.path) else Path(
+        cfg.model.path).expanduser()
+    try:
+        found = (metadata_load(Path(folder) / "README.md") or {}).get("license") if folder else None
+    except (OSError, ValueError, yaml.YAMLError):  # no card, or front matter that is not YAML
+        return None
+    return found if isinstance(found, str) else None
 
 
 def parts(cfg) -> dict[str | None, object]:
@@ -139,10 +152,12 @@ def metadata(cfg, summary: dict, data_report: dict | None, versions: dict, libra
     types = [sub.task.type for sub in parts(cfg).values()]
     pipeline = {tasks.get(t).PIPELINE_TAG for t in types}
     eval_results = results(cfg, summary, data_report)
+    # the Hub names no library for a GGUF file (llama.cpp, Ollama, LM Studio... read it); its tag marks it
     return ModelCardData(
-        base_model=base, library_name=library,
+        base_model=base, library_name=None if library == "gguf" else library, license=licence(cfg),
         pipeline_tag=pipeline.pop() if len(pipeline) == 1 else None,
-        tags=list(dict.fromkeys(["tunelab", cfg.method.name, *types] + (["multitask"] if cfg.tasks else []))),
+        tags=list(dict.fromkeys(["tunelab", cfg.method.name, *types] + (["multitask"] if cfg.tasks else [])
+                                + (["gguf"] if library == "gguf" else []))),
         datasets=hub_datasets(data_report, versions) or None,
         model_name=name if eval_results else None, eval_results=eval_results or None)
 
@@ -276,6 +291,17 @@ def load_sentence_transformers(folder: Path) -> str:
                  f"model = SentenceTransformer({str(folder)!r})\nvectors = model.encode([\"a sentence\"])")
 
 
+def load_gguf(folder: Path, gguf_file: str) -> str:
+    name = folder.name.lower()
+    return (f"With Ollama (the Modelfile beside the file holds the chat template, system prompt and stop tokens):\n\n"
+            f"```sh\ncd {str(folder)!r}\nollama create {name} -f Modelfile\nollama run {name}\n```\n\n"
+            f"With llama.cpp, which reads the chat template from the file:\n\n"
+            f"```sh\nllama-cli -m {str(folder / gguf_file)!r} -cnv\n```\n\n"
+            f"With llama-cpp-python:\n\n" + _code(
+                f"from llama_cpp import Llama\n\nllm = Llama(model_path={str(folder / gguf_file)!r})\n"
+                f"reply = llm.create_chat_completion(messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}])"))
+
+
 def _labels(run_dir: Path) -> int | None:
     try:
         info = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
@@ -302,9 +328,12 @@ def artifact_library(folder: Path) -> str | None:
     return None
 
 
-def load_section(cfg, run_dir: Path, folder: Path, library: str | None, versions: dict, task_type: str) -> str:
+def load_section(cfg, run_dir: Path, folder: Path, library: str | None, versions: dict, task_type: str,
+                 gguf_file: str | None = None) -> str:
     """Snippets for the folder as it is: tunelab.load for the run, plus what loads the folder without tunelab."""
     out = []
+    if library == "gguf" and gguf_file:
+        out.append(load_gguf(folder, gguf_file))
     if library == "sentence-transformers":
         out.append("With sentence-transformers:\n\n" + load_sentence_transformers(folder))
     if library in ("transformers", "sentence-transformers"):
@@ -357,10 +386,11 @@ def write_run(run_dir: Path, cfg, final: Path | None = None) -> list[Path]:
     return written
 
 
-def write_export(folder: Path, final: Path, run_dir: Path, cfg, library: str | None) -> Path:
+def write_export(folder: Path, final: Path, run_dir: Path, cfg, library: str | None,
+                 gguf_file: str | None = None) -> Path:
     """README.md of an export being built in `folder`, whose load snippets name where it will be (`final`)."""
     run_dir = Path(run_dir).resolve()
     summary, data_report, versions = inputs(run_dir)
-    load = load_section(cfg, run_dir, Path(final), library, versions, task_type(cfg, None))
+    load = load_section(cfg, run_dir, Path(final), library, versions, task_type(cfg, None), gguf_file)
     text = render(cfg, summary, data_report, versions, library=library, name=Path(final).name, load=load)
     return atomic.write_text(Path(folder) / CARD, text, "the model card")
