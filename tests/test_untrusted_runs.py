@@ -187,6 +187,6 @@ def test_the_readme_says_what_runs_code():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("### What runs code"):]
     section = " ".join(section[:section.index("\n#")].split())
-    for words in ("task.reward_function", "model.trust_remote_code", "--trust-remote-code", "--allow-pickle",
+    for words in ("task.reward_function", "eval.judge", "model.trust_remote_code", "--trust-remote-code", "--allow-pickle",
                   "model.allow_pickle", "never turn"):
         assert words in section, words
