@@ -1,0 +1,424 @@
+"""`tunelab export RUN OUT --format gguf`: one GGUF file that llama.cpp reads, and an Ollama Modelfile beside it.
+
+Checked as the consumers read them: the file's keys and tensors with the gguf package's GGUFReader (the reader
+llama.cpp's own Python tools use), the weights by importing the file back with transformers' GGUF loader (tunelab's
+importer), and the whole file by llama.cpp itself (llama-cpp-python, where `make test` could build it): the same
+prompt tokens, the same logits within float32 rounding, the same greedy reply. The Modelfile's TEMPLATE is run by a
+small interpreter of the Go-template subset it uses and compared with the run's own rendering.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import FORWARD_OPS, make_chat_rows, tol, write_jsonl
+
+import tunelab
+from tunelab import export, gguf_export, methods, ollama
+from tunelab.data import chat
+from tunelab.errors import TunelabError
+
+gguf = pytest.importorskip("gguf", reason="pip install gguf (the tunelab[llm] extra)")
+
+
+def _train(tmp_path, model_path, *extra, name="run"):
+    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(160, seed=3))
+    return tunelab.train(None, [f"model.path={model_path}", f"data.train={train}", "task.type=sft",
+                                "data.dedupe=false", "data.max_length=64", "train.batch_size=8", "train.lr=1e-2",
+                                "eval.samples=0", "method.name=lora", "method.target_modules=all-linear",
+                                "train.max_steps=6", f"output_dir={tmp_path / name}", *extra])
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny_chat_llama, tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("gguf-chat"), tiny_chat_llama)
+
+
+@pytest.fixture(scope="module")
+def chat_exports(chat_run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf-out")
+    return {q: export.run(chat_run.dir, folder / f"tiny-{q}", fmt="gguf", quant=q) for q in gguf_export.QUANTS}
+
+
+def _file(out):
+    (found,) = out.glob("*.gguf")
+    return found
+
+
+def _fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return reader, {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _merged(run):
+    loaded = tunelab.load(run.dir)
+    return methods.get(loaded.cfg.method.name).merge(loaded.model).eval(), loaded.tokenizer
+
+
+# -- the file, as llama.cpp's reader sees it --------------------------------------------------------------------------
+
+def test_keys_and_tokenizer_are_what_llama_cpp_reads(chat_run, chat_exports):
+    model, tok = _merged(chat_run)
+    cfg = model.config
+    _, f = _fields(_file(chat_exports["f16"]))
+    assert f["general.architecture"] == "llama" and f["general.name"] == "tiny-f16"
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert (f["llama.context_length"], f["llama.embedding_length"], f["llama.block_count"],
+            f["llama.feed_forward_length"], f["llama.attention.head_count"], f["llama.attention.head_count_kv"],
+            f["llama.rope.dimension_count"], f["llama.vocab_size"]) == (
+        cfg.max_position_embeddings, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size,
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads, cfg.vocab_size)
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
+    assert f["llama.rope.freq_base"] == pytest.approx(gguf_export.rope_theta(cfg))
+
+    # every id's token and type; merges as tokenizer.json lists them; special ids; the run's chat template
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    assert f["tokenizer.ggml.tokens"] == [by_id[i] for i in range(cfg.vocab_size)]
+    specials = {tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    assert [i for i, t in enumerate(f["tokenizer.ggml.token_type"]) if t == gguf.TokenType.CONTROL] == sorted(specials)
+    assert all(t == gguf.TokenType.NORMAL for i, t in enumerate(f["tokenizer.ggml.token_type"]) if i not in specials)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) \
+        == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert f["tokenizer.ggml.add_bos_token"] is False  # this tokenizer adds no BOS; training never saw one
+    assert f["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_tensors_are_named_shaped_and_typed_as_llama_cpp_expects(chat_run, chat_exports):
+    model, _ = _merged(chat_run)
+    cfg = model.config
+    expected = {"token_embd.weight": (cfg.vocab_size, cfg.hidden_size), "output_norm.weight": (cfg.hidden_size,)}
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        expected.update({
+            f"blk.{i}.attn_norm.weight": (cfg.hidden_size,), f"blk.{i}.ffn_norm.weight": (cfg.hidden_size,),
+            f"blk.{i}.attn_q.weight": (cfg.hidden_size, cfg.hidden_size), f"blk.{i}.attn_k.weight": (kv, cfg.hidden_size),
+            f"blk.{i}.attn_v.weight": (kv, cfg.hidden_size), f"blk.{i}.attn_output.weight": (cfg.hidden_size,) * 2,
+            f"blk.{i}.ffn_gate.weight": (cfg.intermediate_size, cfg.hidden_size),
+            f"blk.{i}.ffn_up.weight": (cfg.intermediate_size, cfg.hidden_size),
+            f"blk.{i}.ffn_down.weight": (cfg.hidden_size, cfg.intermediate_size)})
+    # tied embeddings: no output.weight, llama.cpp reads token_embd for the head
+    types = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    for quant, out in chat_exports.items():
+        reader, _ = _fields(_file(out))
+        tensors = {t.name: t for t in reader.tensors}
+        assert set(tensors) == set(expected), quant
+        for name, t in tensors.items():
+            # ggml lists dimensions innermost first: the reverse of torch's
+            assert tuple(int(d) for d in reversed(t.shape)) == expected[name], name
+            wanted = gguf.GGMLQuantizationType.F32 if len(expected[name]) == 1 else types[quant]
+            assert t.tensor_type == wanted, (quant, name)
+
+
+def test_query_and_key_rows_are_interleaved_per_head(chat_run, chat_exports):
+    """Hugging Face rotates the two halves of each head, llama.cpp interleaved pairs: the file's q rows of head h are
+    (0, half, 1, half+1, ...) of the model's. A file without this loads but attends wrongly."""
+    model, _ = _merged(chat_run)
+    reader, _ = _fields(_file(chat_exports["f32"]))
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    q = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    k = model.model.layers[0].self_attn.k_proj.weight.detach().numpy()
+    dim = model.config.hidden_size // model.config.num_attention_heads
+    order = [h * dim + j for h in range(model.config.num_attention_heads) for pair in range(dim // 2)
+             for j in (pair, pair + dim // 2)]
+    np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"], q[order])
+    np.testing.assert_array_equal(tensors["blk.0.attn_k.weight"], k[order[:k.shape[0]]])
+    np.testing.assert_array_equal(tensors["blk.0.attn_v.weight"],
+                                  model.model.layers[0].self_attn.v_proj.weight.detach().numpy())
+
+
+# -- the weights, read back -------------------------------------------------------------------------------------------
+
+def _rounded(model, quant: str):
+    """The model with every matrix rounded as the file stores it (f16, or q8_0's blocks and back)."""
+    from gguf import GGMLQuantizationType, quants
+
+    for p in model.parameters():
+        if p.dim() == 2 and quant == "f16":
+            p.data = p.data.half().float()
+        elif p.dim() == 2 and quant == "q8_0":
+            packed = quants.quantize(p.data.numpy(), GGMLQuantizationType.Q8_0)
+            p.data = torch.from_numpy(quants.dequantize(packed, GGMLQuantizationType.Q8_0).copy()).float()
+    return model
+
+
+@pytest.mark.parametrize("quant", gguf_export.QUANTS)
+def test_the_file_imports_back_to_the_model_it_was_written_from(chat_run, chat_exports, quant, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.importer import import_gguf
+
+    model, tok = _merged(chat_run)
+    ids = tok("What is the opposite of hot?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = _rounded(model, quant)(input_ids=ids).logits
+        back = AutoModelForCausalLM.from_pretrained(import_gguf(_file(chat_exports[quant]), tmp_path / "b", echo=None))
+        got = back.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol(expected, FORWARD_OPS))
+
+
+def _tiny(arch: str, tok, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                               tie_word_embeddings=False, **extra)
+    cfg.architectures = [{"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[arch]]
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for name, p in model.named_parameters():  # random biases, so a bias written to the wrong place shows
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [("mistral", "llama"), ("qwen2", "qwen2")])
+def test_mistral_and_qwen2_round_trip_untied_and_with_biases(arch, gguf_arch, tiny_chat_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.importer import import_gguf
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    model = _tiny(arch, tok)
+    path = tmp_path / "m.gguf"
+    described = gguf_export.write(model, tok, path, "f32", name="m", chat_template=tok.chat_template)
+    reader, f = _fields(path)
+    names = {t.name for t in reader.tensors}
+    assert f["general.architecture"] == gguf_arch and described["architecture"] == gguf_arch
+    assert "output.weight" in names  # untied head
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+    ids = tok("the cat sat on the hat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        back = AutoModelForCausalLM.from_pretrained(import_gguf(path, tmp_path / "b", echo=None)).eval()
+        torch.testing.assert_close(back(input_ids=ids).logits, expected, rtol=0, atol=tol(expected, FORWARD_OPS))
+
+
+def test_a_family_llama_cpp_cannot_take_is_one_paragraph_naming_the_supported_ones(tiny_chat_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    with pytest.raises(TunelabError, match=r"writes the Llama .*Mistral-style and Qwen2 families.*GPT2LMHeadModel.*--merge"):
+        gguf_export.write(_gpt2(tok), tok, tmp_path / "x.gguf", "f16", name="x", chat_template=None)
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(TunelabError, match="rope scaling 'yarn'"):
+        gguf_export.write(_tiny("llama", tok, rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                                "rope_theta": 10000.0,
+                                                                "original_max_position_embeddings": 64}),
+                          tok, tmp_path / "y.gguf", "f16", name="y", chat_template=None)
+
+
+def _gpt2(tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(tiny_chat_llama, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    with pytest.raises(TunelabError, match="does not know this tokenizer's pre-tokenizer"):
+        gguf_export.pre_tokenizer(tok)
+
+
+# -- export, Modelfile, card, CLI -------------------------------------------------------------------------------------
+
+def go_template(template: str, messages: list[dict], system: str | None) -> str:
+    """Ollama's rendering of the Go-template subset tunelab writes: range .Messages, if/else if eq .Role, .Content,
+    .Prompt; Ollama puts the Modelfile's SYSTEM first when the conversation has no system message."""
+    if system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    parts = re.split(r"({{.*?}})", template)
+    out, i = [], 0
+
+    def block(pos, message, emit):
+        """Run from parts[pos] to its matching end; returns the position after it."""
+        taking, done = emit, False
+        while pos < len(parts):
+            p = parts[pos]
+            action = p[2:-2].strip() if p.startswith("{{") else None
+            if action is None:
+                if taking:
+                    out.append(p)
+            elif action == "end":
+                return pos + 1
+            elif action.startswith(("if eq .Role", "else if eq .Role")):
+                role = re.search(r'"(\w+)"', action).group(1)
+                hit = emit and not done and message["role"] == role
+                taking, done = hit, done or hit
+            elif action == ".Content":
+                if taking:
+                    out.append(message["content"])
+            elif action == "range .Messages":
+                start = pos + 1
+                for m in messages:
+                    pos = block(start, m, True)
+                continue
+            else:
+                raise AssertionError(f"unexpected action {action}")
+            pos += 1
+        return pos
+
+    while i < len(parts):
+        i = block(i, None, True)
+    return "".join(out)
+
+
+def _modelfile(out) -> tuple[str, str | None, list[str]]:
+    text = (out / "Modelfile").read_text()
+    template = re.search(r'^TEMPLATE """(.*?)"""$', text, re.S | re.M).group(1)
+    system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
+    return template, system.group(1) if system else None, re.findall(r'^PARAMETER stop """(.*?)"""$', text, re.M)
+
+
+CONVERSATIONS = ollama.PROBES + [[{"role": "user", "content": "Only one line."}],
+                                 [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                                  {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                                  {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}]]
+
+
+def test_the_modelfile_renders_every_conversation_as_the_run_does(chat_run, chat_exports):
+    out = chat_exports["f16"]
+    text = (out / "Modelfile").read_text()
+    assert f"FROM ./{_file(out).name}\n" in text
+    template, system, stops = _modelfile(out)
+    tok = tunelab.load(chat_run.dir).tokenizer
+    for messages in CONVERSATIONS:
+        assert go_template(template, messages, system) == chat.render(messages, "chat", tok, True)[0]
+    assert stops == ["<|im_end|>"] and system is None
+    info = json.loads((out / "tunelab_export.json").read_text())
+    assert info["format"] == "gguf" and info["gguf"]["modelfile"]["format"] == "ChatML"
+
+
+def test_an_alpaca_run_gets_its_template_as_jinja_and_in_the_modelfile(tiny_chat_llama, tmp_path):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    run = _train(tmp_path, tiny_chat_llama, "task.template=alpaca")
+    out = export.run(run.dir, tmp_path / "alpaca", fmt="gguf", quant="f32")
+    _, f = _fields(_file(out))
+    tok = tunelab.load(run.dir).tokenizer
+    jinja = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        f["tokenizer.chat_template"])
+    template, system, stops = _modelfile(out)
+    assert system == chat.ALPACA and stops == [tok.eos_token]
+    for messages in CONVERSATIONS:
+        expected = chat.render(messages, "alpaca", tok, True)[0]
+        assert jinja.render(messages=messages, add_generation_prompt=True, eos_token=tok.eos_token) == expected
+        assert go_template(template, messages, system) == expected
+        if messages[-1]["role"] == "user":  # a finished conversation, as training renders it
+            done = messages + [{"role": "assistant", "content": "Fine."}]
+            assert jinja.render(messages=done, add_generation_prompt=False, eos_token=tok.eos_token) == \
+                chat.render(done, "alpaca", tok, False)[0]
+
+
+def test_a_default_system_prompt_becomes_the_modelfiles_system():
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+    def smollm(messages):  # SmolLM2-Instruct's template: ChatML, its own system message when there is none
+        return ollama.CHATML.render(messages, system, "<|im_end|>")
+
+    found = ollama.recognise(smollm, "<|im_end|>")
+    assert found.format is ollama.CHATML and found.system == system
+    text, warning = ollama.modelfile("m.gguf", found, ["<|im_end|>"], "<|im_end|>", None, chat=True)
+    assert warning is None and f'SYSTEM """{system}"""' in text
+
+
+def test_an_unknown_template_gets_a_warning_a_pass_through_and_the_original_in_a_comment():
+    def llama2(messages):
+        return "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else m["content"] for m in messages)
+
+    found = ollama.recognise(llama2, "</s>")
+    assert found.format is None
+    text, warning = ollama.modelfile("m.gguf", found, ["</s>"], "</s>", "{% for m in messages %}[INST]{% endfor %}",
+                                     chat=True)
+    assert "none of the formats tunelab can write" in warning and "# WARNING:" in text
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text and "# {% for m in messages %}[INST]{% endfor %}" in text
+
+
+def test_the_card_says_how_to_run_it_in_ollama_and_llama_cpp(chat_exports):
+    from huggingface_hub import ModelCard
+
+    out = chat_exports["q8_0"]
+    card = ModelCard.load(out / "README.md")
+    assert "gguf" in card.data.tags and card.data.library_name is None
+    assert card.data.pipeline_tag == "text-generation"
+    assert "ollama create tiny-q8_0 -f Modelfile" in card.text and _file(out).name in card.text
+    assert "llama-cli -m" in card.text and "create_chat_completion" in card.text
+
+
+def test_cli_exports_gguf_and_refuses_what_it_cannot(chat_run, cli_run, tmp_path):
+    res = cli_run("export", str(chat_run.dir), str(tmp_path / "g"), "--format", "gguf", "--quant", "q8_0")
+    assert res.code == 0, res.err
+    assert re.search(r"wrote g-q8_0\.gguf: llama, q8_0, [\d.]+ MB, \d+ tokens \(pre-tokenizer gpt-2\), chat template "
+                     r"included; Modelfile template: ChatML", res.out)
+    res = cli_run("export", str(chat_run.dir), str(tmp_path / "h"), "--quant", "q8_0")
+    assert res.code == 2 and "--quant is f32, f16, q8_0 with --format gguf only" in res.err
+    res = cli_run("export", str(chat_run.dir), str(tmp_path / "i"), "--format", "gguf", "--quant", "q4_0")
+    assert res.code == 2 and "--quant is f32, f16, q8_0" in res.err
+    assert not (tmp_path / "h").exists() and not (tmp_path / "i").exists()
+
+
+def test_a_classifier_run_is_not_a_gguf_export(tmp_path, tiny_bert, sentiment_files):
+    run = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={sentiment_files['train']}",
+                               "train.max_steps=2", "eval.linear_probe=false", f"output_dir={tmp_path / 'cls'}"])
+    with pytest.raises(TunelabError, match="--format gguf is for language models that write text"):
+        export.run(run.dir, tmp_path / "x", fmt="gguf")
+    assert not (tmp_path / "x").exists()
+
+
+# -- llama.cpp itself --------------------------------------------------------------------------------------------------
+
+PROMPTS = ["What is the opposite of hot?", "What is the opposite of early?", "Say something kind.",
+           "What is the opposite of up?"]
+
+
+def _llama(path):
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: `make test` builds it from source (see the Makefile's "
+                            "llama-cpp target); where it could not build, these checks are skipped")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, seed=0)
+
+
+def test_llama_cpp_reads_the_prompt_and_answers_as_tunelab_does(chat_run, chat_exports):
+    """The GGUF's own template renders the prompt, llama.cpp tokenizes it to tunelab's ids, its logits match the
+    model's within float32 rounding, and its greedy reply is tunelab's token for token (16 tokens, or to EOS)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    model, tok = _merged(chat_run)
+    llm = _llama(_file(chat_exports["f32"]))
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        llm.metadata["tokenizer.chat_template"])
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        text = template.render(messages=messages, add_generation_prompt=True, eos_token=tok.eos_token)
+        assert text == chat.render(messages, "chat", tok, True)[0]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+
+        with torch.no_grad():
+            reply = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+            logits = model(input_ids=torch.tensor([ids + reply])).logits[0]
+        llm.reset()
+        llm.eval(ids + reply)
+        theirs = torch.from_numpy(np.asarray(llm.scores[: len(ids) + len(reply)])).float()
+        torch.testing.assert_close(theirs, logits, rtol=0, atol=tol(logits, FORWARD_OPS))
+
+        llm.reset()
+        greedy = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if token == tok.eos_token_id or len(greedy) == 16:
+                break
+            greedy.append(token)
+        assert greedy == [t for t in reply if t != tok.eos_token_id][:16]
