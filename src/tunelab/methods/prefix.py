@@ -1,7 +1,8 @@
 """Prefix tuning (Li & Liang 2021): trainable key/value prefixes of `num_virtual_tokens` for every attention layer.
 
-The prefixes reach the model as `past_key_values` (a DynamicCache built per call by a hook on the
-body, virtual_tokens.py) with the attention mask extended by n ones, so encoders (BERT) and decoders
+The prefixes reach the model as `past_key_values` (a DynamicCache filled by a hook on the body,
+virtual_tokens.py, at every call without a cache; in generation once, at the first step, and then
+kept in the cache) with the attention mask extended by n ones, so encoders (BERT) and decoders
 (GPT-2, Llama) attend to them and the training loop calls the model as usual. The hidden states hold
 only the real tokens, so every head reads its usual position; decoders find their last non-pad token
 from input_ids as without the method, with or without padding.

@@ -16,7 +16,10 @@ Where tunelab differs from peft: for decoders (GPT-2, Llama) peft hands the mode
 so transformers cannot find the last non-pad token and classifies from the last position, which is a
 pad token in a right-padded batch. tunelab removes the virtual positions from the body's output and
 the model finds the last real token from input_ids, so batched predictions equal one-at-a-time ones.
-On unpadded inputs both agree.
+On unpadded inputs both agree. Position ids, when given (generate derives them from a left-padded mask),
+are kept, after 0..n-1 for the virtual tokens, where peft drops them: in peft the real tokens of a
+left-padded row then take positions after its pads, so its batched generations can differ from
+one-at-a-time ones; tunelab's are the same (virtual_tokens.py, generation with the KV cache).
 """
 
 from __future__ import annotations

@@ -11,15 +11,24 @@ The methods add no layer to the model's computation graph: they hook the *body* 
   classification heads find the last non-pad token from the *original* `input_ids` (the top-level
   model still receives them) and index the right position, with or without padding. BERT's pooler
   runs inside the body, before that hook, so it reads position 0 = the first virtual token, as in peft.
-- Prefix tuning: the pre-hook passes a fresh `DynamicCache` holding every layer's key/value prefix
-  as `past_key_values` and extends `attention_mask`; positions then start after the prefix (HF's
-  own rule for a cache), as in peft.
+- Prefix tuning: the pre-hook passes a `DynamicCache` (generate's own empty one, else a fresh one)
+  holding every layer's key/value prefix as `past_key_values` and extends `attention_mask`; positions
+  then start after the prefix (HF's own rule for a cache; given ones are shifted by n), as in peft.
+
+Generation with the KV cache (transformers' `generate`): the virtual tokens enter once, at the first
+call (prefill), and stay in the cache, which the hooks mark as holding them (`MARK`); later calls carry
+only the new token. generate counts its attention mask and position ids without the virtual tokens (it
+never sees them; after prefill it drops an all-ones mask), so on a call whose cache holds them (marked,
+or a 2D mask n short of cache + new tokens) the hooks put n ones in front of the mask, if there is one,
+and add n to the position ids. At prefill, given position ids (generate derives them from a left-padded
+mask) are shifted by n and, for prompt / P-tuning, preceded by 0..n-1 for the virtual tokens. The row is
+then [virtual tokens][pads][real tokens] with the pads masked and every real token at the position
+training gave it (n + its index), so a left-padded batch generates what one prompt at a time does.
 
 The trained state lives in one module attached as `model.prompt_encoder`. The hooks look it up at
 every call (they are registered once per model and kind), so named adapters (`methods.named`) switch
 virtual tokens by swapping that one attribute. With no encoder there, one of the other kind, or its
 boolean `adapter_disabled` set (`methods.adapters_disabled`), the hooks pass inputs through untouched.
-A call that already carries a non-empty cache (generation after the first step) is left alone too.
 
 Saved layout (peft's, for its prompt-learning methods; checked against peft 0.21.2):
 adapter_model.safetensors holds `prompt_embeddings` (the encoder's *output* for the virtual tokens:
@@ -46,6 +55,7 @@ from .layout import check_head, copy_checked, peft_head, peft_task_type, read_pe
 PREFIX = "base_model."  # peft's key prefix for a prompt-learning model's own modules (the head)
 TABLE_KEY = "prompt_embeddings"
 ATTR = "prompt_encoder"  # where the method's module lives on the model (peft's name too)
+MARK = "tunelab_virtual_tokens"  # set on a generation cache whose first positions the hooks filled
 
 
 class StaticTable(nn.Module):
@@ -103,9 +113,10 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names, args)), **kwargs}
 
 
-def _continuing(kwargs: dict) -> bool:
+def _cached(kwargs: dict) -> int:
+    """How many positions the call's cache holds already (0 without one: training, or generation's prefill)."""
     past = kwargs.get("past_key_values")
-    return past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+    return past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
 
 
 def _batch_size(kwargs: dict) -> int:
@@ -113,11 +124,44 @@ def _batch_size(kwargs: dict) -> int:
     return (x if x is not None else kwargs["inputs_embeds"]).shape[0]
 
 
+def _new_tokens(kwargs: dict) -> int:
+    x = kwargs.get("input_ids")
+    return (x if x is not None else kwargs["inputs_embeds"]).shape[1]
+
+
+def count(encoder: nn.Module) -> int:
+    """The number of virtual tokens, without running the encoder (P-tuning's is an MLP or an LSTM)."""
+    return encoder.embedding.weight.shape[0]
+
+
 def _extend_mask(kwargs: dict, n: int, batch: int) -> None:
     mask = kwargs.get("attention_mask")
     if mask is not None:
         ones = torch.ones(batch, n, dtype=mask.dtype, device=mask.device)
         kwargs["attention_mask"] = torch.cat((ones, mask), dim=1)
+
+
+def _mark(kwargs: dict, n: int) -> None:
+    """Note on the call's cache that its first n positions are virtual tokens that the caller did not send."""
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        setattr(cache, MARK, n)
+
+
+def _continue(kwargs: dict, n: int, cached: int):
+    """A call over a cache that holds the virtual tokens (generation after prefill). The caller counted its mask and
+    positions without them when the hooks put them in its cache (generate drops an all-ones mask but still sends
+    positions) or when its mask is n short of cache + new tokens: the mask then gets n ones in front and the
+    positions move up by n. Any other call is left alone."""
+    mask = kwargs.get("attention_mask")
+    short = mask is not None and mask.ndim == 2 and mask.shape[1] + n == cached + _new_tokens(kwargs)
+    if not short and getattr(kwargs["past_key_values"], MARK, None) != n:
+        return None
+    if short:
+        _extend_mask(kwargs, n, mask.shape[0])
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + n
+    return (), kwargs
 
 
 # -- attaching --------------------------------------------------------------------
@@ -162,8 +206,9 @@ def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
         if encoder is None:
             return None
         kwargs = _as_kwargs(module, args, kwargs)
-        if _continuing(kwargs):
-            return None
+        cached = _cached(kwargs)
+        if cached:
+            return _continue(kwargs, count(encoder), cached)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = module.get_input_embeddings()(kwargs["input_ids"])
@@ -173,11 +218,14 @@ def attach_prompt(model: nn.Module, encoder: nn.Module) -> nn.Module:
         kwargs["inputs_embeds"] = torch.cat((prompts.unsqueeze(0).expand(batch, -1, -1), embeds), dim=1)
         kwargs["input_ids"] = None
         _extend_mask(kwargs, n, batch)
+        _mark(kwargs, n)
         if kwargs.get("token_type_ids") is not None:
             tt = kwargs["token_type_ids"]
             kwargs["token_type_ids"] = torch.cat((torch.zeros(batch, n, dtype=tt.dtype, device=tt.device), tt), dim=1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = None  # peft ignores them too: positions run over virtual + real tokens
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # the virtual tokens take 0..n-1, the real ones follow (training's positions)
+            first = torch.arange(n, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], n)
+            kwargs["position_ids"] = torch.cat((first, positions + n), dim=-1)
         state["n"] = n
         return (), kwargs
 
@@ -216,8 +264,9 @@ def attach_prefix(model: nn.Module, encoder: nn.Module, num_layers: int, num_hea
         if encoder is None:
             return None
         kwargs = _as_kwargs(module, args, kwargs)
-        if _continuing(kwargs):
-            return None
+        cached = _cached(kwargs)
+        if cached:
+            return _continue(kwargs, count(encoder), cached)
         batch = _batch_size(kwargs)
         table = encoder().to(dtype)
         n = table.shape[0]
@@ -225,10 +274,14 @@ def attach_prefix(model: nn.Module, encoder: nn.Module, num_layers: int, num_hea
         # indices, values at odd ones.
         kv = table.view(n, 2 * num_layers, num_heads, head_dim).permute(1, 2, 0, 3)
         kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        cache = DynamicCache(config=text_config(model))
+        # generate's own (empty) cache is filled in place, so the one it holds is the one the layers extend.
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, DynamicCache):
+            cache = DynamicCache(config=text_config(model))
         for i in range(num_layers):
             cache.update(kv[2 * i], kv[2 * i + 1], i)
         kwargs["past_key_values"] = cache
+        _mark(kwargs, n)
         _extend_mask(kwargs, n, batch)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + n  # peft's rule: positions continue after the prefix

@@ -279,14 +279,12 @@ def _prompt_ids(text: str, tokenizer, info: dict, limit: int, max_new_tokens: in
     return ids[-max(1, limit - min(max_new_tokens, limit // 2)):]
 
 
-def _decoding(model, tokenizer, temperature: float, top_p: float) -> dict:
+def _decoding(tokenizer, temperature: float, top_p: float) -> dict:
     kwargs = {"do_sample": temperature > 0, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if hasattr(model, "prompt_encoder"):  # virtual tokens: the hooks add them to every full forward
-        kwargs["use_cache"] = False
     return kwargs
 
 
@@ -303,7 +301,7 @@ def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: i
         ids = torch.tensor([_prompt_ids(text, tokenizer, info, limit, max_new_tokens)], device=device or "cpu")
         seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                              max_new_tokens=min(max_new_tokens, limit - ids.shape[1]),
-                             **_decoding(model, tokenizer, temperature, top_p))[0, ids.shape[1]:]
+                             **_decoding(tokenizer, temperature, top_p))[0, ids.shape[1]:]
         out.append(tokenizer.decode(seq, skip_special_tokens=True).strip())
     model.train(was_training)
     return out
@@ -314,13 +312,13 @@ def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_t
                      temperature: float = 0.0, top_p: float = 1.0, device=None, batch_size: int = 8) -> list[dict]:
     """{"reply", "tokens", "ended"} per prompt: the reply text, its generated tokens (EOS not counted) and whether
     it stopped at EOS rather than at the token limit. Prompts of similar length are batched with left padding and
-    the KV cache; a virtual-token model goes one prompt at a time (its hooks prepend the tokens to each row, which
-    left padding would put after the pads)."""
+    the KV cache, virtual-token models too: their hooks add the virtual tokens at the first step, in front of the
+    pads, and give the real tokens the positions they had in training (methods/virtual_tokens.py)."""
     was_training = model.training
     model.eval()
     limit = _generation_limit(model, tokenizer)
     encoded = [_prompt_ids(text, tokenizer, info, limit, max_new_tokens) for text in prompts]
-    size = 1 if hasattr(model, "prompt_encoder") else max(1, batch_size)
+    size = max(1, batch_size)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: list[dict] = [{}] * len(encoded)
@@ -330,7 +328,7 @@ def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_t
         ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk], device=device or "cpu")
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk], device=ids.device)
         seqs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=min(max_new_tokens, limit - width),
-                              **_decoding(model, tokenizer, temperature, top_p))[:, width:].tolist()
+                              **_decoding(tokenizer, temperature, top_p))[:, width:].tolist()
         for i, seq in zip(chunk, seqs):
             # A row that finished early is padded to the batch's length: everything from its first EOS is not reply.
             ended = eos in seq
