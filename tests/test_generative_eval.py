@@ -6,9 +6,11 @@ import csv
 import json
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import make_chat_rows, write_jsonl
 
 import tunelab
@@ -224,7 +226,7 @@ def test_a_dpo_run_scores_its_replies_against_the_chosen_ones(tmp_path, tiny_cha
         sum(textmetrics.rouge_l(r["tuned_reply"], r["reference"]) for r in rows) / 3
 
 
-def test_a_reward_run_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama):
+def test_a_reward_run_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama, cli_run):
     rng = random.Random(6)
     pairs = [{"prompt": f"question {i} about tea", "chosen": "thanks please kind", "rejected": rng.choice(["no go", "away"])}
              for i in range(40)]
@@ -245,6 +247,13 @@ def test_a_reward_run_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama):
         wins = sum((t > b) + 0.5 * (t == b) for b, t in zip(scores["base"], scores["tuned"]))
         assert verdict["win_rate"] == wins / 4
     assert "judge: base mean" in run_report.write_run(run.dir).read_text()
+    # `tunelab eval RUN FILE --generate --judge RM`: the reward run scores the saved run's replies to the test rows
+    result = cli_run("eval", run.dir, tmp_path / "test.jsonl", "--generate", "-n", "4", "--max-new-tokens", "12",
+                     "--judge", judge.dir, "-o", tmp_path / "judged.json")
+    assert result.code == 0, result.err
+    scored = json.loads((tmp_path / "judged.json").read_text())
+    assert [r["judge"] for r in scored["replies"]] == [r["tuned_judge"] for r in rows["test"]]
+    assert scored["judge_mean"] == run.summary["generation"]["judge"]["test"]["tuned_mean"]
     # a run that scores no replies is refused as a judge, and as a GRPO reward, naming the setting
     (tmp_path / "again").mkdir()
     with pytest.raises(TunelabError, match=r"eval.judge: '.*' is a sft run, not a reward model .*remove eval.judge"):
@@ -298,7 +307,8 @@ def _judges(tmp_path, monkeypatch, name: str) -> str:
     return name
 
 
-def test_a_python_function_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama, monkeypatch, capsys):
+def test_a_python_function_judges_base_and_tuned_replies(tmp_path, tiny_chat_llama, monkeypatch, capsys,
+                                                          cli_run):
     module = _judges(tmp_path, monkeypatch, "judges_scored")
     run = _run(tmp_path, tiny_chat_llama, f"eval.judge={module}:length", "train.max_steps=4")
     console = capsys.readouterr().out
@@ -318,7 +328,22 @@ def test_a_python_function_judges_base_and_tuned_replies(tmp_path, tiny_chat_lla
                  [r["reference"] for r in rows[split]]) for side in ("base", "tuned") for split in ("validation", "test")]
     assert [tuple(c) for c in calls] == expected
     assert all(m[-1]["role"] == "user" for prompts, _, _ in calls for m in prompts)
-    assert "judge: base mean" in run_report.write_run(run.dir).read_text()
+    page = run_report.write_run(run.dir).read_text()
+    assert "judge: base mean" in page and markup.esc("the judge's score of each reply") in page
+    assert "reward model's score" not in page  # the judge here is a function
+
+    # `tunelab eval RUN FILE --generate --judge`: the same function scores the saved run's replies to the test rows,
+    # which are the run's own tuned replies to them
+    result = cli_run("eval", run.dir, tmp_path / "test.jsonl", "--generate", "-n", "4", "--max-new-tokens", "12",
+                     "--judge", f"{module}:length", "-o", tmp_path / "judged.json")
+    assert result.code == 0, result.err
+    scored = json.loads((tmp_path / "judged.json").read_text())
+    assert [r["reply"] for r in scored["replies"]] == [r["tuned_reply"] for r in rows["test"]]
+    assert [r["judge"] for r in scored["replies"]] == [r["tuned_judge"] for r in rows["test"]]
+    assert scored["judge_mean"] == verdicts["test"]["tuned_mean"]
+    assert f"judge_mean {verdicts['test']['tuned_mean']:.4f}" in result.out
+    assert calls[-1] == ([r["messages"] for r in rows["test"]], [r["tuned_reply"] for r in rows["test"]],
+                         [r["reference"] for r in rows["test"]])
 
 
 @pytest.mark.parametrize("judge, message", [
@@ -349,3 +374,69 @@ def test_a_python_judge_that_fails_is_one_paragraph_before_training(tmp_path, ti
         _run(tmp_path, tiny_chat_llama, f"eval.judge={judge}", "train.max_steps=1")
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()  # stopped before the run had a directory: nothing was trained
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_chat_llama, tmp_path_factory) -> Path:
+    """One small finished sft run, for the tests that only read it."""
+    d = tmp_path_factory.mktemp("sft")
+    train = write_jsonl(d / "train.jsonl", make_chat_rows(16, seed=3))
+    return tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={train}", "task.type=sft",
+                                "data.max_length=48", "train.batch_size=8", "train.max_steps=1", "eval.samples=0",
+                                "eval.forgetting=none", "method.name=lora", "method.r=4", f"output_dir={d / 'run'}"]).dir
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--judge", "judges_cli:nowhere", "--generate"], "--judge='judges_cli:nowhere' could not be loaded "
+                                                      "(AttributeError"),
+    (["--judge", "judges_cli:too_few", "--generate"], "The judge --judge='judges_cli:too_few' returned 1 value(s) for "
+                                                      "2 replies when judging the run's replies to the prompts of "),
+    (["--judge", "no/such/run", "--generate"], "--judge='no/such/run' is neither an existing directory nor a Python "
+                                               "function"),
+    (["--judge", "judges_cli:length"], "--judge applies to generated replies: add --generate, or drop it."),
+])
+def test_eval_generate_judge_errors_are_one_paragraph(sft_run, tmp_path, monkeypatch, cli_run, args, message):
+    module = _judges(tmp_path, monkeypatch, "judges_cli")
+    test = write_jsonl(tmp_path / "test.jsonl", make_chat_rows(2, seed=9))
+    result = cli_run("eval", sft_run, test, "-o", tmp_path / "judged.json", *args)
+    assert result.code == 2 and result.err.startswith("error: ") and "Traceback" not in result.err, result.err
+    assert message in " ".join(result.err.split()) and result.err.strip().count("\n") == 0, result.err
+    assert not (tmp_path / "judged.json").exists()
+    assert sys.modules.get(module) is None or not sys.modules[module].CALLS
+
+
+def test_resume_does_not_run_a_function_judge_that_the_run_folder_names(tmp_path, tiny_chat_llama, monkeypatch,
+                                                                          capsys):
+    """A run folder's config.yaml (perhaps someone else's) is no opt-in to run code: --resume leaves its function
+    judge out, says so and how to judge the replies, and finishes; the folder's file is not even imported. The
+    judge's relative path was saved absolute."""
+    imported = tmp_path / "IMPORTED"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judges.py").write_text(f"from pathlib import Path\nPath({str(imported)!r}).write_text('ran')\n{JUDGES}")
+    real, calls = causal_lm.loss, {"n": 0}
+
+    def interrupted(*a, **kw):  # Ctrl-C during the third loss computation, after a checkpoint
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(causal_lm, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_chat_llama, "eval.judge=judges.py:length", "train.max_steps=4", "train.checkpoint_every=1")
+    monkeypatch.setattr(causal_lm, "loss", real)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["eval"]["judge"] == f"{tmp_path / 'judges.py'}:length"
+    assert imported.read_text() == "ran"  # the recipe named it: the first run imported it
+    imported.unlink()
+    capsys.readouterr()
+
+    run = tunelab.resume(tmp_path / "run")
+    assert not imported.exists()
+    assert set(run.summary["generation"]) == {"base", "tuned"} and run.summary["steps"] == 4
+    rows = json.loads((run.dir / "generations.json").read_text())
+    assert not any(k.endswith("_judge") for split in rows.values() for r in split for k in r)
+    note = " ".join(capsys.readouterr().out.split())
+    assert (f"names eval.judge='{tmp_path / 'judges.py'}:length', a Python function, and --resume does not run code "
+            f"that a run folder names") in note
+    assert f"`tunelab eval {tmp_path / 'run'} FILE --generate --judge {tmp_path / 'judges.py'}:length`" in note

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_rows, write_jsonl
+from conftest import make_chat_rows, make_rows, write_jsonl
 
 import tunelab
-from tunelab import TunelabError, runs
+from tunelab import TunelabError, config, runs
 from tunelab.tasks import classification
 
 QUICK = ["train.max_steps=2", "train.batch_size=4", "eval.base=false", "eval.linear_probe=false", "eval.samples=0",
@@ -251,6 +251,57 @@ def test_output_dir_may_not_be_or_hold_an_input(tiny_bert, tmp_path, cli_run, wh
     r = cli_run(*args, "--overwrite")
     assert r.code == 2 and key in r.err and "outside it" in r.err, r.err
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["judge_run", "judge_run_parent", "judge_file_parent", "reward_file_parent"])
+def test_output_dir_may_not_be_or_hold_the_judge_or_the_reward(tiny_chat_llama, tmp_path, where):
+    """eval.judge's reward run or .py file, and task.reward_function's .py file, are inputs like the data."""
+    data = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(20))
+    judges = tmp_path / "judges"
+    (judges / "rm").mkdir(parents=True)
+    (judges / "rm" / "weights.bin").write_bytes(b"yours")  # a folder given as the judge is read as a reward run
+    (judges / "score.py").write_text("def length(prompts, replies, references):\n    return [len(r) for r in replies]\n")
+    sft = [f"model.path={tiny_chat_llama}", f"data.train={data}", "task.type=sft", "eval.generate=2", *QUICK]
+    grpo = [f"model.path={tiny_chat_llama}", f"data.train={data}", "task.type=grpo", "train.max_steps=1"]
+    out, args, key = {
+        "judge_run": (judges / "rm", [*sft, f"eval.judge={judges / 'rm'}"], "eval.judge"),
+        "judge_run_parent": (judges, [*sft, f"eval.judge={judges / 'rm'}"], "eval.judge"),
+        "judge_file_parent": (judges, [*sft, f"eval.judge={judges / 'score.py'}:length"], "eval.judge"),
+        "reward_file_parent": (judges, [*grpo, f"task.reward_function={judges / 'score.py'}:length"],
+                               "task.reward_function"),
+    }[where]
+    before = _snapshot(tmp_path)
+    with pytest.raises(TunelabError, match=rf"output_dir '.*' (is|holds) {re.escape(key)} .*outside it") as e:
+        tunelab.train(None, [*args, f"output_dir={out}"], overwrite=True)
+    assert "\n" not in str(e.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_saved_config_names_judges_rewards_and_probes_by_absolute_paths(tmp_path, monkeypatch):
+    """Relative paths in a recipe are resolved against the folder it was run from, so the run's config.yaml means
+    the same from anywhere (--resume, tunelab.load); a 'module:function' is found by import and stays as written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "judges.py").write_text("")
+    (tmp_path / "probe.txt").write_text("Some general text.\n")
+
+    def saved(task: dict, **eval_cfg):
+        cfg = config.validate({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "task": task, "eval": eval_cfg})
+        return runs.resolve_paths(cfg, tmp_path / "out")
+
+    sft = {"type": "sft"}
+    assert saved(sft, generate=2, judge="rm").eval.judge == str(tmp_path / "rm")
+    assert saved(sft, generate=2, judge="./rm/").eval.judge == str(tmp_path / "rm")
+    assert saved(sft, generate=2, judge="judges.py:length").eval.judge == f"{tmp_path / 'judges.py'}:length"
+    assert saved(sft, generate=2, judge="mypkg.judges:score").eval.judge == "mypkg.judges:score"
+    assert saved(sft, generate=2, judge="elsewhere.py:score").eval.judge == "elsewhere.py:score"  # not here: as given
+    assert saved(sft, forgetting="probe.txt").eval.forgetting == str(tmp_path / "probe.txt")
+    assert saved(sft).eval.forgetting == "auto"
+    grpo = {"type": "grpo"}
+    assert saved({**grpo, "reward_function": "judges.py:length"}).task.reward_function == \
+        f"{tmp_path / 'judges.py'}:length"
+    assert saved({**grpo, "reward_function": "mypkg.rewards:score"}).task.reward_function == "mypkg.rewards:score"
+    assert saved({**grpo, "reward_model": "rm"}).task.reward_model == str(tmp_path / "rm")
 
 
 def test_output_dir_as_a_symlink_is_refused(tiny_bert, data, old_run, tmp_path, cli_run):

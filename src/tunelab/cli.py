@@ -375,21 +375,27 @@ def eval_(
                                        "(default all)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="With --generate: reply length "
                                                  "limit (default the run's eval.max_new_tokens)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="With --generate: also score each reply, as eval.judge "
+                                        "does: a reward-model run directory, or a Python function 'module:function' / "
+                                        "'file.py:function' called as function(prompts, replies, references) (this "
+                                        "runs your code: name only one you trust). Adds judge_mean and each reply's "
+                                        "judge score."),
     trust_remote_code: bool = trust_code_option(),
     allow_pickle: bool = allow_pickle_option(),
 ):
     """Evaluate a trained run on a labelled file; prints and saves the metrics."""
     import tunelab
 
-    if not generate and (rows is not None or max_new_tokens is not None):
-        raise TunelabError(f"{'-n' if rows is not None else '--max-new-tokens'} applies to generated replies: add "
-                           f"--generate, or drop it.")
+    given = [name for name, value in (("-n", rows), ("--max-new-tokens", max_new_tokens), ("--judge", judge))
+             if value is not None]
+    if not generate and given:
+        raise TunelabError(f"{given[0]} applies to generated replies: add --generate, or drop it.")
     check_output(output, file, overwrite)
     out = output or default_eval_output(run_dir, file)
     check_output(out, file, overwrite=True)
     model = tunelab.load(run_dir, task=task, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if generate:
-        metrics = model.evaluate_generation(file, rows, text_field, max_new_tokens)
+        metrics = model.evaluate_generation(file, rows, text_field, max_new_tokens, judge=judge)
     else:
         metrics = model.evaluate(file, text_field, label_field)
     atomic.write_json(out, {"file": str(file), **metrics}, "the --output file")

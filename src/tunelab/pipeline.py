@@ -5,7 +5,6 @@ the stages in order, each a function below: load (data, model, features) -> base
 
 from __future__ import annotations
 
-import copy
 import shutil
 import tempfile
 import time
@@ -25,7 +24,6 @@ from .runs import (
     Run,
     begin,
     dir_size_mb,
-    expand,
     finish,
     peak_memory_mb,
     resolve_paths,
@@ -55,7 +53,7 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", on_eva
     # The output folder is this run's until the end (a failure leaves an old run there as it was); a finished run
     # as model.path is a model directory for as long.
     with claim, predict.model_source(cfg.model) as model_cfg:
-        work = load(cfg, model_cfg, device)
+        work = load(cfg, model_cfg, device, resume)
         summary = baselines(cfg, work)
         prepare(cfg, work)
         # Every input has been checked by now: only a run that can start gets a directory. Only the first process
@@ -96,7 +94,7 @@ class Work:
     samples: dict = field(default_factory=dict)
     held_out: dict = field(default_factory=dict)  # eval.generate: the first rows of validation and test
     generation: dict = field(default_factory=dict)  # their prompts and the base model's replies, per split
-    judge: object = None  # eval.judge as a function (prompt rows, replies) -> one score each
+    judge: object = None  # eval.judge as a function (prompt rows, replies, whose) -> one score each
     head: list = field(default_factory=list)
     trainable: int = 0
     total: int = 0
@@ -109,11 +107,11 @@ class Work:
 # -- the stages ----------------------------------------------------------------------------------------------------
 
 
-def load(cfg: Config, model_cfg, device) -> Work:
-    """Read and check the data, load the model, tokenize every split."""
+def load(cfg: Config, model_cfg, device, resume: Path | None = None) -> Work:
+    """Read and check the data, load the model, tokenize every split. `resume`: the run folder being resumed."""
     task = tasks.get(cfg.task.type)
     loop.resolve_metric(task, cfg.train.metric)
-    judge = judge_of(cfg.eval.judge) if cfg.eval.judge else None  # a wrong name costs no data or model loading
+    judge = judge_of(cfg.eval.judge, resume) if cfg.eval.judge else None  # a wrong name costs no data or model loading
     splits, report = task.load_splits(cfg, cfg.train.seed)
     say(data.format_report(report))
     forgetting_probe = forgetting.load(cfg.eval.forgetting, task, cfg.task.type, cfg.train.seed)
@@ -260,39 +258,17 @@ def unsharded(model, task, method_cfg, model_cfg, info: dict, head: list[str], d
     return whole.eval()
 
 
-def judge_of(value: str):
-    """eval.judge as a function (prompt rows, replies, whose replies they are) -> one score per reply. A directory is
-    a tunelab reward-model run, loaded for each call only, so it holds no memory while the run trains; otherwise
-    'module:function' or 'file.py:function', the user's own code (naming it in the recipe is the opt-in, as for
-    GRPO's task.reward_function), imported now and called as function(prompts, replies, references): the prompts
-    unrendered, as a reward model reads them (chat messages; causal_lm: the text's opening words)."""
-    if expand(value).is_dir():
-        def scored_by_run(rows: list[dict], replies: list[str], whose: str) -> list[float]:
-            score = predict.reward_scorer(value, "eval.judge", "; give a reward run's directory or a Python "
-                                                               "'module:function', or remove eval.judge")
-            return score([r["messages"] for r in rows], replies)
-        return scored_by_run
-    if usercode.parts(value) is None:
-        raise TunelabError(f"eval.judge={value!r} is neither an existing directory nor a Python function: give the run "
-                           f"directory of a tunelab reward model (task.type reward), or a function as "
-                           f"'module:function' or 'path/to/file.py:function' (it runs your code: see docs/safety.md), "
-                           f"or remove eval.judge.")
-    fn = usercode.load(value, "eval.judge",
-                       "function(prompts, replies, references) that returns one number per reply")
-
-    def scored_by_function(rows: list[dict], replies: list[str], whose: str) -> list[float]:
-        # a copy: the rows' own messages go into generations.json, whatever the function does to its arguments
-        prompts, references = copy.deepcopy([r["messages"] for r in rows]), [r["reference"] for r in rows]
-        fix = (f"The judge is called as function(prompts, replies, references) with three lists of {len(replies)} "
-               f"(the prompts as chat messages, or texts for causal_lm; the replies and the reference replies as "
-               f"strings) and must return {len(replies)} finite numbers, one per reply (a reply may be empty); "
-               f"fix it.")
-        shown = [p[-1].get("content", "") if isinstance(p, list) and p and isinstance(p[-1], dict) else p
-                 for p in prompts]  # a conversation is shown by its last message
-        return usercode.numbers(lambda: fn(prompts, list(replies), references), shown, replies,
-                                f"The judge eval.judge={value!r}", f"when judging {whose}", fix,
-                                ("reply", "replies"))
-    return scored_by_function
+def judge_of(spec: str, resume: Path | None):
+    """eval.judge as a scorer (usercode.judge). A resumed run leaves a function judge out: the folder's config.yaml
+    named it, and a run folder, perhaps someone else's, is no opt-in to run code (docs/safety.md). A reward run as
+    judge stays: it is loaded with code and pickles off."""
+    if resume is not None and not usercode.is_run(spec):
+        say(f"note: {resume / 'config.yaml'} names eval.judge={spec!r}, a Python function, and --resume does not run "
+            f"code that a run folder names (it may be someone else's; docs/safety.md), so the resumed run's replies "
+            f"are not judged. If the function is yours and you trust it, score them once the run has finished: "
+            f"`tunelab eval {resume} FILE --generate --judge {spec}`.")
+        return None
+    return usercode.judge(spec, "eval.judge", predict.reward_scorer)
 
 
 def judged(judge, prompts: dict, replies: dict, side: str) -> None:

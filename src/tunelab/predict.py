@@ -17,7 +17,7 @@ from torch import nn
 from . import config as config_mod
 from . import evaluate, hub, methods, models, tasks, versions
 from .errors import TunelabError
-from .evaluate import generative
+from .evaluate import generative, usercode
 
 
 class TunedModel:
@@ -204,20 +204,30 @@ class TunedModel:
 
 
     def evaluate_generation(self, path: str | Path, n: int | None = None, text_field: str | None = None,
-                            max_new_tokens: int | None = None, batch_size: int | None = None) -> dict:
+                            max_new_tokens: int | None = None, batch_size: int | None = None,
+                            judge: str | None = None) -> dict:
         """Replies to the first `n` rows of a file (all by default) of the run's row format (conversations for sft,
         text for causal_lm, preference pairs for dpo), scored against each row's reference reply: exact match, token
         F1, ROUGE-L, BLEU, mean length, share ended with EOS; `replies` holds each row's prompt, reference and reply.
-        Greedy, or sampled as the run's eval.do_sample / temperature / top_p / train.seed say."""
+        Greedy, or sampled as the run's eval.do_sample / temperature / top_p / train.seed say. `judge`: what also
+        scores each reply, as eval.judge takes it (a reward-model run, or a function 'module:function' /
+        'file.py:function', which runs your code): each reply's score as its "judge" and their mean as judge_mean."""
         if not self.task.GENERATES:
             raise TunelabError(f"'{self.dir}' is a {self.cfg.task.type} run, which writes no replies: use `tunelab "
                                f"eval RUN FILE` without --generate (TunedModel.evaluate).")
+        scorer = usercode.judge(judge, "--judge", reward_scorer) if judge else None  # a wrong name costs no replies
         rows = self.task.read_generation(path, self.cfg, text_field)
         prompts = self.task.generation_rows(rows[:n] if n else rows, self.tokenizer, self.info)
         eval_cfg = self.cfg.eval.model_copy(update={"max_new_tokens": max_new_tokens or self.cfg.eval.max_new_tokens})
         replies = generative.generate(self.task, self.model, self.tokenizer, prompts, self.info, eval_cfg,
                                       self.cfg.train.seed, self.device, batch_size or self.cfg.eval.batch_size)
-        return {**generative.score(prompts, replies), "replies": [{**p, **r} for p, r in zip(prompts, replies)]}
+        out = {**generative.score(prompts, replies), "replies": [{**p, **r} for p, r in zip(prompts, replies)]}
+        if scorer is not None:
+            scores = scorer(prompts, [r["reply"] for r in replies], f"the run's replies to the prompts of '{path}'")
+            for r, s in zip(out["replies"], scores):
+                r["judge"] = s
+            out["judge_mean"] = sum(scores) / len(scores)
+        return out
 
 
 def base_of(model_cfg) -> tuple:

@@ -39,6 +39,7 @@ from . import config as config_mod
 from .config import Config
 from .data import hub as data_hub
 from .errors import TunelabError
+from .evaluate import usercode
 from .report import card
 from .training import checkpoint, distributed, logs
 
@@ -168,8 +169,11 @@ def inputs(cfg) -> list[tuple[str, str]]:
     task = cfg.task
     if task is not None and getattr(task, "reward_model", None):
         found.append(("task.reward_model", task.reward_model))
-    if task is not None and getattr(task, "reward_function", None) and ".py:" in task.reward_function:
-        found.append(("task.reward_function", task.reward_function.rsplit(":", 1)[0]))
+    if task is not None and getattr(task, "reward_function", None) and usercode.source_file(task.reward_function):
+        found.append(("task.reward_function", usercode.source_file(task.reward_function)))
+    judge = cfg.eval.judge  # a reward run's directory, or the .py file of 'file.py:function'
+    if judge and (usercode.is_run(judge) or usercode.source_file(judge)):
+        found.append(("eval.judge", judge if usercode.is_run(judge) else usercode.source_file(judge)))
     return found
 
 
@@ -478,16 +482,37 @@ def resolve_paths(cfg: Config, run_dir: Path, source=None, data_report: dict | N
         cfg.model.revision = source.revision
     if data_report is not None and cfg.data is not None and data_hub.pinned(data_report):
         cfg.data.dataset_revision = data_hub.pinned(data_report)
-    if Path(cfg.model.path).exists():
-        cfg.model.path = str(Path(cfg.model.path).resolve())
-    if getattr(cfg.method, "init_from", None) and Path(cfg.method.init_from).exists():
-        cfg.method.init_from = str(Path(cfg.method.init_from).resolve())
+    cfg.model.path = absolute(cfg.model.path)
+    if getattr(cfg.method, "init_from", None):
+        cfg.method.init_from = absolute(cfg.method.init_from)
     for data_cfg in [cfg.data] if cfg.data is not None else [t.data for t in cfg.tasks]:
         for key in ("train", "validation", "test"):
-            value = getattr(data_cfg, key)
-            if value and Path(value).exists():
-                setattr(data_cfg, key, str(Path(value).resolve()))
+            if getattr(data_cfg, key):
+                setattr(data_cfg, key, absolute(getattr(data_cfg, key)))
+    if cfg.eval.forgetting not in (None, "auto", "none"):
+        cfg.eval.forgetting = absolute(cfg.eval.forgetting)
+    task = cfg.task
+    if task is not None and getattr(task, "reward_model", None):
+        task.reward_model = absolute(task.reward_model)
+    if task is not None and getattr(task, "reward_function", None):
+        task.reward_function = absolute_code(task.reward_function)
+    if cfg.eval.judge:  # a reward run's directory, or a function
+        cfg.eval.judge = absolute(cfg.eval.judge) if usercode.is_run(cfg.eval.judge) else absolute_code(cfg.eval.judge)
     return cfg
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute ('~' expanded) when it names something that exists; anything else (a Hub id, a name of
+    an in-memory dataset) as it is."""
+    found = expand(path)
+    return str(found.resolve()) if found.exists() else path
+
+
+def absolute_code(spec: str) -> str:
+    """'file.py:function' with the file's path absolute when it exists; 'module:function' (found by import) as it
+    is."""
+    file = usercode.source_file(spec)
+    return f"{absolute(file)}:{spec.rpartition(':')[2]}" if file else spec
 
 
 def seed_everything(seed: int) -> None:

@@ -148,14 +148,15 @@ def _generation(summary: dict, path: Path) -> str:
              "eval.max_new_tokens.</p>")
     scores = _score_table(h.as_dict(gen.get("base")), {}, h.as_dict(gen.get("tuned")))
     verdicts = h.as_dict(gen.get("judge"))
-    if verdicts:  # eval.judge: a reward model's scores of the same replies
+    if verdicts:  # eval.judge: a reward model's or the user's function's scores of the same replies
         table = []
         for split, v in verdicts.items():
             v = h.as_dict(v)
             wins = v.get("win_rate")
             table.append([split, v.get("base_mean"), v.get("tuned_mean"), h.pct(100 * wins) if h.scalar(wins) else None])
         scores += h.table(["split", "judge: base mean", "tuned mean", "tuned wins"], table,
-                          caption="judge (eval.judge): the reward model's score of each reply; ties count half a win")
+                          caption="judge (eval.judge: a reward-model run or a Python function): the judge's score of "
+                                  "each reply; ties count half a win")
     if not path.is_file():
         return intro + scores + h.note("No generations.json in this run: the replies themselves are not shown.")
     data = h.as_dict(_read_json(path))
