@@ -113,6 +113,13 @@ def test_cached_batched_generation_equals_full_forwards_one_prompt_at_a_time(arc
     handle.remove()
     assert lengths.count(1) == 3 * (NEW_TOKENS - 1)  # the streaming path uses the cache too
 
+    # transformers' generate without the cache (a user's call) hands each full forward the last one's cache back.
+    ids = torch.tensor([tok(prompts[0], add_special_tokens=info["task"] == "causal_lm")["input_ids"]])
+    with torch.no_grad():
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(uncached[0, ids.shape[1]:], skip_special_tokens=True).strip() == expected[0]
+
 
 def test_disabled_virtual_tokens_generate_what_the_base_does(tiny_chat_llama):
     """With the adapter disabled, the cached, batched path is the base model's (the hooks step aside at every call)."""

@@ -114,8 +114,12 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def _cached(kwargs: dict) -> int:
-    """How many positions the call's cache holds already (0 without one: training, or generation's prefill)."""
+    """How many positions the call's cache holds already (0 without one: training, or generation's prefill).
+    A cache the hooks filled that comes back to a call that wants none is dropped: generate with use_cache=False
+    hands each full forward the previous one's cache, which would put every token in front of itself again."""
     past = kwargs.get("past_key_values")
+    if past is not None and kwargs.get("use_cache") is False and hasattr(past, MARK):
+        kwargs["past_key_values"] = past = None
     return past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
 
 
