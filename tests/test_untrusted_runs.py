@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -190,3 +191,82 @@ def test_the_readme_says_what_runs_code():
     for words in ("task.reward_function", "eval.judge", "model.trust_remote_code", "--trust-remote-code", "--allow-pickle",
                   "model.allow_pickle", "never turn"):
         assert words in section, words
+
+
+# -- --resume: the run's config.yaml is the only recipe, so its switches must not count either ----------------------
+
+def stopped_run(tmp_path: Path, base: Path, *switches: str) -> Path:
+    """A LoRA run on `base`, trained with `switches` on, as it is when it dies after its second checkpoint."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=1))
+    run = tunelab.train(None, [f"model.path={base}", f"data.train={train}", "method.name=lora", *QUIET[:-1],
+                               "train.max_steps=4", "train.checkpoint_every=1", "train.keep_finished_checkpoints=true",
+                               *switches, f"output_dir={tmp_path / 'whole'}"]).dir
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    for step in sorted((stopped / "checkpoints").glob("step-*"))[2:]:
+        shutil.rmtree(step)
+    (stopped / "summary.json").unlink()
+    return stopped
+
+
+def tree(folder: Path) -> dict:
+    """Every file and folder under `folder` with its bytes and modification time: what a refusal must not change."""
+    return {str(p.relative_to(folder)): (p.is_file() and p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def forget_code() -> None:
+    """Drop the planted module from this process, as a new process would start: transformers runs a module it
+    has imported once again only when its file changed."""
+    for name in [n for n in sys.modules if n.startswith("transformers_modules.") and n.endswith(".configuration_evil")]:
+        del sys.modules[name]
+
+
+def test_resume_needs_the_flag_for_code(tiny_bert, tmp_path, cli_run):
+    """A run trained with its base's code (model.trust_remote_code: true, as someone handing it over had it): --resume
+    without --trust-remote-code refuses before reading, loading or writing anything; with it, the run finishes."""
+    base, marker = tmp_path / "base", tmp_path / "MARKER"
+    shutil.copytree(tiny_bert, base)
+    plant_code(base, marker)
+    run = stopped_run(tmp_path, base, "model.trust_remote_code=true")
+    marker.unlink()
+    forget_code()
+    before = tree(run)
+    r = cli_run("train", "--resume", run)
+    assert r.code == 2 and "Traceback" not in r.err, r.err
+    assert r.err.startswith("error: ") and r.err.strip().count("\n") == 0, r.err
+    assert "--trust-remote-code" in r.err and "configuration_evil.EvilConfig" in r.err and str(run) in r.err
+    with pytest.raises(tunelab.TunelabError, match="trust_remote_code=True for tunelab.resume"):
+        tunelab.resume(run)
+    assert not marker.exists() and tree(run) == before
+    r = cli_run("train", "--resume", run, "--trust-remote-code")
+    assert r.code == 0, r.err
+    assert marker.exists() and (run / "summary.json").is_file()  # the switches replaced in memory: no "changed since"
+
+
+def test_resume_needs_the_flag_for_pickles(tiny_bert, tmp_path, cli_run):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert, base)
+    pickle_weights(base)
+    run = stopped_run(tmp_path, base, "model.allow_pickle=true")
+    before = tree(run)
+    r = cli_run("train", "--resume", run)
+    assert r.code == 2 and "Traceback" not in r.err and r.err.strip().count("\n") == 0, r.err
+    assert "--allow-pickle" in r.err and "pytorch_model.bin" in r.err and str(run) in r.err
+    assert tree(run) == before
+    assert tunelab.resume(run, allow_pickle=True).summary["steps"] == 4
+
+
+def test_train_trust_remote_code_is_the_recipe_key(tiny_bert, tmp_path, cli_run):
+    """On a new run, --trust-remote-code is model.trust_remote_code=true, as --allow-pickle is model.allow_pickle=true."""
+    base, marker = tmp_path / "base", tmp_path / "MARKER"
+    shutil.copytree(tiny_bert, base)
+    plant_code(base, marker)
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=1))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(base)}, "data": {"train": str(train)}}))
+    r = cli_run("train", recipe, *QUIET, f"output_dir={tmp_path / 'a'}")  # config.json's model_type: plain BERT
+    assert r.code == 0 and not marker.exists(), r.err
+    r = cli_run("train", recipe, *QUIET, f"output_dir={tmp_path / 'b'}", "--trust-remote-code")
+    assert r.code == 0 and marker.exists(), r.err
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["model"]["trust_remote_code"] is True

@@ -53,16 +53,25 @@ def train(recipe: str | Path | None = None, overrides: list[str] | None = None, 
     return pipeline.train(cfg, overwrite=overwrite, recipe_name=Path(recipe).stem if recipe else "run")
 
 
-def resume(run_dir: str | Path, anyway: bool = False, data=None):
+def resume(run_dir: str | Path, anyway: bool = False, data=None, *, trust_remote_code: bool = False,
+           allow_pickle: bool = False):
     """Continue an unfinished run from its last good checkpoint, exactly where it stopped. A run whose config.yaml,
     data files or model changed since that checkpoint is refused, naming what changed, unless `anyway`. `data`: the
-    datasets a run trained on in memory (as given to `train`), which config.yaml names but cannot hold."""
-    from . import config, pipeline, runs
+    datasets a run trained on in memory (as given to `train`), which config.yaml names but cannot hold.
+
+    The run's model.trust_remote_code and model.allow_pickle (its config.yaml) are ignored, as tunelab.load ignores
+    them: a run folder, perhaps someone else's, runs no code and loads no pickles unless you pass
+    `trust_remote_code=True` / `allow_pickle=True` here (`--trust-remote-code` / `--allow-pickle` with --resume). A
+    run whose model needs either is refused, naming it, before anything is loaded or written."""
+    from . import config, pipeline, predict, runs
     from .data import hub
 
     given = hub.overrides(data)
     runs.check_resumable(Path(run_dir), anyway)
     cfg = config.load(Path(run_dir) / "config.yaml", [])
+    # Only the copy in memory takes the caller's switches: config.yaml, which the checkpoints' fingerprints are
+    # compared with, stays as the run wrote it.
+    predict.own_switches(cfg, Path(run_dir), trust_remote_code, allow_pickle, resuming=True)
     hub.check_resumed(given, cfg.data)
     return pipeline.train(cfg, resume=Path(run_dir))
 

@@ -21,6 +21,16 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
 
+def trust_code_option():
+    return typer.Option(False, "--trust-remote-code", help="Run the Python code the model folder names (auto_map in "
+                        "its config.json): only for a run you trust. A run's own config.yaml never turns this on.")
+
+
+def allow_pickle_option():
+    return typer.Option(False, "--allow-pickle", help="Also load weights stored as pickle (.bin/.pt), which can run "
+                        "code when loaded: only for a run you trust. A run's own config.yaml never turns this on.")
+
+
 @app.command()
 def train(
     recipe: Optional[Path] = typer.Argument(None, help="YAML recipe, e.g. configs/classification/minilm-lora.yaml"),
@@ -31,8 +41,8 @@ def train(
     resume_anyway: bool = typer.Option(False, "--resume-anyway", help="With --resume: go on even though config.yaml, "
                                        "a data file or the model changed since the checkpoint was written (by default "
                                        "such a resume is refused, naming what changed)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load model weights stored as pickle "
-                                      "(.bin/.pt), which can run code when loaded: only for files you trust."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Train in this many processes on this machine (torchrun "
                               "--nproc-per-node N; gloo on CPU, nccl on GPU). Several machines: run torchrun yourself."),
 ):
@@ -53,7 +63,9 @@ def train(
         if recipe is not None or overrides:
             raise TunelabError(f"--resume {resume} continues that run with its own config.yaml; give no recipe or "
                                f"overrides with it (edit {resume / 'config.yaml'} to change a setting).")
-        run = tunelab.resume(resume, anyway=resume_anyway)
+        # the run folder's own model.trust_remote_code / allow_pickle do not count, only these flags
+        run = tunelab.resume(resume, anyway=resume_anyway, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle)
     elif resume_anyway:
         raise TunelabError("--resume-anyway goes with --resume RUN_DIR: it lets a run whose config.yaml, data or model "
                            "changed since its last checkpoint go on. Give --resume RUN_DIR too, or leave it out.")
@@ -61,19 +73,10 @@ def train(
         raise TunelabError("Give a recipe (`tunelab train configs/classification/minilm-lora.yaml`), or "
                            "--resume RUN_DIR to continue a run that stopped.")
     else:
-        run = tunelab.train(recipe, [*(overrides or []), *(["model.allow_pickle=true"] if allow_pickle else [])],
-                            overwrite=overwrite)
+        switches = [f"model.{k}=true" for k, on in (("trust_remote_code", trust_remote_code),
+                                                    ("allow_pickle", allow_pickle)) if on]
+        run = tunelab.train(recipe, [*(overrides or []), *switches], overwrite=overwrite)
     typer.echo(f"run directory: {run.dir}")
-
-
-def trust_code_option():
-    return typer.Option(False, "--trust-remote-code", help="Run the Python code the model folder names (auto_map in "
-                        "its config.json): only for a run you trust. A run's own config.yaml never turns this on.")
-
-
-def allow_pickle_option():
-    return typer.Option(False, "--allow-pickle", help="Also load weights stored as pickle (.bin/.pt), which can run "
-                        "code when loaded: only for a run you trust. A run's own config.yaml never turns this on.")
 
 
 @app.command()

@@ -27,7 +27,7 @@ class TunedModel:
                  trust_remote_code: bool = False, allow_pickle: bool = False):
         self.dir = Path(run_dir)
         self.cfg, self.info = read_run(self.dir)
-        _own_switches(self.cfg, self.dir, trust_remote_code, allow_pickle)
+        own_switches(self.cfg, self.dir, trust_remote_code, allow_pickle)
         versions.check(self.dir, "loading", lambda msg: print(msg, file=sys.stderr, flush=True))
         if self.cfg.tasks is None:
             self._setup(device)
@@ -308,26 +308,42 @@ def read_run(run_dir: Path) -> tuple:
     return config_mod.load(run_dir / "config.yaml"), json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
 
 
-def _own_switches(cfg, run_dir: Path, trust_remote_code: bool, allow_pickle: bool) -> None:
+def own_switches(cfg, run_dir: Path, trust_remote_code: bool, allow_pickle: bool, resuming: bool = False) -> None:
     """Put the caller's trust_remote_code / allow_pickle in place of the run's own: a run folder, perhaps someone
-    else's, never turns on code or pickles by itself. A run trained with custom code says which flag loads it."""
-    wanted = cfg.model.trust_remote_code
+    else's, never turns on code or pickles by itself. A run trained with custom code says which flag loads it; one
+    that is `resuming` (`tunelab train --resume`) says so for pickled base weights too, before its data are read or
+    its checkpoints touched (a finished run being loaded meets models.refuse_pickle before anything else anyway)."""
+    check_code = cfg.model.trust_remote_code and not trust_remote_code
+    check_pickle = resuming and cfg.model.allow_pickle and not allow_pickle
     cfg.model.trust_remote_code, cfg.model.allow_pickle = trust_remote_code, allow_pickle
-    if not wanted or trust_remote_code:
+    if not (check_code or check_pickle):
         return
     base = Path(cfg.model.path).expanduser()
     if hub.is_hub_id(cfg.model.path):  # its code, if the cache has it (nothing is downloaded to find out)
         base = hub.cached(cfg.model.path, cfg.model.revision) or base
-    folders = [run_dir / "model", run_dir / "adapter", *sorted(run_dir.glob("tasks/*/model")),
-               base / "model" if models.is_run_dir(base) else base]
-    code = sorted({c for folder in folders for c in models.custom_code(folder)})
+    base = base / "model" if models.is_run_dir(base) else base
+    folders = [run_dir / "model", run_dir / "adapter", *sorted(run_dir.glob("tasks/*/model")), base]
+    code = sorted({c for folder in folders for c in models.custom_code(folder)}) if check_code else []
     if code:
+        how = ("--trust-remote-code to `tunelab train --resume` (trust_remote_code=True for tunelab.resume); its "
+               "checkpoints were trained with that code, so there is no resuming without it" if resuming else
+               "--trust-remote-code (trust_remote_code=True for tunelab.load; for a run used as model.path, "
+               f"model.trust_remote_code: true in your recipe), or set model.trust_remote_code: false in "
+               f"'{run_dir / 'config.yaml'}' to load it without that code")
         raise TunelabError(
             f"The run '{run_dir}' was trained with model.trust_remote_code=true (its config.yaml), and its model "
             f"names Python code to run ({', '.join(code[:3])}). A run folder never turns that on by itself: if you "
-            f"trust this run and its code, pass --trust-remote-code (trust_remote_code=True for tunelab.load; for a "
-            f"run used as model.path, model.trust_remote_code: true in your recipe), or set model.trust_remote_code: "
-            f"false in '{run_dir / 'config.yaml'}' to load it without that code.")
+            f"trust this run and its code, pass {how}.")
+    if check_pickle and base.is_dir():
+        try:
+            models.refuse_pickle(base, False)  # what loading would refuse, said here before anything is read
+        except TunelabError:
+            pickles = sorted(p.name for p in base.iterdir() if p.suffix in hub.PICKLE_SUFFIXES)
+            raise TunelabError(
+                f"The run '{run_dir}' was trained with model.allow_pickle=true (its config.yaml), and its base model "
+                f"'{base}' has its weights only as pickle files ({', '.join(pickles[:3])}), which can run code when "
+                f"loaded. A run folder never turns that on by itself: if you trust this run and those files, pass "
+                f"--allow-pickle to `tunelab train --resume` (allow_pickle=True for tunelab.resume).") from None
 
 
 def load(run_dir: str | Path, device: str | None = None, task: str | None = None, *, trust_remote_code: bool = False,
