@@ -110,7 +110,8 @@ def gguf(run, out: Path, quant: str, final: Path) -> dict:
     tokenizer, template = run.tokenizer, run.info.get("template")
     chat_template = None if run.cfg.task.type == "causal_lm" else (
         chat.ALPACA_JINJA if template == "alpaca" else tokenizer.chat_template)
-    name = f"{final.name}-{quant}.gguf"
+    stem = final.name if final.name.lower().endswith(quant) else f"{final.name}-{quant}"
+    name = f"{stem}.gguf"
     base, _ = card.base_model(run.cfg, card.inputs(run.dir)[2])
     written = gguf_export.write(model, tokenizer, out / name, quant, name=final.name, chat_template=chat_template,
                                 base_model=base, licence=card.licence(run.cfg))
