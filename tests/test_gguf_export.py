@@ -327,6 +327,24 @@ def test_an_alpaca_run_gets_its_template_as_jinja_and_in_the_modelfile(tiny_chat
                 chat.render(done, "alpaca", tok, False)[0]
 
 
+def test_a_system_prompt_every_training_row_had_becomes_the_modelfiles_system(tiny_chat_llama, tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "Answer in one sentence."}] + r["messages"]}
+            for r in make_chat_rows(160, seed=3)]
+    run = _train(tmp_path, tiny_chat_llama, rows=rows)
+    out = export.run(run.dir, tmp_path / "sys", fmt="gguf", quant="f32")
+    template, system, _ = _modelfile(out)
+    assert system == "Answer in one sentence."
+    info = json.loads((out / "tunelab_export.json").read_text())["gguf"]["modelfile"]
+    assert info["system_from"] == "training data"
+    tok = tunelab.load(run.dir).tokenizer
+    asked = rows[0]["messages"][1:2]  # the user's question alone: Ollama puts SYSTEM first, as training had it
+    assert go_template(template, asked, system) == chat.render(rows[0]["messages"][:2], "chat", tok, True)[0]
+
+    rows[0]["messages"][0]["content"] = "Something else."  # no longer every row's: no SYSTEM line
+    run = _train(tmp_path, tiny_chat_llama, rows=rows, name="run2")
+    assert _modelfile(export.run(run.dir, tmp_path / "nosys", fmt="gguf", quant="f32"))[1] is None
+
+
 def test_a_default_system_prompt_becomes_the_modelfiles_system():
     system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

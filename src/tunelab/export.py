@@ -100,6 +100,21 @@ def sentence_transformers(run, out: Path) -> Path:
     return out
 
 
+def training_system(run) -> str | None:
+    """The system message every training conversation starts with, where the run's train file is here to read: a
+    model tuned with one should be prompted with it, so it becomes the Modelfile's SYSTEM."""
+    source = run.cfg.data.train
+    if not isinstance(source, str) or not Path(source).expanduser().is_file():
+        return None  # a Hub dataset, a save_to_disk folder, a file since moved: the template's default stands
+    try:
+        rows = run.task.read_generation(Path(source).expanduser(), run.cfg, None)
+    except TunelabError:
+        return None
+    firsts = {r["messages"][0]["content"] if r.get("messages") and r["messages"][0]["role"] == "system" else None
+              for r in rows}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
 def gguf(run, out: Path, quant: str, final: Path) -> dict:
     """The run merged and written as OUT/<name>-<quant>.gguf, with a Modelfile for Ollama; returns what was written."""
     if not run.task.GENERATES:
@@ -118,12 +133,17 @@ def gguf(run, out: Path, quant: str, final: Path) -> dict:
     eos = tokenizer.eos_token or ""
     recognised = ollama.recognise(lambda messages: chat.render(messages, template, tokenizer, True)[0], eos) \
         if chat_template else ollama.Recognised(None, None)
+    trained_with = training_system(run)
+    if trained_with is not None:
+        recognised = ollama.Recognised(recognised.format, trained_with)
     stops = list(dict.fromkeys(([t for t in ("<|im_end|>",) if recognised.format is ollama.CHATML]) + [eos]))
     text, warning = ollama.modelfile(name, recognised, [s for s in stops if s], eos, chat_template,
                                      chat=chat_template is not None)
     (out / "Modelfile").write_text(text, encoding="utf-8")
     return {**written, "file": name, "modelfile": {"format": recognised.format.name if recognised.format else None,
-                                                   "system": recognised.system, "stops": stops, "warning": warning},
+                                                   "system": recognised.system, "stops": stops, "warning": warning,
+                                                   "system_from": "training data" if trained_with is not None else
+                                                   "chat template" if recognised.system else None},
             "seconds": round(time.perf_counter() - start, 1)}
 
 
