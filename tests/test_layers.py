@@ -63,6 +63,7 @@ LAYERS = {
     "tunelab.advise": 9,
     "tunelab.importer": 9,
     "tunelab.inspect": 9,
+    "tunelab.serve": 9,  # tunelab serve: runs behind an OpenAI-compatible HTTP API (FastAPI only in here)
     # L10: argument parsing and printing; the public API
     "tunelab.cli": 10,
     "tunelab.__main__": 10,

@@ -1,4 +1,4 @@
-"""`tunelab train|compare|advise|report|predict|embed|search|generate|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
+"""`tunelab train|compare|advise|report|predict|embed|search|generate|serve|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
 
 from __future__ import annotations
 
@@ -357,6 +357,34 @@ def generate(
     else:
         atomic.write_text(output, lines, "the --output file")
         typer.echo(f"{len(replies)} replies -> {output}", err=True)
+
+
+@app.command()
+def serve(
+    runs: List[Path] = typer.Argument(..., help="Finished run directories (or plain model folders) to serve; each is "
+                                      "the model id of its folder name. Adapter runs on one base share one copy."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNELAB_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on every request."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Most rows (prompts x n, or texts) in one batch."),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", min=0.0, help="How long the first request "
+                                          "of a batch waits for others to join it, in milliseconds."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests that may wait; one more gets 429."),
+    timeout: float = typer.Option(300.0, "--timeout", min=0.001, help="Seconds a request may take, queue included."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
+):
+    """Serve runs over an OpenAI-compatible HTTP API (chat/completions, completions, embeddings, predict)."""
+    from . import serve as serve_pkg
+
+    serve_pkg.check_installed()
+    from .serve import app as serve_app
+    from .serve import engine
+
+    settings = engine.Settings(max_batch=max_batch, batch_window=batch_window_ms / 1000, max_queue=max_queue,
+                               timeout=timeout)
+    serve_app.serve(runs, host, port, api_key, settings, trust_remote_code, allow_pickle)
 
 
 @app.command("eval")

@@ -266,17 +266,23 @@ def prompt_text(messages: list[dict], tokenizer, info: dict) -> str:
     return chat.render(messages, info.get("template", "alpaca"), tokenizer, add_generation_prompt=True)[0]
 
 
-def _generation_limit(model, tokenizer) -> int:
+def generation_limit(model, tokenizer) -> int:
+    """How many tokens prompt and reply may hold together: the model's positions less its virtual tokens."""
     virtual = getattr(model, "prompt_encoder", None)  # prompt / P-tuning / prefix positions come first
     reserved = 0 if virtual is None else int(virtual().shape[0])
     return models.max_input_length(model, tokenizer, 1 << 30, reserved)
 
 
-def _prompt_ids(text: str, tokenizer, info: dict, limit: int, max_new_tokens: int) -> list[int]:
+def prompt_ids(text: str, tokenizer, info: dict) -> list[int]:
+    """The token ids of a rendered prompt, uncut: special tokens added where the template does not write them
+    itself (Alpaca and plain text get the tokenizer's BOS; a chat template writes its own)."""
     add_special = info.get("template") == "alpaca" or info.get("task") == "causal_lm"
-    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def _prompt_ids(text: str, tokenizer, info: dict, limit: int, max_new_tokens: int) -> list[int]:
     # Prompt + reply must fit the model's positions: keep the prompt's end, leave room for the reply.
-    return ids[-max(1, limit - min(max_new_tokens, limit // 2)):]
+    return prompt_ids(text, tokenizer, info)[-max(1, limit - min(max_new_tokens, limit // 2)):]
 
 
 def _decoding(tokenizer, temperature: float, top_p: float) -> dict:
@@ -296,7 +302,7 @@ def generate(model, tokenizer, prompts: list[str], info: dict, max_new_tokens: i
     was_training = model.training
     model.eval()
     out = []
-    limit = _generation_limit(model, tokenizer)
+    limit = generation_limit(model, tokenizer)
     for text in prompts:
         ids = torch.tensor([_prompt_ids(text, tokenizer, info, limit, max_new_tokens)], device=device or "cpu")
         seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
@@ -316,7 +322,7 @@ def generate_replies(model, tokenizer, prompts: list[str], info: dict, max_new_t
     pads, and give the real tokens the positions they had in training (methods/virtual_tokens.py)."""
     was_training = model.training
     model.eval()
-    limit = _generation_limit(model, tokenizer)
+    limit = generation_limit(model, tokenizer)
     encoded = [_prompt_ids(text, tokenizer, info, limit, max_new_tokens) for text in prompts]
     size = max(1, batch_size)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
