@@ -256,8 +256,9 @@ def create_app(engine: eng.Engine, api_key: str | None = None) -> FastAPI:
                     break
             try:
                 out = job.result.result()
-            except eng.ClientError as e:
-                yield sse({"error": {"message": e.message, "type": "server_error", "param": e.param, "code": e.code}})
+            except Exception as e:  # noqa: BLE001 - a timeout, or a failure the worker logged: said in the stream
+                message, code = (e.message, e.code) if isinstance(e, eng.ClientError) else (str(e), None)
+                yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
                 done = True
                 return
             if req.stream_options and req.stream_options.include_usage:
