@@ -407,3 +407,17 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(runs, expected):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_run_that_cannot_load_stops_the_server_with_its_error(runs, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(runs["sft"], tmp_path / "moved-base")
+    config = broken / "config.yaml"  # its base model (model.path, the only path: key) moved away
+    config.write_text("".join(line.split("path:")[0] + f"path: {tmp_path / 'gone'}\n" if "path:" in line else line
+                              for line in config.read_text().splitlines(keepends=True)))
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "serve", str(broken), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "error: The run" in proc.stderr and "base model could not be loaded" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -406,10 +406,11 @@ class Row:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """Greedy at temperature 0; else temperature, then nucleus (top_p), sampled with this row's generator."""
+    def pick(self, logits: torch.Tensor, greedy: int) -> int:
+        """`greedy` (the batch's argmax for this row) at temperature 0; else temperature, then nucleus (top_p),
+        sampled with this row's generator."""
         if self.generator is None:
-            return int(logits.argmax())
+            return greedy
         logits = logits.float().cpu() / self.temperature
         if self.top_p < 1.0:
             sorted_logits, order = logits.sort(descending=True)
@@ -483,12 +484,13 @@ def decode(model, rows: list[Row], eos: int | None, pad: int | None, device) -> 
     steps = max(r.max_tokens for r in rows)
     for _ in range(steps):
         logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # one device sync a step for every greedy row
         nxt = []
         for i, r in enumerate(rows):
             if r.done:
                 nxt.append(pad)
                 continue
-            token = r.pick(logits[i])
+            token = r.pick(logits[i], greedy[i])
             r.push(token, eos)
             nxt.append(token)
         if all(r.done for r in rows):
