@@ -57,6 +57,10 @@ def runs(tmp_path_factory, tiny_chat_llama, tiny_bert) -> dict[str, Path]:
                                          "train.lr=1e-2", "method.name=lora", "method.target_modules=all-linear",
                                          "train.max_steps=40", f"train.seed={seed}", *quick,
                                          f"output_dir={d / name}"]).dir
+    out["prefix"] = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={chat}", "task.type=sft",
+                                         "data.dedupe=false", "data.max_length=64", "train.batch_size=8",
+                                         "train.lr=1e-3", "method.name=prefix", "method.num_virtual_tokens=4",
+                                         "train.max_steps=2", *quick, f"output_dir={d / 'prefix'}"]).dir
     pairs = write_jsonl(d / "pairs.jsonl", [{"anchor": r["text"], "positive": r["text"]} for r in make_rows(24, seed=5)])
     out["emb"] = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={pairs}", "task.type=embedding",
                                       "method.name=lora", "train.max_steps=1", *quick, f"output_dir={d / 'emb'}"]).dir
@@ -108,7 +112,7 @@ def wait_ready(url: str, headers: dict | None = None, proc: subprocess.Popen | N
 
 @pytest.fixture(scope="module")
 def server(runs):
-    running = Running([runs["sft"], runs["sft2"], runs["emb"], runs["clf"]],
+    running = Running([runs["sft"], runs["sft2"], runs["prefix"], runs["emb"], runs["clf"]],
                       serve_engine.Settings(max_batch=16, batch_window=0.02, max_queue=64, timeout=120))
     yield running
     running.stop()
@@ -192,6 +196,21 @@ def test_completions_continue_the_text_as_given(server, expected):
     assert "".join(c.choices[0].text for c in streamed) == expected["sft"]["replies"][1]
 
 
+def test_a_virtual_token_run_in_a_left_padded_batch_writes_what_tunelab_generate_writes(server, runs):
+    """Prefix tuning's key/value prefix sits in front of the pads; texts of four lengths, sent at once."""
+    texts = ["hot cold big", "The opposite of up is", "small", "What is the opposite of fast? The opposite of"]
+    model = tunelab.load(runs["prefix"])
+    want = causal_lm.generate(model.model, model.tokenizer, texts, model.info, NEW_TOKENS)
+    assert len(set(want)) == len(want) and all(want)
+    client = server.client()
+    with ThreadPoolExecutor(len(texts)) as pool:
+        got = list(pool.map(lambda t: client.completions.create(model="prefix", prompt=t, temperature=0,
+                                                                  max_tokens=NEW_TOKENS).choices[0].text, texts))
+    assert got == want
+    batched = client.completions.create(model="prefix", prompt=texts, temperature=0, max_tokens=NEW_TOKENS)
+    assert [c.text for c in sorted(batched.choices, key=lambda c: c.index)] == want  # one request, one batch
+
+
 def test_sampling_is_seeded_per_request_and_stop_strings_cut_the_reply(server, expected):
     client = server.client()
     kw = dict(model="sft", messages=CONVERSATIONS[0], temperature=1.0, top_p=0.9, max_tokens=NEW_TOKENS, n=3)
@@ -243,9 +262,10 @@ def test_predict_equals_tunelab_predict(server, runs, cli_run):
 
 def test_models_lists_each_run_by_folder_name_and_adapters_share_one_base(server):
     listed = server.client().models.list().data
-    assert [m.id for m in listed] == ["sft", "sft2", "emb", "clf"]
+    assert [m.id for m in listed] == ["sft", "sft2", "prefix", "emb", "clf"]
     m = server.engine.models
     assert m["sft"].model is m["sft2"].model and m["sft"].adapter != m["sft2"].adapter
+    assert m["prefix"].model is not m["sft"].model  # virtual tokens: loaded on their own
     assert m["emb"].model is not m["clf"].model  # another task: loaded on its own
     assert httpx.get(f"{server.url}/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
@@ -300,7 +320,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_times_out(
 
 BAD = [  # (request body or raw text, status, param, words the message has)
     ("{not json", 400, None, ["not valid JSON"]),
-    ({"model": "nope", "messages": CONVERSATIONS[0]}, 404, "model", ["'nope'", "sft, sft2, emb, clf"]),
+    ({"model": "nope", "messages": CONVERSATIONS[0]}, 404, "model", ["'nope'", "sft, sft2, prefix, emb, clf"]),
     ({"model": "sft", "messages": []}, 400, "messages", ["empty"]),
     ({"model": "sft", "messages": [{"role": "assistant", "content": "Hi."}]}, 400, "messages[0].role",
      ["'assistant'", "'user'"]),
