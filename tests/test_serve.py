@@ -111,8 +111,8 @@ def wait_ready(url: str, headers: dict | None = None, proc: subprocess.Popen | N
 
 
 @pytest.fixture(scope="module")
-def server(runs):
-    running = Running([runs["sft"], runs["sft2"], runs["prefix"], runs["emb"], runs["clf"]],
+def server(runs, tiny_chat_llama):
+    running = Running([runs["sft"], runs["sft2"], runs["prefix"], runs["emb"], runs["clf"], tiny_chat_llama],
                       serve_engine.Settings(max_batch=16, batch_window=0.02, max_queue=64, timeout=120))
     yield running
     running.stop()
@@ -164,6 +164,15 @@ def test_greedy_chat_completions_equal_tunelab_generate_with_usage(server, expec
             assert r.usage.completion_tokens == want["tokens"][i]  # EOS not counted
             assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
             assert r.model == name and r.object == "chat.completion"
+
+
+def test_a_plain_model_folder_is_served_as_tunelab_generate_reads_it(server, tiny_chat_llama, cli_run, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": c} for c in CONVERSATIONS[:3]])
+    r = cli_run("generate", tiny_chat_llama, "--input", prompts, "--max-new-tokens", NEW_TOKENS)
+    assert r.code == 0, r.err
+    want = [json.loads(line)["response"] for line in r.out.splitlines()]
+    client = server.client()
+    assert [chat(client, "tiny-chat-llama", c).choices[0].message.content for c in CONVERSATIONS[:3]] == want
 
 
 def test_streamed_chunks_concatenate_to_the_same_reply(server, expected):
@@ -262,7 +271,7 @@ def test_predict_equals_tunelab_predict(server, runs, cli_run):
 
 def test_models_lists_each_run_by_folder_name_and_adapters_share_one_base(server):
     listed = server.client().models.list().data
-    assert [m.id for m in listed] == ["sft", "sft2", "prefix", "emb", "clf"]
+    assert [m.id for m in listed] == ["sft", "sft2", "prefix", "emb", "clf", "tiny-chat-llama"]
     m = server.engine.models
     assert m["sft"].model is m["sft2"].model and m["sft"].adapter != m["sft2"].adapter
     assert m["prefix"].model is not m["sft"].model  # virtual tokens: loaded on their own
@@ -320,7 +329,7 @@ def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_times_out(
 
 BAD = [  # (request body or raw text, status, param, words the message has)
     ("{not json", 400, None, ["not valid JSON"]),
-    ({"model": "nope", "messages": CONVERSATIONS[0]}, 404, "model", ["'nope'", "sft, sft2, prefix, emb, clf"]),
+    ({"model": "nope", "messages": CONVERSATIONS[0]}, 404, "model", ["'nope'", "sft, sft2, prefix, emb, clf, tiny-chat-llama"]),
     ({"model": "sft", "messages": []}, 400, "messages", ["empty"]),
     ({"model": "sft", "messages": [{"role": "assistant", "content": "Hi."}]}, 400, "messages[0].role",
      ["'assistant'", "'user'"]),
