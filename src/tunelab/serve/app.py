@@ -244,7 +244,7 @@ def create_app(engine: eng.Engine, api_key: str | None = None) -> FastAPI:
         done = False
         try:
             if chat:
-                for i in range(len(payload_prompts(job)) * job.payload["n"]):
+                for i in range(job.rows()):  # every choice opens with the assistant's role, as OpenAI's do
                     yield chunk(i, {"role": "assistant", "content": ""})
             while True:
                 kind, index, value = await events.get()
@@ -317,10 +317,6 @@ def create_app(engine: eng.Engine, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "model": s.id, "data": await wait(job, job.result)}
 
     return app
-
-
-def payload_prompts(job: eng.Job) -> list:
-    return job.payload["prompts"]
 
 
 def check_roles(messages: list[dict]) -> None:
