@@ -346,6 +346,9 @@ BAD = [  # (request body or raw text, status, param, words the message has)
     ({"model": "sft", "messages": "hello"}, 400, "messages", ["list"]),
     ({"model": "sft", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", ["robot"]),
     ({"messages": CONVERSATIONS[0]}, 400, "model", ["required"]),
+    ({"model": "sft", "messages": CONVERSATIONS[0], "logprobs": True}, 400, "logprobs", ["not supported"]),
+    ({"model": "sft", "messages": CONVERSATIONS[0], "response_format": {"type": "json_object"}}, 400,
+     "response_format", ["not supported"]),
     ({"model": "clf", "messages": CONVERSATIONS[0]}, 400, "model", ["/v1/predict"]),
 ]
 

@@ -52,7 +52,11 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "echo", "suffix", "audio")
+
+
 class Sampling(Strict):
+    model_config = ConfigDict(strict=True, extra="allow")  # extras kept, to refuse the features not served
     model: str
     max_tokens: int | None = Field(None, description="Longest reply in tokens; default: what the context leaves.")
     temperature: float = Field(1.0, description="0 is greedy; OpenAI's default is 1.")
@@ -196,6 +200,14 @@ def create_app(engine: eng.Engine, api_key: str | None = None) -> FastAPI:
                                            for s in engine.models.values()]}
 
     def sampling(req: Sampling, prompts: list, chat: bool, max_tokens: int | None) -> dict:
+        extra = req.model_extra or {}
+        asked = [k for k in UNSUPPORTED if extra.get(k)]
+        fmt = extra.get("response_format")
+        if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            asked.append("response_format")
+        if asked:
+            raise eng.ClientError(f"'{asked[0]}' is not supported by tunelab serve: leave it out (the server "
+                                  f"writes plain text replies).", asked[0], code="unsupported_parameter")
         if max_tokens is not None and max_tokens < 1:
             raise eng.ClientError(f"max_tokens={max_tokens} is out of range: give at least 1.", "max_tokens")
         if not 0 <= req.temperature <= 2:
