@@ -55,3 +55,117 @@ def test_merge_keeps_earlier_scenarios_with_their_own_settings():
     assert merged["scenarios"]["lora-58m"]["measured"] == {"steps": 30, "repeats": 3, "bf16": False,
                                                           "date": "2026-11-20T10:00:00"}
     assert merged["settings"]["steps"] == 10 and earlier["scenarios"]["lora-58m"] == {"median": {"old": 1}}
+
+
+# -- bench/serve.py: the load harness's pure parts ------------------------------------------------------------
+
+def test_serve_percentile_is_numpy_linear_interpolation():
+    import math
+    import random
+
+    import numpy as np
+
+    from bench import serve
+
+    rng = random.Random(3)
+    for n in (1, 2, 3, 7, 32, 101):
+        values = [rng.uniform(0.01, 30.0) for _ in range(n)]
+        for q in (0, 5, 50, 90, 95, 99, 100):
+            assert serve.percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12)
+    assert serve.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # sorts, interpolates
+    assert math.isnan(serve.percentile([], 50))
+
+
+def _serve_runs():
+    def run(server, clients, rnd, texts, latencies, wall, **extra):
+        records = [{"latency_s": t, "text": x, "finish_reason": "stop" if len(x.split()) < 4 else "length",
+                    "usage_tokens": extra.get("usage")} if x is not None else {"error": "HTTP 500", "latency_s": t}
+                   for x, t in zip(texts, latencies)]
+        return {"server": server, "clients": clients, "round": rnd, "ok": True, "records": records, "wall_s": wall,
+                "ready_s": 5.0, "server_cpu_cores": 1.5, "other_cpu_cores": 0.5, "peak_rss_mb": extra.get("rss", 500.0)}
+
+    return [
+        run("transformers", 1, 0, ["a b", "c d e f g"], [1.0, 3.0], 4.0, usage=3, rss=1000.0),
+        run("tunelab", 1, 0, ["a b", "c d e f x"], [0.5, 1.5], 2.0, usage=3, rss=900.0),
+        run("llama.cpp", 1, 0, ["a b", "c d e f g"], [0.25, 0.75], 1.0, rss=400.0),
+        run("transformers", 1, 1, ["a b", "c d e f g"], [2.0, 4.0], 6.0, usage=3, rss=1100.0),
+        run("tunelab", 1, 1, ["a b", "c d e f g"], [0.5, 0.5], 1.0, usage=3, rss=950.0),
+        run("llama.cpp", 1, 1, ["a b", None], [0.25, 9.0], 1.0, rss=420.0),
+        {"server": "transformers", "clients": 4, "round": 0, "ok": False, "error": "not ready after 300 s",
+         "peak_rss_mb": 10.0},
+        run("tunelab", 4, 0, ["a b", "c d e f g"], [1.0, 1.0], 1.0, usage=3),
+    ]
+
+
+def test_serve_summary_pools_rounds_counts_tokens_and_compares_replies():
+    from bench import serve
+
+    count = lambda text, finish: len(text.split()) + (finish == "stop")  # noqa: E731
+    s = serve.summarize(_serve_runs(), count)
+    assert list(s) == [1, 4] and list(s[1]) == ["transformers", "tunelab", "llama.cpp"]
+    tf, tl, ll = s[1]["transformers"], s[1]["tunelab"], s[1]["llama.cpp"]
+    # 4 answers in 10 s; tokens: "a b" stopped (2 + end of turn), "c d e f g" hit the length (5): 2 x (3 + 5)
+    assert tf["requests_per_s"] == pytest.approx(0.4) and tf["tokens"] == 16 and tf["tokens_per_s"] == 1.6
+    assert tf["p50_s"] == pytest.approx(2.5) and tf["p95_s"] == pytest.approx(3.85)
+    assert tf["peak_rss_mb"] == 1100.0 and tf["usage_tokens"] == 12 and tf["same_as_reference"] == [4, 4]
+    assert tl["same_as_reference"] == [3, 4] and tl["requests_per_s"] == pytest.approx(4 / 3)
+    # a failed request is an error, not an answer; a server without usage says so
+    assert ll["requests"] == 3 and ll["errors"] == 1 and ll["usage_tokens"] is None
+    assert ll["same_as_reference"] == [3, 3] and ll["p95_s"] == pytest.approx(0.7)
+    assert s[4]["transformers"] == {"failed": "not ready after 300 s"} and s[4]["tunelab"]["same_as_reference"] is None
+
+    r = serve.ratios(s)
+    assert list(r) == [1] and set(r[1]) == {"transformers", "llama.cpp"}  # nothing to compare with at 4 clients
+    assert r[1]["transformers"]["tokens_per_s"] == pytest.approx(tl["tokens_per_s"] / 1.6)
+    assert r[1]["llama.cpp"]["peak_rss_mb"] == pytest.approx(950 / 420)
+
+    text = serve.table(s)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 5 and lines[0].startswith("| clients | server ")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| 0.40 " in lines[2] and "| 1.6 " in lines[2] and "| 1,100 MB " in lines[2] and "| 4/4 " in lines[2]
+    assert "FAILED: not ready after 300 s" in lines[5]
+    ratio_text = serve.ratio_table(s)
+    rows = ratio_text.splitlines()[2:]
+    assert len(rows) == 2 and rows[0].startswith("| 1       | tunelab / transformers |")
+    assert f"| {r[1]['transformers']['tokens_per_s']:.2f}x " in rows[0]
+    assert rows[1].startswith("| 1       | tunelab / llama.cpp ") and rows[1].split("|")[-2].strip() == f"{950 / 420:.2f}x"
+
+
+def test_serve_ratio_table_says_why_tunelab_is_pending():
+    from bench import serve
+
+    peers_only = [r for r in _serve_runs() if r["server"] != "tunelab"]
+    s = serve.summarize(peers_only, lambda text, finish: 1)
+    assert serve.ratios(s) == {}
+    assert serve.ratio_table(s, "`tunelab serve --help` exits 2") == \
+        "tunelab / peer: pending (`tunelab serve --help` exits 2)"
+
+
+def test_serve_tree_rss_counts_every_descendant():
+    import subprocess
+
+    import psutil
+
+    from bench import serve
+
+    # A sleeping child whose own child holds 64 MB it has written to (resident, not just reserved).
+    grandchild = "import time; b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(120)"
+    child = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+             "stdout=subprocess.PIPE, text=True); g.stdout.readline(); print(g.pid, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", child, grandchild], stdout=subprocess.PIPE, text=True)
+    try:
+        g = psutil.Process(int(proc.stdout.readline()))
+        c = psutil.Process(proc.pid)
+        own = [c.memory_info().rss / 2 ** 20, g.memory_info().rss / 2 ** 20]
+        tree = serve.tree_rss_mb(proc.pid)
+        # Both sleep, so their RSS stays put between the readings but for a page or so of the interpreter's own.
+        assert tree == pytest.approx(sum(own), abs=1.0)
+        assert own[1] > 64 and tree > own[0] + 64
+        assert serve.tree_rss_mb(g.pid) == pytest.approx(own[1], abs=1.0)
+    finally:
+        for p in (psutil.Process(proc.pid).children(recursive=True)):
+            p.kill()
+        proc.kill()
+        proc.wait()
+    assert serve.tree_rss_mb(proc.pid) == 0.0  # gone: nothing to count, no error
