@@ -453,3 +453,22 @@ def test_a_run_that_cannot_load_stops_the_server_with_its_error(runs, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error: The run" in proc.stderr and "base model could not be loaded" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_folder_cannot_turn_on_its_models_code(runs, tiny_bert, tmp_path):
+    """The trust rules of `tunelab predict`: the run's own model.trust_remote_code is ignored, the caller's flag
+    (--trust-remote-code to `tunelab serve`) counts."""
+    import shutil
+
+    from test_untrusted_runs import plant_code, turn_on
+
+    run, base, marker = tmp_path / "handed-over", tmp_path / "base", tmp_path / "MARKER"
+    shutil.copytree(runs["clf"], run)
+    shutil.copytree(tiny_bert, base)
+    turn_on(run, trust_remote_code=True, path=str(base))
+    plant_code(base, marker)
+    with pytest.raises(tunelab.TunelabError, match="--trust-remote-code"):
+        serve_engine.load([run])
+    assert not marker.exists()
+    assert serve_engine.load([run], trust_remote_code=True)["handed-over"].kind == serve_engine.PREDICT
+    assert marker.exists()
