@@ -481,12 +481,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping tunelab: {pending}; its column is pending", flush=True)
             servers.remove("tunelab")
     model = prepare_model(args.run.resolve(), args.workdir, args.quant)
+    # tunelab's server is the code in this checkout when each server starts: say which, uncommitted edits included
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    tunelab_commit = git("rev-parse", "--short", "HEAD") + (" + edits in src/tunelab" if git(
+        "status", "--porcelain", "--", "src/tunelab") else "")
     prompts = questions(n_prompts)
     count = token_counter(model["merged"])
     print(f"{len(servers)} servers ({', '.join(servers)}), {n_prompts} prompts, clients {levels}, {args.rounds} "
           f"round(s), greedy, max_tokens {args.max_tokens}, {args.threads} threads per server "
           f"(OMP_NUM_THREADS/MKL_NUM_THREADS={args.threads} for the torch servers, n_threads={args.threads} for "
-          f"llama.cpp); this machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"llama.cpp); tunelab at {tunelab_commit}; this machine: {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
 
     runs = []
     for rnd in range(args.rounds):
@@ -506,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['log_tail']}", flush=True)
 
     summary = report(runs, count, pending)
-    machine = {**describe_machine(), "threads_per_server": args.threads}
+    machine = {**describe_machine(), "threads_per_server": args.threads, "tunelab_commit": tunelab_commit}
     for package in ("llama_cpp_python", "httpx", "fastapi", "uvicorn"):
         try:
             machine["versions"][package] = md.version(package.replace("_", "-"))
