@@ -318,16 +318,20 @@ class Engine:
                     job.choices.append(row)
                     rows.append(row)
         if rows:
-            decode(model.model, rows, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id, model.device)
+            decode(model.model, rows, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id, model.device,
+                   lambda job: self.settle(job))
         self.cancelled.extend(r.count for r in rows if r.finish_reason == "cancelled")
-        for job in batch:
-            if job.accepted.done() and not job.result.done():
-                if any(r.finish_reason == "timeout" for r in job.choices):
-                    job.fail(Timeout(self.settings.timeout))
-                    continue
-                job.result.set_result({"prompt_tokens": sum(job.accepted.result()),
-                                       "choices": [{"index": r.index, "text": r.final, "finish_reason": r.finish_reason,
-                                                    "tokens": r.count} for r in job.choices]})
+
+    def settle(self, job: Job) -> None:
+        """Answer a generation job once its last row has ended, while the batch's other rows go on."""
+        if job.result.done() or not all(r.done for r in job.choices):
+            return
+        if any(r.finish_reason == "timeout" for r in job.choices):
+            job.fail(Timeout(self.settings.timeout))
+            return
+        job.result.set_result({"prompt_tokens": sum(job.accepted.result()),
+                               "choices": [{"index": r.index, "text": r.final, "finish_reason": r.finish_reason,
+                                            "tokens": r.count} for r in job.choices]})
 
 
 def embed(model: TunedModel, jobs: list[Job]) -> list[dict]:
@@ -469,10 +473,11 @@ class Row:
 
 
 @torch.inference_mode()
-def decode(model, rows: list[Row], eos: int | None, pad: int | None, device) -> None:
+def decode(model, rows: list[Row], eos: int | None, pad: int | None, device, settle) -> None:
     """Write every row's reply together: one left-padded prefill, then one token a step from the KV cache (the
     inputs transformers' generate gives a decoder: position ids counted over the mask, the mask grown by one each
-    step, so virtual-token hooks see what they see there). Finished rows ride along until the longest is done."""
+    step, so virtual-token hooks see what they see there). A row that ends leaves the batch (its cache rows too),
+    and `settle(job)` answers its job as soon as the job's last row has ended."""
     pad = pad if pad is not None else (eos if eos is not None else 0)
     width = max(len(r.ids) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
@@ -487,18 +492,23 @@ def decode(model, rows: list[Row], eos: int | None, pad: int | None, device) -> 
         greedy = logits.argmax(-1).tolist()  # one device sync a step for every greedy row
         nxt = []
         for i, r in enumerate(rows):
+            nxt.append(r.pick(logits[i], greedy[i]))
+            r.push(nxt[-1], eos)
             if r.done:
-                nxt.append(pad)
-                continue
-            token = r.pick(logits[i], greedy[i])
-            r.push(token, eos)
-            nxt.append(token)
-        if all(r.done for r in rows):
+                settle(r.job)
+        live = [i for i, r in enumerate(rows) if not r.done]
+        if not live:
             return
+        cache = out.past_key_values
+        if len(live) < len(rows):
+            keep = torch.tensor(live, device=device)
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, positions = [rows[i] for i in live], [nxt[i] for i in live], mask[keep], positions[keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=torch.tensor(nxt, device=device)[:, None], attention_mask=mask, position_ids=positions,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    past_key_values=cache, use_cache=True)
     for r in rows:  # unreachable in practice (max_tokens ends each row), kept so no row is left without an end
         if not r.done:
             r.finish("length")
+            settle(r.job)
