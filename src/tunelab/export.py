@@ -136,8 +136,8 @@ def gguf(run, out: Path, quant: str, final: Path) -> dict:
     trained_with = training_system(run)
     if trained_with is not None:
         recognised = ollama.Recognised(recognised.format, trained_with)
-    stops = list(dict.fromkeys(([t for t in ("<|im_end|>",) if recognised.format is ollama.CHATML]) + [eos]))
-    text, warning = ollama.modelfile(name, recognised, [s for s in stops if s], eos, chat_template,
+    stops = recognised.format.stops(eos) if recognised.format else [s for s in (eos,) if s]
+    text, warning = ollama.modelfile(name, recognised, stops, eos, chat_template,
                                      chat=chat_template is not None)
     (out / "Modelfile").write_text(text, encoding="utf-8")
     return {**written, "file": name, "modelfile": {"format": recognised.format.name if recognised.format else None,

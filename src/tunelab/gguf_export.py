@@ -138,7 +138,7 @@ def gguf_tensors(model, arch: str):
         yield target, tensor
 
 
-def encode(name: str, tensor: torch.Tensor, quant: str):
+def encode(tensor: torch.Tensor, quant: str):
     """(array, raw dtype or None) to hand GGUFWriter.add_tensor; 1-D tensors (norms, biases) stay float32."""
     from gguf import GGMLQuantizationType, quants
 
@@ -258,7 +258,7 @@ def write(model, tokenizer, path: Path, quant: str, *, name: str, chat_template:
                  "tokenizer": write_tokenizer(writer, tokenizer, model.config.vocab_size, chat_template)}
     kinds: dict[str, int] = {}
     for target, tensor in gguf_tensors(model, arch):
-        data, raw = encode(target, tensor, quant)
+        data, raw = encode(tensor, quant)
         writer.add_tensor(target, data, raw_dtype=raw)
         kind = raw.name if raw is not None else str(data.dtype)
         kinds[kind] = kinds.get(kind, 0) + 1

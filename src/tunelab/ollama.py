@@ -27,11 +27,17 @@ DEFAULT_PROBE = "\x01tunelab-default-system\x01"
 
 @dataclass(frozen=True)
 class Format:
-    """A prompt format: each message is head(role) + content + tail(role), then the reply prompt."""
+    """A prompt format: each message is head(role) + content + tail(role), then the reply prompt; `turn_end` is the
+    token that closes a reply ("{eos}": the tokenizer's EOS)."""
     name: str
     heads: dict
     tails: dict
     reply: str
+    turn_end: str = "{eos}"
+
+    def stops(self, eos: str) -> list[str]:
+        """Every token that ends a reply: the format's own and EOS."""
+        return [s for s in dict.fromkeys((self.turn_end.replace("{eos}", eos), eos)) if s]
 
     def render(self, messages: list[dict], system: str | None, eos: str) -> str:
         if system is not None and (not messages or messages[0]["role"] != "system"):
@@ -48,7 +54,8 @@ class Format:
 
 
 CHATML = Format("ChatML", heads={r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
-                tails=dict.fromkeys(("system", "user", "assistant"), "<|im_end|>\n"), reply="<|im_start|>assistant\n")
+                tails=dict.fromkeys(("system", "user", "assistant"), "<|im_end|>\n"), reply="<|im_start|>assistant\n",
+                turn_end="<|im_end|>")
 ALPACA = Format("alpaca", heads={"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"},
                 tails={"system": "\n\n", "user": "\n\n", "assistant": "{eos}\n\n"}, reply="### Response:\n")
 FORMATS = (CHATML, ALPACA)
