@@ -111,6 +111,18 @@ def _strip(loc: list[str]) -> list[str]:
 
 def explain_errors(e: ValidationError, tree: dict, source: str) -> str:
     """One message for all of a validation's errors, each naming its dotted key."""
+    return paragraph([msg for _, msg in error_messages(e, tree)], source)
+
+
+def paragraph(msgs: list[str], source: str) -> str:
+    """The message a user reads for these errors (each naming its key), given once each."""
+    unique = list(dict.fromkeys(msgs))
+    return f"Invalid config in {source}: " + "; ".join(unique) + " — fix these keys in the YAML file or override them as key=value (`tunelab config explain` lists every key)."
+
+
+def error_messages(e: ValidationError, tree: dict) -> list[tuple[str, str]]:
+    """(dotted key, what is wrong with it) for each of a validation's errors (the key of a bad union choice is its
+    `task.type` / `method.name`)."""
     msgs = []
     for err in e.errors():
         loc = _strip([str(x) for x in err["loc"]])
@@ -128,21 +140,21 @@ def explain_errors(e: ValidationError, tree: dict, source: str) -> str:
                 hint = f"did you mean '{prefix}{close[0]}'?" + (f" ('{loc[-1]}' is {owners})" if owners else "")
             else:
                 hint = (f"it is {owners}; " if owners else "") + f"valid keys here: {', '.join(allowed)}"
-            msgs.append(f"unknown key '{key}' — {hint}")
+            msgs.append((key, f"unknown key '{key}' — {hint}"))
         elif err["type"] == "missing":
-            msgs.append(f"'{key}' is required")
+            msgs.append((key, f"'{key}' is required"))
         elif err["type"] in ("union_tag_invalid", "union_tag_not_found") and loc[-1:] == ["task"]:
             given = err.get("input")
             if isinstance(given, dict):
                 value = _short_repr.repr(given.get("type"))
-                msgs.append(f"'{key}.type' = {value}: Input should be {words(tuple(map(repr, TASK_TYPES)), 'or')}")
+                msgs.append((f"{key}.type", f"'{key}.type' = {value}: Input should be "
+                                            f"{words(tuple(map(repr, TASK_TYPES)), 'or')}"))
             else:
-                msgs.append(f"'{key}' = {_short_repr.repr(given)}: Input should be a mapping (task.type and that "
-                            f"task's keys)")
+                msgs.append((key, f"'{key}' = {_short_repr.repr(given)}: Input should be a mapping (task.type and "
+                                  f"that task's keys)"))
         elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            msgs.append(f"'{key or 'method'}.name' must be one of {', '.join(METHOD_NAMES)}")
+            msgs.append((f"{key or 'method'}.name", f"'{key or 'method'}.name' must be one of {', '.join(METHOD_NAMES)}"))
         else:
             value = _short_repr.repr(err.get("input"))  # a value may be a whole (even self-referencing) YAML tree
-            msgs.append(f"'{key}' = {value}: {err['msg']}")
-    unique = list(dict.fromkeys(msgs))
-    return f"Invalid config in {source}: " + "; ".join(unique) + " — fix these keys in the YAML file or override them as key=value (`tunelab config explain` lists every key)."
+            msgs.append((key, f"'{key}' = {value}: {err['msg']}"))
+    return msgs
