@@ -135,8 +135,9 @@ def unlock(fd: int | None) -> None:
             pass
 
 
-def holder(path: Path) -> str:
-    """The process holding the flock on `path`, read from /proc/locks (Linux); 'another process' elsewhere."""
+def lock_holder(path: Path) -> int | None:
+    """The pid of the process holding the flock on `path`, read from /proc/locks (Linux), without taking the lock;
+    None when nobody holds it (or elsewhere than Linux)."""
     try:
         st = os.stat(path)
         wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
@@ -144,14 +145,24 @@ def holder(path: Path) -> str:
             for line in f:
                 fields = line.split()
                 if "FLOCK" in fields and fields[5] == wanted:
-                    pid = int(fields[4])
-                    if pid == os.getpid():
-                        return f"another run in this process (pid {pid})"
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                    return f"process {pid} ({cmd[:200]})" if cmd else f"process {pid}"
+                    return int(fields[4])
     except (OSError, ValueError, IndexError):
         pass
-    return "another process"
+    return None
+
+
+def holder(path: Path) -> str:
+    """The process holding the flock on `path`, in words; 'another process' where /proc/locks does not say."""
+    pid = lock_holder(path)
+    if pid is None:
+        return "another process"
+    if pid == os.getpid():
+        return f"another run in this process (pid {pid})"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = ""
+    return f"process {pid} ({cmd[:200]})" if cmd else f"process {pid}"
 
 
 # -- what a run reads must not be where it writes ----------------------------------------------------------------------
