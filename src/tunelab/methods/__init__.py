@@ -12,6 +12,9 @@
     SWITCHABLE                             one named adapter among others on a shared base (named.py)
     VIRTUAL_TOKENS                         None, or where its virtual tokens go: "inputs" (prepended to the
                                            input) or "keys" (to every attention layer's keys and values)
+    TRAINABLE_DTYPE                        "float32": what it trains (its own tensors and the head) stays float32
+                                           over a bf16 base (precision.py); "base": it trains the base's own
+                                           tensors, in the base's dtype
     QUANTIZES_BASE                         stores the frozen base quantized; `dry_apply` then says what it would
                                            quantize on a meta-device model, where apply cannot
     DEFAULT_LR                             a usual peak learning rate for it (`tunelab compare`)
@@ -32,7 +35,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import named
+from . import named, precision
 from .catalog import METHODS, get
 from .layout import method_of
 
@@ -49,8 +52,18 @@ def prepare(model, cfg, head: list[str]):
     """
     init_from = getattr(cfg, "init_from", None)
     if init_from:
-        return named.record(model, "default", cfg.name, head, lambda m: get(cfg.name).load(m, init_from))
-    return named.record(model, "default", cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
+        attach = _own_dtype(cfg.name, head, lambda m: get(cfg.name).load(m, init_from))
+    else:
+        attach = _own_dtype(cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
+    return named.record(model, "default", cfg.name, head, attach)
+
+
+def _own_dtype(name: str, head: list[str], attach):
+    """For a method that trains in float32 over a bf16 base, `attach` on a head upcast first (precision.py), so a
+    saved float32 head loads without rounding; else `attach` itself."""
+    if get(name).TRAINABLE_DTYPE != "float32":
+        return attach
+    return lambda model: attach(precision.float32_head(model, head))
 
 
 def add_adapter(model, name: str, source, head: list[str], method: str | None = None):
@@ -61,8 +74,10 @@ def add_adapter(model, name: str, source, head: list[str], method: str | None = 
     """
     if isinstance(source, (str, Path)):
         name_of = method or method_of(source)
-        return named.add(model, name, name_of, head, lambda m: get(name_of).load(m, source))
-    return named.add(model, name, source.name, head, lambda m: get(source.name).apply(m, source, head))
+        attach = _own_dtype(name_of, head, lambda m: get(name_of).load(m, source))
+        return named.add(model, name, name_of, head, attach)
+    attach = _own_dtype(source.name, head, lambda m: get(source.name).apply(m, source, head))
+    return named.add(model, name, source.name, head, attach)
 
 
 set_adapter = named.use

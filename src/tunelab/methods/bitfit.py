@@ -28,6 +28,7 @@ MERGEABLE = True  # merge(): the trained biases are the base's
 SWITCHABLE = False  # it changes the base other adapters would share
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "base"  # trains the base's own biases (and the head) in its dtype: bf16 over a bf16 base
 DEFAULT_LR = 1e-3  # few parameters, large steps for them
 ACTIVATION_SHARE = {"llama": 0.70, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 

@@ -16,6 +16,7 @@ MERGEABLE = True  # merge(): already plain weights
 SWITCHABLE = False  # it changes the base other adapters would share
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "base"  # trains the base's own unfrozen weights, in the dtype it was loaded in
 DEFAULT_LR = 1e-4  # moves pretrained weights (the upper blocks): small steps
 ACTIVATION_SHARE = {"llama": 0.0, "gpt2": 0.0, "bert": 0.0}  # (default freeze_layers=all: no block trains)
 

@@ -10,6 +10,7 @@ MERGEABLE = True  # merge(): already plain weights
 SWITCHABLE = False  # it changes the base other adapters would share
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "base"  # trains the base's own weights, in the dtype it was loaded in
 DEFAULT_LR = 5e-5  # moves pretrained weights: small steps
 ACTIVATION_SHARE = {"llama": 1.0, "gpt2": 1.0, "bert": 1.0}  # of full fine-tuning's saved activations
 

@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import IA3Config
 from ..errors import TunelabError
+from . import precision
 from .layout import copy_checked, peft_head, peft_task_type, read_peft, write_peft
 from .lora import PREFIX
 from .targets import available, body_linears, matches
@@ -41,6 +42,7 @@ MERGEABLE = True  # merge(): the scales fold into W
 SWITCHABLE = True  # its scaled layers swap in and out
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "float32"  # the scaling vectors and the head float32 over a bf16 base
 DEFAULT_LR = 1e-2  # scaling vectors need large steps
 ACTIVATION_SHARE = {"llama": 0.85, "gpt2": 1.0, "bert": 1.0}  # of full fine-tuning's saved activations
 
@@ -251,4 +253,4 @@ def merge(model: nn.Module) -> nn.Module:
                 base.bias.copy_(base.bias * scale.flatten())
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
-    return model
+    return precision.base_dtype_head(model)  # a head trained in float32 over a bf16 base goes back to bf16

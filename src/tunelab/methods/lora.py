@@ -54,6 +54,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import LoraConfig
 from ..errors import TunelabError
+from . import precision
 from .layout import PEFT_CONFIG, check_head, copy_checked, peft_head, peft_task_type, read_peft, write_peft
 from .targets import available, body_linears, inside, matches
 
@@ -63,6 +64,7 @@ MERGEABLE = True  # merge(): W + BA/r·alpha
 SWITCHABLE = True  # its layers swap in and out; with bias all/lora_only named.py refuses it, as it trains base biases
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "float32"  # A, B and the head float32 over a bf16 base (bias=all/lora_only biases are the base's)
 DEFAULT_LR = 1e-3  # new low-rank modules
 ACTIVATION_SHARE = {"llama": 0.87, "gpt2": 0.84, "bert": 0.84}  # of full fine-tuning's saved activations
 PREFIX = "base_model.model."
@@ -434,4 +436,4 @@ def merge(model: nn.Module) -> nn.Module:
             base.weight.copy_(layer.merged_weight())  # computed in float32, rounded once
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
-    return model
+    return precision.base_dtype_head(model)  # a head trained in float32 over a bf16 base goes back to bf16

@@ -38,6 +38,7 @@ MERGEABLE = False  # merge(): prefixes are not weights
 SWITCHABLE = True  # its encoder (model.prompt_encoder) swaps in and out
 VIRTUAL_TOKENS = "keys"  # prepended to every attention layer's keys and values: they take positions but enter no block as input
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "float32"  # the prefix encoder and the head float32 over a bf16 base
 DEFAULT_LR = 1e-2  # virtual tokens need large steps
 ACTIVATION_SHARE = {"llama": 0.73, "gpt2": 0.81, "bert": 0.68}  # of full fine-tuning's saved activations
 PEFT_TYPE = "PREFIX_TUNING"

@@ -41,6 +41,7 @@ MERGEABLE = False  # merge(): virtual tokens are not weights
 SWITCHABLE = True  # its encoder (model.prompt_encoder) swaps in and out
 VIRTUAL_TOKENS = "inputs"  # prepended to the input embeddings: they take positions and pass through every block
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "float32"  # the prompt table and the head float32 over a bf16 base
 DEFAULT_LR = 3e-2  # a few input embeddings need the largest steps
 ACTIVATION_SHARE = {"llama": 0.66, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 PEFT_TYPE = "PROMPT_TUNING"

@@ -28,6 +28,7 @@ MERGEABLE = False  # merge(): virtual tokens are not weights
 SWITCHABLE = True  # its encoder (model.prompt_encoder) swaps in and out
 VIRTUAL_TOKENS = "inputs"  # prepended to the input embeddings: they take positions and pass through every block
 QUANTIZES_BASE = False
+TRAINABLE_DTYPE = "float32"  # the prompt encoder and the head float32 over a bf16 base
 DEFAULT_LR = 1e-3  # the prompt encoder is a small network
 ACTIVATION_SHARE = {"llama": 0.66, "gpt2": 0.77, "bert": 0.61}  # of full fine-tuning's saved activations
 PEFT_TYPE = "P_TUNING"

@@ -46,6 +46,7 @@ MERGEABLE = True  # merge(): dequantized, then W + BA
 SWITCHABLE = False  # the base it quantizes cannot be shared
 VIRTUAL_TOKENS = None
 QUANTIZES_BASE = True  # a 4-bit NF4 base (dry_apply: what apply would quantize)
+TRAINABLE_DTYPE = "float32"  # A, B and the head float32 over the 4-bit base
 DEFAULT_LR = 1e-3  # new low-rank modules, as LoRA
 ACTIVATION_SHARE = lora.ACTIVATION_SHARE  # the same layers train as with LoRA
 SETTINGS_NAME = "qlora_config.json"  # tunelab's own: how to re-quantize the base (peft ignores the file)

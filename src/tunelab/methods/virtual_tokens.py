@@ -63,7 +63,9 @@ class StaticTable(nn.Module):
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
-        self.embedding = nn.Embedding(*table.shape, device=table.device, dtype=table.dtype)
+        # float32 even when the saved table is not: it may train on (method.init_from) over a bf16 base.
+        self.embedding = nn.Embedding(*table.shape, device=table.device,
+                                      dtype=torch.promote_types(table.dtype, torch.float32))
         with torch.no_grad():
             self.embedding.weight.copy_(table)
         self.adapter_disabled = False
