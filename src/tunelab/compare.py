@@ -184,12 +184,17 @@ def _train_one(name: str, recipe_path: Path, log_path: Path, mcfg) -> dict:
             return row | {"status": "skipped", "reason": errors[-1][len("error: "):], "run_dir": None}
         tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit code {proc.returncode}"]
         return row | {"status": "failed", "reason": f"{tail[0]} (see {log_path})", "run_dir": None}
-    s = json.loads(summary_path.read_text(encoding="utf-8"))
-    task = tasks.get(mcfg.task.type)
-    metric = task.MAIN_METRIC if mcfg.train.metric == "auto" else mcfg.train.metric
+    return row | summary_row(json.loads(summary_path.read_text(encoding="utf-8")), mcfg)
+
+
+def summary_row(s: dict, cfg) -> dict:
+    """A finished run's figures for the table, from its summary.json `s` and config `cfg`: the metric it is selected
+    on, on test where it has one, else validation."""
+    task = tasks.get(cfg.task.type)
+    metric = task.MAIN_METRIC if cfg.train.metric == "auto" else cfg.train.metric
     split, key = ("test", "test") if "test" in s else ("validation", "eval")
     forgetting = s.get("forgetting")
-    return row | {
+    return {
         "status": "ok", "reason": None, "trainable_params": s["trainable_params"], "total_params": s["total_params"],
         "trainable_percent": s["trainable_percent"], "storage_mb": s["artifact_mb"],
         "peak_memory_mb": s["peak_memory_mb"], "memory_kind": "cuda" if s["device"].startswith("cuda") else "rss",

@@ -1,0 +1,413 @@
+"""The web UI's planning routes: what the new-run form is built from and checked with, and the comparison page.
+
+- GET /api/schema: every config key (`tunelab config explain`'s entries: dotted key, type, default, choices,
+  description, and for a key of one task type or method, which);
+- GET /api/recipes, /api/recipes/{name}: the recipes shipped in tunelab's configs/ (in a source checkout) and the
+  workspace's own (*.yaml at its top, and under configs/ and recipes/);
+- POST /api/validate: a recipe's YAML checked as `tunelab train` checks it, each error with the dotted key it is
+  about (`check`, which POST /api/runs uses too);
+- POST /api/advise: `tunelab advise` for the recipe's model, task, length and batch on this machine;
+- POST /api/compare: finished runs (or a `tunelab compare` folder) side by side, from their summary.json, with the
+  points of the plots metric vs trainable %, peak memory, time, latency and forgetting;
+- POST /api/compare/launch: `tunelab compare` on a recipe, as a subprocess of the UI's jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import typing
+from pathlib import Path
+
+import yaml
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_jsonable_python
+
+from .. import advise as advise_mod
+from .. import compare as compare_mod
+from .. import config as config_mod
+from .. import hub, runs
+from ..config.explainer import keys as config_keys
+from ..config.validation import error_messages, paragraph
+from ..errors import TunelabError
+from ..training.loop import LOWER_IS_BETTER
+from .workspace import ApiError, field_of
+
+router = APIRouter()
+
+# A source checkout keeps the shipped recipes beside the package: <repo>/configs next to <repo>/src/tunelab.
+PACKAGE = Path(__file__).resolve().parents[1]
+SHIPPED = PACKAGE.parents[1] / "configs"
+SHIPPED_PREFIX = "shipped/"  # a shipped recipe's name: shipped/<path under configs/>
+WORKSPACE_RECIPE_DIRS = ("configs", "recipes")  # searched recursively; the workspace's top only for *.yaml
+RECIPE_FILE = "recipe.yaml"  # what messages call the recipe being checked
+SECTION_ORDER = ("model", "data", "task", "method", "train", "eval", "multitask", "tasks", "output_dir")
+
+
+class Body(BaseModel):
+    """A request body: an unknown field is an error (the app answers it with the field's name)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class RecipeBody(Body):
+    yaml: str
+
+
+class CompareBody(Body):
+    ids: list[str]
+
+
+class CompareLaunch(Body):
+    yaml: str
+    methods: list[str]
+    steps: int | None = None
+    output_dir: str | None = None
+
+
+def ui_of(request: Request):
+    return request.app.state.ui
+
+
+# -- the schema ------------------------------------------------------------------------------------------------------
+
+def type_name(ann) -> str:
+    """A field's annotation as a form reads it: 'int', 'float | null', "'epoch' | int", 'list', ..."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if ann is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (list, tuple, set):
+        return "list"
+    if origin is dict:
+        return "dict"
+    if args:  # a union (X | Y, Optional[X], Annotated[...] holds its type first)
+        parts = [type_name(a) for a in args if not isinstance(a, str)]
+        return " | ".join(dict.fromkeys(p for p in parts if p))
+    return getattr(ann, "__name__", str(ann))
+
+
+def choices(ann) -> list | None:
+    """The values a field takes when it is a choice among words (a Literal, maybe optional, or a list of them)."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return list(args)
+    if origin in (list, tuple, set) and args:
+        return choices(args[0])
+    rest = [a for a in args if a is not type(None)]
+    if origin is not None and len(rest) == 1 and len(rest) < len(args):
+        return choices(rest[0])
+    return None
+
+
+def schema() -> dict:
+    """{"sections": [{"name", "fields": [...]}]}: every key of a recipe, a key that several task types or methods
+    share listed once with the values of task.type / method.name it applies to (`applies_to`)."""
+    fields: dict[str, dict] = {}
+    described: dict[str, dict[str, str]] = {}  # task.type / method.name: each value's own description
+    for k in config_keys():
+        if k.choice:
+            described.setdefault(k.key, {})[k.when[1]] = k.description
+            continue
+        if k.key in fields:
+            if k.when:
+                fields[k.key]["applies_to"]["values"].append(k.when[1])
+            continue
+        f = k.field
+        default = None if f is None or f.is_required() else to_jsonable_python(f.get_default(call_default_factory=True),
+                                                                              fallback=str)
+        fields[k.key] = {"key": k.key, "type": type_name(f.annotation) if f else "list",
+                         "default": default, "required": bool(f and f.is_required()),
+                         "choices": choices(f.annotation) if f else None, "description": k.description,
+                         "applies_to": {"key": k.when[0], "values": [k.when[1]]} if k.when else None}
+    for key, values in described.items():  # the choosing keys: every value, each with what it means
+        f = fields.setdefault(key, {"key": key, "type": "str", "default": None, "required": True, "choices": None,
+                                    "description": "Which fine-tuning method trains the model.", "applies_to": None})
+        f["choices"] = list(values)
+        f["choice_descriptions"] = values
+    sections: dict[str, list[dict]] = {}
+    for key, f in fields.items():
+        sections.setdefault(key.split(".")[0].removesuffix("[]"), []).append(f)
+    order = sorted(sections, key=lambda s: SECTION_ORDER.index(s) if s in SECTION_ORDER else len(SECTION_ORDER))
+    return {"sections": [{"name": s, "fields": sections[s]} for s in order]}
+
+
+@router.get("/api/schema")
+def get_schema():
+    return schema()
+
+
+# -- recipes ---------------------------------------------------------------------------------------------------------
+
+def shipped_dir() -> Path | None:
+    """tunelab's configs/ folder in a source checkout (an installed wheel has none)."""
+    return SHIPPED if SHIPPED.is_dir() and (SHIPPED.parent / "src" / "tunelab") == PACKAGE else None
+
+
+def recipe_files(workspace: Path) -> dict[str, Path]:
+    """name -> file of every recipe the UI offers: the workspace's (its path there) and the shipped ones
+    ('shipped/<path under configs/>'), the workspace's first."""
+    found: dict[str, Path] = {}
+    candidates = sorted(workspace.glob("*.yaml"))
+    for sub in WORKSPACE_RECIPE_DIRS:
+        if (workspace / sub).is_dir():
+            candidates += sorted((workspace / sub).rglob("*.yaml"))
+    for path in candidates:
+        if path.is_file():
+            found[path.relative_to(workspace).as_posix()] = path
+    shipped = shipped_dir()
+    if shipped is not None:
+        for path in sorted(shipped.rglob("*.yaml")):
+            found.setdefault(SHIPPED_PREFIX + path.relative_to(shipped).as_posix(), path)
+    return found
+
+
+def summary_of(name: str, path: Path, workspace: Path) -> dict | None:
+    """A recipe's entry in the list (its task, method and model as written), or None for a YAML file that is no
+    recipe (no model section)."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
+        return None
+    task, method = tree.get("task"), tree.get("method")
+    if isinstance(tree.get("tasks"), list):
+        task = {"type": "multitask"}
+    shown = path.relative_to(workspace).as_posix() if path.is_relative_to(workspace) else str(path)
+    return {"name": name, "path": shown, "source": "shipped" if name.startswith(SHIPPED_PREFIX) else "workspace",
+            "task": task.get("type", "classification") if isinstance(task, dict) else "classification",
+            "method": method.get("name", "full") if isinstance(method, dict) else "full",
+            "model": tree["model"].get("path")}
+
+
+@router.get("/api/recipes")
+def list_recipes(request: Request):
+    workspace = ui_of(request).workspace
+    entries = (summary_of(n, p, workspace) for n, p in recipe_files(workspace).items())
+    return {"recipes": [e for e in entries if e is not None]}
+
+
+@router.get("/api/recipes/{name:path}")
+def get_recipe(name: str, request: Request):
+    ui = ui_of(request)
+    path = recipe_files(ui.workspace).get(name)
+    if path is None:
+        raise ApiError(404, f"No recipe '{name}': GET /api/recipes lists the recipes (the workspace's *.yaml and those "
+                            f"under its configs/ and recipes/ folders, and tunelab's shipped ones).", "name")
+    text = path.read_text(encoding="utf-8")
+    cfg, errors = check(ui.workspace, text)
+    return {"name": name, "yaml": text, "config": cfg.model_dump(mode="json") if cfg else None, "errors": errors}
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+
+def check(workspace: Path, text: str):
+    """(config, []) for a recipe that `tunelab train` would accept, else (None, [{"field", "message"}]): the CLI's
+    message per key at fault, the file called recipe.yaml. The text is read from a file in the workspace's
+    .tunelab-ui/ folder, as `config.load` reads a recipe."""
+    folder = workspace / ".tunelab-ui"
+    folder.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="check-") as tmp:
+        path = Path(tmp) / RECIPE_FILE
+        path.write_text(text, encoding="utf-8")
+        try:
+            return config_mod.load(path), []
+        except TunelabError as e:
+            message = str(e).replace(str(path), RECIPE_FILE)
+    return None, field_errors(text, message)
+
+
+def field_errors(text: str, message: str) -> list[dict]:
+    """Each key's own message where the schema refused the recipe (the key from the error's location); else the one
+    message, with the first key it names (a rule between sections, a YAML syntax error)."""
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        tree = None
+    if isinstance(tree, dict):
+        try:
+            config_mod.Config.model_validate(tree)
+        except ValidationError as e:
+            found = dict.fromkeys(error_messages(e, tree))
+            return [{"field": key, "message": paragraph([msg], RECIPE_FILE)} for key, msg in found]
+        except RecursionError:
+            pass
+    return [{"field": field_of(message), "message": message}]
+
+
+def checked(workspace: Path, text: str):
+    """The recipe's config, or a 400 with its first error (the others are for POST /api/validate)."""
+    cfg, errors = check(workspace, text)
+    if cfg is None:
+        raise ApiError(400, errors[0]["message"], errors[0]["field"])
+    return cfg
+
+
+@router.post("/api/validate")
+def validate(req: RecipeBody, request: Request):
+    cfg, errors = check(ui_of(request).workspace, req.yaml)
+    if cfg is None:
+        return {"ok": False, "errors": errors}
+    return {"ok": True, "config": cfg.model_dump(mode="json")}
+
+
+# -- advise ----------------------------------------------------------------------------------------------------------
+
+def model_dir(ui, cfg) -> str:
+    """model.path as advise reads it: a Hub id as it is, a folder resolved against the workspace and confined."""
+    if hub.is_hub_id(cfg.model.path):
+        return cfg.model.path
+    return str(ui.confine(cfg.model.path, "model.path"))
+
+
+@router.post("/api/advise")
+def advise(req: RecipeBody, request: Request):
+    ui = ui_of(request)
+    cfg = checked(ui.workspace, req.yaml)
+    task = cfg.tasks[0].task.type if cfg.tasks else cfg.task.type
+    if task not in advise_mod.TASKS:
+        raise ApiError(400, f"advise estimates the memory of {', '.join(advise_mod.TASKS)} runs; a {task} run is not "
+                            f"estimated yet. Its closest estimate is a classification run of the same model "
+                            f"(task.type classification), or measure it with `tunelab compare` on a little data.",
+                       "task.type")
+    data = cfg.tasks[0].data if cfg.tasks else cfg.data
+    device = None if cfg.model.device == "auto" else cfg.model.device.split(":")[0]
+    result = advise_mod.advise(model_dir(ui, cfg), task, data.max_length, cfg.train.batch_size, tasks=len(cfg.tasks or [1]),
+                               dtype=cfg.model.dtype, eval_batch_size=cfg.eval.batch_size, device=device)
+    rows = []
+    for r in result["rows"]:
+        plain, ckpt = r["plain"], r["checkpointing"]
+        rows.append({"method": r["method"], "applicable": r["applicable"], "reason": r["reason"],
+                     "mergeable": r["mergeable"], "fits": r["fits"] is not None,
+                     "needs_checkpointing": r["fits"] == "checkpointing",
+                     "peak_bytes": plain.get("train_peak"), "peak_bytes_checkpointing": ckpt.get("train_peak"),
+                     "trainable_params": plain.get("trainable_params"), "total_params": plain.get("total_params"),
+                     "trainable_pct": (100 * plain["trainable_params"] / plain["total_params"]
+                                       if r["applicable"] else None),
+                     "chosen": r["method"] == cfg.method.name})
+    return {"machine_memory": result["memory_bytes"], "memory_source": result["memory_source"],
+            "device": result["device"], "model": result["model"], "task": task, "seq_len": result["seq_len"],
+            "batch": result["batch"], "dtype": result["dtype"], "method": cfg.method.name, "rows": rows,
+            "recommended": result["recommendations"], "notes": result["notes"],
+            "text": advise_mod.format_advice(result)}
+
+
+# -- compare ---------------------------------------------------------------------------------------------------------
+
+COLUMNS = [{"key": "method", "label": "method"}, {"key": "metric", "label": "metric (base → tuned)"},
+           {"key": "trainable_pct", "label": "trainable %"}, {"key": "peak_memory_mb", "label": "peak memory MB"},
+           {"key": "time_s", "label": "train s"}, {"key": "latency_ms", "label": "ms / example"},
+           {"key": "forgetting", "label": "forgetting (base → tuned)"}, {"key": "storage_mb", "label": "storage MB"}]
+PLOTS = (("trainable_pct", "trainable parameters (%)"), ("peak_memory_mb", "peak memory (MB)"),
+         ("time_s", "training time (s)"), ("latency_ms", "latency (ms / example)"),
+         ("forgetting_change", "forgetting: change of the probe's metric"))
+
+
+def table_row(rid: str | None, method: str, task: str | None, r: dict) -> dict:
+    """One row of the page's table from a row of `tunelab compare`'s table (compare.summary_row's figures)."""
+    ok = r.get("status") == "ok"
+    metric = None
+    if ok:
+        name = r["metric"]
+        metric = {"name": name, "split": r["split"], "base": r.get("base"), "tuned": r.get("tuned"),
+                  "linear_probe": r.get("linear_probe"),
+                  "greater_is_better": name.rsplit("/", 1)[-1] not in LOWER_IS_BETTER}
+    return {"id": rid, "method": method, "task": task, "status": r.get("status"), "reason": r.get("reason"),
+            "metric": metric, "trainable_pct": r.get("trainable_percent"), "trainable_params": r.get("trainable_params"),
+            "storage_mb": r.get("storage_mb"), "peak_memory_mb": r.get("peak_memory_mb"),
+            "memory_kind": r.get("memory_kind"), "time_s": r.get("train_seconds"),
+            "tokens_per_second": r.get("tokens_per_second"), "latency_ms": r.get("latency_ms"),
+            "latency_merged_ms": r.get("latency_merged_ms"), "forgetting": r.get("forgetting"), "lr": r.get("lr"),
+            "steps": r.get("steps")}
+
+
+def run_row(folder: Path, rid: str) -> dict:
+    """A run folder's row: its summary.json's figures, or why it has none."""
+    try:
+        cfg = config_mod.load(folder / "config.yaml")
+    except TunelabError as e:
+        return table_row(rid, "?", None, {"status": "failed", "reason": str(e)})
+    method, task = cfg.method.name, ("multitask" if cfg.tasks else cfg.task.type)
+    summary = folder / "summary.json"
+    if cfg.tasks is not None:
+        reason = "a multi-task run: its figures are per task (open the run); compare compares one task's runs"
+        return table_row(rid, method, task, {"status": "skipped", "reason": reason})
+    if not summary.is_file():
+        return table_row(rid, method, task, {"status": "unfinished", "reason": "no summary.json: the run has not "
+                                                                               "finished"})
+    s = json.loads(summary.read_text(encoding="utf-8"))
+    return table_row(rid, method, task, {**compare_mod.summary_row(s, cfg), "lr": cfg.train.lr,
+                                         "latency_ms": s.get("latency_ms")})
+
+
+def compare_rows(folder: Path, rid: str) -> list[dict]:
+    """The rows of a `tunelab compare` folder (compare.json), each with the id of its run folder."""
+    config = folder / "config.yaml"
+    task = yaml.safe_load(config.read_text(encoding="utf-8")).get("task", {}).get("type") if config.is_file() else None
+    out = []
+    for r in json.loads((folder / "compare.json").read_text(encoding="utf-8")):
+        run = folder / "runs" / r["method"]
+        sub = f"{rid}/runs/{r['method']}" if (run / "summary.json").is_file() else None
+        out.append(table_row(sub, r["method"], task, r))
+    return out
+
+
+def plots(rows: list[dict]) -> list[dict]:
+    """metric (tuned) against each cost, over the finished rows that measure the first row's metric."""
+    ok = [r for r in rows if r["metric"] and r["metric"]["tuned"] is not None]
+    if not ok:
+        return []
+    first = ok[0]["metric"]
+    same = [r for r in ok if (r["metric"]["name"], r["metric"]["split"]) == (first["name"], first["split"])]
+    out = []
+    for x, label in PLOTS:
+        points = []
+        for r in same:
+            value = (r["forgetting"] or {}).get("change") if x == "forgetting_change" else r[x]
+            if value is not None:
+                points.append({"id": r["id"], "method": r["method"], "x": value, "y": r["metric"]["tuned"]})
+        out.append({"name": x, "x_label": label, "y_label": f"{first['split']} {first['name']}",
+                    "greater_is_better": first["greater_is_better"], "points": points})
+    return out
+
+
+@router.post("/api/compare")
+def compare(req: CompareBody, request: Request):
+    ui = ui_of(request)
+    if not req.ids:
+        raise ApiError(400, "'ids' is empty: pick at least one finished run (or a `tunelab compare` folder) to "
+                            "compare.", "ids")
+    rows = []
+    for rid in req.ids:
+        folder = ui.run_dir(rid)
+        rows += compare_rows(folder, rid) if (folder / "compare.json").is_file() else [run_row(folder, rid)]
+    return {"columns": COLUMNS, "rows": rows, "plots": plots(rows)}
+
+
+@router.post("/api/compare/launch", status_code=201)
+def launch_compare(req: CompareLaunch, request: Request):
+    ui = ui_of(request)
+    try:
+        names = compare_mod.parse_methods(",".join(req.methods))
+    except TunelabError as e:
+        raise ApiError(400, str(e), "methods") from None
+    cfg = checked(ui.workspace, req.yaml)
+    if cfg.tasks is not None:
+        raise ApiError(400, "`tunelab compare` compares methods on one task; this recipe is multi-task. Compare on "
+                            "one of its tasks' recipes.", "tasks")
+    if req.steps is not None and req.steps < 1:
+        raise ApiError(400, f"steps={req.steps}: give the optimizer steps per method (at least 1), or leave it out for "
+                            f"the recipe's own budget.", "steps")
+    out = ui.confine(req.output_dir or f"runs/compare-{cfg.task.type}-{time.strftime('%Y%m%d-%H%M%S')}", "output_dir")
+    try:
+        runs.claim(out, False, "compare", cfg)  # refuses an existing folder as the CLI would, before anything starts
+    except TunelabError as e:
+        raise ApiError(400, str(e), "output_dir") from None
+    recipe = ui.jobs.write_recipe(req.yaml, out.name)
+    args = ["compare", str(recipe), "--methods", ",".join(names), "--output", str(out)]
+    ui.jobs.launch(args + (["--steps", str(req.steps)] if req.steps else []), out, "compare", recipe=str(recipe))
+    return {"id": out.relative_to(ui.workspace).as_posix()}
