@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 import typing
@@ -113,8 +114,11 @@ def schema() -> dict:
             described.setdefault(k.key, {})[k.when[1]] = k.description
             continue
         if k.key in fields:
+            f = fields[k.key]
             if k.when:
-                fields[k.key]["applies_to"]["values"].append(k.when[1])
+                f["applies_to"]["values"].append(k.when[1])
+                if k.description != f["description"]:  # e.g. method.target_modules: what IA3 does with them
+                    f.setdefault("descriptions", {})[k.when[1]] = k.description
             continue
         f = k.field
         default = None if f is None or f.is_required() else to_jsonable_python(f.get_default(call_default_factory=True),
@@ -236,7 +240,16 @@ def field_errors(text: str, message: str) -> list[dict]:
             return [{"field": key, "message": paragraph([msg], RECIPE_FILE)} for key, msg in found]
         except RecursionError:
             pass
-    return [{"field": field_of(message), "message": message}]
+    return [{"field": key_named(message), "message": message}]
+
+
+def key_named(message: str) -> str | None:
+    """The first config key a message names, quoted or not ('data.packing=true applies to ...')."""
+    known = {k.key for k in config_keys()}
+    for word in re.findall(r"[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+", message):
+        if word in known:
+            return word
+    return field_of(message)
 
 
 def checked(workspace: Path, text: str):
