@@ -409,3 +409,92 @@ def test_the_runtime_overhead_is_measured_not_the_fallback():
     """runtime_overhead falls back to a constant when its child process fails; a moved import once made it fail
     silently on every machine, and every estimate lost ~80 MB."""
     assert advise.runtime_overhead() != advise.RUNTIME_FALLBACK
+
+
+# -- a bf16 frozen base ------------------------------------------------------------------------------
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse2 avx2 avx512f {extra}
+bugs\t\t: spectre_v1
+"""
+
+
+@pytest.mark.parametrize("extra,fast", [("amx_bf16 amx_tile", True), ("avx512_bf16", True), ("avx512_vnni", False),
+                                        ("", False)])
+def test_fast_bf16_matmul_is_read_from_the_cpu_flags(extra, fast):
+    flags = advise.cpu_flags(CPUINFO.format(extra=extra))
+    assert "avx2" in flags and "spectre_v1" not in flags  # the flags line only
+    answer = advise.bf16_matmul("cpu", flags)
+    assert answer["fast"] is fast
+    assert ("amx_bf16" in answer["why"] or "avx512_bf16" in answer["why"])
+
+
+@pytest.mark.parametrize("capability,fast", [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_fast_bf16_matmul_on_a_gpu_is_compute_capability_8(capability, fast):
+    answer = advise.bf16_matmul("cuda", capability=capability)
+    assert answer["fast"] is fast and ".".join(map(str, capability)) in answer["why"]
+
+
+def test_bf16_base_memory_counts_the_base_at_2_bytes_and_the_adapters_in_float32(tiny_bert):
+    """LoRA over a bf16 base: the weights' bytes are the base's at 2 and the adapters and head at 4; gradients, AdamW
+    state and the best copy are float32 bytes of the same trainable parameters; activations shrink by bf16's share."""
+    from tunelab import models
+
+    kw = {"lora_r": 4, "eval_batch_size": 2, "device": "cpu"}
+    fp32, bf16 = (advise.estimate(tiny_bert, "classification", 32, 2, "lora", dtype=d, **kw)
+                  for d in ("float32", "bfloat16"))
+    trainable = fp32["trainable_params"]
+    assert bf16["trainable_params"] == trainable
+    assert bf16["bytes"]["gradients"] == fp32["bytes"]["gradients"] == 4 * trainable
+    assert bf16["bytes"]["optimizer"] == 2 * 4 * trainable
+    # Only the frozen parameters and the copy of the base's head that methods.named keeps shrink to 2 bytes.
+    frozen = fp32["total_params"] - trainable
+    model = _bert_classifier(tiny_bert)
+    head = sum(p.numel() for name in models.head_modules(model) for p in model.get_submodule(name).parameters())
+    assert fp32["bytes"]["weights"] - bf16["bytes"]["weights"] == 2 * frozen + 2 * head
+    assert bf16["bytes"]["activations"] < fp32["bytes"]["activations"]
+
+
+def _bert_classifier(path):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new head's "MISSING" load report is expected
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+
+def _advice(tiny_bert, **kw):
+    return advise.advise(tiny_bert, "classification", 64, 8, memory_bytes="64GiB", tasks=3, eval_batch_size=8,
+                         device="cpu", **kw)
+
+
+def test_bf16_base_is_recommended_where_the_cpu_has_fast_bf16_matmul(tiny_bert):
+    result = _advice(tiny_bert, cpu_flags={"avx2", "amx_bf16"})
+    assert result["recommendations"][0]["method"] in ("lora", "adapter")  # a float32-trained method over the base
+    assert result["bf16_base"]["recommended"] and result["bf16_base"]["peak"] > 0
+    note = next(n for n in result["notes"] if "model.dtype=bfloat16" in n)
+    assert "amx_bf16" in note and "float32" in note
+    assert note in advise.format_advice(result)
+
+
+def test_no_bf16_advice_on_a_cpu_without_fast_bf16_matmul(tiny_bert):
+    result = _advice(tiny_bert, cpu_flags={"avx2", "avx512f"})
+    assert not result["bf16_base"]["recommended"]
+    assert not any("bfloat16" in n or "bf16" in n for n in result["notes"])
+
+
+def test_a_bf16_base_on_a_cpu_without_fast_bf16_matmul_is_said_to_be_slow(tiny_bert):
+    result = _advice(tiny_bert, dtype="bfloat16", cpu_flags={"avx2"})
+    note = next(n for n in result["notes"] if "slow" in n)
+    assert "avx512_bf16" in note and "model.dtype=float32" in note
+    assert not any("slow" in n for n in _advice(tiny_bert, dtype="bfloat16", cpu_flags={"avx512_bf16"})["notes"])
+
+
+def test_full_fine_tuning_gets_autocast_not_a_bf16_base(tiny_bert):
+    """Full fine-tuning trains the base itself: over a bf16 base its weights would train in bf16."""
+    result = advise.advise(tiny_bert, "classification", 64, 8, memory_bytes="64GiB", eval_batch_size=8, device="cpu",
+                           cpu_flags={"avx512_bf16"})
+    assert result["recommendations"][0]["method"] == "full"
+    assert not result["bf16_base"]["recommended"] and "train.precision=bf16" in result["bf16_base"]["why"]

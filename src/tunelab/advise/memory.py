@@ -6,7 +6,10 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
                 architecture (config.json only, no weights read). QLoRA: each quantized linear weight as
                 tunelab's torchao NF4 tensor holds it (4 bits per weight + an int8 scale per 64 weights +
                 one scale per 256 of those + a 16-entry table); the rest stays in `dtype`.
-- gradients     one per trainable parameter, in the parameter's dtype (LoRA & co. keep theirs in float32).
+- gradients     one per trainable parameter, in the parameter's dtype. Over a bf16 base (`dtype` bfloat16) the
+                base weights take 2 bytes each, while a method whose TRAINABLE_DTYPE is "float32" (LoRA & co.)
+                keeps its own tensors and the head float32, so their gradients and AdamW state are float32
+                too (counted as `methods.prepare` makes them, on the meta model); activations are bf16.
 - optimizer     AdamW's exp_avg and exp_avg_sq: two tensors like each trainable parameter (torch keeps the
                 state in the parameter's dtype).
 - best copy     the training loop keeps a clone of every trainable parameter for restoring the best

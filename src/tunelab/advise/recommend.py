@@ -2,7 +2,8 @@
 
 The rules (`_recommend`): limited memory -> LoRA / QLoRA; several tasks -> one small adapter per task;
 latency-critical -> mergeable methods only; memory to spare and one task -> full fine-tuning is an option;
-gradient checkpointing where a method fits only with it. The estimates come from memory.py.
+gradient checkpointing where a method fits only with it; a bf16 frozen base where the hardware multiplies bf16
+fast (hardware.py), and a warning where it is asked for on hardware that does not. The estimates come from memory.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .. import hub
+from .. import hub, methods
 from ..config.rules import words
 from ..errors import TunelabError
+from .hardware import bf16_matmul
 from .memory import MERGEABLE, METHOD_ORDER, estimate, eval_batch_that_fits
 
 # -- the budget ------------------------------------------------------------------------
@@ -65,9 +67,12 @@ def machine_memory() -> tuple[int, str]:
 
 def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | str | None = None, tasks: int = 1,
            latency_critical: bool = False, dtype: str = "float32", eval_batch_size: int | None = None,
-           device: str | None = None) -> dict:
+           device: str | None = None, cpu_flags=None, gpu_capability: tuple[int, int] | None = None) -> dict:
     """Every method with and without gradient checkpointing, which fit `memory_bytes` (default: the GPU's memory
-    under CUDA, else this machine's RAM), and recommendations, each with a one-line reason."""
+    under CUDA, else this machine's RAM), and recommendations, each with a one-line reason.
+
+    Whether the device multiplies bf16 fast is read from `cpu_flags` (default: /proc/cpuinfo's) or
+    `gpu_capability` (default: GPU 0's compute capability)."""
     if tasks < 1:
         raise TunelabError(f"tasks must be >= 1 (the number of tasks to fine-tune for), got {tasks}.")
     if hub.is_hub_id(str(model_dir)):  # fetched once (into the HF cache, where training will look) for every method
@@ -91,7 +96,42 @@ def advise(model_dir, task: str, seq_len: int, batch: int, memory_bytes: int | s
               "device": head["device"], "memory_bytes": memory, "memory_source": memory_source, "tasks": tasks,
               "latency_critical": latency_critical, "rows": rows}
     result["recommendations"], result["notes"] = _recommend(rows, memory, tasks, latency_critical)
+    result["bf16_matmul"] = bf16_matmul(result["device"], cpu_flags, gpu_capability)
+    first = result["recommendations"][0]["method"] if result["recommendations"] else None
+    bf16 = None
+    if first and dtype == "float32" and result["bf16_matmul"]["fast"]:
+        gc = result["recommendations"][0]["gradient_checkpointing"]
+        bf16 = estimate(model_dir, task, seq_len, batch, first, "bfloat16", gc, eval_batch_size=eval_batch_size,
+                        device=result["device"])
+    result["bf16_base"], note = _bf16_advice(_row(rows, first), dtype, result["bf16_matmul"], bf16)
+    if note:
+        result["notes"].append(note)
     return result
+
+
+def _row(rows: list[dict], method: str | None) -> dict | None:
+    return next((r for r in rows if r["method"] == method), None)
+
+
+def _bf16_advice(row: dict | None, dtype: str, matmul: dict, bf16: dict | None) -> tuple[dict, str | None]:
+    """({"recommended", "why", "peak"}, a note or None): a bf16 frozen base for the first recommendation where
+    the hardware multiplies bf16 fast and the method keeps what it trains float32 over it (TRAINABLE_DTYPE);
+    a warning where a bf16 base is asked for on hardware without fast bf16 matmul."""
+    if dtype == "bfloat16" and not matmul["fast"]:
+        why = (f"A bf16 base will be slow here: {matmul['why']}, so every bf16 matmul is converted to float32 and "
+               f"back. model.dtype=float32 trains faster on this machine; the bf16 base only saves memory.")
+        return {"recommended": False, "why": why, "peak": None}, why
+    if dtype != "float32" or row is None or bf16 is None:
+        return {"recommended": False, "why": matmul["why"], "peak": None}, None
+    method, plain = row["method"], row["checkpointing" if bf16["gradient_checkpointing"] else "plain"]
+    if methods.get(method).TRAINABLE_DTYPE != "float32":
+        why = (f"{matmul['why']}: train.precision=bf16 (autocast) runs {method}'s matmuls in bf16 with float32 "
+               f"weights; a bf16 base (model.dtype=bfloat16) would train {method}'s weights themselves in bf16.")
+        return {"recommended": False, "why": why, "peak": None}, why
+    why = (f"{matmul['why']}: a bf16 frozen base (model.dtype=bfloat16) suits {method}: the base weights take 2 bytes "
+           f"each and its activations are bf16, while what it trains, the gradients and AdamW state stay float32; "
+           f"peak {fmt_bytes(bf16['train_peak'])} instead of {fmt_bytes(plain['train_peak'])}.")
+    return {"recommended": True, "why": why, "peak": bf16["train_peak"]}, why
 
 
 def _recommend(rows: list[dict], memory: int, tasks: int, latency_critical: bool) -> tuple[list[dict], list[str]]:
