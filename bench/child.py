@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         trained, info = RUNNERS[args.runner](spec, clock)
         # Peak RSS of training itself: read before the held-out pass, which for tunelab loads the run afresh.
         rss_train = common.peak_rss_mb()
+        gpu_train = common.peak_cuda_mb()
         model, tokenizer = trained()
         if spec["task"] == "sft":
             scores = common.heldout_sft(model, tokenizer, read_jsonl(spec["heldout"]))
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
             scores = common.heldout_cls(model, tokenizer, read_jsonl(spec["heldout"]), spec["max_length"])
         result = {"ok": True, **clock.summary(), **info, **scores, "peak_rss_mb": rss_train,
                   "peak_rss_end_mb": common.peak_rss_mb()}
+        if gpu_train is not None:  # --device cuda: what the training held on the GPU (torch's allocator)
+            result["peak_cuda_mb"] = gpu_train
     except Exception as e:  # the parent records the failure and goes on with the other runs
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
@@ -60,7 +63,7 @@ def run_tunelab(spec: dict, clock: StepClock):
 
     steps, run_dir = spec["steps"], Path(spec["run_dir"])
     overrides = [
-        f"model.path={spec['model']}", "model.device=cpu",
+        f"model.path={spec['model']}", f"model.device={spec.get('device', 'cpu')}",
         f"data.train={spec['train']}", f"data.validation={spec['heldout']}",
         f"data.max_length={spec['max_length']}", "data.dedupe=false",
         f"train.max_steps={steps}", f"train.batch_size={spec['batch_size']}", f"train.lr={spec['lr']}",
@@ -72,6 +75,8 @@ def run_tunelab(spec: dict, clock: StepClock):
         # --bf16: tunelab's own switch, bf16 autocast of the training forward with float32 weights (what the peers'
         # bf16=True does too). An autocast context around tunelab.train would not do: its loop sets autocast itself.
         f"train.precision={'bf16' if spec['bf16'] else 'fp32'}",
+        # --precision bf16-base: the frozen base loaded in bf16, what tunelab trains kept float32 over it
+        f"model.dtype={base_dtype(spec)}",
     ]
     if spec["task"] == "sft":  # padding-free: each step's 8 examples packed, as TRL's padding_free
         overrides += ["task.type=sft", "task.template=chat", "train.padding_free=true"]
@@ -110,7 +115,7 @@ def run_tunelab(spec: dict, clock: StepClock):
     records = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
     packed = any(r["type"] == "padding_free" and r["on"] for r in records)
     info = {"settings": f"{spec['method']}, {'padding-free rows' if packed else 'length-split micro-batches'}, "
-                        f"fused AdamW",
+                        f"fused AdamW{precision_note(spec)}",
             "trainable_params": run.summary["trainable_params"],
             "target_tokens": train_tokens.get("target_tokens", train_tokens.get("examples")),
             "own_train_seconds": run.summary["train_seconds"],
@@ -134,7 +139,7 @@ def training_arguments(spec: dict, cls=None, **extra):
                gradient_accumulation_steps=1, max_steps=spec["steps"], learning_rate=spec["lr"],
                lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                logging_steps=1, report_to=[], save_strategy="no", eval_strategy="no",
-               dataloader_num_workers=0, use_cpu=True, seed=spec["seed"], bf16=spec["bf16"], disable_tqdm=True,
+               dataloader_num_workers=0, use_cpu=spec.get("device", "cpu") == "cpu", seed=spec["seed"], bf16=spec["bf16"], disable_tqdm=True,
                **extra)
 
 
@@ -144,6 +149,15 @@ def lora_config(spec: dict, task_type: str = "CAUSAL_LM"):
     lora = spec["lora"]
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                       target_modules="all-linear", task_type=task_type)
+
+
+def base_dtype(spec: dict) -> str:
+    """The dtype every runner loads the model in: float32, or bfloat16 for --precision bf16-base."""
+    return spec.get("base_dtype", "float32")
+
+
+def precision_note(spec: dict) -> str:
+    return {"float32": "", "bfloat16": ", bf16 base"}[base_dtype(spec)] + (", bf16 autocast" if spec["bf16"] else "")
 
 
 def optimizer_name(args) -> str:
@@ -165,7 +179,7 @@ def run_trainer(spec: dict, clock: StepClock):
     if spec["task"] == "sft":
         from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, base_dtype(spec)))
         rows = []
         for r in read_jsonl(spec["train"]):
             ids, labels = common.encode_chat(tok, r["messages"])
@@ -178,7 +192,7 @@ def run_trainer(spec: dict, clock: StepClock):
         train = read_jsonl(spec["train"])
         labels = sorted({str(r["label"]) for r in train})  # sorted names, as tunelab orders them
         model = AutoModelForSequenceClassification.from_pretrained(
-            spec["model"], dtype=torch.float32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            spec["model"], dtype=getattr(torch, base_dtype(spec)), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={l: i for i, l in enumerate(labels)})
         enc = tok([r["text"] for r in train], truncation=True, max_length=spec["max_length"])
         rows = [{**{k: enc[k][i] for k in enc}, "labels": labels.index(str(r["label"]))} for i, r in enumerate(train)]
@@ -194,7 +208,7 @@ def run_trainer(spec: dict, clock: StepClock):
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=counter,
                       callbacks=[common.hf_clock_callback(clock, counter)])
     trainer.train()
-    info = {"settings": f"{settings}, {optimizer_name(args)}", "trainable_params": trainable(model),
+    info = {"settings": f"{settings}, {optimizer_name(args)}{precision_note(spec)}", "trainable_params": trainable(model),
             "target_tokens": sum(b["targets"] for b in counter.batches[: spec["steps"]])}
     return lambda: (model, tok), info
 
@@ -247,7 +261,7 @@ def _trl_once(spec: dict, clock: StepClock, attempt: dict):
 
     transformers.set_seed(spec["seed"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, base_dtype(spec)))
     conversations = read_jsonl(spec["train"])
     if attempt["loss"] == "assistant_only_loss":
         rows = [{"messages": r["messages"]} for r in conversations]
@@ -269,7 +283,8 @@ def _trl_once(spec: dict, clock: StepClock, attempt: dict):
     trainer.data_collator = counter
     trainer.add_callback(common.hf_clock_callback(clock, counter))
     trainer.train()
-    info = {"settings": f"{_trl_label(attempt)}, {optimizer_name(args)}", "trainable_params": trainable(trainer.model),
+    info = {"settings": f"{_trl_label(attempt)}, {optimizer_name(args)}{precision_note(spec)}",
+            "trainable_params": trainable(trainer.model),
             "target_tokens": sum(b["targets"] for b in counter.batches[: spec["steps"]])}
     return lambda: (trainer.model, tok), info
 

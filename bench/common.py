@@ -7,16 +7,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
-SMOLLM2 = ROOT / "demo_data" / "models" / "smollm2-135m-instruct"
+# BENCH_SMOLLM2: another directory for the lora-smollm2 scenario's model (bench/gpu_check.py points it at a
+# random-init model of SmolLM2's architecture where the imported weights are not carried).
+SMOLLM2 = Path(os.environ.get("BENCH_SMOLLM2") or ROOT / "demo_data" / "models" / "smollm2-135m-instruct")
 RESULT_PREFIX = "BENCH_RESULT "  # the child's last stdout line starts with this, then one JSON object
 SEED = 42
 HELD_OUT = 32  # fixed held-out examples every runner is scored on after training
+
+# Base precision variants (`--precision`), the same for every runner: the dtype the model is loaded in and whether
+# the training forward runs under bf16 autocast. "bf16-base" is a frozen base in bf16 under adapters that stay
+# float32 (tunelab's model.dtype=bfloat16; peft keeps LoRA weights float32 over a bf16 model too); for full
+# fine-tuning it means training the bf16 weights themselves.
+PRECISIONS = {
+    "fp32": {"base_dtype": "float32", "bf16": False},
+    "autocast": {"base_dtype": "float32", "bf16": True},
+    "bf16-base": {"base_dtype": "bfloat16", "bf16": False},
+}
+LOSS_AGREEMENT = 0.01  # a variant's losses count as fp32's when within 1 % of them at every step and held out
 
 
 def read_jsonl(path) -> list[dict]:
@@ -70,6 +84,16 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_cuda_mb() -> float | None:
+    """torch's peak CUDA allocation of the process (max_memory_allocated), in MB; None without CUDA in use."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
 class StepClock:

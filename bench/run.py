@@ -1,11 +1,15 @@
 """tunelab against the peers a user would otherwise pick (peft + transformers Trainer, TRL's SFTTrainer), on the same
 model, data, hyperparameters and number of optimizer steps, in one invocation:
 
-    python -m bench [--scenario NAME ...] [--steps 30] [--repeats 3] [--bf16] [--quick]
+    python -m bench [--scenario NAME ...] [--steps 30] [--repeats 3] [--bf16 | --precision LIST] [--quick]
 
 Runs alternate (A B C A B C ...) because this machine's speed drifts by up to 25 % from one run to the next, and
 each run is its own process (bench/child.py) so that its peak RSS is its own. Prints a table of medians and the
 ratios tunelab / peer, and writes bench/results.json. bench/README.md says what is measured and how.
+
+`--precision fp32,autocast,bf16-base` runs every runner in each base precision (common.PRECISIONS) side by side,
+alternated like the runners, and prints each variant against fp32: tokens/s, peak RSS and whether its losses stay
+within 1 % of fp32's at every step and on the held-out set.
 """
 
 from __future__ import annotations
@@ -53,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runners", help="comma-separated subset of runners, e.g. tunelab,trainer")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30; 4 with --quick)")
     parser.add_argument("--repeats", type=int, help="runs of each runner, alternated (default 3; 1 with --quick)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every runner (default fp32)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every runner (default fp32); the "
+                                                            "same as --precision autocast")
+    parser.add_argument("--precision", help=f"comma-separated base precision variants, each run by every runner: "
+                                            f"{', '.join(common.PRECISIONS)} (default fp32)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where every runner trains (default cpu; cuda for bench/gpu_check.py)")
     parser.add_argument("--quick", action="store_true", help="4 steps, 1 repeat, only the 58M scenarios")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before a run is stopped")
     parser.add_argument("--output", default=str(ROOT / "bench" / "results.json"))
@@ -69,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"choose from tunelab, trainer, trl")
     if steps < 2:
         parser.error("--steps must be at least 2: throughput is measured over the steps after the first")
+    precisions = parse_precisions(args.precision, args.bf16, parser.error)
+    any_bf16 = precisions != ["fp32"]
     missing = assets.missing_inputs()
     if missing:
         print(f"missing data: {', '.join(missing)}; `make demo-data demo_data/sft/train.jsonl` builds it.")
@@ -78,38 +89,43 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['versions']['torch']}, "
           f"load average {machine['load_average'][0]:.2f}", flush=True)
-    peaks = matmul_peaks(args.bf16)
+    peaks = matmul_peaks(any_bf16, args.device)
     print("matmul peak (2048x2048): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
     results = {"machine": machine,
-               "settings": {"steps": steps, "repeats": repeats, "bf16": args.bf16, "seed": common.SEED,
-                            "lora": LORA, "held_out": common.HELD_OUT},
+               "settings": {"steps": steps, "repeats": repeats, "bf16": precisions == ["autocast"], "device": args.device,
+                            "precisions": precisions, "seed": common.SEED, "lora": LORA, "held_out": common.HELD_OUT},
                "scenarios": {}}
     for name in scenarios:
-        prepared = prepare(name, steps, args.bf16)
+        prepared = prepare(name, steps, precisions == ["autocast"])
         if isinstance(prepared, str):
             print(f"[{name}] skipped: {prepared}", flush=True)
             results["scenarios"][name] = {"skipped": prepared}
             continue
         spec, data = prepared
+        spec["device"] = args.device
         runners = [r for r in SCENARIOS[name]["runners"] if only is None or r in only]
         runs = []
         for rep in range(repeats):
-            for runner in runners:  # A B C A B C ...: drift spreads over every runner alike
-                run = run_child(name, runner, spec, args.timeout)
-                run["repeat"] = rep + 1
-                runs.append(run)
-                print(f"[{name}] {rep + 1}/{repeats} {runner:8} {describe_run(run)}", flush=True)
-        results["scenarios"][name] = {"data": data, "spec": spec, "runners": runners, "runs": runs,
-                                      "measured": {**results["settings"], "date": machine["date"]}}
+            for precision in precisions:
+                for runner in runners:  # A B C A B C ...: drift spreads over every runner and variant alike
+                    name_of = label(runner, precision, precisions)
+                    run = run_child(name, runner, {**spec, **common.PRECISIONS[precision], "precision": precision},
+                                    args.timeout, name_of)
+                    run.update(repeat=rep + 1, precision=precision, label=name_of)
+                    runs.append(run)
+                    print(f"[{name}] {rep + 1}/{repeats} {name_of:8} {describe_run(run)}", flush=True)
+        results["scenarios"][name] = {"data": data, "spec": spec, "precisions": precisions,
+                                      "runners": [label(r, p, precisions) for p in precisions for r in runners],
+                                      "runs": runs, "measured": {**results["settings"], "date": machine["date"]}}
         check_targets(name, runs)
 
     # Measured again at the end and the higher kept: a peak taken while another job held a core would be too low.
-    peaks = {k: max(v, peaks[k]) for k, v in matmul_peaks(args.bf16).items()}
+    peaks = {k: max(v, peaks[k]) for k, v in matmul_peaks(any_bf16, args.device).items()}
     results["peak_flops"] = peaks
     for sc in results["scenarios"].values():
         if "runs" in sc:
-            sc.update(summarize(sc["runs"], sc["runners"], sc["data"], peaks["bfloat16" if args.bf16 else "float32"]))
+            sc.update(summarize(sc["runs"], sc["runners"], sc["data"], peaks))
     results["seconds"] = time.time() - t_start
     if args.merge and Path(args.output).exists():
         results = merge(json.loads(Path(args.output).read_text(encoding="utf-8")), results)
@@ -118,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print()
     print(ratio_lines(results))
+    if any_bf16 and "fp32" in precisions:
+        print()
+        print(precision_lines(results))
     print(f"\n{len([r for s in results['scenarios'].values() for r in s.get('runs', [])])} runs in "
           f"{results['seconds'] / 60:.1f} min; written {os.path.relpath(args.output)}")
     return 0
@@ -153,14 +172,14 @@ def describe_machine() -> dict:
             "load_average": os.getloadavg()}
 
 
-def matmul_peaks(bf16: bool) -> dict:
-    peaks = {"float32": matmul_peak("float32")}
+def matmul_peaks(bf16: bool, device: str = "cpu") -> dict:
+    peaks = {"float32": matmul_peak("float32", device=device)}
     if bf16:
-        peaks["bfloat16"] = matmul_peak("bfloat16")
+        peaks["bfloat16"] = matmul_peak("bfloat16", device=device)
     return peaks
 
 
-def matmul_peak(dtype: str, seconds: float = 2.0) -> float:
+def matmul_peak(dtype: str, seconds: float = 2.0, device: str = "cpu") -> float:
     """The best FLOP/s of one 2048x2048 matmul among those run back to back for about `seconds`, with the threads
     every run uses: the denominator of MFU. The best, not the mean, because another job sharing the cores would
     otherwise lower the peak (and raise every MFU) by whatever share it took."""
@@ -168,12 +187,15 @@ def matmul_peak(dtype: str, seconds: float = 2.0) -> float:
 
     torch.set_num_threads(os.cpu_count())
     n, kind = 2048, getattr(torch, dtype)
-    a, b = torch.randn(n, n, dtype=kind), torch.randn(n, n, dtype=kind)
+    a, b = torch.randn(n, n, dtype=kind, device=device), torch.randn(n, n, dtype=kind, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b  # warm-up
+    sync()
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     return best
 
@@ -218,10 +240,29 @@ def prepare(name: str, steps: int, bf16: bool):
 
 # -- one run --------------------------------------------------------------------------------------------------
 
-def run_child(name: str, runner: str, spec: dict, timeout: float) -> dict:
-    run_dir = CACHE / "runs" / f"{name}-{runner}"
-    log_path = CACHE / "logs" / f"{name}-{runner}.log"
-    spec_path = CACHE / "specs" / f"{name}-{runner}.json"
+def parse_precisions(text: str | None, bf16: bool, error) -> list[str]:
+    """The --precision list (--bf16 alone is ["autocast"]); `error(message)` for an unknown or doubled one."""
+    if text is None:
+        return ["autocast" if bf16 else "fp32"]
+    if bf16:
+        error("--bf16 is --precision autocast; give one of them")
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in common.PRECISIONS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        error(f"--precision {text!r}: give each of {', '.join(common.PRECISIONS)} at most once, comma-separated")
+    return chosen
+
+
+def label(runner: str, precision: str, precisions: list[str]) -> str:
+    """A run's name in the tables: the runner, and its precision where several are compared."""
+    return runner if len(precisions) == 1 else f"{runner} {precision}"
+
+
+def run_child(name: str, runner: str, spec: dict, timeout: float, name_of: str | None = None) -> dict:
+    slug = f"{name}-{(name_of or runner).replace(' ', '-')}"
+    run_dir = CACHE / "runs" / slug
+    log_path = CACHE / "logs" / f"{slug}.log"
+    spec_path = CACHE / "specs" / f"{slug}.json"
     for p in (log_path, spec_path):
         p.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -276,29 +317,59 @@ def describe_run(run: dict) -> str:
 
 # -- summaries ------------------------------------------------------------------------------------------------
 
-MEASURES = ("tokens_per_s", "examples_per_s", "peak_rss_mb", "time_to_first_step_s", "last_loss", "last5_loss",
-            "heldout_loss", "heldout_accuracy", "other_cpu_cores")
+MEASURES = ("tokens_per_s", "examples_per_s", "peak_rss_mb", "peak_cuda_mb", "time_to_first_step_s", "last_loss",
+            "last5_loss", "heldout_loss", "heldout_accuracy", "other_cpu_cores")
 
 
-def summarize(runs: list[dict], runners: list[str], data: dict, peak: float) -> dict:
+def run_label(run: dict) -> str:
+    return run.get("label", run["runner"])  # results written before --precision have the runner only
+
+
+def summarize(runs: list[dict], runners: list[str], data: dict, peaks: dict) -> dict:
+    """Medians per runner (per runner and precision with several), MFU against the matmul peak of the dtype the
+    matmuls ran in, tunelab / peer ratios within each precision, and each variant against fp32."""
     medians, ratios = {}, {}
     for runner in runners:
-        ok = [r for r in runs if r["runner"] == runner and r.get("ok")]
+        ok = [r for r in runs if run_label(r) == runner and r.get("ok")]
         if not ok:
             continue
         m = {k: common.median([r.get(k) for r in ok]) for k in MEASURES if any(k in r for r in ok)}
+        precision = ok[0].get("precision", "fp32")
+        peak = peaks["float32" if precision == "fp32" or "bfloat16" not in peaks else "bfloat16"]
         m["mfu"] = m["tokens_per_s"] * data["flops"]["flops_per_token"] / peak
         m["tokens_per_s_range"] = [min(r["tokens_per_s"] for r in ok), max(r["tokens_per_s"] for r in ok)]
         m["settings"] = " | ".join(dict.fromkeys(r["settings"] for r in ok))
         m["runs"] = len(ok)
+        m["step_losses"] = [common.median(list(step)) for step in zip(*(r["losses"] for r in ok if r.get("losses")))]
         medians[runner] = m
-    base = medians.get("tunelab")
     for runner, m in medians.items():
-        if runner == "tunelab" or base is None:
+        peer, _, precision = runner.partition(" ")
+        base = medians.get(f"tunelab {precision}".strip())
+        if peer == "tunelab" or base is None:
             continue
         ratios[runner] = {k: base[k] / m[k] for k in ("tokens_per_s", "examples_per_s", "peak_rss_mb",
                                                     "time_to_first_step_s") if m.get(k)}
-    return {"median": medians, "ratios_tunelab_over_peer": ratios}
+    return {"median": medians, "ratios_tunelab_over_peer": ratios, "precision_vs_fp32": versus_fp32(medians)}
+
+
+def versus_fp32(medians: dict) -> dict:
+    """Each "runner variant" against the same runner's fp32: tok/s and peak RSS ratios, the largest relative gap of
+    the per-step losses (medians over the repeats: every variant trains on the same examples in the same order) and
+    of the held-out loss, and whether both stay within common.LOSS_AGREEMENT."""
+    out = {}
+    for name, m in medians.items():
+        runner, _, precision = name.partition(" ")
+        base = medians.get(f"{runner} fp32")
+        if not precision or precision == "fp32" or base is None:
+            continue
+        steps = [abs(a - b) / abs(b) for a, b in zip(m.get("step_losses", []), base.get("step_losses", [])) if b]
+        held = abs(m["heldout_loss"] - base["heldout_loss"]) / abs(base["heldout_loss"])
+        worst = max(steps + [held])
+        out[name] = {"tokens_per_s": m["tokens_per_s"] / base["tokens_per_s"],
+                     "peak_rss_mb": m["peak_rss_mb"] / base["peak_rss_mb"],
+                     "step_loss_gap": max(steps) if steps else None, "steps_compared": len(steps),
+                     "heldout_loss_gap": held, "losses_agree": worst <= common.LOSS_AGREEMENT}
+    return out
 
 
 def check_targets(name: str, runs: list[dict]) -> None:
@@ -317,13 +388,13 @@ def table(results: dict) -> str:
         if "skipped" in sc:
             rows.append([name, "-", f"skipped: {sc['skipped']}"] + [""] * (len(head) - 3))
             continue
-        base = sc["median"].get("tunelab", {}).get("tokens_per_s")
-        for run in dict.fromkeys(r["runner"] for r in sc["runs"]):
+        for run in dict.fromkeys(run_label(r) for r in sc["runs"]):
             m = sc["median"].get(run)
             if m is None:
-                rows.append([name, run, "FAILED: " + next(r["error"] for r in sc["runs"] if r["runner"] == run)[:80]]
+                rows.append([name, run, "FAILED: " + next(r["error"] for r in sc["runs"] if run_label(r) == run)[:80]]
                             + [""] * (len(head) - 3))
                 continue
+            base = sc["median"].get(f"tunelab {run.partition(' ')[2]}".strip(), {}).get("tokens_per_s")
             held = f"{m['heldout_loss']:.4f}"
             if "heldout_accuracy" in m:
                 held += f" (acc {m['heldout_accuracy']:.3f})"
@@ -347,6 +418,20 @@ def ratio_lines(results: dict) -> str:
             out.append(f"  {name:13} vs {peer:8} tok/s {r.get('tokens_per_s', float('nan')):.2f}x   "
                        f"peak RSS {r.get('peak_rss_mb', float('nan')):.2f}x   "
                        f"time to first step {r.get('time_to_first_step_s', float('nan')):.2f}x")
+    return "\n".join(out)
+
+
+def precision_lines(results: dict) -> str:
+    """Every precision variant against fp32, one line each, with the verdict on its losses."""
+    limit = f"{100 * common.LOSS_AGREEMENT:g} %"
+    out = ["precision variant / fp32, medians (tok/s > 1: faster; peak RSS < 1: smaller):"]
+    for name, sc in results["scenarios"].items():
+        for variant, v in sc.get("precision_vs_fp32", {}).items():
+            steps = (f"largest step-loss gap {100 * v['step_loss_gap']:.2f} % over {v['steps_compared']} steps"
+                     if v["step_loss_gap"] is not None else "no step losses")
+            verdict = f"within {limit} of fp32" if v["losses_agree"] else f"NOT within {limit} of fp32"
+            out.append(f"  {name:13} {variant:20} tok/s {v['tokens_per_s']:.2f}x   peak RSS {v['peak_rss_mb']:.2f}x   "
+                       f"losses {verdict} ({steps}, held-out {100 * v['heldout_loss_gap']:.2f} %)")
     return "\n".join(out)
 
 

@@ -57,6 +57,64 @@ def test_merge_keeps_earlier_scenarios_with_their_own_settings():
     assert merged["settings"]["steps"] == 10 and earlier["scenarios"]["lora-58m"] == {"median": {"old": 1}}
 
 
+# -- base precision variants (--precision) --------------------------------------------------------------------
+
+def _precision_run(runner, precision, losses, heldout, tok_s, rss):
+    return {"runner": runner, "precision": precision, "label": f"{runner} {precision}", "ok": True,
+            "tokens_per_s": tok_s, "examples_per_s": tok_s / 100, "peak_rss_mb": rss, "time_to_first_step_s": 1.0,
+            "losses": losses, "last_loss": losses[-1], "last5_loss": sum(losses) / len(losses),
+            "heldout_loss": heldout, "other_cpu_cores": 0.0, "settings": precision}
+
+
+def test_precision_variants_are_compared_with_fp32_step_by_step_and_held_out():
+    from bench import run
+
+    runs = [_precision_run("tunelab", "fp32", [2.0, 1.5, 1.0], 1.2, 100.0, 1000.0),
+            _precision_run("tunelab", "bf16-base", [2.0, 1.509, 1.005], 1.2, 130.0, 700.0),  # 0.6 % at most
+            _precision_run("tunelab", "autocast", [2.0, 1.5, 1.02], 1.2, 110.0, 1100.0),  # 2 % at the last step
+            _precision_run("trainer", "fp32", [2.0, 1.5, 1.0], 1.2, 50.0, 2000.0),
+            _precision_run("trainer", "bf16-base", [2.0, 1.5, 1.0], 1.25, 60.0, 1500.0)]  # held-out 4.2 % off
+    labels = [run.label(r, p, ["fp32", "bf16-base", "autocast"]) for p in ("fp32", "bf16-base", "autocast")
+              for r in ("tunelab", "trainer")]
+    s = run.summarize(runs, labels, {"flops": {"flops_per_token": 1e6}}, {"float32": 1e9, "bfloat16": 4e9})
+    v = s["precision_vs_fp32"]
+    assert set(v) == {"tunelab bf16-base", "tunelab autocast", "trainer bf16-base"}
+    assert v["tunelab bf16-base"]["tokens_per_s"] == pytest.approx(1.3) and v["tunelab bf16-base"]["peak_rss_mb"] == 0.7
+    assert v["tunelab bf16-base"]["step_loss_gap"] == pytest.approx(0.006) and v["tunelab bf16-base"]["losses_agree"]
+    assert v["tunelab autocast"]["step_loss_gap"] == pytest.approx(0.02) and not v["tunelab autocast"]["losses_agree"]
+    assert v["trainer bf16-base"]["heldout_loss_gap"] == pytest.approx(0.05 / 1.2)
+    assert not v["trainer bf16-base"]["losses_agree"]
+    # tunelab / peer within one precision; MFU against the peak of the dtype the matmuls ran in
+    assert s["ratios_tunelab_over_peer"]["trainer bf16-base"]["tokens_per_s"] == pytest.approx(130 / 60)
+    assert s["median"]["tunelab fp32"]["mfu"] == pytest.approx(100 * 1e6 / 1e9)
+    assert s["median"]["tunelab bf16-base"]["mfu"] == pytest.approx(130 * 1e6 / 4e9)
+
+    text = run.precision_lines({"scenarios": {"lora-58m": s}})
+    lines = text.splitlines()[1:]
+    assert len(lines) == 3
+    assert "tunelab bf16-base" in lines[0] and "within 1 % of fp32" in lines[0] and "NOT" not in lines[0]
+    assert "tok/s 1.30x" in lines[0] and "peak RSS 0.70x" in lines[0] and "over 3 steps" in lines[0]
+    assert "NOT within 1 % of fp32" in lines[1] and "NOT within 1 % of fp32" in lines[2]
+    table = run.table({"scenarios": {"lora-58m": {**s, "runs": runs}}})
+    assert "| trainer bf16-base " in table and "| 0.46 " in table  # 60 / 130 tok/s against tunelab's bf16 base
+
+
+def test_precision_flags():
+    from bench import run
+
+    errors = []
+    assert run.parse_precisions(None, False, errors.append) == ["fp32"]
+    assert run.parse_precisions(None, True, errors.append) == ["autocast"]
+    assert run.parse_precisions("fp32, bf16-base", False, errors.append) == ["fp32", "bf16-base"]
+    assert errors == []
+    for bad, bf16 in (("fp16", False), ("fp32,fp32", False), ("", False), ("autocast", True)):
+        run.parse_precisions(bad, bf16, errors.append)
+    assert len(errors) == 4 and "fp32, autocast, bf16-base" in errors[0] and "--bf16" in errors[3]
+    assert run.label("trl", "autocast", ["autocast"]) == "trl"  # one precision: the names stay the runners'
+    assert {p: common.PRECISIONS[p]["base_dtype"] for p in common.PRECISIONS} == {
+        "fp32": "float32", "autocast": "float32", "bf16-base": "bfloat16"}
+
+
 # -- bench/serve.py: the load harness's pure parts ------------------------------------------------------------
 
 def test_serve_percentile_is_numpy_linear_interpolation():
