@@ -7,6 +7,7 @@ and predict answers what `tunelab predict` prints."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,30 @@ def test_compare_launch_refuses_bad_requests(client, ws):
     assert e["field"] == "output_dir" and "already exists" in e["message"]
     e = error_of(client.post("/api/compare/launch", json={"yaml": "train: {lr: -1}", "methods": ["lora"]}), 400)
     assert e["field"] == "model"  # the first of the recipe's errors: model is required
+
+
+def test_compare_launch_runs_tunelab_compare(client, ws):
+    recipe = {**ws["recipe"], "eval": {"linear_probe": False, "samples": 0}}
+    r = client.post("/api/compare/launch", json={"yaml": yaml.safe_dump(recipe), "methods": ["lora", "bitfit"],
+                                                 "steps": 1, "output_dir": "runs/cmp"})
+    assert r.status_code == 201, r.text
+    assert r.json() == {"id": "runs/cmp"}
+    jobs, out = client.app_ref.state.ui.jobs, ws["root"] / "runs" / "cmp"
+    deadline = time.monotonic() + 300
+    while jobs.alive(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "compare.json").is_file(), jobs.log_tail(out)
+    assert yaml.safe_load(Path(jobs.record(out)["recipe"]).read_text()) == recipe  # the recipe, kept in .tunelab-ui/
+    # the folder's own table: one row per method, each with its run's id and the latency compare measured
+    measured = json.loads((out / "compare.json").read_text())
+    rows = client.post("/api/compare", json={"ids": ["runs/cmp"]}).json()["rows"]
+    assert [(r["id"], r["method"]) for r in rows] == [("runs/cmp/runs/lora", "lora"), ("runs/cmp/runs/bitfit", "bitfit")]
+    for row, m in zip(rows, measured):
+        assert (row["metric"]["tuned"], row["metric"]["base"], row["latency_ms"], row["steps"]) == \
+            (m["tuned"], m["base"], m["latency_ms"], 1)
+    # and a run of it compares like any other run
+    single = client.post("/api/compare", json={"ids": ["runs/cmp/runs/lora"]}).json()["rows"][0]
+    assert single["metric"]["tuned"] == rows[0]["metric"]["tuned"] and single["trainable_pct"] == rows[0]["trainable_pct"]
 
 
 # -- playground ------------------------------------------------------------------------------------------------------
