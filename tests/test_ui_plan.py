@@ -32,8 +32,8 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_chat_llama, tiny_bert) -> dict:
-    """A workspace with its data, a recipe, and five tiny runs: sft with LoRA and in full, classification with LoRA
-    and in full, an embedding LoRA run."""
+    """A workspace with its data, a recipe, and six tiny runs: sft, classification and embedding, each with LoRA and
+    in full."""
     root = tmp_path_factory.mktemp("workspace")
     chat = write_jsonl(root / "chat.jsonl", make_chat_rows(64, seed=3))
     labelled = write_jsonl(root / "labelled.jsonl", make_rows(64, seed=0))
@@ -41,12 +41,13 @@ def ws(tmp_path_factory, tiny_chat_llama, tiny_bert) -> dict:
     sft = [f"model.path={tiny_chat_llama}", f"data.train={chat}", "task.type=sft", "data.max_length=64",
            "train.batch_size=8", "train.lr=1e-2", "train.max_steps=6", *QUICK]
     clf = [f"model.path={tiny_bert}", f"data.train={labelled}", "train.max_steps=2", *QUICK]
+    emb = [f"model.path={tiny_bert}", f"data.train={pairs}", "task.type=embedding", "train.max_steps=2", *QUICK]
     plans = {"sft-lora": [*sft, "method.name=lora", "method.target_modules=all-linear"],
              "sft-full": [*sft, "method.name=full", "train.max_steps=2"],
              "clf-lora": [*clf, "method.name=lora", "train.lr=1e-2"],
              "clf-full": [*clf, "method.name=full"],
-             "emb-lora": [f"model.path={tiny_bert}", f"data.train={pairs}", "task.type=embedding", "method.name=lora",
-                          "train.lr=5e-2", "train.max_steps=2", *QUICK]}
+             "emb-lora": [*emb, "method.name=lora", "train.lr=5e-2"],
+             "emb-full": [*emb, "method.name=full", "train.lr=1e-2"]}
     runs = {name: tunelab.train(None, [*o, f"output_dir={root / 'runs' / name}"]).dir for name, o in plans.items()}
     recipe = {"model": {"path": str(tiny_bert)}, "data": {"train": "labelled.jsonl", "max_length": 32},
               "method": {"name": "lora", "r": 4}, "train": {"batch_size": 8, "max_steps": 1}}
@@ -173,7 +174,9 @@ def test_advise_answers_per_method(client, ws):
     assert rows["lora"]["chosen"] and rows["lora"]["applicable"] and rows["lora"]["fits"]
     assert 0 < rows["lora"]["peak_bytes_checkpointing"] <= rows["lora"]["peak_bytes"]
     assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == rows["full"]["total_params"]
-    assert out["recommended"] and out["recommended"][0]["method"] in rows and (out["seq_len"], out["batch"]) == (32, 8)
+    assert out["recommended"] == [r["method"] for r in out["recommendations"]] and out["recommended"][0] in rows
+    assert all(r["reason"] for r in out["recommendations"]) and (out["seq_len"], out["batch"]) == (32, 8)
+    assert out["text"].startswith("Training memory for")  # what `tunelab advise` prints
     # the model must lie in the workspace or a root the UI was started with
     outside = yaml.safe_dump({**ws["recipe"], "model": {"path": "/usr/lib"}})
     assert error_of(client.post("/api/advise", json={"yaml": outside}), 403)["field"] == "model.path"
@@ -311,6 +314,25 @@ def test_predict_embeds_with_base_and_tuned(client, ws):
         unit = want / np.linalg.norm(want, axis=1, keepdims=True)
         assert np.abs(np.asarray(out["similarities"][side]) - unit @ unit.T).max() <= tol(1.0, 64), side
     assert np.abs(tuned - base).max() > 1e-3  # the adapters were trained: base and tuned differ
+
+
+def test_a_full_fine_tune_embeds_beside_its_base_model(client, ws, tiny_bert):
+    """The base of a run that changed the base's weights is model.path loaded on its own: mean-pooled, normalised
+    states of the plain encoder, computed here with transformers."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["a great film", "the weather today"]
+    out = client.post(f"/api/playground/{rid(ws, 'emb-full')}/predict", json={"inputs": texts}).json()
+    tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    want = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert np.abs(np.asarray(out["base"]) - want).max() <= tol(1.0, 256)
+    assert np.abs(np.asarray(out["tuned"]) - tunelab.load(ws["runs"]["emb-full"]).embed(texts)).max() <= tol(1.0, 64)
+    assert np.abs(np.asarray(out["tuned"]) - want).max() > 1e-3
 
 
 def test_loaded_runs_are_bounded(client, ws):

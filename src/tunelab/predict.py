@@ -59,6 +59,18 @@ class TunedModel:
         self._setup(device, artifact=self.dir)
         return self
 
+    def base_model(self, device: str | None = None) -> TunedModel:
+        """The model this run started from (its model.path: a folder, a Hub id at the run's revision, or an earlier
+        run) loaded on its own for the run's task, reading inputs as the run does (its labels info: the chat
+        template, the pooling, ...): the base that a full fine-tune's replies or vectors are set beside. Loaded with
+        this model's trust_remote_code / allow_pickle. A task with a trained head gets a fresh, untrained one."""
+        base = TunedModel.__new__(TunedModel)
+        base.dir, base.info = self.dir, dict(self.info)
+        base.cfg = self.cfg.model_copy(update={"method": config_mod.FullConfig(name="full")}, deep=True)
+        with model_source(self.cfg.model) as source:
+            base._setup(device, artifact=Path(source.path))
+        return base
+
     def _setup(self, device: str | None, artifact: Path | None = None) -> None:
         if device:
             self.cfg.model.device = device

@@ -305,7 +305,8 @@ def advise(req: RecipeBody, request: Request):
     return {"machine_memory": result["memory_bytes"], "memory_source": result["memory_source"],
             "device": result["device"], "model": result["model"], "task": task, "seq_len": result["seq_len"],
             "batch": result["batch"], "dtype": result["dtype"], "method": cfg.method.name, "rows": rows,
-            "recommended": result["recommendations"], "notes": result["notes"],
+            "recommended": [r["method"] for r in result["recommendations"]],
+            "recommendations": result["recommendations"], "notes": result["notes"],
             "text": advise_mod.format_advice(result)}
 
 

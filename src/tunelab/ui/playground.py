@@ -11,8 +11,9 @@ MAX_LOADED runs stay loaded, the least recently used one dropped first.
 
 The base model: for a method that keeps its weights beside the base (LoRA, adapters, prefix, ...; not when it trains
 base biases), the same loaded model with its adapters switched off (`methods.adapters_disabled`); for one that
-changes the base (full, freeze, bitfit), model.path loaded on its own, rendering prompts with the run's template.
-A classifier-like run's base has no trained head, so it has no base predictions. Models load with the UI's
+changes the base (full, freeze, bitfit), model.path loaded on its own (`TunedModel.base_model`), reading inputs as
+the run does (its chat template, its pooling). A classifier-like run's base has no trained head, so it has no base
+predictions. Models load with the UI's
 trust_remote_code / allow_pickle, as `tunelab predict` does with its flags; a run's own config.yaml never turns
 them on.
 """
@@ -31,10 +32,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .. import hub, methods, models
+from .. import methods
 from .. import predict as predict_mod
 from ..errors import TunelabError
-from ..predict import TunedModel
 from ..serve import engine as eng
 from ..serve.app import check_roles
 from .plan import Body, ui_of
@@ -142,29 +142,9 @@ class Cache:
                                      f"has the base model's figures on its evaluation splits.")
             elif not changes_base:
                 entry.base = eng.Served("base", tuned.source, tuned.model, ADAPTERS_OFF, tuned.kind)
-            elif tuned.kind == eng.GENERATE:
-                model = self.load_base(tuned)
-                entry.base = eng.Served("base", tuned.source, model, "default", eng.GENERATE)
-            else:
-                entry.base_reason = (f"A {cfg.method.name} run changed the base model's own weights, and the "
-                                     f"playground does not load a separate base embedding model yet; compare with "
-                                     f"`tunelab embed {cfg.model.path}` after training it for a step, or use an "
-                                     f"adapter method, whose base is its adapters switched off.")
+            else:  # the method changed the base's own weights: model.path loaded on its own
+                entry.base = eng.Served("base", tuned.source, tuned.model.base_model(), "default", tuned.kind)
             entry.base_ready = True
-
-    def load_base(self, tuned: eng.Served) -> TunedModel:
-        """A causal-LM run's model.path loaded on its own (a tunelab run there: that run's model), its prompts
-        rendered as the tuned run renders them."""
-        cfg = tuned.model.cfg
-        path = cfg.model.path
-        if not hub.is_hub_id(path) and not Path(path).expanduser().is_absolute():
-            path = str(tuned.source.parent / path) if (tuned.source.parent / path).exists() else path
-        if models.is_run_dir(path):
-            base = predict_mod.load(path, **self.switches)
-        else:
-            base = TunedModel.from_model_dir(path, revision=cfg.model.revision, **self.switches)
-        base.info = dict(tuned.model.info)  # the same template (and causal_lm's plain continuation) as the tuned run
-        return base
 
 
 def cache_of(request: Request) -> Cache:
