@@ -141,6 +141,9 @@ export function fmtTime(iso) {
 // One status badge, the same everywhere (text, not colour alone, carries the status).
 export const badge = status => h("span", { class: `badge badge-${status}` }, status || "unknown");
 
+// An error for the page: the server's own paragraph as it is; anything else (a bug, a dropped connection) also
+// goes to the console, where the browser tests look for it.
 export function errorBox(error) {
+  if (!(error instanceof ApiError) && typeof error !== "string") console.error(error);
   return h("div", { class: "error", role: "alert" }, error instanceof Error ? error.message : String(error));
 }

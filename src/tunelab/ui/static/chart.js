@@ -30,7 +30,8 @@ function tickFormat(values) {
   const step = Math.abs(values[1] - values[0]);
   const big = Math.max(...values.map(Math.abs));
   if (big !== 0 && (big < 1e-3 || big >= 1e6)) return v => (v === 0 ? "0" : v.toExponential(Math.max(0, Math.ceil(Math.log10(big / step)))));
-  const decimals = Math.max(0, -Math.floor(Math.log10(step) + 1e-9));
+  let decimals = 0;  // the fewest that write every tick exactly (a step of 0.025 needs three)
+  while (decimals < 12 && values.some(v => Math.abs(Number(v.toFixed(decimals)) - v) > step * 1e-6)) decimals += 1;
   return v => v.toLocaleString("en", { minimumFractionDigits: decimals, maximumFractionDigits: decimals });
 }
 

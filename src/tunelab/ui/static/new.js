@@ -10,7 +10,7 @@ import { fmtNum } from "./chart.js";
 import { deleteKey, getKey, setKey } from "./yaml.js";
 
 export const NAV = "new";
-const OPEN_SECTIONS = new Set(["model", "data", "task", "method", "train", "output_dir", "general", "run"]);
+const OPEN_SECTIONS = new Set(["model", "data", "task", "method"]);
 const BROWSE = /^(model\.path|data\.(train|validation|test))$/;  // keys a file picker helps with
 
 const STARTER = `# A new run. Fill in the model and the training data; every other key has a default.
@@ -158,16 +158,20 @@ export async function render(main, params) {
           outputError, launchButton, launchState))));
   main.append(h("h1", {}, "New run"), form);
 
+  function applies(field) {
+    if (!field.applies_to) return true;
+    const chooser = controls.get(field.applies_to.key);
+    const value = current ? getPath(current, field.applies_to.key) : chooser && readValue(chooser.field, chooser.kind, chooser.input);
+    return value === undefined || field.applies_to.values.includes(value);
+  }
+
   // A field shows when it matches the search and applies to the recipe's task.type / method.name (the keys of
   // other task types and methods would be refused for this recipe anyway).
   function filterFields() {
     const q = fieldFilter.value.trim().toLowerCase();
     for (const { field, input } of controls.values()) {
       const box = input.closest(".field");
-      const chooser = controls.get(field.applies_to?.key);
-      const value = current ? getPath(current, field.applies_to?.key) : chooser && readValue(chooser.field, chooser.kind, chooser.input);
-      const applies = !field.applies_to || value === undefined || field.applies_to.values.includes(value);
-      box.hidden = !applies || (!!q && !(`${field.key} ${field.description || ""}`.toLowerCase().includes(q)));
+      box.hidden = !applies(field) || (!!q && !(`${field.key} ${field.description || ""}`.toLowerCase().includes(q)));
     }
     for (const details of form.querySelectorAll("details.section")) {
       const any = [...details.querySelectorAll(".field")].some(f => !f.hidden);
@@ -251,17 +255,30 @@ export async function render(main, params) {
     }
   }
 
+  // What advise reads from a recipe: it runs again on its own only when one of these changed (it builds each
+  // method's model to measure it, which takes a while), and never twice at once.
+  const adviseKey = () => JSON.stringify(["model.path", "model.dtype", "model.device", "task.type", "method.name",
+    "data.max_length", "train.batch_size", "eval.batch_size"].map(k => getPath(current, k)));
+  let advising = false, adviseAgain = false;
+
   async function advise(force) {
-    if (!force && lastAdvised === yamlText) return;
-    const seq = ++adviseSeq, text = yamlText;
+    if (!current && !force) return;
+    const key = current ? adviseKey() : null;
+    if (!force && key === lastAdvised) return;
+    if (advising) { adviseAgain = true; return; }
+    advising = true;
+    const seq = ++adviseSeq;
     advisePanel.replaceChildren(h("p", { class: "note" }, "estimating…"));
     try {
-      const answer = await api("api/advise", { method: "POST", body: { yaml: text } });
+      const answer = await api("api/advise", { method: "POST", body: { yaml: yamlText } });
       if (seq !== adviseSeq) return;
-      lastAdvised = text;
+      lastAdvised = key;
       advisePanel.replaceChildren(adviseView(answer));
     } catch (error) {
       if (seq === adviseSeq) advisePanel.replaceChildren(errorBox(error));
+    } finally {
+      advising = false;
+      if (adviseAgain && seq === adviseSeq) { adviseAgain = false; advise(false); }
     }
   }
 
@@ -295,14 +312,17 @@ export async function render(main, params) {
     }
   }
 
-  // A small file picker over GET /api/files (the workspace and the --root folders only).
+  // A small file picker over GET /api/files: the workspace, and any --root folder typed into "Folder".
   async function pickFile(key, input) {
     const list = h("ul", { class: "files" });
-    const where = h("p", { class: "note" });
+    const folder = h("input", { id: "picker-folder", type: "text" });
     const dialog = h("dialog", { class: "picker", "aria-labelledby": "picker-title" },
-      h("h2", { id: "picker-title" }, `Choose ${key}`), where, list,
+      h("h2", { id: "picker-title" }, `Choose ${key}`),
+      h("form", { class: "row", onsubmit: e => { e.preventDefault(); open(folder.value.trim() || "."); } },
+        h("label", { for: "picker-folder" }, "Folder"), folder, h("button", { type: "submit", class: "secondary small" }, "Open")),
+      list,
       h("div", { class: "toolbar" },
-        h("button", { type: "button", id: "picker-choose-dir", onclick: () => choose(dialog.dataset.dir) }, "Choose this folder"),
+        h("button", { type: "button", id: "picker-choose-dir", onclick: () => choose(folder.value.trim() || ".") }, "Choose this folder"),
         h("button", { type: "button", class: "secondary", onclick: () => dialog.close() }, "Cancel")));
     dialog.addEventListener("close", () => dialog.remove());
     document.body.append(dialog);
@@ -316,18 +336,19 @@ export async function render(main, params) {
     async function open(dir) {
       try {
         const answer = await api(`api/files?dir=${encodeURIComponent(dir)}`);
-        dialog.dataset.dir = answer.dir;
-        where.textContent = answer.dir;
-        const up = answer.dir && answer.dir !== "." ? answer.dir.split("/").slice(0, -1).join("/") || "." : null;
+        folder.value = answer.dir;
+        // Up stays inside the workspace (relative paths); a root's parent would be refused.
+        const up = !answer.dir.startsWith("/") && answer.dir !== "." ? answer.dir.split("/").slice(0, -1).join("/") || "." : null;
         put(list,
           up !== null ? h("li", {}, h("button", { type: "button", class: "link", onclick: () => open(up) }, "⬑ up")) : null,
-          ...answer.entries.map(e => h("li", {}, h("button", { type: "button", class: "link", onclick: () => (e.is_dir ? open(e.path) : choose(e.path)) },
+          answer.entries.map(e => h("li", {}, h("button", { type: "button", class: "link", onclick: () => (e.is_dir ? open(e.path) : choose(e.path)) },
             `${e.is_dir ? "📁 " : ""}${e.name}`), e.is_dir ? null : h("span", { class: "note" }, ` ${fmtBytes(e.size)}`))));
       } catch (error) {
         list.replaceChildren(h("li", {}, errorBox(error)));
       }
     }
-    open(input.value && !input.value.includes("://") ? input.value.split("/").slice(0, -1).join("/") || "." : ".");
+    const current = input.value.trim();
+    open(current && !current.includes("://") && current.includes("/") ? current.split("/").slice(0, -1).join("/") || "/" : ".");
   }
 
   if (params.from) {
@@ -345,15 +366,25 @@ export async function render(main, params) {
   return () => { clearTimeout(timer); clearTimeout(adviseTimer); checkSeq += 1; adviseSeq += 1; };
 }
 
+// POST /api/advise's answer: the machine, then per method its trainable share, estimated peak memory (plain and
+// with gradient checkpointing) and whether it fits; the recipe's own method is marked.
 function adviseView(answer) {
   const rows = answer.rows || [];
-  const extra = [...new Set(rows.flatMap(Object.keys))].filter(k => !["method", "peak_bytes", "fits"].includes(k));
+  const fits = r => (!r.applicable ? `n/a${r.reason ? `: ${r.reason}` : ""}` : !r.fits ? "no" : r.needs_checkpointing ? "with checkpointing" : "yes");
+  const body = rows.map(r => h("tr", { class: r.chosen ? "chosen" : null },
+    h("th", { scope: "row" }, r.method, r.chosen ? " (this recipe)" : ""),
+    h("td", { class: "num" }, typeof r.trainable_pct === "number" ? `${fmtNum(r.trainable_pct, 3)} %` : "–"),
+    h("td", { class: "num" }, fmtBytes(r.peak_bytes)),
+    h("td", { class: "num" }, fmtBytes(r.peak_bytes_checkpointing)),
+    h("td", {}, fits(r))));
   return h("div", {},
-    answer.machine_memory ? h("p", {}, "Memory on this machine: ", h("strong", {}, typeof answer.machine_memory === "number" ? fmtBytes(answer.machine_memory) : String(answer.machine_memory))) : null,
-    rows.length ? h("div", { class: "table-wrap" }, table(["method", "peak memory", "fits", ...extra.map(k => k.replace(/_/g, " "))],
-      rows.map(r => [r.method, fmtBytes(r.peak_bytes), r.fits ? "yes" : "no",
-                     ...extra.map(k => (typeof r[k] === "number" ? fmtNum(r[k]) : r[k] === null || r[k] === undefined ? "–" : typeof r[k] === "object" ? JSON.stringify(r[k]) : String(r[k])))]),
-      { caption: "Estimated per method", className: "advise" })) : null,
+    h("p", {}, `${answer.device || "this machine"}: `, h("strong", {}, fmtBytes(answer.machine_memory)),
+      answer.memory_source ? ` (${answer.memory_source})` : "",
+      answer.seq_len ? ` · ${answer.seq_len} tokens × batch ${answer.batch}, ${answer.dtype}` : ""),
+    rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "advise" },
+      h("caption", {}, "Estimated peak memory per method"),
+      h("thead", {}, h("tr", {}, ["method", "trainable", "peak memory", "with checkpointing", "fits"].map(c => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, body))) : null,
     answer.recommended && answer.recommended.length ? h("p", {}, "Fits and recommended: ", h("strong", {}, answer.recommended.join(", "))) : null,
     answer.notes && answer.notes.length ? h("ul", { class: "notes" }, answer.notes.map(n => h("li", {}, n))) : null);
 }

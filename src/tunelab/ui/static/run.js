@@ -154,16 +154,17 @@ export async function render(main, { id }) {
   function drawActions() {
     const running = run.status === "running";
     const formats = run.exports || [];
-    const format = h("select", { id: "export-format", onchange: () => { quant.hidden = !/gguf/.test(format.value); } },
+    const format = h("select", { id: "export-format", onchange: () => { quant.hidden = format.value !== "gguf"; } },
                      formats.map(f => h("option", { value: f }, f)));
-    const quantInput = h("input", { id: "export-quant", type: "text", placeholder: "e.g. q8_0", size: 8 });
-    const quant = h("span", { hidden: !/gguf/.test(formats[0] || "") }, h("label", { for: "export-quant" }, "Quantisation"), quantInput);
+    // GGUF's tensor types (`tunelab export --quant`); the other formats take none.
+    const quantInput = h("select", { id: "export-quant" }, ["", "f32", "f16", "q8_0"].map(q => h("option", { value: q }, q || "default")));
+    const quant = h("span", { class: "group", hidden: formats[0] !== "gguf" }, h("label", { for: "export-quant" }, "Quantisation"), quantInput);
     put(actions, 
       running ? h("button", { type: "button", id: "stop", class: "danger", onclick: stop }, "Stop") : null,
       !running && run.resumable ? h("button", { type: "button", id: "resume", onclick: resume }, "Resume") : null,
       !running && formats.length && run.status === "finished" ? h("span", { class: "group" },
         h("label", { for: "export-format" }, "Export as"), format, quant,
-        h("button", { type: "button", id: "export", onclick: () => doExport(format.value, quantInput.value.trim()) }, "Export")) : null,
+        h("button", { type: "button", id: "export", onclick: () => doExport(format.value, format.value === "gguf" ? quantInput.value : "") }, "Export")) : null,
       run.playground && run.status === "finished"
         ? h("a", { class: "button", id: "open-playground", href: pageHref("playground", id) }, "Open in playground") : null,
       run.kind === "compare" ? h("a", { class: "button secondary", href: `#/compare?ids=${encodeURIComponent(id)}` }, "Show comparison") : null,
@@ -226,7 +227,12 @@ export async function render(main, { id }) {
   const source = new EventSource(runApi(id, "/events"));
   let ended = false;
   source.addEventListener("metric", e => {
-    const r = JSON.parse(e.data);
+    let r;
+    try {
+      r = JSON.parse(e.data);
+    } catch {
+      return;  // a line cut when a resumed run rewound its log under the reader: the lines after it are whole
+    }
     if (r.type === "train") {
       loss.add("train", r.step, r.loss);
       lr.add("lr", r.step, r.lr);
@@ -245,9 +251,10 @@ export async function render(main, { id }) {
     showProgress({ ...(run.progress || {}), step: s.step, total: s.total, eta_s: s.eta_s });
     if (changed) drawActions();
   });
+  // After `end` the server closes the stream; the page closes its side when that close arrives (closing first would
+  // abort a response that is ending anyway), before EventSource could reconnect.
   source.addEventListener("end", async () => {
     ended = true;
-    source.close();
     try {
       run = await api(runApi(id));
     } catch (error) {
@@ -262,7 +269,8 @@ export async function render(main, { id }) {
     main.dataset.ended = "true";
   });
   source.addEventListener("error", () => {
-    if (!ended && source.readyState === EventSource.CLOSED) {
+    if (ended) source.close();
+    else if (source.readyState === EventSource.CLOSED) {
       notice.replaceChildren(errorBox("The live stream of this run closed; reload the page to follow it again."));
     }
   });
