@@ -177,6 +177,16 @@ def test_advise_answers_per_method(client, ws):
     assert out["recommended"] == [r["method"] for r in out["recommendations"]] and out["recommended"][0] in rows
     assert all(r["reason"] for r in out["recommendations"]) and (out["seq_len"], out["batch"]) == (32, 8)
     assert out["text"].startswith("Training memory for")  # what `tunelab advise` prints
+    # time: the workspace's LoRA classifier on this model measured a step; scaled to this recipe's tokens a step
+    s = json.loads((ws["runs"]["clf-lora"] / "summary.json").read_text())
+    step_s = s["train_seconds"] / s["steps"] * (8 * 32) / (16 * 128)  # that run: batch 16 x 128 tokens
+    assert rows["lora"]["time"]["step_s"] == pytest.approx(step_s) and rows["lora"]["time"]["seconds"] == \
+        pytest.approx(step_s)  # train.max_steps=1
+    assert "runs/clf-lora" in rows["lora"]["time"]["basis"] and rows["ia3"]["time"] is None
+    # without max_steps: 2 epochs over labelled.jsonl's 64 rows less the 10 % held out, 8 a step
+    epochs = {**ws["recipe"], "train": {"batch_size": 8, "epochs": 2}}
+    timed = client.post("/api/advise", json={"yaml": yaml.safe_dump(epochs)}).json()
+    assert next(r for r in timed["rows"] if r["method"] == "lora")["time"]["steps"] == 2 * 8 and timed["time_note"]
     # the model must lie in the workspace or a root the UI was started with
     outside = yaml.safe_dump({**ws["recipe"], "model": {"path": "/usr/lib"}})
     assert error_of(client.post("/api/advise", json={"yaml": outside}), 403)["field"] == "model.path"

@@ -6,7 +6,8 @@
   workspace's own (*.yaml at its top, and under configs/ and recipes/);
 - POST /api/validate: a recipe's YAML checked as `tunelab train` checks it, each error with the dotted key it is
   about (`check`, which POST /api/runs uses too);
-- POST /api/advise: `tunelab advise` for the recipe's model, task, length and batch on this machine;
+- POST /api/advise: `tunelab advise` for the recipe's model, task, length and batch on this machine, and the time
+  per method where a finished run of the model and task in the workspace measured a step;
 - POST /api/compare: finished runs (or a `tunelab compare` folder) side by side, from their summary.json, with the
   points of the plots metric vs trainable %, peak memory, time, latency and forgetting;
 - POST /api/compare/launch: `tunelab compare` on a recipe, as a subprocess of the UI's jobs.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 import time
@@ -34,6 +36,7 @@ from ..config.explainer import keys as config_keys
 from ..config.validation import error_messages, paragraph
 from ..errors import TunelabError
 from ..training.loop import LOWER_IS_BETTER
+from . import workspace as ws
 from .workspace import ApiError, field_of
 
 router = APIRouter()
@@ -272,9 +275,80 @@ def validate(req: RecipeBody, request: Request):
 
 def model_dir(ui, cfg) -> str:
     """model.path as advise reads it: a Hub id as it is, a folder resolved against the workspace and confined."""
-    if hub.is_hub_id(cfg.model.path):
+    local = Path(cfg.model.path).expanduser()
+    if not (ui.workspace / local).exists() and hub.is_hub_id(cfg.model.path):  # a local folder of that name wins
         return cfg.model.path
     return str(ui.confine(cfg.model.path, "model.path"))
+
+
+def step_times(workspace: Path, model: str, task: str) -> dict[str, dict]:
+    """method -> the latest finished run in the workspace of this model and task: its id, seconds per optimizer
+    step, and the tokens a step's batches held at most (batch_size x grad_accum x data.max_length)."""
+    found: dict[str, tuple[float, dict]] = {}
+    for folder, kind in ws.find(workspace):
+        summary, (cfg, _) = ws.read_json(folder / "summary.json"), ws.read_config(folder)
+        if kind != "run" or not isinstance(summary, dict) or not cfg or summary.get("model") != model or \
+                summary.get("task") != task or not summary.get("steps") or not summary.get("train_seconds"):
+            continue
+        train, data = cfg.get("train") or {}, cfg.get("data") or {}
+        tokens = train.get("batch_size", 16) * train.get("grad_accum", 1) * data.get("max_length", 128)
+        when = (folder / "summary.json").stat().st_mtime
+        if summary["method"] not in found or found[summary["method"]][0] < when:
+            found[summary["method"]] = (when, {"id": ws.run_id(folder, workspace), "tokens": tokens,
+                                               "step_s": summary["train_seconds"] / summary["steps"]})
+    return {method: entry for method, (_, entry) in found.items()}
+
+
+def count_rows(path: Path) -> int | None:
+    """Rows of a local .jsonl / .csv / .tsv / .parquet file, counted without parsing them; None for anything else."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq  # a dependency of datasets, which tunelab reads parquet with
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if path.suffix not in (".jsonl", ".csv", ".tsv") or not path.is_file():
+            return None
+        with path.open("rb") as f:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        return lines - (path.suffix != ".jsonl")  # a header line
+    except (OSError, ValueError):
+        return None
+
+
+def planned_steps(ui, cfg, data) -> int | None:
+    """About how many optimizer steps the recipe trains: train.max_steps, or its epochs over the training rows (a
+    local file's, less the validation share held out of them)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if "://" in data.train:  # a Hub dataset (hf://org/name)
+        return None
+    rows = count_rows(ui.confine(data.train, "data.train"))
+    if not rows:
+        return None
+    if data.validation is None:
+        rows -= int(rows * data.val_fraction)
+    return max(1, math.ceil(cfg.train.epochs * math.ceil(rows / cfg.train.batch_size) / cfg.train.grad_accum))
+
+
+def timing(ui, cfg, data, model: str, task: str) -> tuple[dict[str, dict], str]:
+    """method -> {"step_s", "seconds", "basis"}: a finished run's measured time per step on this model and task,
+    scaled to this recipe's tokens per step (and times its steps, where they are known); and what the estimate
+    rests on, in a sentence."""
+    steps = planned_steps(ui, cfg, data)
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * data.max_length
+    out = {}
+    for method, m in step_times(ui.workspace, model, task).items():
+        step_s = m["step_s"] * tokens / m["tokens"]
+        out[method] = {"step_s": step_s, "seconds": step_s * steps if steps else None, "steps": steps,
+                       "basis": f"{m['step_s']:.3g} s a step measured in {m['id']} at {m['tokens']:,} tokens a step, "
+                                f"scaled to this recipe's {tokens:,}"}
+    if not out:
+        return out, ("No finished run of this model and task in the workspace to time a step by: train one briefly "
+                     "(e.g. train.max_steps=20) and the estimate scales its measured time per step to this recipe.")
+    return out, ("Times scale a finished run's measured seconds per step (same model and task) by the tokens a step "
+                 "holds (batch_size x grad_accum x data.max_length); " +
+                 (f"about {steps:,} steps." if steps else "the number of steps is unknown (no train.max_steps, and "
+                                                           "data.train is not a local file to count)."))
 
 
 @router.post("/api/advise")
@@ -291,6 +365,7 @@ def advise(req: RecipeBody, request: Request):
     device = None if cfg.model.device == "auto" else cfg.model.device.split(":")[0]
     result = advise_mod.advise(model_dir(ui, cfg), task, data.max_length, cfg.train.batch_size, tasks=len(cfg.tasks or [1]),
                                dtype=cfg.model.dtype, eval_batch_size=cfg.eval.batch_size, device=device)
+    times, time_note = timing(ui, cfg, data, result["model"], task)
     rows = []
     for r in result["rows"]:
         plain, ckpt = r["plain"], r["checkpointing"]
@@ -301,12 +376,12 @@ def advise(req: RecipeBody, request: Request):
                      "trainable_params": plain.get("trainable_params"), "total_params": plain.get("total_params"),
                      "trainable_pct": (100 * plain["trainable_params"] / plain["total_params"]
                                        if r["applicable"] else None),
-                     "chosen": r["method"] == cfg.method.name})
+                     "chosen": r["method"] == cfg.method.name, "time": times.get(r["method"])})
     return {"machine_memory": result["memory_bytes"], "memory_source": result["memory_source"],
             "device": result["device"], "model": result["model"], "task": task, "seq_len": result["seq_len"],
             "batch": result["batch"], "dtype": result["dtype"], "method": cfg.method.name, "rows": rows,
             "recommended": [r["method"] for r in result["recommendations"]],
-            "recommendations": result["recommendations"], "notes": result["notes"],
+            "recommendations": result["recommendations"], "notes": result["notes"], "time_note": time_note,
             "text": advise_mod.format_advice(result)}
 
 
