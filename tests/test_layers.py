@@ -64,6 +64,7 @@ LAYERS = {
     "tunelab.importer": 9,
     "tunelab.inspect": 9,
     "tunelab.serve": 9,  # tunelab serve: runs behind an OpenAI-compatible HTTP API (FastAPI only in here)
+    "tunelab.ui": 9,  # tunelab ui: the local web app over a workspace of run folders (FastAPI, its own page)
     # L10: argument parsing and printing; the public API
     "tunelab.cli": 10,
     "tunelab.__main__": 10,

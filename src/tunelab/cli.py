@@ -1,4 +1,4 @@
-"""`tunelab train|compare|advise|report|predict|embed|search|generate|serve|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
+"""`tunelab train|compare|advise|report|predict|embed|search|generate|serve|ui|eval|export|cv|sweep|data|models|config` — thin: parse arguments, call the library, print."""
 
 from __future__ import annotations
 
@@ -59,23 +59,26 @@ def train(
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                    "-m", "tunelab", *args]
         sys.exit(subprocess.call(command))
-    if resume is not None:
-        if recipe is not None or overrides:
-            raise TunelabError(f"--resume {resume} continues that run with its own config.yaml; give no recipe or "
-                               f"overrides with it (edit {resume / 'config.yaml'} to change a setting).")
-        # the run folder's own model.trust_remote_code / allow_pickle do not count, only these flags
-        run = tunelab.resume(resume, anyway=resume_anyway, trust_remote_code=trust_remote_code,
-                             allow_pickle=allow_pickle)
-    elif resume_anyway:
+    from .training import stop
+
+    if resume is not None and (recipe is not None or overrides):
+        raise TunelabError(f"--resume {resume} continues that run with its own config.yaml; give no recipe or "
+                           f"overrides with it (edit {resume / 'config.yaml'} to change a setting).")
+    if resume is None and resume_anyway:
         raise TunelabError("--resume-anyway goes with --resume RUN_DIR: it lets a run whose config.yaml, data or model "
                            "changed since its last checkpoint go on. Give --resume RUN_DIR too, or leave it out.")
-    elif recipe is None:
+    if resume is None and recipe is None:
         raise TunelabError("Give a recipe (`tunelab train configs/classification/minilm-lora.yaml`), or "
                            "--resume RUN_DIR to continue a run that stopped.")
-    else:
-        switches = [f"model.{k}=true" for k, on in (("trust_remote_code", trust_remote_code),
-                                                    ("allow_pickle", allow_pickle)) if on]
-        run = tunelab.train(recipe, [*(overrides or []), *switches], overwrite=overwrite)
+    with stop.terminate_as_interrupt():  # SIGTERM ends it as Ctrl-C does; while it trains, after a checkpoint
+        if resume is not None:
+            # the run folder's own model.trust_remote_code / allow_pickle do not count, only these flags
+            run = tunelab.resume(resume, anyway=resume_anyway, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle)
+        else:
+            switches = [f"model.{k}=true" for k, on in (("trust_remote_code", trust_remote_code),
+                                                        ("allow_pickle", allow_pickle)) if on]
+            run = tunelab.train(recipe, [*(overrides or []), *switches], overwrite=overwrite)
     typer.echo(f"run directory: {run.dir}")
 
 
@@ -385,6 +388,31 @@ def serve(
     settings = engine.Settings(max_batch=max_batch, batch_window=batch_window_ms / 1000, max_queue=max_queue,
                                timeout=timeout)
     serve_app.serve(runs, host, port, api_key, settings, trust_remote_code, allow_pickle)
+
+
+@app.command()
+def ui(
+    workspace: Path = typer.Option(Path("."), "--workspace", help="The folder whose runs the UI shows; runs it starts "
+                                   "are written in it, and relative paths in recipes are taken from it."),
+    root: Optional[List[Path]] = typer.Option(None, "--root", help="Another folder the UI may read models and data "
+                                              "from (repeatable); paths outside the workspace and the roots are "
+                                              "refused."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; anything but loopback needs --token."),
+    port: int = typer.Option(7860, "--port", min=0, max=65535, help="Port to listen on."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TUNELAB_UI_TOKEN", show_envvar=True,
+                                        help="Require this token on every request (the link printed at start "
+                                        "carries it)."),
+    trust_remote_code: bool = trust_code_option(),
+    allow_pickle: bool = allow_pickle_option(),
+):
+    """A local web app: the workspace's runs, live curves, new runs from a form, compare, playground."""
+    from . import ui as ui_pkg
+
+    ui_pkg.check_installed()
+    from .ui import app as ui_app
+
+    ui_app.check_host(host, token)
+    ui_app.serve(workspace, root or [], host, port, token, trust_remote_code, allow_pickle)
 
 
 @app.command("eval")

@@ -11,6 +11,7 @@ Features:
 - gradual unfreezing of blocks in stages
 - checkpoints every N steps and at each evaluation, and a resume that gives bit-identical weights (state.py)
 - several processes: DDP or FSDP2 (distributed.py)
+- SIGTERM / Ctrl-C: the step under way finishes, a checkpoint is saved, the run ends resumable (stop.py)
 
 What varies between tasks lives in the task module (collate, loss, count,
 metrics); what varies between methods is already decided by which parameters
@@ -36,6 +37,7 @@ from .batches import batch_stream, mixed_stream, split_by_length
 from .ema import EMA
 from .guard import Guard, finite
 from .plateau import Plateau
+from .stop import Interrupted, on_signal
 
 # batch_stream, mixed_stream and split_by_length moved to batches.py; named here too, as callers know them
 __all__ = ["LOWER_IS_BETTER", "Job", "accumulate", "autocast", "batch_stream", "evaluate_jobs", "mixed_stream",
@@ -211,6 +213,19 @@ def _restore_best(best: state.Best, params: dict, metric: str, write: Callable[[
             params[name].copy_(value)
 
 
+def _stopped(halt, step: int, total_steps: int, checkpoints, log: Callable[[dict], None],
+             write: Callable[[str], None]) -> Interrupted:
+    """The run was asked to stop (stop.py): logged, and the error that ends it as interrupted, saying how to go on."""
+    # after_step, not step: trackers take a record with a step for metrics
+    log({"type": "stopped", "after_step": step, "signal": halt.signal, "checkpoint": checkpoints is not None})
+    run_dir = checkpoints.root.parent if checkpoints is not None else None
+    how = (f"its checkpoint is saved: `tunelab train --resume {run_dir}` goes on from there" if run_dir else
+           "train.save_checkpoints is off, so there is no checkpoint to resume from")
+    message = f"stopped by {halt.signal} after step {step} of {total_steps}; {how}"
+    write(message)
+    return Interrupted(message)
+
+
 def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, eval_batch_size: int,
              log: Callable[[dict], None], sampling: str = "proportional", temperature: float = 1.0,
              owner=None, unfreeze: list[tuple[str, list[str]]] = (), checkpoints=None, resume=None) -> dict:
@@ -232,6 +247,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
     trainable = [p for g in groups for p in g["params"]]
     _log_groups(groups, cfg, header_log)
+    header_log({"type": "steps", "total": total_steps})  # for progress and ETA (tunelab ui); no step: not a metric
     split_cost = batches.split_cost(cfg, device, sharded)
     stream = batches.mixed_stream(jobs, cfg, sampling, temperature)
     optimized = {id(p) for p in trainable}  # the best state covers what the optimizer may change
@@ -260,63 +276,71 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     # --- train: one optimizer step per iteration, then evaluate and save when due
     model.train()
     step, stopped_early = first_step - 1, False
-    for step in range(first_step, total_steps + 1):
-        t0 = time.perf_counter()
-        epoch_pos, chunks, epoch_end = next(stream)
-        step_batches, real = batches.step_batches(jobs, chunks, padding_free, split_cost, device)
-        step_loss = accumulate(step_batches, owner, cfg.precision, parallel, real)
-        progress.tokens += int(distributed.total([sum(int(b["attention_mask"].sum())
-                                                      for (_, b), r in zip(step_batches, real) if r)])[0])
-        grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
-        lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
-        lr = max((v for k, v in lrs.items() if not k.startswith("head")), default=next(iter(lrs.values())))
-        ok = finite(step_loss, grad_norm)
-        if ok:  # the NaN guard: otherwise the weights stay as they were
-            opt.step()
-            ema.update()
-        sched.step()  # the schedule follows the step count, skipped steps included
-        opt.zero_grad(set_to_none=True)
-        progress.train_seconds += time.perf_counter() - t0
-        if guard.record(step, step_loss, grad_norm, log, write):
-            bar.close()
-            raise guard.error(step, cfg.lr, checkpoints.list() if checkpoints else [])
-        progress.running.append(step_loss if ok else float("nan"))
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+    with on_signal() as halt:  # SIGTERM / Ctrl-C: the step finishes, a checkpoint, the run ends interrupted
+        for step in range(first_step, total_steps + 1):
+            t0 = time.perf_counter()
+            epoch_pos, chunks, epoch_end = next(stream)
+            step_batches, real = batches.step_batches(jobs, chunks, padding_free, split_cost, device)
+            step_loss = accumulate(step_batches, owner, cfg.precision, parallel, real)
+            progress.tokens += int(distributed.total([sum(int(b["attention_mask"].sum())
+                                                          for (_, b), r in zip(step_batches, real) if r)])[0])
+            grad_norm = distributed.full(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf")))
+            lrs = {g["name"]: pg["lr"] for g, pg in zip(groups, opt.param_groups)}
+            lr = max((v for k, v in lrs.items() if not k.startswith("head")), default=next(iter(lrs.values())))
+            ok = finite(step_loss, grad_norm)
+            if ok:  # the NaN guard: otherwise the weights stay as they were
+                opt.step()
+                ema.update()
+            sched.step()  # the schedule follows the step count, skipped steps included
+            opt.zero_grad(set_to_none=True)
+            progress.train_seconds += time.perf_counter() - t0
+            if guard.record(step, step_loss, grad_norm, log, write):
+                bar.close()
+                raise guard.error(step, cfg.lr, checkpoints.list() if checkpoints else [])
+            progress.running.append(step_loss if ok else float("nan"))
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            mean_loss = progress.mean_loss()
-            log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
-                 "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": progress.tokens})
-            if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line for the bar
-                eta = progress.train_seconds / step * (total_steps - step)
-                print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
-        if stages and (epoch_end if cfg.unfreeze_every == "epoch" else step % cfg.unfreeze_every == 0):
-            label = _unfreeze_next(model, stages)
-            progress.stages_done += 1
-            log({"type": "unfreeze", "step": step, "unfrozen": label, "still_frozen": [s[0] for s in stages]})
-            write(f"step {step}: unfroze {label}" +
-                  (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
+            if step % cfg.log_every == 0 or step == total_steps:
+                mean_loss = progress.mean_loss()
+                log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
+                     "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": progress.tokens,
+                     "train_seconds": round(progress.train_seconds, 3)})
+                if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line for the bar
+                    eta = progress.train_seconds / step * (total_steps - step)
+                    print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)
+            if stages and (epoch_end if cfg.unfreeze_every == "epoch" else step % cfg.unfreeze_every == 0):
+                label = _unfreeze_next(model, stages)
+                progress.stages_done += 1
+                log({"type": "unfreeze", "step": step, "unfrozen": label, "still_frozen": [s[0] for s in stages]})
+                write(f"step {step}: unfroze {label}" +
+                      (f"; still frozen: {', '.join(s[0] for s in stages)}" if stages else "; all blocks train now"))
 
-        due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
-        stop = False
-        if due or step == total_steps:
-            progress.last_eval = step
-            with ema.applied():  # evaluation and the best state use the average; training the raw weights
-                metrics = _validate(jobs, owner, eval_batch_size, device, parallel, metric)
-                improved = best.offer(metrics[metric], step, metrics, params)
-                log({"type": "eval", "step": step, "epoch": round(epoch_pos, 4), "split": "validation",
-                     "improved": improved, **metrics})
-                plateau.after_eval(improved, step, log, write)
-                write(f"step {step}: validation {metric}={metrics[metric]:.4f} ({best.so_far(improved)})")
-            stop = cfg.patience is not None and best.bad_evals >= cfg.patience and step < total_steps
-        if checkpoints is not None and (due or step == total_steps or
-                                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            state.save(checkpoints, step, epoch_pos, total_steps, *captured)
-        if stop:
-            stopped_early = True
-            write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
-            break
+            due = epoch_end if cfg.eval_every == "epoch" else step % cfg.eval_every == 0
+            stop = False
+            if due or step == total_steps:
+                progress.last_eval = step
+                with ema.applied():  # evaluation and the best state use the average; training the raw weights
+                    metrics = _validate(jobs, owner, eval_batch_size, device, parallel, metric)
+                    improved = best.offer(metrics[metric], step, metrics, params)
+                    log({"type": "eval", "step": step, "epoch": round(epoch_pos, 4), "split": "validation",
+                         "improved": improved, **metrics})
+                    plateau.after_eval(improved, step, log, write)
+                    write(f"step {step}: validation {metric}={metrics[metric]:.4f} ({best.so_far(improved)})")
+                stop = cfg.patience is not None and best.bad_evals >= cfg.patience and step < total_steps
+            checkpointed = checkpoints is not None and (due or step == total_steps or
+                                                        (cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+            if checkpointed:
+                state.save(checkpoints, step, epoch_pos, total_steps, *captured)
+            if halt.asked():  # after this step's checkpoint, if it had one
+                if checkpoints is not None and not checkpointed:
+                    state.save(checkpoints, step, epoch_pos, total_steps, *captured)
+                bar.close()
+                raise _stopped(halt, step, total_steps, checkpoints, log, write)
+            if stop:
+                stopped_early = True
+                write(f"early stopping at step {step}: no improvement in {cfg.patience} evaluations")
+                break
     bar.close()
 
     # --- finish: the best weights back

@@ -265,5 +265,6 @@ def serve(workspace: str | Path = ".", roots=(), host: str = "127.0.0.1", port: 
     shown = "localhost" if is_loopback(host) else host
     link = f"http://{shown}:{port}/" + (f"?token={quote(token)}" if token else "")
     print(f"tunelab ui: {link}  (workspace {Path(workspace).resolve()})", flush=True)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")  # the runs it starts write their logs line by line
+    # relative paths in recipes are the workspace's, for the checks made here as for the runs it starts
+    os.chdir(Path(workspace).resolve())
     server.run()

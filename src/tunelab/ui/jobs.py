@@ -155,6 +155,8 @@ class Jobs:
     def launch_train(self, text: str, output_dir: str | None) -> Path:
         """Check the recipe as `tunelab train` would, write it under .tunelab-ui/recipes/, and start the run; its
         output folder (in the workspace) is returned."""
+        if output_dir:  # a path outside is refused whatever the recipe says
+            ws.confine(output_dir, self.workspace, what="output_dir")
         recipe = self.write_recipe(text, "new-run")
         try:
             cfg = config.load(recipe)

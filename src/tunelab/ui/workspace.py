@@ -233,12 +233,12 @@ def list_runs(workspace: Path, jobs) -> list[dict]:
 
 class Tail:
     """The new complete lines of a growing metrics.jsonl, read from a byte offset: each read takes only the bytes
-    written since the last one. Remembers the last training record, for progress."""
+    written since the last one. Remembers the last training record and the run's step count, for progress."""
 
     def __init__(self, path: Path, offset: int = 0):
         self.path, self.offset = path, offset
         self.last_train: dict | None = None
-        self.records = 0
+        self.total: int | None = None
 
     def read(self) -> list[tuple[int, str]]:
         """(byte offset after the line, the line) for each line completed since the last read."""
@@ -246,6 +246,8 @@ class Tail:
             with open(self.path, "rb") as f:
                 if os.fstat(f.fileno()).st_size < self.offset:  # a new file (an --overwrite): from its start
                     self.offset = 0
+                if self.total is None and self.offset > 0:  # resumed mid-file: the step count is near the start
+                    self.total = steps_total(f.read(HEAD))
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
@@ -262,24 +264,42 @@ class Tail:
         return out
 
     def see(self, line: str) -> None:
-        self.records += 1
-        if '"train"' in line:
+        if '"train"' not in line and '"steps"' not in line:
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if record.get("type") == "train":
+            self.last_train = record
+        elif record.get("type") == "steps" and isinstance(record.get("total"), int):
+            self.total = record["total"]
+
+
+HEAD = 16384  # the header records of metrics.jsonl (padding, optimizer groups, the step count) are in its start
+
+
+def steps_total(head: bytes) -> int | None:
+    for line in head.decode("utf-8", errors="replace").splitlines():
+        if '"steps"' in line:
             try:
                 record = json.loads(line)
             except ValueError:
-                return
-            if record.get("type") == "train":
-                self.last_train = record
+                continue
+            if record.get("type") == "steps" and isinstance(record.get("total"), int):
+                return record["total"]
+    return None
 
 
-def estimate(last: dict | None, cfg: dict | None, begun: float | None) -> dict:
-    """{step, total, elapsed_s, eta_s} from the last training record: its total_steps and train_seconds when the
-    loop wrote them, else the total from train.max_steps or the epochs done so far, and time since the start."""
+def estimate(last: dict | None, total: int | None, cfg: dict | None, begun: float | None) -> dict:
+    """{step, total, elapsed_s, eta_s} from the last training record and the run's step count (the loop logs it;
+    a run from an older tunelab: train.max_steps, or the epochs done so far), the training time from the record
+    (else the time since the start)."""
     if not last:
-        return {"step": None, "total": None, "elapsed_s": None, "eta_s": None}
+        return {"step": None, "total": total, "elapsed_s": None, "eta_s": None}
     step = int(last.get("step") or 0)
     train = (cfg or {}).get("train") or {}
-    total = last.get("total_steps") or train.get("max_steps")
+    total = total or train.get("max_steps")
     if not total and last.get("epoch") and train.get("epochs"):
         total = max(step, round(step / last["epoch"] * train["epochs"]))
     elapsed = last.get("train_seconds")
@@ -291,21 +311,22 @@ def estimate(last: dict | None, cfg: dict | None, begun: float | None) -> dict:
 
 
 def read_progress(folder: Path, cfg: dict | None, jobs=None) -> dict:
-    """Progress of a run from the end of its metrics.jsonl (the last 64 KiB: enough for the last train record)."""
+    """Progress of a run from its metrics.jsonl: the step count from its start, the last train record from its
+    end (the last 64 KiB), never the whole file."""
     path = folder / "metrics.jsonl"
     try:
         size = path.stat().st_size
     except OSError:
-        return estimate(None, cfg, None)
+        return estimate(None, None, cfg, None)
     tail = Tail(path, max(0, size - 65536))
     tail.read()
-    return estimate(tail.last_train, cfg, started(folder, jobs) if jobs is not None else None)
+    return estimate(tail.last_train, tail.total, cfg, started(folder, jobs) if jobs is not None else None)
 
 
 def live_status(folder: Path, jobs, tail: Tail) -> dict:
     """What the event stream says of a run: its status and progress, from what the tail has read."""
     cfg, _ = read_config(folder)
-    found = estimate(tail.last_train, cfg, started(folder, jobs))
+    found = estimate(tail.last_train, tail.total, cfg, started(folder, jobs))
     return {"status": status(folder, "run", jobs), "step": found["step"], "total": found["total"],
             "eta_s": found["eta_s"]}
 
@@ -350,7 +371,7 @@ def detail(folder: Path, workspace: Path, jobs) -> dict:
     kind = runs.whose(folder) if folder.is_dir() else "run"
     kind = kind or "run"
     cfg, text = read_config(folder)
-    progress = read_progress(folder, cfg, jobs) if kind == "run" else estimate(None, cfg, None)
+    progress = read_progress(folder, cfg, jobs) if kind == "run" else estimate(None, None, cfg, None)
     found = row(folder, kind, workspace, jobs, progress)
     summary = read_json(folder / "summary.json") if kind == "run" else \
         read_json(folder / f"{'compare' if kind == 'compare' else kind + '_summary'}.json")
