@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 from ..errors import TunelabError
 from ..serve.app import field_name, is_loopback
 from . import jobs as jobs_mod
+from . import plan, playground
 from . import workspace as ws
 from .workspace import ApiError
 
@@ -237,6 +238,8 @@ def create_app(workspace: str | Path, roots=(), token: str | None = None, trust_
     async def files(dir: str = "."):
         return await asyncio.to_thread(ws.listing, ui.confine(dir, "dir"), ui.workspace)
 
+    app.include_router(plan.router)  # schema, recipes, validate, advise, compare
+    app.include_router(playground.router)  # chat and predict with a run, tuned and base
     return app
 
 
