@@ -88,7 +88,8 @@ def test_schema_has_every_key_with_explain_description_and_choices(client):
     assert fields["train.scheduler"]["choices"] == ["linear", "cosine", "constant", "inverse_sqrt"]
     assert fields["train.max_steps"]["type"] == "int | null" and fields["train.max_steps"]["default"] is None
     assert fields["model.path"]["required"] and fields["model.path"]["default"] is None
-    assert fields["method.name"]["choices"] == list(METHOD_NAMES)
+    assert fields["method.name"]["choices"] == list(METHOD_NAMES) and fields["method.name"]["default"] == "full"
+    assert fields["method.init"]["default"] == "default" and fields["method.init"]["defaults"] == {"prompt": "random"}
     assert fields["task.type"]["choices"] == list(TASK_TYPES)
     assert "Low-rank" in fields["method.name"]["choice_descriptions"]["lora"] or \
         "LoRA" in fields["method.name"]["choice_descriptions"]["lora"]

@@ -116,22 +116,27 @@ def schema() -> dict:
         if k.choice:
             described.setdefault(k.key, {})[k.when[1]] = k.description
             continue
+        default = None if k.field is None or k.field.is_required() else \
+            to_jsonable_python(k.field.get_default(call_default_factory=True), fallback=str)
         if k.key in fields:
             f = fields[k.key]
             if k.when:
                 f["applies_to"]["values"].append(k.when[1])
-                if k.description != f["description"]:  # e.g. method.target_modules: what IA3 does with them
+                # a key some members describe or default otherwise (method.target_modules for IA3, method.init for
+                # prompt tuning): their own, by member
+                if k.description != f["description"]:
                     f.setdefault("descriptions", {})[k.when[1]] = k.description
+                if default != f["default"]:
+                    f.setdefault("defaults", {})[k.when[1]] = default
             continue
         f = k.field
-        default = None if f is None or f.is_required() else to_jsonable_python(f.get_default(call_default_factory=True),
-                                                                              fallback=str)
         fields[k.key] = {"key": k.key, "type": type_name(f.annotation) if f else "list",
                          "default": default, "required": bool(f and f.is_required()),
                          "choices": choices(f.annotation) if f else None, "description": k.description,
                          "applies_to": {"key": k.when[0], "values": [k.when[1]]} if k.when else None}
+    method = config_mod.Config.model_fields["method"].get_default(call_default_factory=True).name
     for key, values in described.items():  # the choosing keys: every value, each with what it means
-        f = fields.setdefault(key, {"key": key, "type": "str", "default": None, "required": True, "choices": None,
+        f = fields.setdefault(key, {"key": key, "type": "str", "default": method, "required": False, "choices": None,
                                     "description": "Which fine-tuning method trains the model.", "applies_to": None})
         f["choices"] = list(values)
         f["choice_descriptions"] = values
