@@ -55,6 +55,7 @@ GPU_PYTHON = "3.12"  # the image's python3 (device/KINDS.md)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 SCENARIO_STEPS = 10  # optimizer steps per bench run on the GPU: 1 warm-up step + 9 timed
+DEVICE = "cuda"  # where the steps train (a rehearsal of a step's code on CPU sets it to "cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +292,7 @@ def _bench(scenario: str) -> dict:
         model, random_init = _smollm2_dir()
         env["BENCH_SMOLLM2"] = str(model)
     out = CACHE / "gpu_check" / f"bench-{scenario}.json"
-    cmd = [sys.executable, "-m", "bench", "--scenario", scenario, "--device", "cuda", "--precision", "autocast",
+    cmd = [sys.executable, "-m", "bench", "--scenario", scenario, "--device", DEVICE, "--precision", "autocast",
            "--steps", str(SCENARIO_STEPS), "--repeats", "1", "--output", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if proc.returncode or not out.is_file():
@@ -316,17 +317,20 @@ def step_full_58m() -> dict:
     return _bench("full-58m")
 
 
-def _chat_file(path: Path, rows: int, words: int, seed: int = 0) -> Path:
-    """Chat rows long enough that data.max_length cuts every one: each micro-batch is batch x max_length tokens."""
+def _chat_file(path: Path, rows: int, words: int, seed: int = 0, vary: bool = False) -> Path:
+    """Chat rows of `words` words a reply (long enough that data.max_length cuts every one: each micro-batch is then
+    batch x max_length tokens), or with `vary` of 1/8 to all of that, so that a batch needs padding."""
     import random
 
     rng = random.Random(seed)
     vocab = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for _ in range(rows):
             text = lambda n: " ".join(rng.choice(vocab) for _ in range(n))  # noqa: E731
-            f.write(json.dumps({"messages": [{"role": "user", "content": text(words // 4)},
-                                             {"role": "assistant", "content": text(words)}]}) + "\n")
+            n = rng.randint(max(1, words // 8), words) if vary else words
+            f.write(json.dumps({"messages": [{"role": "user", "content": text(max(1, n // 4))},
+                                             {"role": "assistant", "content": text(n)}]}) + "\n")
     return path
 
 
@@ -337,7 +341,7 @@ def _train(model: Path, data: Path, out: Path, *overrides: str) -> dict:
     import tunelab
 
     torch.cuda.reset_peak_memory_stats()
-    run = tunelab.train(None, [f"model.path={model}", "model.device=cuda", f"data.train={data}", "task.type=sft",
+    run = tunelab.train(None, [f"model.path={model}", f"model.device={DEVICE}", f"data.train={data}", "task.type=sft",
                                "task.template=chat", "data.dedupe=false", "train.log_every=1", "train.eval_every=1000",
                                "eval.base=false", "eval.samples=0", "eval.forgetting=none", "eval.linear_probe=false",
                                f"output_dir={out}", *overrides], overwrite=True)
@@ -373,7 +377,7 @@ def step_padding_free_sdpa() -> dict:
         from bench import assets
 
         model = assets.build_58m()
-    data = _chat_file(CACHE / "gpu_check" / "mixed.jsonl", 32, 120, seed=1)
+    data = _chat_file(CACHE / "gpu_check" / "mixed.jsonl", 32, 60, seed=1, vary=True)
     losses = {}
     for packed in (False, True):
         run = _train(model, data, CACHE / "gpu_check" / f"run-pf-{packed}", "method.name=lora", "data.max_length=256",
