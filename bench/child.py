@@ -122,7 +122,7 @@ def run_tunelab(spec: dict, clock: StepClock):
             "own_tokens_per_second": run.summary["tokens_per_second"]}
 
     def trained():
-        loaded = tunelab.load(run.dir, device="cpu")
+        loaded = tunelab.load(run.dir, device=spec.get("device", "cpu"))
         return loaded.model, loaded.tokenizer
 
     return trained, info
