@@ -158,9 +158,9 @@ def cache_of(request: Request) -> Cache:
 async def ready(request: Request, run_id: str) -> Loaded:
     """The run loaded (loading it if needed, which may take a while), or its loading error as a 400."""
     run_dir = ui_of(request).run_dir(run_id)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "labels.json").is_file():
-        raise ApiError(409, f"Run '{run_id}' has not finished: the playground tries finished runs (its config.yaml "
-                            f"and labels.json are written as it ends).")
+    if not all((run_dir / name).is_file() for name in ("config.yaml", "labels.json", "summary.json")):
+        raise ApiError(409, f"Run '{run_id}' has not finished: the playground tries finished runs (a run writes its "
+                            f"summary.json as it ends).")
     cache = cache_of(request)
     entry = cache.get(run_dir)
     while entry.engine.state == "loading":
@@ -180,8 +180,13 @@ async def result(job: eng.Job, future):
     except asyncio.CancelledError:
         job.cancelled = True
         raise
-    except eng.ClientError as e:
-        raise ApiError(e.status if e.status < 500 else 400, e.message, e.param) from None
+    except eng.ClientError as e:  # a refused input, a full queue (429), the timeout (504)
+        raise ApiError(e.status, e.message, e.param) from None
+    except TunelabError as e:
+        raise ApiError(400, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the worker logged it; the page gets a sentence, not a bare 500
+        raise ApiError(500, f"The model failed on this request ({type(e).__name__}: {e}); the UI's log has the "
+                            f"traceback.") from None
 
 
 def sse(event: str, data: dict) -> str:
