@@ -4,7 +4,7 @@
 // states its latest values for screen readers.
 
 const SVG = "http://www.w3.org/2000/svg";
-export const PALETTE = ["#1f63b5", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#475569"];
+const PALETTE = ["#1f63b5", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#475569"];
 const W = 560, H = 260, M = { top: 28, right: 16, bottom: 44, left: 64 };
 
 function el(name, attrs = {}, text) {
@@ -122,7 +122,11 @@ export class LineChart {
     }
   }
 
-  clear() { this.series.clear(); this.draw(); }
+  retitle(title) {
+    this.title = title;
+    this.figure.querySelector("figcaption").textContent = title;
+    this.draw();
+  }
 
   get count() { let n = 0; for (const pts of this.series.values()) n += pts.length; return n; }
 

@@ -27,7 +27,7 @@ function cell(key, row) {
 
 // The table POST /api/compare answers (its columns, one row per run or per method of a compare folder) and a
 // plot per cost of the headline metric against it.
-export function compareView(answer) {
+function compareView(answer) {
   const rows = answer.rows || [];
   const columns = (answer.columns || []).map(c => (typeof c === "string" ? { key: c, label: c } : c));
   const unfinished = rows.some(r => r.status && r.status !== "ok");

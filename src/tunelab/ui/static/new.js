@@ -5,7 +5,7 @@
 // Launch posts the YAML to /api/runs and opens the new run's page. #/new?recipe=NAME or ?from=RUN_ID starts from a
 // shipped recipe or from an earlier run's resolved recipe.
 
-import { api, errorBox, fmtBytes, h, pageHref, put, runApi, runPath, table } from "./api.js";
+import { api, errorBox, fmtBytes, fmtDuration, h, pageHref, put, runApi, runPath } from "./api.js";
 import { fmtNum } from "./chart.js";
 import { deleteKey, getKey, setKey } from "./yaml.js";
 
@@ -367,7 +367,8 @@ export async function render(main, params) {
 }
 
 // POST /api/advise's answer: the machine, then per method its trainable share, estimated peak memory (plain and
-// with gradient checkpointing) and whether it fits; the recipe's own method is marked.
+// with gradient checkpointing), whether it fits, and its time where a finished run of the same model and task
+// measured one; the recipe's own method is marked.
 function adviseView(answer) {
   const rows = answer.rows || [];
   const fits = r => (!r.applicable ? `n/a${r.reason ? `: ${r.reason}` : ""}` : !r.fits ? "no" : r.needs_checkpointing ? "with checkpointing" : "yes");
@@ -376,15 +377,18 @@ function adviseView(answer) {
     h("td", { class: "num" }, typeof r.trainable_pct === "number" ? `${fmtNum(r.trainable_pct, 3)} %` : "–"),
     h("td", { class: "num" }, fmtBytes(r.peak_bytes)),
     h("td", { class: "num" }, fmtBytes(r.peak_bytes_checkpointing)),
-    h("td", {}, fits(r))));
+    h("td", {}, fits(r)),
+    h("td", { class: "num", title: r.time ? r.time.basis : null },
+      !r.time ? "–" : typeof r.time.seconds === "number" ? fmtDuration(r.time.seconds) : `${fmtNum(r.time.step_s, 3)} s / step`)));
   return h("div", {},
     h("p", {}, `${answer.device || "this machine"}: `, h("strong", {}, fmtBytes(answer.machine_memory)),
       answer.memory_source ? ` (${answer.memory_source})` : "",
       answer.seq_len ? ` · ${answer.seq_len} tokens × batch ${answer.batch}, ${answer.dtype}` : ""),
     rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "advise" },
       h("caption", {}, "Estimated peak memory per method"),
-      h("thead", {}, h("tr", {}, ["method", "trainable", "peak memory", "with checkpointing", "fits"].map(c => h("th", { scope: "col" }, c)))),
+      h("thead", {}, h("tr", {}, ["method", "trainable", "peak memory", "with checkpointing", "fits", "time"].map(c => h("th", { scope: "col" }, c)))),
       h("tbody", {}, body))) : null,
     answer.recommended && answer.recommended.length ? h("p", {}, "Fits and recommended: ", h("strong", {}, answer.recommended.join(", "))) : null,
+    answer.time_note ? h("p", { class: "note" }, answer.time_note) : null,
     answer.notes && answer.notes.length ? h("ul", { class: "notes" }, answer.notes.map(n => h("li", {}, n))) : null);
 }

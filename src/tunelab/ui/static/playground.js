@@ -8,7 +8,7 @@ import { fmtNum } from "./chart.js";
 export const NAV = "runs";
 
 // One prediction as a short text, whatever the task returned.
-export function predictionText(p) {
+function predictionText(p) {
   if (p === null || p === undefined) return "–";
   if (typeof p === "number") return fmtNum(p, 4);
   if (typeof p === "string") return p;
@@ -60,6 +60,7 @@ function chat(main, id, run) {
         else if (event.event === "error") throw new Error(event.data.message || String(event.data));
         else if (event.event === "end" && event.data && event.data.finish_reason) bubble.dataset.finish = event.data.finish_reason;
       }
+      if (!answer) out.replaceChildren(h("span", { class: "note" }, "(no text: the model ended its reply at once)"));
       side.history.push({ role: "assistant", content: answer });
     } catch (error) {
       if (error.name === "AbortError") return;

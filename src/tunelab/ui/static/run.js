@@ -17,7 +17,7 @@ function metricOf(record, name) {
 }
 
 // A value of any shape as something readable: tables for lists of records, definition lists for objects.
-export function valueView(value, depth = 0) {
+function valueView(value, depth = 0) {
   if (value === null || value === undefined) return "–";
   if (typeof value === "number") return fmtNum(value, 4);
   if (typeof value !== "object") return String(value);
@@ -117,6 +117,10 @@ export async function render(main, { id }) {
     return null;
   }
   const status = h("span", { id: "run-status" }, badge(run.status));
+  const meta = h("p", { class: "meta" });
+  // Drawn again when the run ends: a run just launched has no config.yaml (task, method, model) yet.
+  const drawMeta = () => meta.replaceChildren([run.task, run.method, run.model, run.started ? `started ${fmtTime(run.started)}` : null,
+                                               typeof run.size_mb === "number" ? `${fmtNum(run.size_mb)} MB` : null].filter(Boolean).join(" · "));
   const progressBar = h("progress", { id: "run-progress", max: 1, value: 0 });
   const progressText = h("span", { class: "progress-text" });
   const notice = h("div", { "aria-live": "polite" });
@@ -134,8 +138,7 @@ export async function render(main, { id }) {
   main.append(
     h("p", { class: "crumbs" }, h("a", { href: "#/runs" }, "Runs"), " / ", run.kind || "run"),
     h("h1", {}, run.name || id, " ", status),
-    h("p", { class: "meta" }, [run.task, run.method, run.model].filter(Boolean).join(" · "),
-      run.started ? ` · started ${fmtTime(run.started)}` : "", typeof run.size_mb === "number" ? ` · ${fmtNum(run.size_mb)} MB` : ""),
+    meta,
     actions, notice,
     section("Progress", h("div", { class: "progress" }, h("label", { for: "run-progress" }, "Training progress"), progressBar, progressText)),
     section("Curves", charts),
@@ -218,6 +221,7 @@ export async function render(main, { id }) {
                                       h("summary", {}, "Last lines of the training log"), h("pre", { class: "log", tabindex: "0" }, run.log_tail))) : null);
   }
 
+  drawMeta();
   showProgress(run.progress || {});
   drawActions();
   drawMeasured();
@@ -263,9 +267,11 @@ export async function render(main, { id }) {
       return;
     }
     status.replaceChildren(badge(run.status));
+    drawMeta();
     showProgress(run.progress || {});
     drawActions();
     drawMeasured();
+    if (run.metric) metric.retitle(`Metric: ${run.metric.name}`);
     main.dataset.ended = "true";
   });
   source.addEventListener("error", () => {

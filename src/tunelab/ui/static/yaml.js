@@ -12,7 +12,7 @@ const indentOf = line => line.length - line.trimStart().length;
 const blank = line => !line.trim() || line.trimStart().startsWith("#");
 
 // A value as YAML: plain where that reads back as the same string, else double-quoted (JSON is valid YAML).
-export function formatValue(value) {
+function formatValue(value) {
   if (value === null || value === undefined) return "null";
   if (typeof value === "boolean") return String(value);
   if (typeof value === "number") {
