@@ -211,16 +211,26 @@ def get_recipe(name: str, request: Request):
         raise ApiError(404, f"No recipe '{name}': GET /api/recipes lists the recipes (the workspace's *.yaml and those "
                             f"under its configs/ and recipes/ folders, and tunelab's shipped ones).", "name")
     text = path.read_text(encoding="utf-8")
-    cfg, errors = check(ui.workspace, text)
+    cfg, errors = check(ui, text)
     return {"name": name, "yaml": text, "config": cfg.model_dump(mode="json") if cfg else None, "errors": errors}
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
 
-def check(workspace: Path, text: str):
-    """(config, []) for a recipe that `tunelab train` would accept, else (None, [{"field", "message"}]): the CLI's
-    message per key at fault, the file called recipe.yaml. The text is read from a file in the workspace's
-    .tunelab-ui/ folder, as `config.load` reads a recipe."""
+def check(ui, text: str):
+    """(config, []) for a recipe that `tunelab train` would accept in the UI's workspace, else (None, [{"field",
+    "message"}]): the CLI's message per key at fault (the file called recipe.yaml), or a file it names that is
+    missing or outside the folders the UI may read (`path_problems`)."""
+    cfg, errors = parse(ui.workspace, text)
+    if cfg is None:
+        return None, errors
+    problems = path_problems(ui, cfg)
+    return (None if problems else cfg), [{"field": p.field, "message": p.message} for p in problems]
+
+
+def parse(workspace: Path, text: str):
+    """`check` of the recipe's keys alone. The text is read from a file in the workspace's .tunelab-ui/ folder, as
+    `config.load` reads a recipe."""
     folder = workspace / ".tunelab-ui"
     folder.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix="check-") as tmp:
@@ -260,19 +270,73 @@ def key_named(message: str) -> str | None:
     return field_of(message)
 
 
-def checked(workspace: Path, text: str):
-    """The recipe's config, or a 400 with its first error (the others are for POST /api/validate)."""
-    cfg, errors = check(workspace, text)
+def checked(ui, text: str):
+    """The recipe's config, or its first error as the API's error: 400, 403 for a path outside the folders the UI
+    may read (the others are for POST /api/validate)."""
+    cfg, errors = parse(ui.workspace, text)
     if cfg is None:
         raise ApiError(400, errors[0]["message"], errors[0]["field"])
+    problems = path_problems(ui, cfg)
+    if problems:
+        raise problems[0]
     return cfg
+
+
+def read_paths(cfg) -> list[tuple[str, str]]:
+    """(dotted key, path) of every local file or folder the recipe reads: the model (unless a Hub id), an adapter to
+    start from, the data files (not hf:// datasets), a reward model or judge run, a forgetting probe file, and the
+    .py file of a reward or judge function."""
+    out = [("model.path", cfg.model.path)]
+    if getattr(cfg.method, "init_from", None):
+        out.append(("method.init_from", cfg.method.init_from))
+    parts = [("", cfg.data, cfg.task)] if cfg.tasks is None else \
+        [(f"tasks.{i}.", t.data, t.task) for i, t in enumerate(cfg.tasks)]
+    for prefix, data, task in parts:
+        out += [(f"{prefix}data.{name}", getattr(data, name)) for name in ("train", "validation", "test")
+                if getattr(data, name) and "://" not in getattr(data, name)]
+        if getattr(task, "reward_model", None):
+            out.append((f"{prefix}task.reward_model", task.reward_model))
+        if getattr(task, "reward_function", None) and task.reward_function.rpartition(":")[0].endswith(".py"):
+            out.append((f"{prefix}task.reward_function", task.reward_function.rpartition(":")[0]))
+    if cfg.eval.forgetting not in (None, "auto", "none"):
+        out.append(("eval.forgetting", cfg.eval.forgetting))
+    judge = cfg.eval.judge or ""
+    if judge.rpartition(":")[0].endswith(".py"):
+        out.append(("eval.judge", judge.rpartition(":")[0]))
+    elif judge and ":" not in judge:
+        out.append(("eval.judge", judge))
+    return out
+
+
+def path_problems(ui, cfg) -> list[ApiError]:
+    """A 403 for each path the recipe reads outside the workspace and the --root folders, a 400 for each that does not
+    exist (training would stop there); a model.path that names no local folder is a Hub id."""
+    problems = []
+    for key, value in read_paths(cfg):
+        if key.endswith("model.path") and not (ui.workspace / Path(value).expanduser()).exists() and \
+                hub.is_hub_id(value):
+            continue
+        try:
+            found = ui.confine(value, key)
+        except ApiError as e:
+            problems.append(e)
+            continue
+        if not found.exists():
+            problems.append(ApiError(400, f"{key} '{value}' does not exist (looked for '{found}'); give a "
+                                          f"{'folder' if key.endswith(('path', 'init_from', 'reward_model')) else 'file'} "
+                                          f"in the workspace or a --root folder, relative to the workspace or "
+                                          f"absolute.", key))
+    return problems
 
 
 @router.post("/api/validate")
 def validate(req: RecipeBody, request: Request):
-    cfg, errors = check(ui_of(request).workspace, req.yaml)
-    if cfg is None:
-        return {"ok": False, "errors": errors}
+    ui = ui_of(request)
+    cfg, errors = parse(ui.workspace, req.yaml)
+    problems = path_problems(ui, cfg) if cfg is not None else []
+    if cfg is None or problems:  # the config too where only its paths are wrong, for the form to show
+        return {"ok": False, "errors": errors or [{"field": p.field, "message": p.message} for p in problems],
+                "config": cfg.model_dump(mode="json") if cfg is not None else None}
     return {"ok": True, "config": cfg.model_dump(mode="json")}
 
 
@@ -280,9 +344,8 @@ def validate(req: RecipeBody, request: Request):
 
 def model_dir(ui, cfg) -> str:
     """model.path as advise reads it: a Hub id as it is, a folder resolved against the workspace and confined."""
-    local = Path(cfg.model.path).expanduser()
-    if not (ui.workspace / local).exists() and hub.is_hub_id(cfg.model.path):  # a local folder of that name wins
-        return cfg.model.path
+    if not (ui.workspace / Path(cfg.model.path).expanduser()).exists() and hub.is_hub_id(cfg.model.path):
+        return cfg.model.path  # a local folder of that name would win
     return str(ui.confine(cfg.model.path, "model.path"))
 
 
@@ -359,7 +422,7 @@ def timing(ui, cfg, data, model: str, task: str) -> tuple[dict[str, dict], str]:
 @router.post("/api/advise")
 def advise(req: RecipeBody, request: Request):
     ui = ui_of(request)
-    cfg = checked(ui.workspace, req.yaml)
+    cfg = checked(ui, req.yaml)
     task = cfg.tasks[0].task.type if cfg.tasks else cfg.task.type
     if task not in advise_mod.TASKS:
         raise ApiError(400, f"advise estimates the memory of {', '.join(advise_mod.TASKS)} runs; a {task} run is not "
@@ -489,7 +552,7 @@ def launch_compare(req: CompareLaunch, request: Request):
         names = compare_mod.parse_methods(",".join(req.methods))
     except TunelabError as e:
         raise ApiError(400, str(e), "methods") from None
-    cfg = checked(ui.workspace, req.yaml)
+    cfg = checked(ui, req.yaml)
     if cfg.tasks is not None:
         raise ApiError(400, "`tunelab compare` compares methods on one task; this recipe is multi-task. Compare on "
                             "one of its tasks' recipes.", "tasks")
