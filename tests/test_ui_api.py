@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from test_serve import free_port
 
 import tunelab
 from tunelab import runs
+from tunelab import ui as ui_pkg
+from tunelab.errors import TunelabError
 from tunelab.ui import app as ui_app
 
 
@@ -282,6 +285,12 @@ def wait_for(ui, rid: str, check, what: str, timeout: float = 180) -> dict:
 
 
 def test_launch_watch_stop_resume(ui, ws, tiny_bert):
+    # beside it, a launch that fails before its folder exists (its data file is missing): it shows as failed, with
+    # its log (started first, so that the two processes load at the same time)
+    bad = recipe(tiny_bert, max_steps=2)
+    bad["data"]["train"] = "data/missing.jsonl"
+    assert ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(bad), "output_dir": "runs/no-data"}).status_code == 201
+
     text = yaml.safe_dump(recipe(tiny_bert, max_steps=150))
     r = ui.client.post("/api/runs", json={"yaml": text, "output_dir": "runs/launched"})
     assert r.status_code == 201, r.text
@@ -304,3 +313,31 @@ def test_launch_watch_stop_resume(ui, ws, tiny_bert):
     assert d["status"] == "finished", d["log_tail"]
     assert d["summary"]["steps"] == 150 and d["exports"] and not d["resumable"]
     assert os.path.exists(ws / rid / "summary.json")
+
+    d = wait_for(ui, "runs/no-data", lambda d: d["status"] != "running", "ended")
+    assert d["status"] == "failed" and "missing.jsonl" in d["log_tail"] and not (ws / "runs/no-data").exists()
+    assert by_id(ui)["runs/no-data"]["status"] == "failed"
+
+
+def test_the_page_is_served_and_a_missing_one_is_said_plainly(ui, ws, monkeypatch, tmp_path):
+    page = ui.client.get("/")
+    if (ui_app.STATIC / "index.html").is_file():
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    monkeypatch.setattr(ui_app, "STATIC", tmp_path / "no-static")
+    missing = ui.client.get("/")
+    assert missing.status_code == 500 and "reinstall tunelab" in missing.text
+
+
+def test_a_report_linked_out_of_the_workspace_is_refused(ui, ws):
+    linked = marked(ws / "runs" / "linked")
+    (ws.parent / "secret.html").write_text("<p>not for the UI</p>")
+    (linked / "report.html").symlink_to(ws.parent / "secret.html")
+    r = ui.client.get("/api/runs/runs/linked/report")
+    assert r.status_code == 403 and "not for the UI" not in r.text
+
+
+def test_without_uvicorn_the_ui_names_its_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it fails
+    with pytest.raises(TunelabError, match=r"`tunelab ui` needs FastAPI and uvicorn, and uvicorn is not installed.*"
+                                           r"pip install 'tunelab\[ui\]'"):
+        ui_pkg.check_installed()

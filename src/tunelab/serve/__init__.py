@@ -9,11 +9,12 @@ import importlib
 from ..errors import TunelabError
 
 
-def check_installed() -> None:
-    """A one-paragraph error naming the extra when FastAPI or uvicorn is missing."""
+def check_installed(command: str = "serve") -> None:
+    """A one-paragraph error naming the extra when FastAPI or uvicorn is missing (`tunelab ui` asks too: its extra
+    has the command's name)."""
     for name in ("fastapi", "uvicorn"):
         try:
             importlib.import_module(name)
         except ImportError:
-            raise TunelabError(f"`tunelab serve` needs FastAPI and uvicorn, and {name} is not installed in this "
-                               f"Python. Install the serve extra: pip install 'tunelab[serve]'.") from None
+            raise TunelabError(f"`tunelab {command}` needs FastAPI and uvicorn, and {name} is not installed in this "
+                               f"Python. Install the {command} extra: pip install 'tunelab[{command}]'.") from None

@@ -6,16 +6,9 @@ extra; `check_installed` says how to get them before app.py is imported."""
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import TunelabError
+from .. import serve
 
 
 def check_installed() -> None:
-    """A one-paragraph error naming the extra when FastAPI or uvicorn is missing."""
-    for name in ("fastapi", "uvicorn"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            raise TunelabError(f"`tunelab ui` needs FastAPI and uvicorn, and {name} is not installed in this Python. "
-                               f"Install the ui extra: pip install 'tunelab[ui]'.") from None
+    """A one-paragraph error naming the ui extra when FastAPI or uvicorn is missing."""
+    serve.check_installed("ui")

@@ -199,6 +199,8 @@ def create_app(workspace: str | Path, roots=(), token: str | None = None, trust_
     @app.get("/api/runs/{run_id:path}/report")
     async def run_report(run_id: str):
         page = ui.run_dir(run_id) / "report.html"
+        if page.is_symlink():  # served as it is: it must not lead out of the allowed folders
+            page = ui.confine(page, "report.html")
         if not page.is_file():
             raise ApiError(404, f"Run '{run_id}' has no report.html yet: a run writes it when it finishes (`tunelab "
                                 f"report {run_id}` writes it again).")
@@ -207,6 +209,8 @@ def create_app(workspace: str | Path, roots=(), token: str | None = None, trust_
     @app.get("/api/runs/{run_id:path}/recipe.yaml")
     async def recipe(run_id: str):
         found = ui.run_dir(run_id) / "config.yaml"
+        if found.is_symlink():
+            found = ui.confine(found, "config.yaml")
         if not found.is_file():
             raise ApiError(404, f"Run '{run_id}' has no config.yaml yet (it is still starting, or failed before its "
                                 f"recipe was checked); its log says which.")
