@@ -302,3 +302,53 @@ def test_a_chat_run_answers_tuned_and_base_side_by_side(watched):
         assert page.locator(f"#chat-{side} .error").count() == 0, page.inner_text(f"#chat-{side}")
     assert page.locator("#chat-tuned .msg.assistant[data-finish]").count() == 1
     watched.check("playground")
+
+
+RECIPE = """# sentiment
+model:
+  path: models/x   # the base
+data:
+  train: a.jsonl
+  max_length: 128
+
+method:
+  name: lora
+  target_modules:
+  - query
+  - value
+output_dir: runs/x
+"""
+
+
+def test_the_form_edits_one_key_of_the_yaml_and_keeps_the_rest(watched):
+    """static/yaml.js, as the page loads it: a key is replaced in place (its comment kept), added under its section
+    or as a new section, taken out with its block (an emptied section too); comments, blank lines and order stay;
+    a float is written so that PyYAML reads a float (1.0e-7, not 1e-7), a word YAML would read otherwise quoted."""
+    watched.open("#/runs")
+    edit = """async ([text, steps]) => {
+      const yaml = await import("./static/yaml.js");
+      for (const [op, key, value] of steps) text = op === "set" ? yaml.setKey(text, key, value) : yaml.deleteKey(text, key);
+      return [text, yaml.getKey(text, "model.path"), yaml.getKey(text, "method.name")];
+    }"""
+    text, path, method = watched.page.evaluate(edit, [RECIPE, [
+        ["set", "model.path", "/data/models/minilm"], ["set", "data.test", "b.jsonl"], ["set", "train.lr", 1e-07],
+        ["set", "method.target_modules", "all-linear"], ["set", "task.type", "true"], ["del", "data.max_length", None],
+        ["set", "eval.forgetting", "none"], ["del", "eval.forgetting", None]]])
+    assert text == """# sentiment
+model:
+  path: /data/models/minilm   # the base
+data:
+  train: a.jsonl
+  test: b.jsonl
+
+method:
+  name: lora
+  target_modules: all-linear
+output_dir: runs/x
+train:
+  lr: 1.0e-7
+task:
+  type: "true"
+"""
+    assert (path, method) == ("/data/models/minilm", "lora")
+    watched.check("yaml-editor")
