@@ -58,9 +58,6 @@ def ws(tmp_path_factory, tiny_chat_llama, tiny_bert) -> dict:
 @pytest.fixture(scope="module")
 def client(ws):
     app = ui_app.create_app(ws["root"], roots=ws["models"])
-    if not any(getattr(r, "path", None) == "/api/schema" for r in app.routes):  # app.py not including them yet
-        app.include_router(plan.router)
-        app.include_router(playground.router)
     with TestClient(app) as c:
         c.app_ref = app
         yield c
