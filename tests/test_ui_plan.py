@@ -104,8 +104,12 @@ def test_schema_has_every_key_with_explain_description_and_choices(client):
             assert f["description"] and f.get("descriptions", {}).get(member, f["description"]) in line, key
 
 
-def test_recipes_lists_workspace_and_shipped_recipes(client, ws):
+def test_recipes_lists_workspace_and_shipped_recipes(client, ws, tmp_path):
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(yaml.safe_dump(ws["recipe"]), encoding="utf-8")
+    (ws["root"] / "linked.yaml").symlink_to(elsewhere)  # a link out of the workspace is not followed
     recipes = {r["name"]: r for r in client.get("/api/recipes").json()["recipes"]}
+    assert "linked.yaml" not in recipes and error_of(client.get("/api/recipes/linked.yaml"), 404)
     mine = recipes["my-recipe.yaml"]
     assert (mine["task"], mine["method"], mine["source"]) == ("classification", "lora", "workspace")
     got = client.get("/api/recipes/my-recipe.yaml").json()

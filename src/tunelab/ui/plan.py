@@ -5,7 +5,7 @@
 - GET /api/recipes, /api/recipes/{name}: the recipes shipped in tunelab's configs/ (in a source checkout) and the
   workspace's own (*.yaml at its top, and under configs/ and recipes/);
 - POST /api/validate: a recipe's YAML checked as `tunelab train` checks it, each error with the dotted key it is
-  about (`check`, which POST /api/runs uses too);
+  about, and the files it reads (there, and inside the folders the UI may read: `check`, `checked`);
 - POST /api/advise: `tunelab advise` for the recipe's model, task, length and batch on this machine, and the time
   per method where a finished run of the model and task in the workspace measured a step;
 - POST /api/compare: finished runs (or a `tunelab compare` folder) side by side, from their summary.json, with the
@@ -168,7 +168,8 @@ def recipe_files(workspace: Path) -> dict[str, Path]:
         if (workspace / sub).is_dir():
             candidates += sorted((workspace / sub).rglob("*.yaml"))
     for path in candidates:
-        if path.is_file():
+        # a link out of the workspace is not followed: the UI reads only the workspace and the --root folders
+        if path.is_file() and path.resolve().is_relative_to(workspace):
             found[path.relative_to(workspace).as_posix()] = path
     shipped = shipped_dir()
     if shipped is not None:
