@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,10 @@ def test_chat_streams_what_generate_writes(client, ws, tiny_chat_llama):
         # the base: LoRA's adapters switched off, the full fine-tune's model.path loaded on its own
         assert chat(client, rid(ws, name), "base")[0] == base_reply, name
         assert tuned_reply != base_reply, name  # training changed the replies: the test tells the two apart
+    # both sides at once, as the page asks them: each still its own model's reply
+    with ThreadPoolExecutor(4) as pool:
+        sides = list(pool.map(lambda side: chat(client, rid(ws, "sft-lora"), side)[0], ["tuned", "base"] * 2))
+    assert sides == [tunelab.load(ws["runs"]["sft-lora"]).generate(CHAT, max_new_tokens=NEW_TOKENS)[0], base_reply] * 2
     # a conversation, and mistakes in it
     turns = [*CHAT, {"role": "assistant", "content": "Cold."}, {"role": "user", "content": "And of big?"}]
     assert chat(client, rid(ws, "sft-lora"), "tuned", turns)[0] == \
