@@ -358,6 +358,26 @@ def test_a_full_fine_tune_embeds_beside_its_base_model(client, ws, tiny_bert):
     assert np.abs(np.asarray(out["tuned"]) - want).max() > 1e-3
 
 
+def test_a_run_folder_cannot_turn_on_its_models_code(client, ws, tiny_bert):
+    """The trust rules of `tunelab predict`: the run's own model.trust_remote_code is ignored, the UI's
+    --trust-remote-code counts."""
+    import shutil
+
+    from test_untrusted_runs import plant_code, turn_on
+
+    run, base, marker = ws["root"] / "runs" / "handed-over", ws["root"] / "base", ws["root"] / "MARKER"
+    shutil.copytree(ws["runs"]["clf-lora"], run)
+    shutil.copytree(tiny_bert, base)
+    turn_on(run, trust_remote_code=True, path=str(base))
+    plant_code(base, marker)
+    e = error_of(client.post("/api/playground/runs/handed-over/predict", json={"inputs": ["fine"]}), 400)
+    assert "--trust-remote-code" in e["message"] and not marker.exists()
+    with TestClient(ui_app.create_app(ws["root"], trust_remote_code=True)) as trusting:
+        r = trusting.post("/api/playground/runs/handed-over/predict", json={"inputs": ["fine"]})
+        assert r.status_code == 200, r.text
+    assert marker.exists()
+
+
 def test_loaded_runs_are_bounded(client, ws):
     cache = client.app_ref.state.playground
     assert len(cache.loaded) <= playground.MAX_LOADED
