@@ -542,7 +542,12 @@ def compare(req: CompareBody, request: Request):
     rows = []
     for rid in req.ids:
         folder = ui.run_dir(rid)
-        rows += compare_rows(folder, rid) if (folder / "compare.json").is_file() else [run_row(folder, rid)]
+        kind = runs.whose(folder)
+        if kind in ("cv", "sweep"):
+            rows.append(table_row(rid, "?", None, {"status": "skipped", "reason": f"a {kind} folder: open it for its "
+                                                   f"own table, or compare the runs inside it"}))
+        else:
+            rows += compare_rows(folder, rid) if (folder / "compare.json").is_file() else [run_row(folder, rid)]
     return {"columns": COLUMNS, "rows": rows, "plots": plots(rows)}
 
 
