@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -53,6 +54,12 @@ def marked(folder: Path, config: dict | None = None) -> Path:
     return folder
 
 
+def recipe(model: Path, **train) -> dict:
+    return {"model": {"path": str(model)}, "data": {"train": "data/train.jsonl"}, "method": {"name": "lora", "r": 4},
+            "train": {"batch_size": 8, "log_every": 1, **train},
+            "eval": {"base": False, "linear_probe": False, "samples": 0, "forgetting": "none"}}
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_bert) -> Path:
     """A workspace: data, a finished tiny run, a run that failed and one that stopped with a checkpoint, and a
@@ -77,6 +84,19 @@ def ws(tmp_path_factory, tiny_bert) -> Path:
     return w
 
 
+@pytest.fixture
+def shell_run(ws, tiny_bert):
+    """A run started from a shell, not by the UI."""
+    recipe_file = ws / "shell.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe(tiny_bert, max_steps=400)))
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(recipe_file), "output_dir=runs/shell"],
+                            cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def ui(ws):
     with pytest.MonkeyPatch.context() as mp:
@@ -95,8 +115,7 @@ def by_id(ui) -> dict[str, dict]:
 def test_lists_every_run_folder_with_its_status_and_metric(ui, ws):
     found = by_id(ui)
     assert ui.client.get("/api/runs").json()["workspace"] == str(ws.resolve())
-    assert {k: v["status"] for k, v in found.items()} == {"runs/done": "finished", "runs/broken": "failed",
-                                                          "runs/paused": "interrupted"}
+    assert {k: v["status"] for k, v in found.items()} == {"runs/done": "finished", "runs/broken": "failed", "runs/paused": "interrupted"}
     done = found["runs/done"]
     assert (done["kind"], done["task"], done["method"], done["name"]) == ("run", "classification", "lora", "done")
     summary = json.loads((ws / "runs/done/summary.json").read_text())
@@ -243,12 +262,6 @@ def test_a_non_loopback_host_needs_a_token(cli_run, monkeypatch, ws):
     assert "Traceback" not in r.err and r.err.count("\n") == 1
 
 
-def recipe(model: Path, **train) -> dict:
-    return {"model": {"path": str(model)}, "data": {"train": "data/train.jsonl"}, "method": {"name": "lora", "r": 4},
-            "train": {"batch_size": 8, "log_every": 1, **train},
-            "eval": {"base": False, "linear_probe": False, "samples": 0, "forgetting": "none"}}
-
-
 def test_bad_recipes_are_refused_naming_the_field(ui, tiny_bert):
     r = ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(recipe(tiny_bert, lrr=0.1))})
     assert r.status_code == 400 and r.json()["error"]["field"] == "train.lrr"
@@ -277,16 +290,18 @@ def test_finished_runs_export_and_refuse_stop_and_resume(ui, ws):
 def wait_for(ui, rid: str, check, what: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        d = ui.client.get(f"/api/runs/{rid}").json()
-        if check(d):
+        r = ui.client.get(f"/api/runs/{rid}")  # 404 until its folder exists, for a run started from a shell
+        d = r.json()
+        if r.status_code == 200 and check(d):
             return d
         assert time.monotonic() < deadline, f"{rid} never {what}: {d.get('status')}, log:\n{d.get('log_tail')}"
         time.sleep(0.1)
 
 
-def test_launch_watch_stop_resume(ui, ws, tiny_bert):
-    # beside it, a launch that fails before its folder exists (its data file is missing): it shows as failed, with
-    # its log (started first, so that the two processes load at the same time)
+def test_launch_watch_stop_resume(ui, ws, tiny_bert, shell_run):
+    """A run launched through the UI is watched, stopped, resumed to the end. Beside it (their processes load at
+    the same time): a run started from a shell is stopped through its lock, and a launch that fails before its
+    folder exists (its data file is missing) shows as failed, with its log."""
     bad = recipe(tiny_bert, max_steps=2)
     bad["data"]["train"] = "data/missing.jsonl"
     assert ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(bad), "output_dir": "runs/no-data"}).status_code == 201
@@ -306,6 +321,14 @@ def test_launch_watch_stop_resume(ui, ws, tiny_bert):
     d = wait_for(ui, rid, lambda d: d["status"] != "running", "stopped")
     assert d["status"] == "interrupted" and d["resumable"], d["log_tail"]
     assert f"tunelab train --resume {ws / rid}" in d["log_tail"]
+
+    d = wait_for(ui, "runs/shell", lambda d: d["status"] == "running" and (d["progress"]["step"] or 0) >= 2, "trained")
+    assert d["log_tail"] is None and d["progress"]["total"] == 400  # not the UI's: no log of its own
+    assert ui.client.post("/api/runs/runs/shell/stop").status_code == 202
+    assert shell_run.wait(timeout=120) == 130, shell_run.stderr.read().decode()[-2000:]
+    d = wait_for(ui, "runs/shell", lambda d: d["status"] != "running", "stopped")
+    assert d["status"] == "interrupted" and d["resumable"]
+    assert ui.client.post("/api/runs/runs/shell/stop").status_code == 409  # nothing left to stop
 
     r = ui.client.post(f"/api/runs/{rid}/resume")
     assert r.status_code == 202 and r.json() == {"id": rid}
