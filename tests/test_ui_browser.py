@@ -131,12 +131,12 @@ class Watched:
         self.page.goto(self.url + route)
         self.page.wait_for_selector("main h1")
 
-    def check(self, name: str) -> Image.Image:
+    def check(self, name: str, height: int = 900) -> Image.Image:
         unlabelled = self.page.evaluate(UNLABELLED)
         assert unlabelled == [], f"{name}: form controls without a label: {unlabelled}"
         path = (self.docs if self.docs and name in DOC_PAGES else self.shots) / f"ui-{name}.png"
         self.page.evaluate("window.scrollTo(0, 0)")
-        self.page.screenshot(path=str(path))
+        self.page.screenshot(path=str(path), full_page=height > 900, clip={"x": 0, "y": 0, "width": 1280, "height": height})
         image = Image.open(path).convert("RGB")
         assert not _blank(image), f"{name}: the page renders blank"
         # The console's "Failed to load resource" line for a provoked HTTP error is the browser's, not the page's.
@@ -207,7 +207,7 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     assert "accuracy" in page.inner_text(".headline")
     assert page.is_visible("#open-playground") and page.is_visible("#recipe-download")
     page.wait_for_selector("iframe.report")
-    watched.check("run")
+    watched.check("run", height=1900)  # down to the results
 
     watched.open("#/runs")
     rows = page.locator("table.runs tbody tr")

@@ -122,8 +122,8 @@ export class LineChart {
     }
   }
 
-  retitle(title) {
-    this.title = title;
+  retitle(title, yLabel = this.yLabel) {
+    Object.assign(this, { title, yLabel });
     this.figure.querySelector("figcaption").textContent = title;
     this.draw();
   }

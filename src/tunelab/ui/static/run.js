@@ -271,7 +271,7 @@ export async function render(main, { id }) {
     showProgress(run.progress || {});
     drawActions();
     drawMeasured();
-    if (run.metric) metric.retitle(`Metric: ${run.metric.name}`);
+    if (run.metric) metric.retitle(`Metric: ${run.metric.name}`, run.metric.name);
     main.dataset.ended = "true";
   });
   source.addEventListener("error", () => {
