@@ -159,9 +159,10 @@ def test_validate_names_the_field_with_the_cli_message(client, ws, tmp_path):
     bad_method = yaml.safe_dump({**ws["recipe"], "method": {"name": "lorax"}})
     assert client.post("/api/validate", json={"yaml": bad_method}).json()["errors"][0]["field"] == "method.name"
     # the files a recipe reads must be there, inside the workspace or a --root folder
-    missing = yaml.safe_dump({**ws["recipe"], "data": {"train": "nope.jsonl"}, "model": {"path": "/usr/lib"}})
+    missing = yaml.safe_dump({**ws["recipe"], "data": {"train": "nope.jsonl"}, "model": {"path": "/usr/lib"},
+                              "output_dir": "../elsewhere"})
     r = client.post("/api/validate", json={"yaml": missing}).json()
-    assert not r["ok"] and [e["field"] for e in r["errors"]] == ["model.path", "data.train"]
+    assert not r["ok"] and [e["field"] for e in r["errors"]] == ["model.path", "data.train", "output_dir"]
     assert "outside the folders this UI may use" in r["errors"][0]["message"]
     assert "'nope.jsonl' does not exist" in r["errors"][1]["message"] and r["config"]["data"]["train"] == "nope.jsonl"
     # YAML that does not parse: the CLI's message, about no key

@@ -286,7 +286,7 @@ def checked(ui, text: str):
 def read_paths(cfg) -> list[tuple[str, str]]:
     """(dotted key, path) of every local file or folder the recipe reads: the model (unless a Hub id), an adapter to
     start from, the data files (not hf:// datasets), a reward model or judge run, a forgetting probe file, and the
-    .py file of a reward or judge function."""
+    .py file of a reward or judge function; and the output_dir it writes."""
     out = [("model.path", cfg.model.path)]
     if getattr(cfg.method, "init_from", None):
         out.append(("method.init_from", cfg.method.init_from))
@@ -306,12 +306,14 @@ def read_paths(cfg) -> list[tuple[str, str]]:
         out.append(("eval.judge", judge.rpartition(":")[0]))
     elif judge and ":" not in judge:
         out.append(("eval.judge", judge))
+    if cfg.output_dir:  # written, not read: confined, and new folders are welcome
+        out.append(("output_dir", cfg.output_dir))
     return out
 
 
 def path_problems(ui, cfg) -> list[ApiError]:
-    """A 403 for each path the recipe reads outside the workspace and the --root folders, a 400 for each that does not
-    exist (training would stop there); a model.path that names no local folder is a Hub id."""
+    """A 403 for each path the recipe names outside the workspace and the --root folders, a 400 for each it reads that
+    does not exist (training would stop there); a model.path that names no local folder is a Hub id."""
     problems = []
     for key, value in read_paths(cfg):
         if key.endswith("model.path") and not (ui.workspace / Path(value).expanduser()).exists() and \
@@ -322,7 +324,7 @@ def path_problems(ui, cfg) -> list[ApiError]:
         except ApiError as e:
             problems.append(e)
             continue
-        if not found.exists():
+        if not found.exists() and key != "output_dir":
             problems.append(ApiError(400, f"{key} '{value}' does not exist (looked for '{found}'); give a "
                                           f"{'folder' if key.endswith(('path', 'init_from', 'reward_model')) else 'file'} "
                                           f"in the workspace or a --root folder, relative to the workspace or "
