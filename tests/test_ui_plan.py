@@ -7,6 +7,7 @@ and predict answers what `tunelab predict` prints."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -380,9 +381,15 @@ def test_a_run_folder_cannot_turn_on_its_models_code(client, ws, tiny_bert):
 
 
 def test_loaded_runs_are_bounded(client, ws):
+    # three runs asked for: the least recently used went, the last two are the ones loaded
+    for name in ("emb-full", "clf-lora", "emb-lora"):
+        assert client.post(f"/api/playground/{rid(ws, name)}/predict", json={"inputs": ["x"]}).status_code == 200
     cache = client.app_ref.state.playground
-    assert len(cache.loaded) <= playground.MAX_LOADED
-    # the least recently used went: the last two runs asked for are the ones loaded
-    client.post(f"/api/playground/{rid(ws, 'clf-lora')}/predict", json={"inputs": ["x"]})
-    client.post(f"/api/playground/{rid(ws, 'emb-lora')}/predict", json={"inputs": ["x"]})
+    assert playground.MAX_LOADED == 2
     assert [p.name for p in cache.loaded] == ["clf-lora", "emb-lora"]
+    # a run trained again in its folder (its summary.json rewritten) is loaded again
+    first = cache.loaded[ws["runs"]["emb-lora"].resolve()]
+    summary = ws["runs"]["emb-lora"] / "summary.json"
+    os.utime(summary, (summary.stat().st_atime, summary.stat().st_mtime + 10))
+    client.post(f"/api/playground/{rid(ws, 'emb-lora')}/predict", json={"inputs": ["x"]})
+    assert cache.loaded[ws["runs"]["emb-lora"].resolve()] is not first and len(cache.loaded) == 2

@@ -81,6 +81,7 @@ class Loaded:
     """One run in the playground: its engine, its tuned model, and its base once asked for (or why it has none)."""
 
     engine: Playground
+    finished: float  # its summary.json's mtime when loaded: a run trained again in its folder is loaded again
     base: eng.Served | None = None
     base_reason: str | None = None
     base_ready: bool = False
@@ -101,14 +102,18 @@ class Cache:
 
     def get(self, run_dir: Path) -> Loaded:
         """The run's entry, its engine started (loading in its worker) if it was not loaded."""
+        finished = (run_dir / "summary.json").stat().st_mtime
         with self.lock:
             entry = self.loaded.get(run_dir)
-            if entry is not None and entry.engine.state != "failed":
+            if entry is not None and entry.engine.state != "failed" and entry.finished == finished:
                 self.loaded.move_to_end(run_dir)
                 return entry
-            entry = Loaded(Playground([run_dir], SETTINGS, self.load_tuned))
+            if entry is not None:
+                threading.Thread(target=entry.engine.stop, daemon=True).start()
+            entry = Loaded(Playground([run_dir], SETTINGS, self.load_tuned), finished)
             entry.engine.start()
             self.loaded[run_dir] = entry
+            self.loaded.move_to_end(run_dir)
             while len(self.loaded) > MAX_LOADED:
                 _, dropped = self.loaded.popitem(last=False)
                 # its replies in flight finish first; the model goes once nothing refers to it
