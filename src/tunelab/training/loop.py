@@ -247,7 +247,6 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     opt, sched, groups = optim.build(model, head, cfg, total_steps, [n for _, names in stages for n in names])
     trainable = [p for g in groups for p in g["params"]]
     _log_groups(groups, cfg, header_log)
-    header_log({"type": "steps", "total": total_steps})  # for progress and ETA (tunelab ui); no step: not a metric
     split_cost = batches.split_cost(cfg, device, sharded)
     stream = batches.mixed_stream(jobs, cfg, sampling, temperature)
     optimized = {id(p) for p in trainable}  # the best state covers what the optimizer may change
@@ -272,6 +271,9 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
         bar.update(saved["step"])
         log({"type": "resume", "step": saved["step"], "checkpoint": resume[0].name})
         write(f"resumed from {resume[0].name}: step {saved['step']} of {total_steps}")
+
+    # where training (re)starts and when, for progress and ETA (tunelab ui); no step, so trackers take no metric
+    log({"type": "steps", "total": total_steps, "from_step": first_step - 1, "time": round(time.time(), 3)})
 
     # --- train: one optimizer step per iteration, then evaluate and save when due
     model.train()
@@ -304,8 +306,7 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
             if step % cfg.log_every == 0 or step == total_steps:
                 mean_loss = progress.mean_loss()
                 log({"type": "train", "step": step, "epoch": round(epoch_pos, 4), "loss": mean_loss,
-                     "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": progress.tokens,
-                     "train_seconds": round(progress.train_seconds, 3)})
+                     "lr": lr, "lrs": lrs, "grad_norm": float(grad_norm), "tokens": progress.tokens})
                 if bar.disable and distributed.is_main():  # no terminal (CI, nohup, a pipe): a plain line for the bar
                     eta = progress.train_seconds / step * (total_steps - step)
                     print(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} eta {eta / 60:.1f} min", flush=True)

@@ -198,7 +198,7 @@ def size_mb(folder: Path) -> float:
     return round(total / 2**20, 3)
 
 
-def row(folder: Path, kind: str, workspace: Path, jobs, progress: dict | None = None) -> dict:
+def row(folder: Path, kind: str, workspace: Path, jobs) -> dict:
     """The list fields of one folder."""
     cfg, _ = read_config(folder)
     task, method, model = task_method_model(cfg)
@@ -211,7 +211,7 @@ def row(folder: Path, kind: str, workspace: Path, jobs, progress: dict | None = 
         duration = round(time.time() - begun, 1)
     else:
         duration = None
-    progress = progress or (read_progress(folder, cfg) if kind == "run" else {})
+    progress = read_progress(folder, cfg, state == "running") if kind == "run" else {}
     return {"id": run_id(folder, workspace), "name": folder.name, "status": state, "kind": kind, "task": task,
             "method": method, "model": model, "metric": headline(summary),
             "started": datetime.fromtimestamp(begun).astimezone().isoformat(timespec="seconds") if begun else None,
@@ -233,12 +233,13 @@ def list_runs(workspace: Path, jobs) -> list[dict]:
 
 class Tail:
     """The new complete lines of a growing metrics.jsonl, read from a byte offset: each read takes only the bytes
-    written since the last one. Remembers the last training record and the run's step count, for progress."""
+    written since the last one. Remembers the last training record and the last `steps` record (the run's step
+    count, and the step and time the loop started from), for progress."""
 
     def __init__(self, path: Path, offset: int = 0):
         self.path, self.offset = path, offset
         self.last_train: dict | None = None
-        self.total: int | None = None
+        self.steps: dict | None = None
 
     def read(self) -> list[tuple[int, str]]:
         """(byte offset after the line, the line) for each line completed since the last read."""
@@ -246,8 +247,8 @@ class Tail:
             with open(self.path, "rb") as f:
                 if os.fstat(f.fileno()).st_size < self.offset:  # a new file (an --overwrite): from its start
                     self.offset = 0
-                if self.total is None and self.offset > 0:  # resumed mid-file: the step count is near the start
-                    self.total = steps_total(f.read(HEAD))
+                if self.steps is None and self.offset > 0:  # started mid-file: the loop's start is further up
+                    self.steps = last_steps(f.read(self.offset))
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
@@ -272,29 +273,28 @@ class Tail:
             return
         if record.get("type") == "train":
             self.last_train = record
-        elif record.get("type") == "steps" and isinstance(record.get("total"), int):
-            self.total = record["total"]
+        elif record.get("type") == "steps":
+            self.steps = record
 
 
-HEAD = 16384  # the header records of metrics.jsonl (padding, optimizer groups, the step count) are in its start
-
-
-def steps_total(head: bytes) -> int | None:
-    for line in head.decode("utf-8", errors="replace").splitlines():
-        if '"steps"' in line:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("type") == "steps" and isinstance(record.get("total"), int):
-                return record["total"]
+def last_steps(data: bytes) -> dict | None:
+    """The last `steps` record in `data` (the part of metrics.jsonl before where a tail starts): one line a
+    (re)start of the loop, so a search from the end finds it after a few lines of records."""
+    end = len(data)
+    while (start := data.rfind(b'{"type": "steps"', 0, end)) != -1:
+        try:
+            return json.loads(data[start:data.index(b"\n", start)])
+        except ValueError:
+            end = start
     return None
 
 
-def estimate(last: dict | None, total: int | None, cfg: dict | None, begun: float | None) -> dict:
-    """{step, total, elapsed_s, eta_s} from the last training record and the run's step count (the loop logs it;
-    a run from an older tunelab: train.max_steps, or the epochs done so far), the training time from the record
-    (else the time since the start)."""
+def estimate(last: dict | None, steps: dict | None, cfg: dict | None, running: bool) -> dict:
+    """{step, total, elapsed_s, eta_s}: the step of the last training record out of the run's step count (the
+    loop logs it; for a run of an older tunelab, train.max_steps or the epochs done so far), and while it runs,
+    the time since the loop (re)started and the rest at that pace (evaluations included)."""
+    steps = steps or {}
+    total = steps.get("total") if isinstance(steps.get("total"), int) else None
     if not last:
         return {"step": None, "total": total, "elapsed_s": None, "eta_s": None}
     step = int(last.get("step") or 0)
@@ -302,33 +302,36 @@ def estimate(last: dict | None, total: int | None, cfg: dict | None, begun: floa
     total = total or train.get("max_steps")
     if not total and last.get("epoch") and train.get("epochs"):
         total = max(step, round(step / last["epoch"] * train["epochs"]))
-    elapsed = last.get("train_seconds")
-    if elapsed is None and begun is not None:
-        elapsed = time.time() - begun
-    eta = elapsed / step * (total - step) if elapsed is not None and total and step else None
+    elapsed = eta = None
+    if running and isinstance(steps.get("time"), (int, float)):
+        elapsed = max(0.0, time.time() - steps["time"])
+        done = step - int(steps.get("from_step") or 0)
+        eta = elapsed / done * (total - step) if done > 0 and total else None
+    elif total and step >= total:
+        eta = 0.0
     return {"step": step, "total": total, "elapsed_s": round(elapsed, 1) if elapsed is not None else None,
             "eta_s": round(eta, 1) if eta is not None else None}
 
 
-def read_progress(folder: Path, cfg: dict | None, jobs=None) -> dict:
-    """Progress of a run from its metrics.jsonl: the step count from its start, the last train record from its
-    end (the last 64 KiB), never the whole file."""
+def read_progress(folder: Path, cfg: dict | None, running: bool) -> dict:
+    """Progress of a run from its metrics.jsonl: the last train record from its end (the last 64 KiB), the last
+    `steps` record searched backwards from there; never the whole file read as records."""
     path = folder / "metrics.jsonl"
     try:
         size = path.stat().st_size
     except OSError:
-        return estimate(None, None, cfg, None)
+        return estimate(None, None, cfg, running)
     tail = Tail(path, max(0, size - 65536))
     tail.read()
-    return estimate(tail.last_train, tail.total, cfg, started(folder, jobs) if jobs is not None else None)
+    return estimate(tail.last_train, tail.steps, cfg, running)
 
 
 def live_status(folder: Path, jobs, tail: Tail) -> dict:
     """What the event stream says of a run: its status and progress, from what the tail has read."""
     cfg, _ = read_config(folder)
-    found = estimate(tail.last_train, tail.total, cfg, started(folder, jobs))
-    return {"status": status(folder, "run", jobs), "step": found["step"], "total": found["total"],
-            "eta_s": found["eta_s"]}
+    state = status(folder, "run", jobs)
+    found = estimate(tail.last_train, tail.steps, cfg, state == "running")
+    return {"status": state, "step": found["step"], "total": found["total"], "eta_s": found["eta_s"]}
 
 
 # -- one run in full -------------------------------------------------------------------------------------------------
@@ -371,8 +374,9 @@ def detail(folder: Path, workspace: Path, jobs) -> dict:
     kind = runs.whose(folder) if folder.is_dir() else "run"
     kind = kind or "run"
     cfg, text = read_config(folder)
-    progress = read_progress(folder, cfg, jobs) if kind == "run" else estimate(None, None, cfg, None)
-    found = row(folder, kind, workspace, jobs, progress)
+    found = row(folder, kind, workspace, jobs)
+    progress = read_progress(folder, cfg, found["status"] == "running") if kind == "run" else \
+        estimate(None, None, cfg, False)
     summary = read_json(folder / "summary.json") if kind == "run" else \
         read_json(folder / f"{'compare' if kind == 'compare' else kind + '_summary'}.json")
     s = summary if isinstance(summary, dict) and kind == "run" else {}
