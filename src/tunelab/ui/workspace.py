@@ -248,7 +248,7 @@ class Tail:
                 if os.fstat(f.fileno()).st_size < self.offset:  # a new file (an --overwrite): from its start
                     self.offset = 0
                 if self.steps is None and self.offset > 0:  # started mid-file: the loop's start is further up
-                    self.steps = last_steps(f.read(self.offset))
+                    self.steps = last_steps(f, self.offset)
                 f.seek(self.offset)
                 data = f.read()
         except OSError:
@@ -277,15 +277,23 @@ class Tail:
             self.steps = record
 
 
-def last_steps(data: bytes) -> dict | None:
-    """The last `steps` record in `data` (the part of metrics.jsonl before where a tail starts): one line a
-    (re)start of the loop, so a search from the end finds it after a few lines of records."""
-    end = len(data)
-    while (start := data.rfind(b'{"type": "steps"', 0, end)) != -1:
-        try:
-            return json.loads(data[start:data.index(b"\n", start)])
-        except ValueError:
-            end = start
+def last_steps(f, end: int, block: int = 65536) -> dict | None:
+    """The last `steps` record before byte `end` of the open metrics.jsonl `f`, read backwards a block at a time
+    (one a (re)start of the loop: near the start of a run's log, or where it was resumed)."""
+    mark = b'{"type": "steps"'
+    pos = end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        data = f.read(end - start)  # to `end`: a record that begins in this block ends after it
+        found = data.rfind(mark, 0, pos - start)
+        while found != -1:
+            line = data[found:data.find(b"\n", found)] if b"\n" in data[found:] else b""
+            try:
+                return json.loads(line)
+            except ValueError:
+                found = data.rfind(mark, 0, found)
+        pos = start
     return None
 
 
