@@ -411,7 +411,6 @@ def ui(
     ui_pkg.check_installed()
     from .ui import app as ui_app
 
-    ui_app.check_host(host, token)
     ui_app.serve(workspace, root or [], host, port, token, trust_remote_code, allow_pickle)
 
 

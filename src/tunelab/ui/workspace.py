@@ -337,7 +337,7 @@ def read_progress(folder: Path, cfg: dict | None, running: bool) -> dict:
 def live_status(folder: Path, jobs, tail: Tail) -> dict:
     """What the event stream says of a run: its status and progress, from what the tail has read."""
     cfg, _ = read_config(folder)
-    state = status(folder, "run", jobs)
+    state = status(folder, (runs.whose(folder) if folder.is_dir() else None) or "run", jobs)
     found = estimate(tail.last_train, tail.steps, cfg, state == "running")
     return {"status": state, "step": found["step"], "total": found["total"], "eta_s": found["eta_s"]}
 
