@@ -307,6 +307,73 @@ def test_32_concurrent_clients_all_get_their_own_answers(server, expected):
     assert max(list(server.engine.batches)[before:]) > 1  # requests shared forward passes
 
 
+SYSTEM = ("You answer questions about opposites with one short sentence, the way the examples you were trained on "
+          "answer them, and nothing else.")
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tiny_chat_llama, tmp_path_factory) -> Path:
+    """tiny_chat_llama's architecture and tokenizer with weights drawn 10x wider: attention that is far from uniform
+    and logits a few units apart, so that a key out of place or a position off by one changes the greedy reply,
+    where the fixture's near-uniform attention would hide it."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("sharp") / "sharp-llama"
+    shutil.copytree(tiny_chat_llama, path)
+    config = AutoConfig.from_pretrained(path)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_prompts_that_start_alike_reuse_the_start_and_reply_as_tunelab_generate_does(sharp_llama):
+    """A system turn every request shares, and a conversation sent again with one more turn: the prefix cache computes
+    the shared start once and prefills only the rest (the mask then reads [start | padding | rest]), alone and in
+    left-padded batches; every greedy reply is what `tunelab generate` writes, and seeded sampling draws the same
+    tokens with the cache as without it."""
+    conversations = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS]
+    longer = conversations[0] + [{"role": "assistant", "content": "The opposite of hot is cold."},
+                                 {"role": "user", "content": "And the opposite of early?"}]
+    conversations.append(longer)
+    model = tunelab.TunedModel.from_model_dir(sharp_llama)
+    texts = [model.task.generation_prompt(c, None, model.tokenizer, model.info) for c in conversations]
+    want = [c["reply"] for c in causal_lm.generate_replies(model.model, model.tokenizer, texts, model.info, NEW_TOKENS,
+                                                          batch_size=1)]
+    assert len(set(want)) > 2  # replies that turn on what follows the shared start
+    server = Running([sharp_llama], serve_engine.Settings(max_batch=8, batch_window=0.05, timeout=120))
+    try:
+        cache, settings = server.engine.prefixes, server.engine.settings
+        system_tokens = len(causal_lm.prompt_ids(texts[0], model.tokenizer, model.info)) - 12
+        assert system_tokens >= cache.min_tokens  # the shared start is long enough to be kept
+        client = server.client(http_client=httpx.Client(limits=httpx.Limits(max_connections=8)))
+
+        def greedy(c):
+            return chat(client, "sharp-llama", c).choices[0].message.content
+
+        def sampled(c, k):
+            return client.chat.completions.create(model="sharp-llama", messages=c, temperature=1.0, seed=k,
+                                                  max_tokens=NEW_TOKENS).choices[0].message.content
+
+        assert [greedy(c) for c in conversations] == want
+        assert cache.reused >= system_tokens * (len(conversations) - 1)  # all but the first reused the start
+        with ThreadPoolExecutor(8) as pool:  # batches of prompts of different lengths after the shared start
+            batches = len(server.engine.batches)
+            assert list(pool.map(greedy, conversations)) == want
+            assert max(list(server.engine.batches)[batches:]) > 1
+            with_cache = list(pool.map(sampled, conversations, range(len(conversations))))
+            settings.prefix_cache = False
+            reused = cache.reused
+            without = list(pool.map(sampled, conversations, range(len(conversations))))
+            assert cache.reused == reused
+        assert with_cache == without
+    finally:
+        server.stop()
+
+
 # -- limits and mistakes -------------------------------------------------------------------------------------------
 
 def test_a_full_queue_answers_429_with_retry_after_and_a_late_request_times_out(server, expected):

@@ -9,6 +9,9 @@ Features:
 - Dynamic batching: the worker takes the oldest job, waits up to `batch_window` seconds from its arrival for
   others of the same model, adapter and endpoint, and runs them as one batch (generation: one left-padded prefill,
   then one token a step from the KV cache, each row sampled with its own settings and seeded generator).
+- A prefix cache: prompts that start alike (the chat template's system turn, a conversation sent again with one
+  more turn) have the key/value states of the shared start computed once per model and adapter and reused, so a
+  request's prefill covers only what is new in it (PrefixCache).
 - A bounded queue (`QueueFull` when full), a deadline per job (`Timeout`), a cancel flag a disconnected client
   sets, and a drain on `stop` (jobs queued before it still run).
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .. import predict as predict_mod
 from ..errors import TunelabError
@@ -63,6 +67,7 @@ class Settings:
     batch_window: float = 0.01  # seconds the first job of a batch waits for others
     max_queue: int = 64  # jobs waiting; one more is answered 429
     timeout: float = 300.0  # seconds from arrival to answer
+    prefix_cache: bool = True  # reuse the key/value states of prompts' shared start (PrefixCache)
 
 
 @dataclass
@@ -186,6 +191,7 @@ class Engine:
         self.stopping = False
         self.batches: collections.deque[int] = collections.deque(maxlen=1000)  # rows of each batch run, newest last
         self.cancelled: collections.deque[int] = collections.deque(maxlen=1000)  # tokens of each row a client left
+        self.prefixes = PrefixCache()
         self.thread = threading.Thread(target=self.work, name="tunelab-serve-worker", daemon=True)
 
     def start(self) -> None:
@@ -318,8 +324,11 @@ class Engine:
                     job.choices.append(row)
                     rows.append(row)
         if rows:
+            prefix = None
+            if self.settings.prefix_cache and not model.cfg.method.VIRTUAL_TOKENS:
+                prefix = self.prefixes.find(model.model, batch[0].served.adapter, [r.ids for r in rows])
             decode(model.model, rows, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id, model.device,
-                   lambda job: self.settle(job))
+                   lambda job: self.settle(job), prefix)
         self.cancelled.extend(r.count for r in rows if r.finish_reason == "cancelled")
 
     def settle(self, job: Job) -> None:
@@ -472,20 +481,116 @@ class Row:
             self.sent = text
 
 
+# -- the prefix cache ----------------------------------------------------------------------------------------------
+
+def shared_start(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two prompts have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Prefix:
+    """The key/value states of a prompt start: one (keys, values) pair per layer, batch 1, for `ids`."""
+
+    def __init__(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.ids, self.layers = ids, layers
+
+    def cache(self, length: int, rows: int, config) -> DynamicCache:
+        """A fresh cache holding the first `length` tokens' states for `rows` rows; the stored tensors stay as they
+        are (a cache grows by concatenation, which copies)."""
+        cache = DynamicCache(config=config)
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k[:, :, :length].expand(rows, -1, -1, -1), v[:, :, :length].expand(rows, -1, -1, -1), i)
+        return cache
+
+
+class PrefixCache:
+    """The longest prompt start worth keeping, per loaded model and adapter, with its key/value states.
+
+    A batch reuses the kept start as far as all its prompts begin with it. When there is none worth reusing, the
+    start this batch's prompts share (a batch of one: the start it shares with the previous prompt) is computed on its
+    own first, kept, and reused for the rest; the prefill then covers each prompt's remainder only, so the work is the
+    same as without the cache the first time and less every time after. A start shorter than `min_tokens` is not worth
+    a separate forward pass; one past `max_tokens` is cut there (its states are memory: SmolLM2-135M keeps 46 KB a
+    token). Models whose cache is not plain full attention (sliding windows, recurrent state) are left alone."""
+
+    def __init__(self, min_tokens: int = 16, max_tokens: int = 4096):
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+        self.kept: dict[tuple, Prefix] = {}
+        self.previous: dict[tuple, list[int]] = {}
+        self.unsupported: set[int] = set()
+        self.reused = 0  # prompt tokens whose prefill the cache saved
+
+    def find(self, model, adapter: str, prompts: list[list[int]]) -> tuple[Prefix, int] | None:
+        """(kept start, how many of its tokens every prompt begins with), or None. Every prompt keeps at least one
+        token of its own to prefill: its last position's logits give the reply's first token."""
+        key = (id(model), adapter)
+        if id(model) in self.unsupported:
+            return None
+        room = min(len(p) for p in prompts) - 1
+        shared = min(len(prompts[0]), self.max_tokens)
+        for p in prompts[1:]:
+            shared = min(shared, shared_start(prompts[0], p))
+        if len(prompts) == 1:
+            shared = min(shared, shared_start(prompts[0], self.previous.get(key, [])))
+        self.previous[key] = prompts[0]
+        kept = self.kept.get(key)
+        have = min([shared_start(kept.ids, p) for p in prompts] + [room]) if kept is not None else 0
+        want = min(shared, room, self.max_tokens)
+        if want >= self.min_tokens and want >= have + self.min_tokens:
+            kept = self.compute(model, prompts[0][:want], kept, have)
+            if kept is None:
+                return None
+            self.kept[key] = kept
+            have = want
+        if have < self.min_tokens:
+            return None
+        self.reused += have * len(prompts)
+        return kept, have
+
+    @torch.inference_mode()
+    def compute(self, model, ids: list[int], kept: Prefix | None, have: int) -> Prefix | None:
+        """The states of `ids`, continuing from the first `have` tokens of `kept` where that helps."""
+        device = next(model.parameters()).device
+        past = kept.cache(have, 1, model.config) if kept is not None and have else None
+        start = have if past is not None else 0
+        out = model(input_ids=torch.tensor([ids[start:]], device=device), past_key_values=past, use_cache=True,
+                    **keep_last(model))
+        cache = out.past_key_values
+        if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+            self.unsupported.add(id(model))
+            return None
+        return Prefix(ids, [(layer.keys, layer.values) for layer in cache.layers])
+
+
+def keep_last(model) -> dict:
+    # Only the last position's logits are read: a long prompt's (batch, width, vocab) logits would be memory for nothing.
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
-def decode(model, rows: list[Row], eos: int | None, pad: int | None, device, settle) -> None:
+def decode(model, rows: list[Row], eos: int | None, pad: int | None, device, settle,
+           prefix: tuple[Prefix, int] | None = None) -> None:
     """Write every row's reply together: one left-padded prefill, then one token a step from the KV cache (the
     inputs transformers' generate gives a decoder: position ids counted over the mask, the mask grown by one each
-    step, so virtual-token hooks see what they see there). A row that ends leaves the batch (its cache rows too),
-    and `settle(job)` answers its job as soon as the job's last row has ended."""
+    step, so virtual-token hooks see what they see there). With a `prefix` (its states, and how many tokens every
+    row begins with), the prefill starts after those tokens from a copy of their states: the mask reads
+    [prefix | left padding | rest of the prompt]. A row that ends leaves the batch (its cache rows too), and
+    `settle(job)` answers its job as soon as the job's last row has ended."""
     pad = pad if pad is not None else (eos if eos is not None else 0)
-    width = max(len(r.ids) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=device)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    # Only the last position's logits are read: a long prompt's (batch, width, vocab) logits would be memory for nothing.
-    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last)
+    start = prefix[1] if prefix is not None else 0
+    width = max(len(r.ids) for r in rows) - start
+    ids = torch.tensor([[pad] * (width - len(r.ids) + start) + r.ids[start:] for r in rows], device=device)
+    mask = torch.tensor([[1] * start + [0] * (width - len(r.ids) + start) + [1] * (len(r.ids) - start) for r in rows],
+                        device=device)
+    positions = ((mask.cumsum(-1) - 1).masked_fill(mask == 0, 0))[:, start:]
+    cache = prefix[0].cache(start, len(rows), model.config) if prefix is not None else None
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                **keep_last(model))
     steps = max(r.max_tokens for r in rows)
     for _ in range(steps):
         logits = out.logits[:, -1]
