@@ -5,7 +5,8 @@ A run is made from the form (the YAML follows each field, validation errors sit 
 panel estimates it), its curves fill in from the live stream and its status becomes finished, its metrics show;
 it is compared with a run trained outside the UI, and its classifier answers in the playground. A long run typed
 as YAML (the form follows the YAML) is watched growing, stopped (interrupted, resumable), resumed and stopped
-again. A chat run streams replies from the tuned and the base model side by side. On every page: no console
+again. A chat run streams replies from the tuned and the base model side by side. The server has a token, so every
+request of the page is seen to carry the cookie its link sets (without it: 401). On every page: no console
 error, no failed request, no HTTP error the test did not provoke, every form control labelled, a screenshot that
 is not blank. With TUNELAB_UI_SCREENSHOTS=1 the screenshots go to docs/images/ui-*.png (the docs' pictures)."""
 
@@ -66,21 +67,27 @@ def workspace(tmp_path_factory, tiny_bert, tiny_chat_llama) -> Path:
     return ws
 
 
+TOKEN = "s3cret-ui-token"
+
+
 @pytest.fixture(scope="module")
 def ui(workspace, tiny_bert, tiny_chat_llama):
-    """`tunelab ui` itself, as a user starts it, on a free loopback port; its base URL."""
+    """`tunelab ui` itself, as a user starts it, on a free loopback port, with a token (so that every fetch, event
+    stream and streamed chat of the page is seen to carry the cookie the printed link sets); its base URL."""
     port = free_port()
     log = workspace.parent / "ui.log"
     with open(log, "wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "tunelab", "ui", "--workspace", str(workspace),
                                    "--root", str(tiny_bert.parent), "--root", str(tiny_chat_llama.parent),
                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                  stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1", "TUNELAB_UI_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(url + "api/runs", timeout=5).read()
+            ask = urllib.request.Request(url + "api/runs", headers={"Authorization": f"Bearer {TOKEN}"})
+            urllib.request.urlopen(ask, timeout=5).read()
             break
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
@@ -153,6 +160,8 @@ def watched(browser, ui, tmp_path):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(STEP_TIMEOUT_MS)
+    page.goto(f"{ui}?token={TOKEN}")  # the link `tunelab ui` prints: it sets the cookie and drops the token
+    assert page.url == ui + "#/runs"
     yield Watched(page, ui, tmp_path, docs)
     context.close()
 
@@ -222,6 +231,10 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     page.get_by_role("button", name="Run", exact=True).click()  # sort by id, ascending
     ids = [r.get_attribute("data-run") for r in rows.all()]
     assert ids == sorted(ids)
+    page.get_by_role("button", name="Run", exact=True).focus()  # and from the keyboard: again reverses it
+    page.keyboard.press("Enter")
+    assert [r.get_attribute("data-run") for r in rows.all()] == ids[::-1]
+    assert page.get_attribute("th:has(button:focus)", "aria-sort") == "descending"
 
     watched.open("#/compare")
     page.check("input[value='runs/form-lora']")
@@ -352,3 +365,12 @@ task:
 """
     assert (path, method) == ("/data/models/minilm", "lora")
     watched.check("yaml-editor")
+
+
+def test_without_the_token_the_ui_answers_401(browser, ui):
+    context = browser.new_context()
+    page = context.new_page()
+    assert page.goto(ui).status == 401
+    assert page.goto(f"{ui}?token=wrong").status == 401
+    assert page.goto(f"{ui}static/app.js").status == 401
+    context.close()

@@ -56,14 +56,29 @@ export async function render(main) {
 
   function sortButton(col) {
     const active = state.sort === col.key;
-    return h("button", { type: "button", class: "sort", onclick: () => {
+    return h("button", { type: "button", class: "sort", "data-sort": col.key, onclick: () => {
       state.dir = active ? -state.dir : 1;
       state.sort = col.key;
       draw();
     } }, col.label, h("span", { "aria-hidden": "true" }, active ? (state.dir > 0 ? " ▲" : " ▼") : ""));
   }
 
+  // The table is drawn anew on each sort, filter and refresh; a keyboard user's focus in it stays where it was.
+  function focusedSelector() {
+    const at = document.activeElement;
+    if (!at || !holder.contains(at)) return null;
+    if (at.dataset.sort) return `button[data-sort="${at.dataset.sort}"]`;
+    const row = at.closest("tr[data-run]");
+    return row ? `tr[data-run="${CSS.escape(row.dataset.run)}"] a` : null;
+  }
+
   function draw() {
+    const refocus = focusedSelector();
+    drawTable();
+    if (refocus) holder.querySelector(refocus)?.focus();
+  }
+
+  function drawTable() {
     const col = COLUMNS.find(c => c.key === state.sort);
     const shown = state.runs
       .filter(r => !state.status || r.status === state.status)
