@@ -18,6 +18,7 @@ from conftest import make_rows, write_jsonl
 from test_resume import _overrides, _records, _weights
 
 import tunelab
+from tunelab import config, pipeline
 from tunelab.training import checkpoint, stop
 
 STEPS = 60  # long enough that the signal, sent once step 3 is logged, arrives well before the end
@@ -106,3 +107,30 @@ def test_sigterm_outside_the_loop_is_an_interrupt(tmp_path):
             "    sys.exit(130)\n")
     done = subprocess.run([sys.executable, "-c", code], timeout=60, env={**os.environ})
     assert done.returncode == 130
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_signal_at_an_evaluation_stops_after_that_step(save, tiny_bert, tmp_path, capsys):
+    """In this process, the signal raised while step 4 is evaluated: the loop stops after step 4 (whose checkpoint
+    is the evaluation's own); without checkpoints it says the run cannot be resumed."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(64, seed=0))
+    out = tmp_path / "run"
+    cfg = config.load(None, _overrides(tiny_bert, train, "lora", max_steps=12, checkpoint_every="null", eval_every=4,
+                                       save_checkpoints=save) + [f"output_dir={out}"])
+
+    def signal_at_4(record):
+        if record["step"] == 4:
+            signal.raise_signal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(stop.Interrupted) as stopped:
+        pipeline.train(cfg, on_eval=signal_at_4)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert str(stopped.value).startswith("stopped by SIGTERM after step 4 of 12; ")
+    assert str(stopped.value) in capsys.readouterr().out
+    assert _records(out)[-1] == {"type": "stopped", "after_step": 4, "signal": "SIGTERM", "checkpoint": save}
+    if save:
+        assert sorted(p.name for p in (out / checkpoint.DIR).iterdir()) == ["step-0000004"]
+    else:
+        assert "train.save_checkpoints is off, so there is no checkpoint to resume from" in str(stopped.value)
+        assert not (out / checkpoint.DIR).exists()

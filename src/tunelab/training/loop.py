@@ -217,11 +217,12 @@ def _stopped(halt, step: int, total_steps: int, checkpoints, log: Callable[[dict
              write: Callable[[str], None]) -> Interrupted:
     """The run was asked to stop (stop.py): logged, and the error that ends it as interrupted, saying how to go on."""
     # after_step, not step: trackers take a record with a step for metrics
-    log({"type": "stopped", "after_step": step, "signal": halt.signal, "checkpoint": checkpoints is not None})
+    by = halt.signal or "a signal to another process of the run"
+    log({"type": "stopped", "after_step": step, "signal": by, "checkpoint": checkpoints is not None})
     run_dir = checkpoints.root.parent if checkpoints is not None else None
     how = (f"its checkpoint is saved: `tunelab train --resume {run_dir}` goes on from there" if run_dir else
            "train.save_checkpoints is off, so there is no checkpoint to resume from")
-    message = f"stopped by {halt.signal} after step {step} of {total_steps}; {how}"
+    message = f"stopped by {by} after step {step} of {total_steps}; {how}"
     write(message)
     return Interrupted(message)
 
