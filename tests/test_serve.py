@@ -487,6 +487,17 @@ def test_another_host_needs_an_api_key(cli_run, runs, monkeypatch):
     assert r.code == 2 and "'sft'" in r.err and "folder name" in r.err
 
 
+def test_the_command_passes_its_settings_on(cli_run, runs, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(serve_app, "serve", lambda paths, host, port, key, settings, *switches: seen.update(
+        settings=settings, switches=switches))
+    assert cli_run("serve", runs["sft"], "--max-batch", "3", "--batch-window-ms", "25", "--no-prefix-cache").code == 0
+    assert seen["settings"] == serve_engine.Settings(max_batch=3, batch_window=0.025, prefix_cache=False)
+    assert seen["switches"] == (False, False)
+    assert cli_run("serve", runs["sft"], "--allow-pickle").code == 0
+    assert seen["settings"].prefix_cache is True and seen["switches"] == (False, True)
+
+
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(runs, expected):
     port, key = free_port(), "s3cret"
     url = f"http://127.0.0.1:{port}"

@@ -375,6 +375,9 @@ def serve(
                                           "of a batch waits for others to join it, in milliseconds."),
     max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests that may wait; one more gets 429."),
     timeout: float = typer.Option(300.0, "--timeout", min=0.001, help="Seconds a request may take, queue included."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Compute the start that prompts "
+                                      "share (a system turn, a conversation so far) once and reuse it. Off: every "
+                                      "prompt is prefilled whole, as `tunelab generate` does, to the last bit."),
     trust_remote_code: bool = trust_code_option(),
     allow_pickle: bool = allow_pickle_option(),
 ):
@@ -386,7 +389,7 @@ def serve(
     from .serve import engine
 
     settings = engine.Settings(max_batch=max_batch, batch_window=batch_window_ms / 1000, max_queue=max_queue,
-                               timeout=timeout)
+                               timeout=timeout, prefix_cache=prefix_cache)
     serve_app.serve(runs, host, port, api_key, settings, trust_remote_code, allow_pickle)
 
 
