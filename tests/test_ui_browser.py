@@ -195,9 +195,10 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     page.fill("#f-train-max_steps", "40")
     page.fill("#f-train-eval_every", "10")
     page.fill("#f-train-lr", "0.003")
-    page.fill("#output-dir", "runs/form-lora")
+    page.fill("#f-output_dir", "runs/form-lora")
     yaml_text = page.input_value("#recipe-yaml")
     assert f"path: {tiny_bert}" in yaml_text and "max_steps: 40" in yaml_text and "eval_every: 10" in yaml_text
+    assert "output_dir: runs/form-lora" in yaml_text
     page.wait_for_function("document.querySelector('#check-state').textContent === 'The recipe is valid.'")
     assert page.inner_text("#err-f-model-path") == ""
     page.wait_for_selector("#advise table", timeout=RUN_TIMEOUT_MS)  # estimated once the recipe is valid

@@ -82,9 +82,6 @@ export async function render(main, params) {
   const generalErrors = h("div", { id: "general-errors", "aria-live": "polite" });
   const checkState = h("p", { class: "note", id: "check-state", "aria-live": "polite" });
   const advisePanel = h("div", { id: "advise", "aria-live": "polite" }, h("p", { class: "empty" }, "Fill in a model to see estimates."));
-  const outputDir = h("input", { id: "output-dir", type: "text", placeholder: "from the recipe's output_dir, else runs/<name>",
-                                 "aria-describedby": "output-dir-help" });
-  const outputError = h("p", { class: "field-error", id: "err-output-dir" });
   const launchButton = h("button", { type: "submit", id: "launch" }, "Launch");
   const launchState = h("div", { "aria-live": "polite" });
   const recipeSelect = h("select", { id: "recipe-select" }, h("option", { value: "" }, "— choose —"),
@@ -132,6 +129,8 @@ export async function render(main, params) {
       help, error);
   }
 
+  // output_dir sits beside Launch rather than in the settings.
+  const outputField = schema.sections.flatMap(section => section.fields).find(f => f.key === "output_dir");
   const form = h("form", { id: "new-run", novalidate: true, onsubmit: launch },
     h("div", { class: "columns" },
       h("div", { class: "col-form" },
@@ -140,11 +139,11 @@ export async function render(main, params) {
             h("button", { type: "button", id: "load-recipe", class: "secondary", onclick: () => loadRecipe(recipeSelect.value) }, "Load"))),
         h("section", { "aria-labelledby": "h-settings" }, h("h2", { id: "h-settings" }, "Settings"),
           h("div", { class: "row" }, h("label", { for: "field-filter" }, "Find a setting"), fieldFilter),
-          schema.sections.map(section => h("details", { class: "section", open: OPEN_SECTIONS.has(section.name), "data-section": section.name },
+          schema.sections.filter(section => section.fields.some(f => f.key !== "output_dir")).map(section => h("details", { class: "section", open: OPEN_SECTIONS.has(section.name), "data-section": section.name },
             h("summary", {}, section.name), h("fieldset", {}, h("legend", { class: "visually-hidden" }, section.name),
               section.fields.some(f => f.key.includes("[]"))
                 ? h("p", { class: "note" }, "Multi-task recipes list their tasks in the YAML (tasks: [{name, weight, task, data}]).") : null,
-              section.fields.filter(f => !f.key.includes("[]")).map(fieldControl)))))),
+              section.fields.filter(f => !f.key.includes("[]") && f.key !== "output_dir").map(fieldControl)))))),
       h("div", { class: "col-side" },
         h("section", { "aria-labelledby": "h-yaml" }, h("h2", { id: "h-yaml" }, h("label", { for: "recipe-yaml" }, "Recipe (YAML)")),
           h("p", { class: "help", id: "recipe-yaml-help" }, "The recipe is the source of truth: the form edits it, and what you type here fills the form."),
@@ -153,9 +152,9 @@ export async function render(main, params) {
           h("button", { type: "button", id: "advise-button", class: "secondary", onclick: () => advise(true) }, "Estimate memory and time"),
           advisePanel),
         h("section", { "aria-labelledby": "h-launch" }, h("h2", { id: "h-launch" }, "Launch"),
-          h("div", { class: "row" }, h("label", { for: "output-dir" }, "Output folder"), outputDir),
-          h("p", { class: "help", id: "output-dir-help" }, "Optional; inside the workspace. The run trains in a process of its own that outlives this page and the UI."),
-          outputError, launchButton, launchState))));
+          outputField ? fieldControl(outputField) : null,
+          h("p", { class: "help" }, "The run trains in a process of its own, in the workspace, that outlives this page and the UI."),
+          launchButton, launchState))));
   main.append(h("h1", {}, "New run"), form);
 
   function applies(field) {
@@ -211,11 +210,9 @@ export async function render(main, params) {
 
   function showErrors(errors) {
     for (const { input, error } of controls.values()) { error.textContent = ""; input.removeAttribute("aria-invalid"); }
-    outputError.textContent = "";
     const loose = [];
     for (const e of errors) {
-      const target = e.field === "output_dir" && !controls.has("output_dir") ? { error: outputError, input: outputDir }
-        : controls.get(e.field) || controls.get(String(e.field || "").split(".").slice(0, 2).join("."));
+      const target = controls.get(e.field) || controls.get(String(e.field || "").split(".").slice(0, 2).join("."));
       if (target) {
         target.error.textContent = e.message;
         target.input.setAttribute("aria-invalid", "true");
@@ -303,7 +300,7 @@ export async function render(main, params) {
     launchButton.disabled = true;
     launchState.replaceChildren(h("p", { class: "note" }, "launching…"));
     try {
-      const answer = await api("api/runs", { method: "POST", body: { yaml: yamlText, output_dir: outputDir.value.trim() || null } });
+      const answer = await api("api/runs", { method: "POST", body: { yaml: yamlText, output_dir: null } });  // output_dir is in the YAML
       location.hash = pageHref("run", answer.id);
     } catch (error) {
       launchButton.disabled = false;

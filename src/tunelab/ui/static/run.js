@@ -8,6 +8,7 @@ import { LineChart, fmtNum } from "./chart.js";
 import { metricCell } from "./runs.js";
 
 export const NAV = "runs";
+const POLL_MS = 5000;  // how often a running compare / cv / sweep folder is fetched again
 const NOT_METRICS = new Set(["type", "step", "epoch", "split", "improved", "loss", "examples", "tokens"]);
 
 // The headline metric of an eval record: the run's own, else its first plain number that is not bookkeeping.
@@ -131,6 +132,9 @@ export async function render(main, { id }) {
   const metric = new LineChart(charts, { title: `Metric${run.metric ? `: ${run.metric.name}` : ""}`,
                                          yLabel: run.metric ? run.metric.name : "metric", markers: true });
   const lr = new LineChart(charts, { title: "Learning rate", yLabel: "lr", log: true });
+  const progressSection = section("Progress", h("div", { class: "progress" }, h("label", { for: "run-progress" }, "Training progress"),
+                                                 progressBar, progressText));
+  const curvesSection = section("Curves", charts);
   loss.figure.id = "chart-loss";
   metric.figure.id = "chart-metric";
   lr.figure.id = "chart-lr";
@@ -140,8 +144,7 @@ export async function render(main, { id }) {
     h("h1", {}, run.name || id, " ", status),
     meta,
     actions, notice,
-    section("Progress", h("div", { class: "progress" }, h("label", { for: "run-progress" }, "Training progress"), progressBar, progressText)),
-    section("Curves", charts),
+    progressSection, curvesSection,
     measured);
 
   const showProgress = p => {
@@ -197,6 +200,12 @@ export async function render(main, { id }) {
   });
 
   function drawMeasured() {
+    if (run.kind !== "run") {
+      // A compare, cv or sweep folder: its summary (the table of its runs, each with a page of its own), its report
+      put(measured, section("Summary", run.summary ? valueView(run.summary) : h("p", { class: "empty" }, "No summary yet: it is still running, or it stopped before writing one.")),
+          run.has_report ? section("Report", reportFrame()) : null, recipeSection(), logSection());
+      return;
+    }
     const parts = [];
     if (run.metric) parts.push(h("p", { class: "headline" }, "Headline: ", metricCell(run.metric)));
     const s = run.summary || {};
@@ -212,19 +221,55 @@ export async function render(main, { id }) {
       section("Forgetting", forgettingView(run.forgetting)),
       section("Samples", samplesView(run.samples)),
       section("Data report", dataReportView(run.data_report)),
-      run.has_report ? section("Report", h("iframe", { src: runApi(id, "/report"), title: `report.html of ${id}`,
-                                                      class: "report", sandbox: "allow-same-origin", loading: "lazy" })) : null,
-      section("Recipe", h("p", {}, h("a", { href: runApi(id, "/recipe.yaml"), download: "recipe.yaml", id: "recipe-download" },
-                                     "Download the resolved recipe (YAML)")),
-              h("pre", { class: "yaml", tabindex: "0", "aria-label": "resolved recipe" }, run.recipe_yaml || "")),
-      run.log_tail ? section("Log", h("details", { open: run.status === "failed" },
-                                      h("summary", {}, "Last lines of the training log"), h("pre", { class: "log", tabindex: "0" }, run.log_tail))) : null);
+      run.has_report ? section("Report", reportFrame()) : null, recipeSection(), logSection());
   }
+
+  // report.html in a frame that runs no scripts (a run folder may come from someone else)
+  const reportFrame = () => h("iframe", { src: runApi(id, "/report"), title: `report.html of ${id}`, class: "report",
+                                          sandbox: "allow-same-origin", loading: "lazy" });
+  const recipeSection = () => section("Recipe",
+    h("p", {}, h("a", { href: runApi(id, "/recipe.yaml"), download: "recipe.yaml", id: "recipe-download" }, "Download the resolved recipe (YAML)")),
+    h("pre", { class: "yaml", tabindex: "0", "aria-label": "resolved recipe" }, run.recipe_yaml || ""));
+  const logSection = () => (run.log_tail ? section("Log", h("details", { open: run.status === "failed" },
+    h("summary", {}, "Last lines of the log"), h("pre", { class: "log", tabindex: "0" }, run.log_tail))) : null);
 
   drawMeta();
   showProgress(run.progress || {});
   drawActions();
   drawMeasured();
+
+  // Fetched again when the run ends: what it measured, its actions, its heading.
+  async function refresh() {
+    try {
+      run = await api(runApi(id));
+    } catch (error) {
+      if (!(error instanceof ApiError)) throw error;
+      notice.replaceChildren(errorBox(error));
+      return false;
+    }
+    status.replaceChildren(badge(run.status));
+    // A compare launched from the UI is listed as a run until its process has made its folder.
+    progressSection.hidden = curvesSection.hidden = run.kind !== "run";
+    drawMeta();
+    showProgress(run.progress || {});
+    drawActions();
+    drawMeasured();
+    if (run.metric) metric.retitle(`Metric: ${run.metric.name}`, run.metric.name);
+    return true;
+  }
+
+  progressSection.hidden = curvesSection.hidden = run.kind !== "run";
+  if (run.kind !== "run") {
+    // No metrics of its own (its runs have theirs, each on its own page): fetched again while it runs.
+    let timer = null;
+    const poll = async () => {
+      if (await refresh() && run.status === "running") timer = setTimeout(poll, POLL_MS);
+      else main.dataset.ended = "true";
+    };
+    if (run.status === "running") timer = setTimeout(poll, POLL_MS);
+    else main.dataset.ended = "true";
+    return () => clearTimeout(timer);
+  }
 
   // The live curves. A finished run's stream replays its metrics.jsonl and ends; a running one keeps going.
   const metricName = run.metric ? run.metric.name : null;
@@ -259,20 +304,7 @@ export async function render(main, { id }) {
   // abort a response that is ending anyway), before EventSource could reconnect.
   source.addEventListener("end", async () => {
     ended = true;
-    try {
-      run = await api(runApi(id));
-    } catch (error) {
-      if (!(error instanceof ApiError)) throw error;
-      notice.replaceChildren(errorBox(error));
-      return;
-    }
-    status.replaceChildren(badge(run.status));
-    drawMeta();
-    showProgress(run.progress || {});
-    drawActions();
-    drawMeasured();
-    if (run.metric) metric.retitle(`Metric: ${run.metric.name}`, run.metric.name);
-    main.dataset.ended = "true";
+    if (await refresh()) main.dataset.ended = "true";
   });
   source.addEventListener("error", () => {
     if (ended) source.close();
