@@ -135,6 +135,7 @@ class Watched:
             self.problems.append(f"HTTP {response.status}: {response.request.method} {response.url}")
 
     def open(self, route: str) -> None:
+        self.provoked.clear()
         self.page.goto(self.url + route)
         self.page.wait_for_selector("main h1")
 
@@ -147,8 +148,9 @@ class Watched:
         image = Image.open(path).convert("RGB")
         assert not _blank(image), f"{name}: the page renders blank"
         # The console's "Failed to load resource" line for a provoked HTTP error is the browser's, not the page's.
-        problems = [p for p in self.problems
-                    if not (p.startswith("console: Failed to load resource") and self.provoked)]
+        provoked = [f"console: Failed to load resource: the server responded with a status of {status} "
+                    for _, status in self.provoked]
+        problems = [p for p in self.problems if not any(p.startswith(line) for line in provoked)]
         assert problems == [], f"{name}: {problems}"
         self.problems.clear()
         return image
@@ -189,7 +191,10 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     # The starter recipe has no model: the server's error sits beside model.path.
     page.wait_for_function("document.querySelector('#err-f-model-path').textContent.includes('model.path')")
     page.fill("#f-model-path", str(tiny_bert))
-    page.fill("#f-data-train", "data/train.jsonl")
+    page.click("button[aria-label='Browse for data.train']")  # the file picker: the workspace's folders
+    page.click("dialog.picker button:has-text('data')")
+    page.click("dialog.picker button:has-text('train.jsonl')")
+    assert page.input_value("#f-data-train") == "data/train.jsonl" and not page.is_visible("dialog.picker")
     page.fill("#f-data-test", "data/test.jsonl")
     page.click("details[data-section='train'] > summary")
     page.fill("#f-train-max_steps", "40")
@@ -274,7 +279,7 @@ eval:
   linear_probe: false
   samples: 0
   forgetting: none
-output_dir: runs/long-lora
+output_dir: ../outside-the-workspace
 """
 
 
@@ -282,9 +287,18 @@ def test_a_run_is_watched_stopped_and_resumed(watched, tiny_bert):
     page = watched.page
     watched.open("#/new")
     page.fill("#recipe-yaml", LONG.format(model=tiny_bert))
+    # Its output folder is outside the workspace: the check says so beside the field, and a launch is refused (403).
+    page.wait_for_function("document.querySelector('#err-f-output_dir').textContent.includes('outside')")
+    assert page.get_attribute("#f-output_dir", "aria-invalid") == "true"
+    watched.provoked.append(("/api/runs", 403))
+    page.click("#launch")
+    page.wait_for_selector("#launch ~ div .error")
+    page.fill("#f-output_dir", "runs/long-lora")
+    assert "output_dir: runs/long-lora" in page.input_value("#recipe-yaml")
     # The form follows the YAML once the server has resolved it.
     page.wait_for_function("document.querySelector('#f-train-max_steps').value === '100000'")
     assert page.input_value("#f-train-log_every") == "2"
+    assert page.get_attribute("#f-output_dir", "aria-invalid") is None
     page.click("#launch")
     page.wait_for_function("location.hash === '#/run/runs/long-lora'")
     wait_status(page, "running")
