@@ -287,17 +287,17 @@ def test_a_run_is_watched_stopped_and_resumed(watched, tiny_bert):
     page = watched.page
     watched.open("#/new")
     page.fill("#recipe-yaml", LONG.format(model=tiny_bert))
-    # Its output folder is outside the workspace: the check says so beside the field, and a launch is refused (403).
+    # Its output folder is outside the workspace: the check says so beside the field (the form follows the rest of
+    # the YAML), and a launch is refused (403).
     page.wait_for_function("document.querySelector('#err-f-output_dir').textContent.includes('outside')")
     assert page.get_attribute("#f-output_dir", "aria-invalid") == "true"
+    assert page.input_value("#f-train-max_steps") == "100000" and page.input_value("#f-train-log_every") == "2"
     watched.provoked.append(("/api/runs", 403))
     page.click("#launch")
     page.wait_for_selector("#launch ~ div .error")
     page.fill("#f-output_dir", "runs/long-lora")
     assert "output_dir: runs/long-lora" in page.input_value("#recipe-yaml")
-    # The form follows the YAML once the server has resolved it.
-    page.wait_for_function("document.querySelector('#f-train-max_steps').value === '100000'")
-    assert page.input_value("#f-train-log_every") == "2"
+    page.wait_for_function("document.querySelector('#check-state').textContent === 'The recipe is valid.'")
     assert page.get_attribute("#f-output_dir", "aria-invalid") is None
     page.click("#launch")
     page.wait_for_function("location.hash === '#/run/runs/long-lora'")

@@ -243,7 +243,8 @@ export async function render(main, params) {
         adviseTimer = setTimeout(() => advise(false), 600);
       } else {
         showErrors(answer.errors || []);
-        fillChoosers();
+        if (answer.config) fill(answer.config);  // only its paths are wrong: the rest resolved
+        else fillChoosers();
         checkState.textContent = `${(answer.errors || []).length} problem(s) in the recipe.`;
         checkState.className = "note bad";
       }
