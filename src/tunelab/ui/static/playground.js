@@ -7,25 +7,20 @@ import { fmtNum } from "./chart.js";
 
 export const NAV = "runs";
 
-// One prediction as a short text, whatever the task returned.
+// One prediction as a short text, as `tunelab predict` returns it for each task: a classifier's label (and its
+// probability), multi-label's labels, a regression's score, NER's entities, QA's answer, an embedding's vector.
 function predictionText(p) {
   if (p === null || p === undefined) return "–";
   if (typeof p === "number") return fmtNum(p, 4);
   if (typeof p === "string") return p;
-  if (Array.isArray(p)) {
-    if (p.every(x => typeof x === "number")) return `vector of ${p.length}`;
-    return p.map(predictionText).join("; ") || "(none)";
-  }
-  if ("label" in p && !("entity" in p) && !("start" in p)) {
-    const score = p.score ?? p.probability ?? (p.probs ? p.probs[p.label] : undefined);
-    return `${p.label}${typeof score === "number" ? ` (${fmtNum(score, 3)})` : ""}`;
-  }
-  if ("labels" in p) return (p.labels || []).join(", ") || "(no label)";
-  if ("entities" in p) return predictionText(p.entities);
-  if ("entity" in p || "type" in p) return `${p.text ?? p.word ?? ""} → ${p.entity ?? p.type ?? p.label}`;
-  if ("answer" in p) return `${p.answer || "(no answer)"}${typeof p.score === "number" ? ` (${fmtNum(p.score, 3)})` : ""}`;
-  if ("value" in p) return fmtNum(p.value, 4);
-  if ("prediction" in p) return predictionText(p.prediction);
+  if (Array.isArray(p)) return p.every(x => typeof x === "number") ? `vector of ${p.length}` : p.map(predictionText).join("; ");
+  const score = typeof p.score === "number" ? ` (${fmtNum(p.score, 3)})` : "";
+  if ("entities" in p) return p.entities.length ? p.entities.map(predictionText).join("; ") : "(no entities)";
+  if ("answer" in p) return p.answer ? `${p.answer}${score}` : "(no answer)";
+  if ("labels" in p) return p.labels.length ? p.labels.join(", ") : "(no label)";
+  if ("start" in p && "label" in p) return `${p.text} → ${p.label}${score}`;  // an entity
+  if ("label" in p) return `${p.label}${score}`;
+  if ("score" in p) return fmtNum(p.score, 4);  // regression
   return JSON.stringify(p);
 }
 
