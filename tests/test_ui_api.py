@@ -98,10 +98,10 @@ def shell_run(ws, tiny_bert):
 
 
 @pytest.fixture(scope="module")
-def ui(ws):
+def ui(ws, tiny_bert):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)  # as `tunelab ui` runs: relative paths in recipes are the workspace's
-        running = Running(ws)
+        running = Running(ws, roots=[tiny_bert])  # the model's folder, as `tunelab ui --root` lets it read
         yield running
         running.stop()
 
@@ -265,7 +265,7 @@ def test_a_non_loopback_host_needs_a_token(cli_run, monkeypatch, ws):
     assert "Traceback" not in r.err and r.err.count("\n") == 1
 
 
-def test_bad_recipes_are_refused_naming_the_field(ui, tiny_bert):
+def test_bad_recipes_are_refused_naming_the_field(ui, ws, tiny_bert):
     r = ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(recipe(tiny_bert, lrr=0.1))})
     assert r.status_code == 400 and r.json()["error"]["field"] == "train.lrr"
     assert "did you mean 'train.lr'" in r.json()["error"]["message"]
@@ -274,6 +274,11 @@ def test_bad_recipes_are_refused_naming_the_field(ui, tiny_bert):
     r = ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(recipe(tiny_bert)), "output_dir": "runs/done"})
     assert r.status_code == 400 and r.json()["error"]["field"] == "output_dir"
     assert "already exists and is not empty" in r.json()["error"]["message"]
+    outside = recipe(tiny_bert)
+    outside["data"]["train"] = str(ws.parent / "elsewhere.jsonl")
+    r = ui.client.post("/api/runs", json={"yaml": yaml.safe_dump(outside), "output_dir": "runs/outside"})
+    assert r.status_code == 403 and r.json()["error"]["field"] == "data.train"
+    assert "--root" in r.json()["error"]["message"] and not (ws / "runs/outside").exists()
     r = ui.client.post("/api/runs", json={"yml": "{}"})
     assert r.status_code == 400 and r.json()["error"]["field"] in ("yaml", "yml")
 

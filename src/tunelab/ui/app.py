@@ -161,8 +161,18 @@ def create_app(workspace: str | Path, roots=(), token: str | None = None, trust_
         found = await asyncio.to_thread(ws.list_runs, ui.workspace, ui.jobs)
         return {"workspace": str(ui.workspace), "runs": found}
 
+    def refuse_outside(text: str) -> None:
+        # The files a recipe names are paths the API takes: outside the workspace and the roots they are refused
+        # before anything starts. Other mistakes (a missing file, a bad key) are launch_train's to report, as the CLI
+        # would.
+        cfg, _ = plan.parse(ui.workspace, text)
+        outside = [p for p in plan.path_problems(ui, cfg) if p.status == 403] if cfg is not None else []
+        if outside:
+            raise outside[0]
+
     @app.post("/api/runs", status_code=201)
     async def launch(req: Launch):
+        await asyncio.to_thread(refuse_outside, req.yaml)
         run_dir = await asyncio.to_thread(ui.jobs.launch_train, req.yaml, req.output_dir)
         return {"id": ws.run_id(run_dir, ui.workspace)}
 
