@@ -208,7 +208,7 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     assert page.inner_text("#err-f-model-path") == ""
     page.wait_for_selector("#advise table", timeout=RUN_TIMEOUT_MS)  # estimated once the recipe is valid
     assert "lora" in page.inner_text("#advise table")
-    watched.check("new")
+    watched.check("new", height=1500)  # down to the estimates
 
     page.click("#launch")
     page.wait_for_function("location.hash === '#/run/runs/form-lora'")
