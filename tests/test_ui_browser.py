@@ -12,7 +12,9 @@ is not blank. With TUNELAB_UI_SCREENSHOTS=1 the screenshots go to docs/images/ui
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from PIL import Image
 from test_report import CHROMIUM_FLAGS, _blank, chromium  # noqa: F401 - chromium: the fixture that skips
 
 import tunelab
+from tunelab.ui import jobs
 
 pytestmark = pytest.mark.browser
 
@@ -101,6 +104,12 @@ def ui(workspace, tiny_bert, tiny_chat_llama):
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+    # The runs it started outlive it by design: a test that failed half-way leaves none of them training.
+    ui_jobs = jobs.Jobs(workspace)
+    for out in ui_jobs.launched():
+        if ui_jobs.alive(out):
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                os.killpg(ui_jobs.record(out)["pid"], signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
