@@ -67,6 +67,9 @@ def workspace(tmp_path_factory, tiny_bert, tiny_chat_llama) -> Path:
                          "data.max_length=64", "data.dedupe=false", "train.batch_size=8", "train.lr=1e-2", "method.name=lora",
                          "method.target_modules=all-linear", "train.max_steps=24", "eval.base=false", *quick,
                          f"output_dir={ws / 'runs' / 'chat-lora'}"])
+    pairs = write_jsonl(data / "pairs.jsonl", [{"anchor": r["text"], "positive": r["text"]} for r in make_rows(24)])
+    tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={pairs}", "task.type=embedding", "method.name=lora",
+                         "train.max_steps=2", "eval.base=false", *quick, f"output_dir={ws / 'runs' / 'emb-lora'}"])
     return ws
 
 
@@ -235,9 +238,9 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
 
     watched.open("#/runs")
     rows = page.locator("table.runs tbody tr")
-    page.wait_for_function("document.querySelectorAll('table.runs tbody tr').length >= 3")
+    page.wait_for_function("document.querySelectorAll('table.runs tbody tr').length >= 4")
     listed = {r.get_attribute("data-run") for r in rows.all()}
-    assert {"runs/form-lora", "runs/cli-full", "runs/chat-lora"} <= listed  # the run trained outside the UI too
+    assert {"runs/form-lora", "runs/cli-full", "runs/chat-lora", "runs/emb-lora"} <= listed  # trained outside the UI too
     assert page.inner_text("tr[data-run='runs/form-lora'] .badge") == "finished"
     watched.check("runs")
     page.fill("#runs-filter", "cli-")
@@ -389,6 +392,19 @@ task:
 """
     assert (path, method) == ("/data/models/minilm", "lora")
     watched.check("yaml-editor")
+
+
+def test_an_embedding_run_shows_cosine_similarities_tuned_and_base(watched):
+    page = watched.page
+    watched.open("#/playground/runs/emb-lora")
+    page.fill("#predict-inputs", "a wonderful film\na brilliant movie\nawful boring plot")
+    page.click("#predict-button")
+    page.wait_for_selector("table.similarity")
+    captions = page.locator("table.similarity caption").all_inner_texts()
+    assert captions == ["Cosine similarity (tuned)", "Cosine similarity (base)"]  # a LoRA run's base: adapters off
+    diagonal = [page.inner_text(f"table.similarity >> nth=0 >> tbody tr >> nth={i} >> td >> nth={i}") for i in range(3)]
+    assert diagonal == ["1", "1", "1"]  # each text is its own nearest
+    watched.check("playground-embed")
 
 
 def test_without_the_token_the_ui_answers_401(browser, ui):
