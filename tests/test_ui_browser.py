@@ -317,6 +317,9 @@ def test_a_run_is_watched_stopped_and_resumed(watched, tiny_bert):
     # Its curve grows while it trains.
     before = wait_points_above(page, "chart-loss", 0)
     wait_points_above(page, "chart-loss", before)
+    # Progress and the time left, from the stream's status events.
+    page.wait_for_function("document.querySelector('.progress-text').textContent.includes('left')")
+    assert "of 100,000" in page.inner_text(".progress-text") and float(page.get_attribute("#run-progress", "value")) > 0
 
     page.click("#stop")
     wait_status(page, "interrupted")
