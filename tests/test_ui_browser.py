@@ -197,7 +197,7 @@ def wait_status(page, status: str, timeout: int = RUN_TIMEOUT_MS) -> None:
         raise AssertionError(f"status stayed {page.inner_text('#run-status')!r}, not {status!r}; log: {log}") from None
 
 
-def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
+def test_a_run_from_the_form_trains_compares_and_predicts(watched, workspace, tiny_bert):
     page = watched.page
     watched.open("#/new")
     # The starter recipe has no model: the server's error sits beside model.path.
@@ -235,6 +235,12 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, tiny_bert):
     assert page.is_visible("#open-playground") and page.is_visible("#recipe-download")
     page.wait_for_selector("iframe.report")
     watched.check("run", height=1900)  # down to the results
+    assert page.input_value("#export-format") == "peft" and not page.is_visible("#export-quant")  # GGUF's only
+    page.click("#export")
+    page.wait_for_selector("#export-done", timeout=RUN_TIMEOUT_MS)
+    assert page.inner_text("#export-done") == "Exported to exports/form-lora-peft."
+    assert (workspace / "exports" / "form-lora-peft" / "adapter_config.json").is_file()
+    watched.check("run-exported")
 
     watched.open("#/runs")
     rows = page.locator("table.runs tbody tr")
