@@ -248,7 +248,7 @@ def test_a_run_from_the_form_trains_compares_and_predicts(watched, workspace, ti
     listed = {r.get_attribute("data-run") for r in rows.all()}
     assert {"runs/form-lora", "runs/cli-full", "runs/chat-lora", "runs/emb-lora"} <= listed  # trained outside the UI too
     assert page.inner_text("tr[data-run='runs/form-lora'] .badge") == "finished"
-    watched.check("runs")
+    watched.check("runs", height=480)
     page.fill("#runs-filter", "cli-")
     assert [r.get_attribute("data-run") for r in rows.all()] == ["runs/cli-full"]
     page.fill("#runs-filter", "")
