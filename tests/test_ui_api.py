@@ -238,6 +238,33 @@ def test_events_tail_the_metrics_and_resume_from_last_event_id(ui, ws):
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "Last-Event-ID"
 
 
+def test_a_log_cut_back_by_a_resume_is_read_again_from_its_top(ui, ws):
+    """A resumed run cuts metrics.jsonl back to its checkpoint's size and writes on; by the next read the file may be
+    longer than the offset again. The stream says `reset` and sends the log's lines again, none cut in two."""
+    live = marked(ws / "runs" / "rewound")
+    log = live / "metrics.jsonl"
+    first = [json.dumps({"type": "train", "step": s, "loss": 1.0 - s / 10}) for s in (1, 2, 3)]
+    log.write_text("".join(x + "\n" for x in first))
+    fd = runs.lock(live, "train")
+    try:
+        with ui.client.stream("GET", "/api/runs/runs/rewound/events") as r:
+            stream = r.iter_lines()
+            got = events(stream, lambda g: sum(e == "metric" for e, _, _ in g) == 3)
+            assert [d for e, _, d in got if e == "metric"] == first
+            # resumed from step 1's checkpoint: cut after the first line, then steps 2-4 trained again (longer lines)
+            again = [json.dumps({"type": "train", "step": s, "loss": 0.5 - s / 100, "grad_norm": 0.25}) for s in (2, 3, 4)]
+            with open(log, "r+") as f:
+                f.truncate(len(first[0]) + 1)
+                f.seek(0, 2)
+                f.write("".join(x + "\n" for x in again))
+            more = events(stream, lambda g: sum(e == "metric" for e, _, _ in g) == 4)
+    finally:
+        runs.unlock(fd)
+    assert [e for e, _, _ in more if e != "status"][0] == "reset"
+    assert [d for e, _, d in more if e == "metric"] == [first[0], *again]
+    assert int([i for e, i, _ in more if e == "metric"][-1]) == log.stat().st_size
+
+
 def test_the_token_is_needed_on_every_request(ws):
     running = Running(ws, token="s3cret")
     try:

@@ -191,20 +191,28 @@ def create_app(workspace: str | Path, roots=(), token: str | None = None, trust_
         last = None
         yield "retry: 2000\n\n"
         while True:
-            for end, line in await asyncio.to_thread(tail.read):
-                yield f"event: metric\nid: {end}\ndata: {line}\n\n"
+            for event in await asyncio.to_thread(metric_events, tail):
+                yield event
             status = await asyncio.to_thread(ws.live_status, run_dir, ui.jobs, tail)
             if status != last:
                 last = status
                 yield f"event: status\ndata: {json.dumps(status)}\n\n"
             if status["status"] != "running":
-                for end, line in await asyncio.to_thread(tail.read):  # what it wrote as it stopped
-                    yield f"event: metric\nid: {end}\ndata: {line}\n\n"
+                for event in await asyncio.to_thread(metric_events, tail):  # what it wrote as it stopped
+                    yield event
                 yield f"event: end\ndata: {json.dumps({'status': status['status']})}\n\n"
                 return
             if await request.is_disconnected():
                 return
             await asyncio.sleep(POLL_S)
+
+    def metric_events(tail: ws.Tail) -> list[str]:
+        """The lines written since the last read as `metric` events; a `reset` first when the log was cut back (a
+        resume) or begun again (--overwrite), and the lines are read again from its top."""
+        lines = tail.read()
+        out = ["event: reset\ndata: {}\n\n"] if tail.rewound else []
+        tail.rewound = False
+        return out + [f"event: metric\nid: {end}\ndata: {line}\n\n" for end, line in lines]
 
     @app.get("/api/runs/{run_id:path}/report")
     async def run_report(run_id: str):

@@ -234,19 +234,27 @@ def list_runs(workspace: Path, jobs) -> list[dict]:
 class Tail:
     """The new complete lines of a growing metrics.jsonl, read from a byte offset: each read takes only the bytes
     written since the last one. Remembers the last training record and the last `steps` record (the run's step
-    count, and the step and time the loop started from), for progress."""
+    count, and the step and time the loop started from), for progress.
+
+    A log is not only appended to: a resumed run cuts it back to its checkpoint's size and writes on from there, and
+    --overwrite starts a new one. Either may have grown past the offset again by the next read, so the size alone
+    cannot tell; the last line read must still stand just before the offset. When it does not, the reader starts
+    again from the top and `rewound` is set, for the caller to drop what it drew from the old lines."""
 
     def __init__(self, path: Path, offset: int = 0):
         self.path, self.offset = path, offset
         self.last_train: dict | None = None
         self.steps: dict | None = None
+        self.last_line = b""  # the last complete line read, newline included (checked on the next read)
+        self.rewound = False
 
     def read(self) -> list[tuple[int, str]]:
         """(byte offset after the line, the line) for each line completed since the last read."""
         try:
             with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self.offset:  # a new file (an --overwrite): from its start
-                    self.offset = 0
+                if self.moved(f):
+                    self.offset, self.last_line, self.rewound = 0, b"", True
+                    self.last_train = self.steps = None
                 if self.steps is None and self.offset > 0:  # started mid-file: the loop's start is further up
                     self.steps = last_steps(f, self.offset)
                 f.seek(self.offset)
@@ -257,12 +265,23 @@ class Tail:
         start = 0
         while (end := data.find(b"\n", start)) != -1:
             line = data[start:end].decode("utf-8", errors="replace").strip()
-            start = end + 1
             if line:
-                out.append((self.offset + start, line))
+                out.append((self.offset + end + 1, line))
                 self.see(line)
+                self.last_line = data[start:end + 1]
+            start = end + 1
         self.offset += start
         return out
+
+    def moved(self, f) -> bool:
+        """Whether the file under the offset is no longer the one read so far (cut back, or new)."""
+        size = os.fstat(f.fileno()).st_size
+        if size < self.offset:
+            return True
+        if not self.last_line:
+            return False
+        f.seek(self.offset - len(self.last_line))
+        return f.read(len(self.last_line)) != self.last_line
 
     def see(self, line: str) -> None:
         if '"train"' not in line and '"steps"' not in line:

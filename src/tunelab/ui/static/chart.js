@@ -122,6 +122,11 @@ export class LineChart {
     }
   }
 
+  clear() {
+    this.series = new Map();
+    this.draw();
+  }
+
   retitle(title, yLabel = this.yLabel) {
     Object.assign(this, { title, yLabel });
     this.figure.querySelector("figcaption").textContent = title;

@@ -280,7 +280,7 @@ export async function render(main, { id }) {
     try {
       r = JSON.parse(e.data);
     } catch {
-      return;  // a line cut when a resumed run rewound its log under the reader: the lines after it are whole
+      return;  // not a record (a line a crash cut short): the lines after it are whole
     }
     if (r.type === "train") {
       loss.add("train", r.step, r.loss);
@@ -291,6 +291,10 @@ export async function render(main, { id }) {
       const name = metricOf(r, metricName);
       if (name) metric.add(metricName ? split : `${split} ${name}`, r.step, r[name]);
     }
+  });
+  // The log was cut back (a resume goes on from its checkpoint's step) or begun again: its lines come again.
+  source.addEventListener("reset", () => {
+    for (const chart of [loss, lr, metric]) chart.clear();
   });
   source.addEventListener("status", e => {
     const s = JSON.parse(e.data);
