@@ -352,7 +352,14 @@ def test_launch_watch_stop_resume(ui, ws, tiny_bert, shell_run):
     assert d["progress"]["total"] == 150 and d["log_tail"].startswith("$ tunelab train")
     assert by_id(ui)[rid]["status"] == "running"
 
-    assert ui.client.post(f"/api/runs/{rid}/stop").json() == {"status": "stopping"}
+    # A UI started afresh on the workspace (as after a restart) knows the run from disk: its log, and how to stop it.
+    fresh = Running(ws, roots=[tiny_bert])
+    try:
+        d = wait_for(fresh, rid, lambda d: d["status"] == "running", "seen by a fresh UI")
+        assert d["log_tail"].startswith("$ tunelab train")
+        assert fresh.client.post(f"/api/runs/{rid}/stop").json() == {"status": "stopping"}
+    finally:
+        fresh.stop()
     d = wait_for(ui, rid, lambda d: d["status"] != "running", "stopped")
     assert d["status"] == "interrupted" and d["resumable"], d["log_tail"]
     assert f"tunelab train --resume {ws / rid}" in d["log_tail"]
