@@ -1,10 +1,12 @@
 """One benchmark run in its own process, so that its peak RSS is its own:
 
     python -m bench.child --runner tunelab|trainer|trl --spec run.json
+    python -m bench.child --probe bitsandbytes
 
 The spec (written by bench/run.py) names the scenario's model, data files, method and hyperparameters. The runner
 trains and returns how to get the trained model; the same held-out function then scores it for every runner, and
-the last stdout line is `BENCH_RESULT {json}`.
+the last stdout line is `BENCH_RESULT {json}`. `--probe bitsandbytes` says whether the peers' QLoRA can run here
+(`BENCH_PROBE {"reason": null | "why not"}`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ from .common import StepClock, read_jsonl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runner", required=True, choices=sorted(RUNNERS))
-    parser.add_argument("--spec", required=True)
+    parser.add_argument("--runner", choices=sorted(RUNNERS))
+    parser.add_argument("--spec")
+    parser.add_argument("--probe", choices=["bitsandbytes"])
     args = parser.parse_args(argv)
+    if args.probe:
+        print(PROBE_PREFIX + json.dumps({"reason": probe_bitsandbytes()}), flush=True)
+        return
+    if not (args.runner and args.spec):
+        parser.error("--runner and --spec are required (or --probe)")
     spec = json.loads(Path(args.spec).read_text())
     if args.runner == "tunelab":
         # first, as `tunelab train` and a script that starts with `import tunelab` do: tunelab sets its allocator
@@ -82,9 +90,9 @@ def run_tunelab(spec: dict, clock: StepClock):
         overrides += ["task.type=sft", "task.template=chat", "train.padding_free=true"]
     else:
         overrides += ["task.type=classification", "data.text_field=text", "data.label_field=label"]
-    if spec["method"] == "lora":
+    if spec["method"] in common.LOW_RANK:  # qlora: LoRA's keys over its 4-bit base (quantize: all-linear, the default)
         lora = spec["lora"]
-        overrides += ["method.name=lora", f"method.r={lora['r']}", f"method.alpha={lora['alpha']}",
+        overrides += [f"method.name={spec['method']}", f"method.r={lora['r']}", f"method.alpha={lora['alpha']}",
                       f"method.dropout={lora['dropout']}", "method.target_modules=all-linear"]
     else:
         overrides += ["method.name=full"]
@@ -168,6 +176,83 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# -- the peers' QLoRA: bitsandbytes -------------------------------------------------------------------------
+
+PROBE_PREFIX = "BENCH_PROBE "
+BNB_CPU_SINCE = (0, 46)  # the first bitsandbytes whose main package quantizes and multiplies 4-bit on the CPU
+
+
+def add_peer_site() -> None:
+    """Make the packages kept for the peers (common.PEER_SITE) importable, ahead of the venv's."""
+    site = str(common.PEER_SITE)
+    if common.PEER_SITE.is_dir() and site not in sys.path:
+        sys.path.insert(0, site)
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """'0.50.2' -> (0, 50, 2); '0.47.0.dev0' -> (0, 47, 0): the leading numbers only."""
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(c for c in piece[:4] if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def probe_bitsandbytes() -> str | None:
+    """None when bitsandbytes (the venv's, or common.PEER_SITE's) quantizes a layer to 4-bit NF4 with double
+    quantization on this CPU and runs it forward and backward; else the reason, which the bench records as the
+    runner's skip."""
+    add_peer_site()
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        return (f"bitsandbytes is not installed ({e}); `{common.PEER_INSTALL}` installs it for the peers' runs "
+                f"only (>= {'.'.join(map(str, BNB_CPU_SINCE))} has a CPU 4-bit backend)")
+    version = getattr(bnb, "__version__", "0")
+    if version_tuple(version) < BNB_CPU_SINCE:
+        return (f"bitsandbytes {version} has no CPU backend for 4-bit weights (it came in "
+                f"{'.'.join(map(str, BNB_CPU_SINCE))}); `{common.PEER_INSTALL} --upgrade` gets one")
+    try:
+        import torch
+
+        layer = bnb.nn.Linear4bit(128, 128, bias=False, compute_dtype=torch.float32, compress_statistics=True,
+                                  quant_type="nf4", device="cpu")
+        layer.weight = bnb.nn.Params4bit(torch.randn(128, 128), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4", blocksize=64)
+        layer = layer.to("cpu")  # quantizes
+        x = torch.randn(4, 128, requires_grad=True)
+        layer(x).sum().backward()
+        if not bool(torch.isfinite(x.grad).all()):
+            return f"bitsandbytes {version}: the 4-bit layer's input gradient is not finite on this CPU"
+    except Exception as e:  # whatever this build cannot do on a CPU
+        return f"bitsandbytes {version} cannot run a 4-bit NF4 layer on this CPU: {type(e).__name__}: {e}"[:500]
+    return None
+
+
+def load_causal_lm(spec: dict):
+    """The scenario's model for the peers: as saved (float32, or bf16 with --precision bf16-base), or for QLoRA
+    with every linear layer of the blocks quantized to NF4 on load by bitsandbytes (blocks of 64, double
+    quantization: tunelab's format; the LM head stays full, as tunelab's) and prepared as peft's QLoRA recipe does
+    (`prepare_model_for_kbit_training`, without the gradient checkpointing it would turn on: no runner checkpoints)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, base_dtype(spec))
+    if spec["method"] != "qlora":
+        return AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype)
+    add_peer_site()  # before transformers looks for bitsandbytes
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, quantization_config=quant,
+                                                 device_map=spec.get("device", "cpu"))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def run_trainer(spec: dict, clock: StepClock):
     import torch
     import transformers
@@ -177,9 +262,9 @@ def run_trainer(spec: dict, clock: StepClock):
     transformers.set_seed(spec["seed"])  # before the model: a new head or LoRA weights draw from it
     tok = AutoTokenizer.from_pretrained(spec["model"])
     if spec["task"] == "sft":
-        from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+        from transformers import DataCollatorForSeq2Seq
 
-        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, base_dtype(spec)))
+        model = load_causal_lm(spec)
         rows = []
         for r in read_jsonl(spec["train"]):
             ids, labels = common.encode_chat(tok, r["messages"])
@@ -198,11 +283,11 @@ def run_trainer(spec: dict, clock: StepClock):
         rows = [{**{k: enc[k][i] for k in enc}, "labels": labels.index(str(r["label"]))} for i, r in enumerate(train)]
         collate = DataCollatorWithPadding(tok)
         settings = "DataCollatorWithPadding"
-    if spec["method"] == "lora":
+    if spec["method"] in common.LOW_RANK:
         from peft import get_peft_model
 
         model = get_peft_model(model, lora_config(spec))
-        settings = "peft, " + settings
+        settings = ("peft, bitsandbytes NF4 base, " if spec["method"] == "qlora" else "peft, ") + settings
     counter = common.CountingCollator(collate)
     args = training_arguments(spec)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=counter,

@@ -17,9 +17,13 @@ CACHE = ROOT / "bench" / ".cache"
 # BENCH_SMOLLM2: another directory for the lora-smollm2 scenario's model (bench/gpu_check.py points it at a
 # random-init model of SmolLM2's architecture where the imported weights are not carried).
 SMOLLM2 = Path(os.environ.get("BENCH_SMOLLM2") or ROOT / "demo_data" / "models" / "smollm2-135m-instruct")
+# Packages only the peers use, kept out of tunelab's venv (whose tests check tunelab with and without them):
+# bitsandbytes for the Trainer's QLoRA base. The child puts this folder on sys.path for those runs only.
+PEER_SITE = Path(os.environ.get("BENCH_PEER_SITE") or CACHE / "peer-site")
+PEER_INSTALL = ".venv/bin/pip install --no-deps --target bench/.cache/peer-site bitsandbytes"
 RESULT_PREFIX = "BENCH_RESULT "  # the child's last stdout line starts with this, then one JSON object
 SEED = 42
-HELD_OUT = 32  # fixed held-out examples every runner is scored on after training
+HELD_OUT = 32  # fixed held-out examples every runner is scored on after training (a scenario may take fewer)
 
 # Base precision variants (`--precision`), the same for every runner: the dtype the model is loaded in and whether
 # the training forward runs under bf16 autocast. "bf16-base" is a frozen base in bf16 under adapters that stay
@@ -223,6 +227,9 @@ def heldout_cls(model, tokenizer, rows: list[dict], max_length: int) -> dict:
 
 # -- FLOPs -----------------------------------------------------------------------------------------------
 
+LOW_RANK = ("lora", "qlora")  # methods that train low-rank adapters over frozen weights (the FLOPs model's 4N + 6A)
+
+
 def train_flops_per_token(config: dict, method: str, lora_r: int, context: float) -> dict:
     """Model FLOPs of training on one token (bench/README.md has the derivation).
 
@@ -234,6 +241,11 @@ def train_flops_per_token(config: dict, method: str, lora_r: int, context: float
     lookup (no FLOPs); the LM head is a matmul over the whole vocabulary for every token. The same figure is used
     for every runner of a scenario, whatever work a runner actually skips (tunelab computes LM-head logits only at
     target positions), so MFU ratios equal throughput ratios.
+
+    QLoRA counts as LoRA: the same matmuls, with the frozen weights 4-bit. Dequantizing them (a table lookup and a
+    scale per weight, each time a layer runs forward or passes its input gradient back) is the implementation's
+    cost of the smaller base, not model work, so it is not counted: at equal tok/s QLoRA's MFU equals LoRA's, and
+    what dequantization costs shows as a lower MFU.
     """
     d, layers = config["hidden_size"], config["num_hidden_layers"]
     ff = config["intermediate_size"]
@@ -248,11 +260,26 @@ def train_flops_per_token(config: dict, method: str, lora_r: int, context: float
                   (d, ff), (d, ff), (ff, d)]
         head = d * config["vocab_size"]
     matmul = layers * sum(a * b for a, b in shapes) + head
-    adapters = layers * sum(lora_r * (a + b) for a, b in shapes) if method == "lora" else 0
+    low_rank = method in LOW_RANK
+    adapters = layers * sum(lora_r * (a + b) for a, b in shapes) if low_rank else 0
     attention = 12 * layers * d * context
-    dense = (4 * matmul + 6 * adapters) if method == "lora" else 6 * matmul
+    dense = (4 * matmul + 6 * adapters) if low_rank else 6 * matmul
     return {"flops_per_token": dense + attention, "matmul_params": matmul, "adapter_params": adapters,
             "context": context}
+
+
+def decoder_params(config: dict) -> int:
+    """Parameters of a Llama-style decoder from its config alone (nothing built): embedding, per block q/k/v/o
+    (grouped K/V), the gated MLP's three matrices and two RMSNorm weights, the final norm, and an LM head unless
+    it is tied to the embedding. Biases where `attention_bias` / `mlp_bias` say so."""
+    d, layers, ff, vocab = (config[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or d // heads
+    q, kv = heads * head_dim, (config.get("num_key_value_heads") or heads) * head_dim
+    attention = d * q + 2 * d * kv + q * d + (q + 2 * kv + d if config.get("attention_bias") else 0)
+    mlp = 3 * d * ff + (2 * ff + d if config.get("mlp_bias") else 0)
+    head = 0 if config.get("tie_word_embeddings", False) else vocab * d  # LlamaConfig's default: untied
+    return vocab * d + layers * (attention + mlp + 2 * d) + d + head
 
 
 def median(values: list[float]) -> float:

@@ -227,3 +227,142 @@ def test_serve_tree_rss_counts_every_descendant():
         proc.kill()
         proc.wait()
     assert serve.tree_rss_mb(proc.pid) == 0.0  # gone: nothing to count, no error
+
+
+# -- the 1B scenarios: the model from its config, 512-token rows, the peers' QLoRA probe, advise and the goals ------
+
+def test_the_1b_config_counts_what_transformers_builds_without_building_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench import assets
+
+    # The config alone: Llama-3.2-1B's blocks over a 32,000-token vocabulary, untied head; the 58M as documented.
+    assert common.decoder_params(assets.CONFIG_1B) == 1_104_218_112
+    assert 4 * common.decoder_params(assets.CONFIG_1B) / 1e9 == pytest.approx(4.42, abs=0.005)  # float32 GB
+    cfg_58m = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
+               "intermediate_size": 1376, "vocab_size": 32000, "tie_word_embeddings": False}
+    assert common.decoder_params(cfg_58m) == 58_073_600
+    # The same formula against real (tiny) models of that shape: grouped K/V, untied or tied, with biases.
+    small = {**assets.CONFIG_1B, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 300}
+    for extra in ({}, {"tie_word_embeddings": True}, {"attention_bias": True, "mlp_bias": True}):
+        cfg = {**small, **extra}
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+        built = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        assert common.decoder_params(cfg) == built, extra
+
+
+def test_rows_of_one_length_and_the_variable_draw_is_unchanged(tiny_chat_llama, tmp_path, monkeypatch):
+    import math
+    import random
+
+    from transformers import AutoTokenizer
+
+    from bench import assets
+
+    # The variable lengths are drawn as before (a rebuild gives the same files); fixed rows take the same draw.
+    a, b = random.Random(7), random.Random(7)
+    for _ in range(50):
+        assert assets.target_length(a) == int(math.exp(b.uniform(math.log(assets.SHORTEST), math.log(512))))
+    a, b = random.Random(7), random.Random(7)
+    assert [assets.target_length(a, 512) for _ in range(3)] == [512] * 3
+    assets.target_length(b), assets.target_length(b), assets.target_length(b)
+    assert a.random() == b.random()
+    with pytest.raises(ValueError, match="rows=600"):
+        assets.target_length(a, 600)
+
+    # Conversations cut to 64 tokens: each reaches the target to within a word, none passes it.
+    words = "the quick brown fox jumps over a lazy dog while it rains in the city of light".split()
+    rng = random.Random(1)
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    for folder, name, rows in (("dialogs", "train", [{"messages": [{"role": "user", "content": text(6)},
+                                                                    {"role": "assistant", "content": text(8)}]}] * 3),
+                               ("pairs", "train", [{"prompt": text(5), "chosen": text(9), "rejected": "x"}] * 3),
+                               ("snippets", "train", [{"text": text(40), "label": "pos"}] * 5)):
+        common.write_jsonl(tmp_path / folder / f"{name}.jsonl", rows)
+    monkeypatch.setattr(assets, "DIALOGS", tmp_path / "dialogs")
+    monkeypatch.setattr(assets, "PREFERENCE", tmp_path / "pairs")
+    monkeypatch.setattr(assets, "SENTIMENT", tmp_path / "snippets")
+    tok = AutoTokenizer.from_pretrained(str(tiny_chat_llama))
+    rows = assets._conversations(6, "train", "train", 42, [tok], 64)
+    lengths = [common.chat_length(tok, r["messages"]) for r in rows]
+    assert len(rows) == 6 and all(56 <= n <= 64 for n in lengths), lengths
+
+
+def test_qlora_counts_lora_flops_and_the_1b_scenarios_have_their_own_steps():
+    from bench import assets, run
+
+    lora = common.train_flops_per_token(assets.CONFIG_1B, "lora", 16, context=512.0)
+    assert common.train_flops_per_token(assets.CONFIG_1B, "qlora", 16, context=512.0) == lora
+    assert lora["adapter_params"] > 0 and lora["matmul_params"] == common.decoder_params(assets.CONFIG_1B) - (
+        32000 * 2048 + 16 * 2 * 2048 + 2048)  # every weight but the embedding lookup and the norms
+    assert run.scenario_steps("lora-1b", None, False) == 6 and run.scenario_steps("qlora-1b", 3, False) == 3
+    assert run.scenario_steps("lora-58m", None, False) == 30 and run.scenario_steps("lora-58m", None, True) == 4
+    for name in ("lora-1b", "qlora-1b"):
+        sc = run.SCENARIOS[name]
+        assert sc["runners"] == ["tunelab", "trainer"] and sc["batch_size"] == 2 and sc["rows"] == 512
+        assert name not in run.DEFAULT and name not in run.QUICK  # run only when named
+    assert run.runner_skip("qlora-1b", "tunelab") is None and run.runner_skip("lora-1b", "trainer") is None
+
+
+def test_the_peers_qlora_is_skipped_with_the_reason_where_bitsandbytes_cannot_run(tmp_path, monkeypatch):
+    import types
+
+    from bench import child, run
+
+    monkeypatch.setattr(common, "PEER_SITE", tmp_path / "no-site")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    reason = child.probe_bitsandbytes()
+    assert reason.startswith("bitsandbytes is not installed") and common.PEER_INSTALL in reason
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(__version__="0.44.1"))
+    assert "0.44.1 has no CPU backend for 4-bit" in child.probe_bitsandbytes()
+    assert child.version_tuple("0.50.2") == (0, 50, 2) and child.version_tuple("0.47.0.dev0") == (0, 47, 0)
+    assert child.version_tuple("0.46rc1") == (0, 46) >= child.BNB_CPU_SINCE > child.version_tuple("0.45.5")
+
+    # The parent reads the probe's last line; a probe that crashed is a skip with its last words.
+    line = child.PROBE_PREFIX + '{"reason": null}'
+    assert run.probe_reason(0, f"noise\n{line}\n", "") is None
+    assert run.probe_reason(0, child.PROBE_PREFIX + '{"reason": "no"}', "") == "no"
+    assert run.probe_reason(1, "", "Traceback\nImportError: libfoo.so") == \
+        "the bitsandbytes probe failed (exit 1): ImportError: libfoo.so"
+
+
+def _median(tok_s, rss):
+    return {"tokens_per_s": tok_s, "examples_per_s": tok_s / 512, "peak_rss_mb": rss, "mfu": 0.2,
+            "time_to_first_step_s": 30.0, "last5_loss": 10.4, "heldout_loss": 10.4, "other_cpu_cores": 0.0,
+            "settings": "s"}
+
+
+def test_advise_and_goal_lines_and_a_skipped_peer_in_the_table():
+    from bench import run
+
+    results = {"scenarios": {
+        "lora-1b": {"data": {"advise": {"tunelab": {"peak_mb": 7000.0, "phase": "train"}}},
+                    "median": {"tunelab": _median(47.0, 7400.0), "trainer": _median(20.0, 11000.0)},
+                    "runs": [{"runner": "tunelab"}, {"runner": "trainer"}]},
+        "qlora-1b": {"data": {"advise": {"tunelab": {"peak_mb": 3000.0, "phase": "load"}}},
+                     "median": {"tunelab": _median(30.0, 9600.0)}, "runs": [{"runner": "tunelab"}],
+                     "skipped_runners": {"trainer": "bitsandbytes is not installed"}}}}
+    lines = run.advise_lines(results).splitlines()
+    assert "measured 7,400 MB, advise predicts 7,000 MB (train phase): 1.06x, within +-20 %" in lines[1]
+    assert "3.20x, OFF by more than 20 %" in lines[2]
+    goals = run.goal_lines(results).splitlines()
+    assert goals[1].endswith("peak RSS 1.30x (goal <= 0.6x): NOT met")
+    assert goals[2].endswith("tok/s 0.64x (goal >= 0.8x): NOT met")
+    results["scenarios"]["qlora-1b"]["median"]["tunelab"] = _median(40.0, 4000.0)
+    assert run.goal_lines(results).count(": met") == 2
+    assert run.goal_lines({"scenarios": {"qlora-1b": results["scenarios"]["qlora-1b"]}}) == ""  # no LoRA to compare
+    table = run.table(results)
+    assert "| qlora-1b | trainer | skipped: bitsandbytes is not installed" in table
+
+
+def test_advise_prediction_for_a_tunelab_run(tiny_chat_llama):
+    from bench import run
+
+    spec = {"model": str(tiny_chat_llama), "method": "lora", "max_length": 64, "batch_size": 2, "lora": {"r": 4},
+            "device": "cpu"}
+    lora = run.advise_prediction(spec, common.PRECISIONS["fp32"])
+    assert lora["phase"] in ("load", "train", "eval") and lora["peak_mb"] == max(lora["phases_mb"].values())
+    assert lora["parts_mb"]["runtime"] > 100  # a Python with torch: most of a tiny model's peak
+    qlora = run.advise_prediction({**spec, "method": "qlora"}, common.PRECISIONS["fp32"])
+    assert qlora["parts_mb"]["weights"] <= lora["parts_mb"]["weights"]
