@@ -199,11 +199,12 @@ def test_parameters_are_counted_exactly_as_tunelab_applies_the_method(tiny_bert,
     assert (est["trainable_params"], est["total_params"]) == (trainable, total)
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert est["bytes"]["gradients"] == grads and est["bytes"]["optimizer"] == 2 * grads
-    if method != "qlora":  # (tiny_bert's layers are too small for NF4 blocks: nothing is quantized)
+    if method != "qlora":  # (qlora stores tiny_bert's body linears in 4 bits: fewer bytes)
         assert est["bytes"]["weights"] >= weights
     bf16 = advise.estimate(tiny_bert, "classification", 32, 2, method, dtype="bfloat16", lora_r=4,
                            num_virtual_tokens=5, eval_batch_size=2, device="cpu")
-    assert bf16["bytes"]["weights"] < 0.6 * est["bytes"]["weights"]
+    # a bf16 base halves what is not 4-bit already
+    assert bf16["bytes"]["weights"] < (0.8 if method == "qlora" else 0.6) * est["bytes"]["weights"]
 
 
 def test_without_a_method_every_method_is_estimated(tiny_bert):

@@ -2,10 +2,10 @@
 init == quantized base, what a step touches, save -> load, peft loading the adapter onto a
 full-precision base, the memory report, merge, and the error paths.
 
-NF4 through torchao needs weight counts that are multiples of 64 * 256, so these tests build
-their own tiny models with hidden size 128 (the conftest ones, hidden 32, fit nowhere; see
-test_hidden_32_stays_full_precision). The tiny Llama has 2 key/value heads, so its k_proj and
-v_proj (128 x 64) do not fit either and stay in full precision: the report says so.
+These tests build their own tiny models with hidden size 128. Every linear weight whose count is a
+multiple of 64 is quantized, its scales in blocks of up to 256 (the tiny Llama's k_proj and v_proj,
+128 x 64 = 128 blocks of 64: blocks of 128 scales); only a layer of another size stays in full
+precision (test_small_layers). Loading the base quantized: test_qlora_load.py.
 """
 
 from __future__ import annotations
@@ -170,17 +170,18 @@ def test_which_layers_are_quantized(models_128, capsys):
     body = [p for p, m in model.named_modules() if (targets.is_linear(m) or isinstance(m, qlora.NF4Linear))
             and ".lora_" not in p and not targets.inside(p, head)]
     quantized = set(_nf4_layers(model))
-    # 2 layers x (q, o, gate, up, down) fit; k_proj / v_proj are 128 x 64 = 8192 weights, not a multiple of 16384
-    assert len(quantized) == LAYERS * 5
-    assert {p for p in body if p not in quantized} == {f"model.layers.{i}.self_attn.{n}" + s for i in range(LAYERS)
-                                                       for n, s in (("k_proj", ""), ("v_proj", ".base_layer"))}
-    assert "quantized 10 linear layers" in line and "4 left in full precision" in line and "16384" in line
+    # every body linear, k_proj / v_proj (128 x 64 = 8192 weights, 128 blocks) with their scales in blocks of 128
+    assert len(quantized) == LAYERS * 7 and set(body) == quantized
+    assert {m.weight.scaler_block_size for p, m in _nf4_layers(model).items()
+            if ".k_proj" in p or ".v_proj" in p} == {128}
+    assert {m.weight.scaler_block_size for p, m in _nf4_layers(model).items() if ".q_proj" in p} == {256}
+    assert "quantized 14 linear layers" in line and "full precision" not in line
     assert not any(isinstance(m, qlora.NF4Linear) for m in model.score.modules())
 
     _, model, _, _ = _applied(models_128["llama"], quantize="targets")  # default targets: q_proj, v_proj
-    assert set(_nf4_layers(model)) == {f"model.layers.{i}.self_attn.q_proj.base_layer" for i in range(LAYERS)}
-    assert qlora.memory_report(model)["unquantized_layers"] == [f"model.layers.{i}.self_attn.v_proj.base_layer"
-                                                                for i in range(LAYERS)]
+    assert set(_nf4_layers(model)) == {f"model.layers.{i}.self_attn.{n}.base_layer" for i in range(LAYERS)
+                                       for n in ("q_proj", "v_proj")}
+    assert qlora.memory_report(model)["unquantized_layers"] == []
 
 
 def test_memory_report(models_128, capsys):
@@ -292,13 +293,24 @@ def test_merge_is_close_to_unmerged_and_plain(arch):
 
 # -- small models and errors ----------------------------------------------------------
 
-def test_hidden_32_stays_full_precision(tiny_bert, capsys):
+def test_small_layers(tiny_bert, tmp_path, capsys):
+    """Hidden 32 (1024 and 2048-weight layers, 16 and 32 blocks of 64): quantized, scales in blocks of 16 and 32.
+    Hidden 36 (1296 weights,
+    not a multiple of 64): left in full precision, and the report says why."""
     cfg, model, tok = _plain(tiny_bert)
+    model = qlora.apply(model, cfg.method, models.head_modules(model))
+    assert "quantized 12 linear layers" in capsys.readouterr().out
+    assert {m.weight.scaler_block_size for m in _nf4_layers(model).values()} == {16, 32}
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=36, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=72, max_position_embeddings=64)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg, model, tok = _plain(tmp_path)
     batch = _batch(tok)
     expected = _logits(model, batch)
     model = qlora.apply(model, cfg.method, models.head_modules(model))
-    assert "quantized 0 linear layers" in capsys.readouterr().out
-    assert not _nf4_layers(model) and qlora.memory_report(model)["unquantized_layers"]
+    assert "quantized 0 linear layers" in (line := capsys.readouterr().out)
+    assert "6 left in full precision (torchao needs a multiple of 64 weights)" in line
+    assert not _nf4_layers(model) and len(qlora.memory_report(model)["unquantized_layers"]) == 6
     assert torch.equal(_logits(model, batch), expected)
 
 

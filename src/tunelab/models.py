@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -21,6 +24,9 @@ from .errors import TunelabError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# A plan for the model being loaded (see `building`): given its skeleton, {module path: convert}.
+Plan = Callable[[nn.Module], "dict[str, Callable[[nn.Module], nn.Module]]"]
+_PLAN: ContextVar[Plan | None] = ContextVar("tunelab_load_plan", default=None)
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -190,11 +196,14 @@ def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    plan = _PLAN.get()
     try:
-        model = auto_class.from_pretrained(
-            str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=None if cfg.allow_pickle else True, **model_kwargs
-        )
+        model = _streamed(cfg, auto_class, path, plan, model_kwargs) if plan is not None else None
+        if model is None:
+            model = auto_class.from_pretrained(
+                str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle else True, **model_kwargs
+            )
     except ValueError as e:
         raise TunelabError(
             f"'{path}' ({'model.path'}) cannot be loaded as {auto_class.__name__}: {str(e).splitlines()[0]} "
@@ -220,6 +229,170 @@ def _load(cfg: ModelConfig, auto_class, path: Path, **model_kwargs):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+# -- loading tensor by tensor ---------------------------------------------------
+
+@contextmanager
+def building(plan: Plan | None):
+    """Models loaded inside (`load`, so every task's build_model) are read tensor by tensor when `plan` is given:
+    `plan(skeleton)` sees the model with its parameters on the meta device and names the modules to convert; each
+    is handed to its convert function (e.g. a 4-bit quantizer) as soon as its own parameters are read, and replaced
+    by what it returns, so the full-precision weights of those modules are never all in memory at once. A model
+    this reader cannot take as from_pretrained would (pickle weights, custom code, renamed keys, weights missing
+    outside the head) is loaded by from_pretrained, unconverted. None: from_pretrained, as outside."""
+    token = _PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers for real, so
+    buffers computed at construction (rotary inv_freq, position ids) hold their values (accelerate's
+    init_empty_weights(include_buffers=False))."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), **({"requires_grad": param.requires_grad}
+                                                                 if kind is nn.Parameter else {}))
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _shards(path: Path) -> list[Path] | None:
+    """The safetensors files of a model directory, or None when its weights are not (all) safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return [path / f for f in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None  # from_pretrained says what is wrong with it
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else None
+
+
+def _checkpoint_names(model: nn.Module, keys: list[str], owned: set[str]) -> dict[str, str]:
+    """Checkpoint key -> the model's name for it, adding or dropping the body's prefix as from_pretrained does
+    (a base model's checkpoint read into a model with a head, and the other way round); unknown keys are left out."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for key in keys:
+        names = [key] + ([f"{prefix}.{key}", key.removeprefix(prefix + ".")] if prefix else [])
+        found = next((n for n in names if n in owned), None)
+        if found is not None:
+            out[key] = found
+    return out
+
+
+def _streamed(cfg: ModelConfig, auto_class, path: Path, plan: Plan, model_kwargs: dict):
+    """The model read tensor by tensor into a skeleton, the modules `plan` names converted as soon as they are
+    complete (see `building`); None where from_pretrained must load it. Errors are from_pretrained's kinds
+    (SafetensorError, a "size mismatch" RuntimeError, ValueError), so _load words them the same way."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
+    files = _shards(path)
+    if files is None or cfg.trust_remote_code or custom_code(path) or not all(f.is_file() for f in files):
+        return None
+    config, unused = AutoConfig.from_pretrained(str(path), return_unused_kwargs=True, **model_kwargs)
+    if unused:
+        return None
+    with _parameters_on_meta():
+        model = auto_class.from_config(config, dtype=DTYPES[cfg.dtype])
+    state = model.state_dict(keep_vars=True)  # parameters (tied ones under every name) and persistent buffers
+    keys = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as reader:
+            keys.update(dict.fromkeys(reader.keys(), f))
+    names = _checkpoint_names(model, list(keys), set(state))
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = set(state) - set(names.values()) - tied
+    head = head_modules(model)
+    if any(not _inside(m, head) for m in missing):  # weights under other names (legacy checkpoints): from_pretrained
+        return None
+    # holders of each tensor, by identity: tied parameters are one tensor under several names
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module_path, module in model.named_modules(remove_duplicate=False):
+        for name, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None:
+                holders.setdefault(id(t), []).append((module, name))
+    converts = plan(model)
+    pending = {p: {n for n, t in model.get_submodule(p)._parameters.items() if t is not None} for p in converts}
+    by_name = {f"{p}.{n}": p for p, left in pending.items() for n in left}
+    for f in files:
+        with safe_open(str(f), framework="pt") as reader:
+            for key in sorted(k for k in reader.keys() if k in names):
+                name = names[key]
+                old = state[name]
+                value = reader.get_tensor(key)
+                if value.shape != old.shape:
+                    raise RuntimeError(f"size mismatch for {name}: the checkpoint has {tuple(value.shape)}, the model "
+                                       f"{tuple(old.shape)}")
+                if value.is_floating_point():
+                    value = value.to(old.dtype)
+                new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+                for module, attr in holders.get(id(old), []):
+                    (module._parameters if isinstance(old, nn.Parameter) else module._buffers)[attr] = new
+                owner = by_name.get(name)
+                if owner is not None:
+                    pending[owner].discard(name.rsplit(".", 1)[1])
+                    if not pending[owner]:
+                        _replace(model, owner, converts[owner])
+    _finish_loading(model, missing, converts, pending)
+    model.eval()
+    if model.can_generate() and (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model
+
+
+def _inside(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _replace(model: nn.Module, path: str, convert) -> None:
+    """`path` becomes what `convert` makes of it; the module it was lets go of its tensors at once (the reader still
+    knows it, by the tensors it held), so its full-precision weight is freed before the next one is read."""
+    parent, _, child = path.rpartition(".")
+    module = model.get_submodule(path)
+    setattr(model.get_submodule(parent), child, convert(module))
+    module._parameters.clear()
+
+
+def _finish_loading(model: nn.Module, missing: set[str], converts: dict, pending: dict) -> None:
+    """Tie the tied weights, initialise what the checkpoint lacks (a new head) as from_pretrained does, and convert
+    the planned modules whose weights were among it."""
+    for name in missing:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        t = getattr(module, attr)
+        value = torch.empty_like(t, device="cpu")
+        if isinstance(t, nn.Parameter):
+            module._parameters[attr] = nn.Parameter(value, requires_grad=t.requires_grad)
+        else:
+            module._buffers[attr] = value
+    loaded = set(model.state_dict(keep_vars=True)) - missing
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in loaded:
+            t._is_hf_initialized = True  # transformers' mark: initialize_weights leaves these alone
+    for module_path, module in model.named_modules():
+        own = [f"{module_path}.{n}" if module_path else n for n, t in module._parameters.items() if t is not None]
+        if own:  # from_config marked every module initialised (on meta); those owning a missing tensor are not
+            module._is_hf_initialized = not missing.intersection(own)
+    if missing:
+        model.initialize_weights()
+    model.tie_weights()
+    for owner, left in pending.items():
+        if left:  # its weights were missing and are initialised now
+            _replace(model, owner, converts[owner])
 
 
 def check_vocabulary(model, tok, path) -> None:

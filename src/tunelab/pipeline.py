@@ -116,7 +116,8 @@ def load(cfg: Config, model_cfg, device, resume: Path | None = None) -> Work:
     say(data.format_report(report))
     forgetting_probe = forgetting.load(cfg.eval.forgetting, task, cfg.task.type, cfg.train.seed)
     info = task.label_info(splits, cfg)
-    model, tokenizer = task.build_model(model_cfg, info)
+    with methods.loading(cfg.method, device):  # a quantized base (qlora) is quantized as it loads
+        model, tokenizer = task.build_model(model_cfg, info)
     model.to(device)
     if cfg.data.augment_copies:
         splits["train"], report["splits"]["train"]["augmented"] = augment.expand(

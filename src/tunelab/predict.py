@@ -84,7 +84,8 @@ class TunedModel:
         else:
             # Adapters are stored alone: rebuild the base named in the run's config, then attach them.
             try:
-                with model_source(self.cfg.model) as base:
+                with model_source(self.cfg.model) as base, methods.loading(self.cfg.method, torch.device("cpu"),
+                                                                           artifact):
                     self.model, _ = self.task.build_model(base, self.info)
             except TunelabError as e:
                 raise TunelabError(

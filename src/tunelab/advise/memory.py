@@ -46,6 +46,7 @@ import torch
 from .. import methods, models
 from ..config.methods import BY_NAME
 from ..errors import TunelabError
+from ..methods import qlora
 from ..ops import lm_loss
 
 # The rows of advise's table, in the order it prints them (every method of methods.METHODS; a test checks that).
@@ -161,10 +162,11 @@ def method_config(method: str, lora_r: int, num_virtual_tokens: int):
 
 
 def nf4_bytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes of a torchao NF4Tensor (qlora.BLOCK_SIZE 64, SCALER_BLOCK_SIZE 256): packed 4-bit codes, int8 block
-    scales, one `dtype` factor per 256 scales, the scales' mean and the 16-value code table."""
+    """Bytes of a torchao NF4Tensor (qlora.BLOCK_SIZE 64, its scales in blocks of qlora.scaler_block_size(numel),
+    up to 256): packed 4-bit codes, int8 block scales, one `dtype` factor per block of scales, the scales' mean and
+    the 16-value code table."""
     size = torch.empty((), dtype=dtype).element_size()
-    return numel // 2 + numel // 64 + (numel // (64 * 256) + 1 + 16) * size
+    return numel // 2 + numel // 64 + (numel // 64 // qlora.scaler_block_size(numel) + 1 + 16) * size
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -16,7 +16,8 @@
                                            over a bf16 base (precision.py); "base": it trains the base's own
                                            tensors, in the base's dtype
     QUANTIZES_BASE                         stores the frozen base quantized; `dry_apply` then says what it would
-                                           quantize on a meta-device model, where apply cannot
+                                           quantize on a meta-device model, where apply cannot, and
+                                           `load_plan(cfg, device, saved)` how to quantize it as it loads (`loading`)
     DEFAULT_LR                             a usual peak learning rate for it (`tunelab compare`)
     ACTIVATION_SHARE                       {architecture family: share of full fine-tuning's saved block
                                            activations}, measured (advise's memory model)
@@ -35,6 +36,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import models
 from . import named, precision
 from .catalog import METHODS, get
 from .layout import method_of
@@ -56,6 +58,14 @@ def prepare(model, cfg, head: list[str]):
     else:
         attach = _own_dtype(cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
     return named.record(model, "default", cfg.name, head, attach)
+
+
+def loading(cfg, device, saved: Path | None = None):
+    """A context in which task.build_model loads the base as the method `cfg` names stores it: for a method that
+    QUANTIZES_BASE, its linears quantized as their weights are read (models.building), so the full-precision base
+    is never in memory whole; `saved`: the adapter directory to be loaded onto it (its settings rule)."""
+    method = get(cfg.name)
+    return models.building(method.load_plan(cfg, device, saved) if method.QUANTIZES_BASE else None)
 
 
 def _own_dtype(name: str, head: list[str], attach):

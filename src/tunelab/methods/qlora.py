@@ -26,8 +26,11 @@ model. What this file adds is the quantized base:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from .. import models
 from ..config import QLoraConfig
 from ..errors import TunelabError
 from . import lora, targets
@@ -51,8 +55,11 @@ DEFAULT_LR = 1e-3  # new low-rank modules, as LoRA
 ACTIVATION_SHARE = lora.ACTIVATION_SHARE  # the same layers train as with LoRA
 SETTINGS_NAME = "qlora_config.json"  # tunelab's own: how to re-quantize the base (peft ignores the file)
 BLOCK_SIZE = 64  # weights per NF4 absmax scale (the paper's)
-SCALER_BLOCK_SIZE = 256  # scales per block of the second (8-bit) quantization
-DEFAULTS = {"quantize": "all-linear", "double_quant": True, "backend": "auto"}
+SCALER_BLOCK_SIZE = 256  # at most this many scales per block of the second (8-bit) quantization
+# scaler_block_size "auto": per layer, the largest power of two <= 256 that divides its number of 64-weight blocks;
+# a number (qlora_config.json written before the rule) is that size for every layer, layers it does not divide
+# left in full precision, as they were trained
+DEFAULTS = {"quantize": "all-linear", "double_quant": True, "backend": "auto", "scaler_block_size": "auto"}
 _ATTR = "_tunelab_qlora"  # the settings apply() used, kept on the model for save() and memory_report()
 
 
@@ -86,7 +93,39 @@ def _torchao():
             "Install it with `pip install torchao` (or `pip install 'tunelab[qlora]'`); on CUDA, "
             "`pip install bitsandbytes` with method.backend=bitsandbytes works too."
         ) from None
+    _exact_clone(NF4Tensor)
     return to_nf4, linear_nf4, NF4Tensor
+
+
+def _exact_clone(nf4_tensor: type) -> None:
+    """Two ops of torchao's NF4Tensor, made exact: `clone` re-quantizes the dequantized weight with the default
+    block sizes, which fails for a tensor whose scales are in blocks of fewer than 256 (and rounds again for the
+    others), so it copies the packed tensors instead, as its detach does; `torch.equal`, missing, compares them
+    (against a plain tensor: the dequantized weight). Done once; left as torchao's where its module lacks the
+    pieces."""
+    module = sys.modules[nf4_tensor.__module__]
+    table, inner, rebuild = (getattr(module, n, None) for n in ("NF4_OPS_TABLE", "apply_to_inner_tensors",
+                                                               "construct_nf4_args"))
+    clone, equal = torch.ops.aten.clone.default, torch.ops.aten.equal.default
+    if table is None or inner is None or rebuild is None or getattr(table.get(clone), "_tunelab", False):
+        return
+
+    # both called as torchao's dispatch calls its table: (op, args, kwargs)
+    def copied(func, args, kwargs=None):
+        return nf4_tensor(*rebuild(args[0], inner(args[0], func, args[1:], kwargs or {})))
+
+    def same(func, args, kwargs=None):
+        a, b = args
+        if not (isinstance(a, nf4_tensor) and isinstance(b, nf4_tensor)):
+            plain = lambda t: t.get_original_weight() if isinstance(t, nf4_tensor) else t
+            return torch.equal(plain(a), plain(b))
+        return (a.shape == b.shape and a.dtype == b.dtype and a.block_size == b.block_size
+                and a.scaler_block_size == b.scaler_block_size
+                and all(torch.equal(x, y) for x, y in zip(inner(a, lambda t: t, (), {}).values(),
+                                                           inner(b, lambda t: t, (), {}).values())))
+
+    copied._tunelab = True
+    table[clone], table[equal] = copied, same
 
 
 def _bnb():
@@ -140,14 +179,14 @@ class NF4Linear(nn.Module):
     weight only. `fan_in_fan_out` remembers a GPT-2 Conv1D origin, for `dequantized()`.
     """
 
-    def __init__(self, layer: nn.Linear | Conv1D):
+    def __init__(self, layer: nn.Linear | Conv1D, scaler_block_size: int, device: torch.device | None = None):
         super().__init__()
         to_nf4, self._linear_nf4, _ = _torchao()
         self.fan_in_fan_out = isinstance(layer, Conv1D)
-        weight = layer.weight.detach()
+        weight = layer.weight.detach().to(device or layer.weight.device)
         weight = (weight.T if self.fan_in_fan_out else weight).contiguous()
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(to_nf4(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
+        self.weight = nn.Parameter(to_nf4(weight, BLOCK_SIZE, scaler_block_size), requires_grad=False)
         self.bias = layer.bias  # the same Parameter: frozen, or trained when LoRA's `bias` option says so
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +203,8 @@ class NF4Linear(nn.Module):
         return sum(t.numel() * t.element_size() for t in inner)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={BLOCK_SIZE}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={BLOCK_SIZE}, "
+                f"scaler block={self.weight.scaler_block_size}")
 
 
 def _bnb_linear(layer: nn.Linear | Conv1D, double_quant: bool) -> nn.Module:
@@ -227,9 +267,26 @@ def _dequantized(module: nn.Module) -> nn.Linear | Conv1D:
     return plain
 
 
-def _fits(layer: nn.Module, backend: str) -> bool:
-    """torchao does not pad: the weight count must fill whole blocks and whole blocks of scales."""
-    return backend == "bitsandbytes" or layer.weight.numel() % (BLOCK_SIZE * SCALER_BLOCK_SIZE) == 0
+def scaler_block_size(numel: int, rule: int | str = "auto") -> int | None:
+    """How many NF4 scales of a weight of `numel` weights torchao quantizes together, or None where it cannot
+    quantize the weight. torchao does not pad: the weights must fill whole blocks of 64, and the scales whole blocks
+    of scales. "auto": the largest power of two <= 256 that divides the number of blocks (gcd with 256), so any
+    weight count that is a multiple of 64 qualifies (an odd number of blocks: scale blocks of 1, no saving on the
+    scales); a number: that size, for the weights whose block count it divides."""
+    if numel % BLOCK_SIZE:
+        return None
+    blocks = numel // BLOCK_SIZE
+    if rule == "auto":
+        return math.gcd(blocks, SCALER_BLOCK_SIZE)
+    return int(rule) if blocks % int(rule) == 0 else None
+
+
+def _fits(layer: nn.Module, backend: str, settings: dict) -> bool:
+    return backend == "bitsandbytes" or scaler_block_size(layer.weight.numel(), settings["scaler_block_size"]) is not None
+
+
+def _nf4(layer: nn.Module, settings: dict, device: torch.device | None = None) -> NF4Linear:
+    return NF4Linear(layer, scaler_block_size(layer.weight.numel(), settings["scaler_block_size"]), device)
 
 
 def _candidates(model: nn.Module, settings: dict) -> list[str]:
@@ -257,10 +314,10 @@ def quantize(model: nn.Module, settings: dict | None = None, head: list[str] = (
     with torch.no_grad():
         for path in _candidates(model, settings):
             layer = model.get_submodule(path)
-            if _is_quantized(layer) or not _fits(layer, backend):
+            if _is_quantized(layer) or not _fits(layer, backend, settings):
                 continue
             parent, _, child = path.rpartition(".")
-            q = NF4Linear(layer) if backend == "torchao" else _bnb_linear(layer, settings["double_quant"])
+            q = _nf4(layer, settings) if backend == "torchao" else _bnb_linear(layer, settings["double_quant"])
             setattr(model.get_submodule(parent), child, q)
     setattr(model, _ATTR, {**settings, "resolved_backend": backend})
     return model
@@ -281,6 +338,7 @@ def memory_report(model: nn.Module) -> dict:
     return {
         "backend": settings.get("resolved_backend"), "double_quant": settings["double_quant"],
         "quantize": settings["quantize"], "block_size": BLOCK_SIZE,
+        "scaler_block_size": settings.get("scaler_block_size", "auto"),
         "quantized_layers": len(quantized), "original_bytes": original, "quantized_bytes": packed,
         "ratio": original / packed if packed else None,
         "unquantized_layers": skipped, "unquantized_bytes": skipped_bytes,
@@ -295,7 +353,8 @@ def describe(report: dict) -> str:
     if report["ratio"]:
         line += f" ({report['ratio']:.1f}x smaller)"
     if report["unquantized_layers"]:
-        why = (f"torchao needs a multiple of {BLOCK_SIZE * SCALER_BLOCK_SIZE} weights"
+        fixed = report.get("scaler_block_size", "auto")
+        why = (f"torchao needs a multiple of {BLOCK_SIZE * (1 if fixed == 'auto' else int(fixed))} weights"
                if report["backend"] == "torchao" else "not quantizable")
         line += (f"; {len(report['unquantized_layers'])} left in full precision ({why}), "
                  f"{mb(report['unquantized_bytes'])}")
@@ -305,18 +364,74 @@ def describe(report: dict) -> str:
 # -- the method ----------------------------------------------------------------------
 
 def _settings(cfg: QLoraConfig) -> dict:
-    return {"quantize": cfg.quantize, "double_quant": cfg.double_quant, "backend": cfg.backend}
+    return {**DEFAULTS, "quantize": cfg.quantize, "double_quant": cfg.double_quant, "backend": cfg.backend}
+
+
+def _saved_settings(out_dir: Path) -> dict:
+    """The settings in an adapter directory's qlora_config.json; the defaults without one (any PEFT LoRA adapter)."""
+    settings_file = Path(out_dir) / SETTINGS_NAME
+    settings = dict(DEFAULTS)
+    if not settings_file.is_file():
+        return settings
+    try:
+        saved = json.loads(settings_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"'{settings_file}' is not valid JSON ({e}); re-save the adapter or delete the file "
+                           f"to use the defaults.") from None
+    settings.update({k: saved[k] for k in DEFAULTS if k in saved})
+    size = settings["scaler_block_size"]
+    if size != "auto" and not (type(size) is int and 0 < size <= SCALER_BLOCK_SIZE and size & (size - 1) == 0):
+        raise TunelabError(f"'{settings_file}' has scaler_block_size {size!r}; it must be \"auto\" or a power of two "
+                           f"up to {SCALER_BLOCK_SIZE}. Re-save the adapter, or delete the key to use \"auto\".")
+    return settings
+
+
+@contextmanager
+def _lora_over_quantized(model: nn.Module):
+    """Let lora.apply / lora.load wrap layers that are 4-bit already (a base quantized as it loaded): each NF4Linear
+    is replaced, while inside, by the Linear (or GPT-2 Conv1D) it came from, holding its bias and a weight of the
+    right shape and dtype that takes no memory (one element, expanded); on leaving, they are put back, as the
+    base_layer of the LoRA layer that wraps them or where they stood. The LoRA layers are then exactly those LoRA
+    puts on a full-precision base, and the quantized layers those `quantize` would have made from it."""
+    stand_ins: dict[int, NF4Linear] = {}
+    for path, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            stand_in = _stand_in(module)
+            stand_ins[id(stand_in)] = module
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, stand_in)
+    try:
+        yield
+    finally:
+        for path, module in list(model.named_modules()):
+            if isinstance(getattr(module, "base_layer", None), nn.Module) and id(module.base_layer) in stand_ins:
+                module.base_layer = stand_ins[id(module.base_layer)]
+            elif id(module) in stand_ins:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child, stand_ins[id(module)])
+
+
+def _stand_in(q: NF4Linear) -> nn.Linear | Conv1D:
+    shape = (q.in_features, q.out_features) if q.fan_in_fan_out else (q.out_features, q.in_features)
+    with torch.device("meta"):
+        layer = Conv1D(q.out_features, q.in_features) if q.fan_in_fan_out else nn.Linear(q.in_features, q.out_features)
+    empty = torch.zeros((), dtype=q.weight.dtype, device=q.weight.device).expand(shape)
+    layer.weight = nn.Parameter(empty, requires_grad=False)
+    layer.bias = q.bias  # the same Parameter, which LoRA's `bias` option may train
+    return layer
 
 
 def apply(model: PreTrainedModel, cfg: QLoraConfig, head: list[str]) -> PreTrainedModel:
-    """LoRA as lora.apply does, then the frozen base linears to 4-bit; prints the memory saved."""
+    """LoRA as lora.apply does, then the frozen base linears to 4-bit (those not quantized as the model loaded);
+    prints the memory saved."""
     _resolve_backend(cfg.backend, cfg.double_quant, _device(model))  # a missing package fails before any change
     if getattr(cfg, "init", "default") == "pissa":
         raise TunelabError("method.init=pissa cannot be combined with qlora: PiSSA moves the top singular directions "
                            "out of the base weights, and the saved adapter is re-applied to a base quantized from "
                            "the original weights, so a loaded model would differ from the trained one. Use "
                            "method.init=default or gaussian, or method.name=lora for PiSSA.")
-    model = lora.apply(model, cfg, head)  # every LoRA option of the config (QLoraConfig is a LoraConfig)
+    with _lora_over_quantized(model):
+        model = lora.apply(model, cfg, head)  # every LoRA option of the config (QLoraConfig is a LoraConfig)
     quantize(model, _settings(cfg), head)
     print(describe(memory_report(model)), flush=True)
     return model
@@ -329,33 +444,54 @@ def dry_apply(model: PreTrainedModel, cfg: QLoraConfig, head: list[str], device_
     model = lora.apply(model, cfg, head)
     backend = auto_backend(device_type) if cfg.backend == "auto" else cfg.backend
     settings = {**_settings(cfg), "head": list(head)}
-    return model, [p for p in _candidates(model, settings) if _fits(model.get_submodule(p), backend)]
+    return model, [p for p in _candidates(model, settings) if _fits(model.get_submodule(p), backend, settings)]
+
+
+def load_plan(cfg: QLoraConfig, device: torch.device, saved: Path | None = None):
+    """For models.building: the linears to quantize as the base loads, each as soon as its weights are read (so
+    the full-precision base is never in memory whole), on `device`, with the settings of `cfg` or, for a saved
+    adapter (`saved`, or cfg.init_from), those in its qlora_config.json. The linears chosen are those `apply` (or
+    `load`) would quantize that can be told from the bare model: every body linear outside the head modules
+    models.head_modules names (with quantize: targets, those of them LoRA wraps). A layer left out is quantized
+    by apply as before. None (load as before, quantize after) for the bitsandbytes backend, which quantizes as a
+    layer moves to CUDA, and for an init_from adapter with quantize: targets, whose targets are its own."""
+    saved = saved or getattr(cfg, "init_from", None)
+    settings = _saved_settings(saved) if saved else _settings(cfg)
+    backend = _resolve_backend(settings["backend"], settings["double_quant"], device)
+    if backend != "torchao" or (settings["quantize"] == "targets" and getattr(cfg, "init_from", None)):
+        return None
+
+    def plan(skeleton: nn.Module) -> dict:
+        head = models.head_modules(skeleton)
+        if settings["quantize"] == "targets":
+            # the layers LoRA wraps, found as lora.apply finds them, on a copy (parameters on meta: no memory)
+            wrapped = lora.apply(copy.deepcopy(skeleton), cfg, head)
+            paths = list(lora.lora_layers(wrapped))
+        else:
+            paths = targets.body_linears(skeleton, head)
+        return {p: (lambda layer: _nf4(layer, settings, device)) for p in paths
+                if _fits(skeleton.get_submodule(p), backend, settings)}
+    return plan
 
 
 def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str]) -> None:
     """The adapter exactly as lora.save writes it, plus qlora_config.json: how to re-quantize the base."""
     lora.save(model, out_dir, base_model_path, head)
-    settings = {k: v for k, v in getattr(model, _ATTR, DEFAULTS).items() if k in DEFAULTS}
-    settings.update(block_size=BLOCK_SIZE, scaler_block_size=SCALER_BLOCK_SIZE, quant_type="nf4")
+    settings = {k: v for k, v in {**DEFAULTS, **getattr(model, _ATTR, DEFAULTS)}.items() if k in DEFAULTS}
+    settings.update(block_size=BLOCK_SIZE, max_scaler_block_size=SCALER_BLOCK_SIZE, quant_type="nf4")
     (Path(out_dir) / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
-    """Attach the adapter to the full-precision base, then re-quantize the base as at training time.
+    """Attach the adapter to the base (full precision, or quantized as it loaded with `load_plan`), then
+    re-quantize the base as at training time.
 
     Any PEFT LoRA adapter loads this way; without qlora_config.json the defaults are used.
     """
-    settings_file = Path(out_dir) / SETTINGS_NAME
-    settings = dict(DEFAULTS)
-    if settings_file.is_file():
-        try:
-            saved = json.loads(settings_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"'{settings_file}' is not valid JSON ({e}); re-save the adapter or delete the file "
-                               f"to use the defaults.") from None
-        settings.update({k: saved[k] for k in DEFAULTS if k in saved})
+    settings = _saved_settings(out_dir)
     _resolve_backend(settings["backend"], settings["double_quant"], _device(model))
-    model = lora.load(model, out_dir)
+    with _lora_over_quantized(model):
+        model = lora.load(model, out_dir)
     return quantize(model, settings)
 
 
