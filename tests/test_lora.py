@@ -475,3 +475,95 @@ def test_dora_with_options_peft_parity(arch, tmp_path):
     ours, _, config = _both_ways(kind, path, batch, tmp_path, opts, {**opts, "use_dora": True},
                                  layer_cls=dora.DoRALinear, loader=dora.load)
     assert config["use_dora"] is True and all(isinstance(m, dora.DoRALinear) for m in _wrapped(ours).values())
+
+
+# -- the fused branch (LoRABranch): what nn.Dropout -> Linear -> Linear -> mul -> add would give, kept cheaper -----
+
+def _reference(layer: lora.LoRALinear, x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """The branch as separate modules, peft's order, with the given dropout mask."""
+    xa = x.to(layer.lora_A.weight.dtype)
+    if keep is not None:
+        xa = xa * keep / (1 - p)
+    return (layer.base_layer(x) + layer.lora_B(layer.lora_A(xa)) * layer.scaling).to(x.dtype)
+
+
+def _grads(layer, x):
+    return [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.bias)]
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d, dtype, p):
+    torch.manual_seed(0)
+    base = (Conv1D(10, 24) if conv1d else nn.Linear(24, 10)).to(dtype)
+    layer = lora.LoRALinear(base, 4, 8, p).train()
+    base.bias.requires_grad_(True)  # bias="all": the base output, modified in place, must still give its gradient
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+
+    torch.manual_seed(1)
+    y = layer(x)
+    y.float().pow(2).sum().backward()
+    got = [y.detach()] + _grads(layer, x)
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight, base.bias):
+        t.grad = None
+
+    torch.manual_seed(1)  # the same draw: keep_mask is the first use of the generator in forward
+    keep = lora.keep_mask(x.shape, p, x.device) if p else None
+    want_y = _reference(layer, x, keep, p)
+    want_y.float().pow(2).sum().backward()
+    want = [want_y.detach()] + _grads(layer, x)
+    if keep is not None:
+        assert 0 < int((~keep).sum()) < keep.numel()  # the mask drops some, not all
+    for name, g, w in zip(["output", "x", "A", "B", "bias"], got, want):
+        # both round in the adapters' float32, then the output to the base dtype once: a few roundings of the sums
+        atol = tol(w.float(), 24, dtype) if name in ("output", "x", "bias") else tol(w, 24)
+        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=0, msg=f"{name} differs")
+
+
+def test_dropout_drops_each_input_with_probability_p_and_follows_the_seed():
+    n, p = 1_000_000, 0.05
+    keep = lora.keep_mask((n,), p, torch.device("cpu"))
+    dropped = int((~keep).sum())
+    assert abs(dropped - n * p) < 6 * (n * p * (1 - p)) ** 0.5  # 6 sigma of the binomial
+    torch.manual_seed(3)
+    a = lora.keep_mask((4, 1000), 0.5, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(a, lora.keep_mask((4, 1000), 0.5, torch.device("cpu")))
+    assert not torch.equal(a, lora.keep_mask((4, 1000), 0.5, torch.device("cpu")))
+
+
+def test_the_branch_keeps_a_one_byte_mask_not_a_float_copy_of_the_dropped_input():
+    """What makes a LoRA step lighter than nn.Dropout -> Linear: the saved tensors are x (which the base layer
+    holds anyway), a bool mask and the small (tokens, r) product, not a float32 copy of the dropped input."""
+    layer = lora.LoRALinear(nn.Linear(256, 256), 8, 16, 0.1).train()
+    x = torch.randn(64, 256, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    activations = sum(saved.values()) - sum(saved.get(p.untyped_storage().data_ptr(), 0) for p in layer.parameters())
+    assert activations <= x.numel() * (4 + 1) + 64 * 8 * 4, (activations, weights)
+
+
+def test_gradient_checkpointing_redraws_the_same_mask():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(16, 16), 4, 8, 0.5).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.manual_seed(5)
+    layer(x).pow(2).sum().backward()
+    plain = [x.grad.clone(), layer.lora_A.weight.grad.clone()]
+    x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    torch.manual_seed(5)
+    checkpoint(layer, x, use_reentrant=False).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, plain[0], atol=0, rtol=0)
+    torch.testing.assert_close(layer.lora_A.weight.grad, plain[1], atol=0, rtol=0)
