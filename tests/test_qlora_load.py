@@ -257,6 +257,10 @@ def test_bad_model_directories_keep_their_messages(lms, tmp_path):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with methods.loading(cfg.method, torch.device("cpu")), pytest.raises(TunelabError, match="damaged or incomplete"):
         causal_lm.build_model(cfg.model, dict(LM_INFO), path=broken)
+    data = (lms["llama"] / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:-1000])  # cut inside the last tensor
+    with methods.loading(cfg.method, torch.device("cpu")), pytest.raises(TunelabError, match="damaged or incomplete"):
+        causal_lm.build_model(cfg.model, dict(LM_INFO), path=broken)
     other = tmp_path / "other"
     shutil.copytree(lms["llama"], other)
     conf = json.loads((other / "config.json").read_text())

@@ -280,6 +280,35 @@ def _shards(path: Path) -> list[Path] | None:
     return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else None
 
 
+# safetensors' dtype names (its format spec) -> torch's
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _tensors(file: Path, keys: set[str]):
+    """(key, tensor) for `keys` of a safetensors file, in file order, each read into memory of its own with plain
+    reads: safetensors' own reader maps the file, and every page of it read stays in the process's resident memory
+    until the file is closed, so reading a whole checkpoint through it holds the whole checkpoint resident."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as reader:  # checks the file (SafetensorError on a damaged one)
+        present = set(reader.keys())
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        for key, info in sorted(((k, v) for k, v in header.items() if k in keys & present),
+                                key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _ST_DTYPES:
+                raise SafetensorError(f"tensor {key} has dtype {info['dtype']}, which tunelab cannot read")
+            begin, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            f.seek(8 + size + begin)
+            if t.numel() and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise OSError(f"{file.name} ends inside tensor {key}")
+            yield key, t
+
+
 def _checkpoint_names(model: nn.Module, keys: list[str], owned: set[str]) -> dict[str, str]:
     """Checkpoint key -> the model's name for it, adding or dropping the body's prefix as from_pretrained does
     (a base model's checkpoint read into a model with a head, and the other way round); unknown keys are left out."""
@@ -329,24 +358,22 @@ def _streamed(cfg: ModelConfig, auto_class, path: Path, plan: Plan, model_kwargs
     pending = {p: {n for n, t in model.get_submodule(p)._parameters.items() if t is not None} for p in converts}
     by_name = {f"{p}.{n}": p for p, left in pending.items() for n in left}
     for f in files:
-        with safe_open(str(f), framework="pt") as reader:
-            for key in sorted(k for k in reader.keys() if k in names):
-                name = names[key]
-                old = state[name]
-                value = reader.get_tensor(key)
-                if value.shape != old.shape:
-                    raise RuntimeError(f"size mismatch for {name}: the checkpoint has {tuple(value.shape)}, the model "
-                                       f"{tuple(old.shape)}")
-                if value.is_floating_point():
-                    value = value.to(old.dtype)
-                new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
-                for module, attr in holders.get(id(old), []):
-                    (module._parameters if isinstance(old, nn.Parameter) else module._buffers)[attr] = new
-                owner = by_name.get(name)
-                if owner is not None:
-                    pending[owner].discard(name.rsplit(".", 1)[1])
-                    if not pending[owner]:
-                        _replace(model, owner, converts[owner])
+        for key, value in _tensors(f, set(names)):
+            name = names[key]
+            old = state[name]
+            if value.shape != old.shape:
+                raise RuntimeError(f"size mismatch for {name}: the checkpoint has {tuple(value.shape)}, the model "
+                                   f"{tuple(old.shape)}")
+            if value.is_floating_point():
+                value = value.to(old.dtype)
+            new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
+            for module, attr in holders.get(id(old), []):
+                (module._parameters if isinstance(old, nn.Parameter) else module._buffers)[attr] = new
+            owner = by_name.get(name)
+            if owner is not None:
+                pending[owner].discard(name.rsplit(".", 1)[1])
+                if not pending[owner]:
+                    _replace(model, owner, converts[owner])
     _finish_loading(model, missing, converts, pending)
     model.eval()
     if model.can_generate() and (path / "generation_config.json").is_file():

@@ -11,16 +11,30 @@ model. What this file adds is the quantized base:
   linear layer of the body (not the head, not the LM output projection); `targets` only
   the base layers that LoRA wraps.
 - NF4 with blocks of 64 weights, each with an absmax scale; `double_quant` quantizes those
-  scales again to 8 bits in blocks of 256 (~0.127 instead of 0.5 extra bits per weight).
+  scales again to 8 bits in blocks of up to 256 (~0.127 instead of 0.5 extra bits per weight).
 - backends (`backend: auto | torchao | bitsandbytes`): bitsandbytes' `Linear4bit` on CUDA
   (auto picks it when installed and the model is on CUDA), else torchao's `NF4Tensor` with
   `linear_nf4` (CPU and CUDA; the backward saves the 4-bit weight, not a dequantized copy).
   Both are imported only here, and only when qlora is used.
 - torchao facts (0.10 - 0.18): NF4Tensor always double-quantizes its scales (so
-  `double_quant: false` needs bitsandbytes), and it needs the weight count to be a multiple
-  of 64 * 256 = 16384 (no padding). Layers that do not fit stay in full precision; `apply`
-  prints how many, and `memory_report` lists them. Tiny test models (hidden 32) have no layer
-  that fits, so there qlora is plain LoRA; hidden 128 fits.
+  `double_quant: false` needs bitsandbytes), and it does not pad: the weight count must be a
+  multiple of 64, and the number of 64-weight blocks a multiple of the scale block size. So
+  the scales of each layer are quantized in blocks of the largest power of two <= 256 that
+  divides its block count (`scaler_block_size`; SmolLM2's 192 x 576 k/v projections: 1728
+  blocks, scale blocks of 64), and every linear qualifies but one whose weight count is not a
+  multiple of 64, which stays full precision (`describe` says so). qlora_config.json records
+  `scaler_block_size: "auto"`; a file from before the rule says 256, and `load` then
+  re-quantizes as it was trained (layers not a multiple of 16384 in full precision).
+- quantized as it loads: `load_plan` tells models.building (through methods.loading, which
+  pipeline.load and tunelab.load use) which linears to quantize; the model is read tensor by
+  tensor and each of them becomes an NF4Linear as soon as its weights are read, so the
+  full-precision base is never in memory whole. `apply` and `load` then let LoRA wrap those
+  4-bit layers through weightless stand-ins of the Linear / Conv1D they were, and quantize
+  whatever is left (a layer of the head modules' kind, a model read whole), so the result is
+  the same as loading in full precision and quantizing after, NF4 data included. bitsandbytes
+  keeps that second path: it quantizes as a layer moves to CUDA.
+- torchao's NF4Tensor.clone re-quantizes with scale blocks of 256; `_exact_clone` makes it
+  copy the packed tensors (and gives NF4 tensors torch.equal).
 - `merge` dequantizes every 4-bit weight to the model dtype and folds LoRA in: a plain model.
 """
 
