@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
-                        help="run only this scenario (repeat for several); default all, or the 58M ones with --quick")
+                        help="run only this scenario (repeat for several); default all but the 1B ones, or the 58M "
+                             "ones with --quick")
     parser.add_argument("--runners", help="comma-separated subset of runners, e.g. tunelab,trainer")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 30, the 1B scenarios 6; 4 with "
                                                   "--quick)")
