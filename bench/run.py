@@ -237,8 +237,8 @@ def matmul_peak(dtype: str, seconds: float = 2.0, device: str = "cpu") -> float:
 # -- preparing a scenario -------------------------------------------------------------------------------------
 
 def scenario_steps(name: str, steps: int | None, quick: bool) -> int:
-    """--steps when given, else the scenario's own default (the 1B ones: 6), else 30 (4 with --quick)."""
-    return steps or SCENARIOS[name].get("steps") or (4 if quick else 30)
+    """--steps when given, else 4 with --quick, else the scenario's own default (the 1B ones: 6) or 30."""
+    return steps or (4 if quick else SCENARIOS[name].get("steps", 30))
 
 
 def prepare(name: str, steps: int, bf16: bool):

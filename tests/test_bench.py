@@ -298,6 +298,7 @@ def test_qlora_counts_lora_flops_and_the_1b_scenarios_have_their_own_steps():
         32000 * 2048 + 16 * 2 * 2048 + 2048)  # every weight but the embedding lookup and the norms
     assert run.scenario_steps("lora-1b", None, False) == 6 and run.scenario_steps("qlora-1b", 3, False) == 3
     assert run.scenario_steps("lora-58m", None, False) == 30 and run.scenario_steps("lora-58m", None, True) == 4
+    assert run.scenario_steps("lora-1b", None, True) == 4  # --quick: 4 steps, whatever the scenario
     for name in ("lora-1b", "qlora-1b"):
         sc = run.SCENARIOS[name]
         assert sc["runners"] == ["tunelab", "trainer"] and sc["batch_size"] == 2 and sc["rows"] == 512
