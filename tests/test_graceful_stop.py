@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 from conftest import make_rows, write_jsonl
-from test_resume import _overrides, _records, _weights
+from test_resume import _overrides, _records, assert_same_run
 
 import tunelab
 from tunelab import config, pipeline
@@ -54,12 +54,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_and_resumes_to_the_same_weights
     assert saved == [f"step-{step:07d}"] and not (run_dir / "summary.json").exists()
 
     resumed = tunelab.resume(run_dir)
-    a, b = _weights(whole.dir), _weights(resumed.dir)
-    assert a.keys() == b.keys() and len(a) > 0
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff == 0.0, f"stopped after step {step}: weights differ by {diff}"
-    losses = lambda d: [(r["step"], r["loss"]) for r in _records(d) if r["type"] == "train"]
-    assert losses(resumed.dir) == losses(whole.dir)
+    assert_same_run(whole.dir, resumed.dir, f"stopped after step {step}")
 
 
 def _logged(run_dir) -> list[dict]:

@@ -45,6 +45,16 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_run(whole: Path, resumed: Path, when: str) -> None:
+    """Bit-equal final weights and the same logged (step, loss) list: the resumed run is the uninterrupted one."""
+    a, b = _weights(whole), _weights(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff == 0.0, f"{when}: weights differ by {diff}"
+    losses = lambda d: [(r["step"], r["loss"]) for r in _records(d) if r["type"] == "train"]
+    assert losses(resumed) == losses(whole)  # the log goes on from the checkpoint, without gaps or repeats
+
+
 @pytest.fixture
 def train_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", make_rows(120, seed=0))
@@ -74,12 +84,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(method, tiny_
     assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists()
 
     resumed = tunelab.resume(run_dir)
-    a, b = _weights(whole.dir), _weights(resumed.dir)
-    assert a.keys() == b.keys() and len(a) > 0
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff == 0.0, f"resumed after step {kill_after}: weights differ by {diff}"
-    losses = lambda d: [(r["step"], r["loss"]) for r in _records(d) if r["type"] == "train"]
-    assert losses(resumed.dir) == losses(whole.dir)  # the log goes on from the checkpoint, without gaps or repeats
+    assert_same_run(whole.dir, resumed.dir, f"resumed after step {kill_after}")
     assert [r["type"] for r in _records(resumed.dir)].count("optimizer") == 1
     assert resumed.summary["eval"] == whole.summary["eval"]
 
