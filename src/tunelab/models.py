@@ -293,11 +293,11 @@ def _tensors(file: Path, keys: set[str]):
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as reader:  # checks the file (SafetensorError on a damaged one)
-        present = set(reader.keys())
+        wanted = keys & set(reader.keys())
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-        for key, info in sorted(((k, v) for k, v in header.items() if k in keys & present),
+        for key, info in sorted(((k, v) for k, v in header.items() if k in wanted),
                                 key=lambda kv: kv[1]["data_offsets"][0]):
             if info["dtype"] not in _ST_DTYPES:
                 raise SafetensorError(f"tensor {key} has dtype {info['dtype']}, which tunelab cannot read")
