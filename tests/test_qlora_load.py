@@ -148,11 +148,12 @@ def test_scaler_block_size_rule():
     assert 0 < rel < 0.12  # torchao takes the odd case
 
 
-def _full_precision_alive(shapes: set) -> int:
-    """Full-precision tensors of these shapes that hold memory now (the storages of every tensor Python tracks)."""
-    return len({o.untyped_storage().data_ptr() for o in gc.get_objects()
-                if type(o) in (torch.Tensor, torch.nn.Parameter) and o.device.type != "meta" and tuple(o.shape) in shapes
-                and o.untyped_storage().nbytes() >= o.numel() * o.element_size()})
+def _full_precision_alive(shapes: set) -> set[int]:
+    """The storages of the full-precision tensors of these shapes that hold memory now (of every tensor Python
+    tracks)."""
+    return {o.untyped_storage().data_ptr() for o in gc.get_objects()
+            if type(o) in (torch.Tensor, torch.nn.Parameter) and o.device.type != "meta" and tuple(o.shape) in shapes
+            and o.untyped_storage().nbytes() >= o.numel() * o.element_size()}
 
 
 def test_never_all_full_precision_weights_at_once(lms, monkeypatch):
@@ -163,13 +164,15 @@ def test_never_all_full_precision_weights_at_once(lms, monkeypatch):
     peak = []
 
     def counting(layer, settings, device=None):
-        peak.append(_full_precision_alive(shapes))
+        peak.append(len(_full_precision_alive(shapes) - before))
         return nf4(layer, settings, device)
 
     nf4 = qlora._nf4
     monkeypatch.setattr(qlora, "_nf4", counting)
     for on_load, most in ((True, 1), (False, 14)):
         peak.clear()
+        gc.collect()
+        before = _full_precision_alive(shapes)  # other tests' tensors still alive in this process
         _build(lms["llama-sharded"], on_load=on_load)
         assert len(peak) == 14 and max(peak) == most, (on_load, peak)
 
