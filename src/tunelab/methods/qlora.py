@@ -13,8 +13,10 @@ model. What this file adds is the quantized base:
 - NF4 with blocks of 64 weights, each with an absmax scale; `double_quant` quantizes those
   scales again to 8 bits in blocks of up to 256 (~0.127 instead of 0.5 extra bits per weight).
 - backends (`backend: auto | torchao | bitsandbytes`): bitsandbytes' `Linear4bit` on CUDA
-  (auto picks it when installed and the model is on CUDA), else torchao's `NF4Tensor` with
-  `linear_nf4` (CPU and CUDA; the backward saves the 4-bit weight, not a dequantized copy).
+  (auto picks it when installed and the model is on CUDA), else torchao's `NF4Tensor` (CPU and
+  CUDA) through `NF4Matmul`: like torchao's `linear_nf4`, the backward saves the 4-bit weight, not
+  a dequantized copy, but the weight is dequantized by `dequantize` (bit for bit torchao's, 3.5x
+  faster: a QLoRA step dequantizes every weight twice).
   Both are imported only here, and only when qlora is used.
 - torchao facts (0.10 - 0.18): NF4Tensor always double-quantizes its scales (so
   `double_quant: false` needs bitsandbytes), and it does not pad: the weight count must be a
@@ -186,16 +188,48 @@ def _resolve_backend(requested: str, double_quant: bool, device: torch.device) -
 
 # -- the 4-bit layers ----------------------------------------------------------------
 
+def dequantize(weight) -> torch.Tensor:
+    """A torchao NF4Tensor's full-precision weight, equal bit for bit to its `get_original_weight()`.
+
+    torchao widens every 4-bit code to int64 and builds the result in about twelve passes over the weight (160 ms
+    and ~400 MB of temporaries for a 2048 x 8192 weight on one core); a QLoRA step dequantizes each weight twice, in
+    the forward and in the backward. Here each byte (two codes) picks its pair of NF4 values from a 256-row table
+    and each block is scaled in place: 3 passes, 45 ms, the result itself the only large allocation. The products
+    are torchao's own (the same NF4 value times the same dequantized block scale), so nothing rounds differently.
+    """
+    scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size)
+    nf4 = weight.nf4
+    pairs = torch.stack([nf4.repeat_interleave(16), nf4.repeat(16)], dim=-1)  # byte hi<<4 | lo -> (nf4[hi], nf4[lo])
+    out = pairs.index_select(0, weight.quantized_data.view(-1).to(torch.int32)).view(scales.numel(), -1)
+    return out.mul_(scales.unsqueeze(-1)).view(weight.shape)
+
+
+class NF4Matmul(torch.autograd.Function):
+    """x @ dequant(W)^T for a frozen NF4 weight: the 4-bit weight is what the backward keeps, dequantized again there
+    (a full-precision copy kept from the forward would undo what quantizing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.linear(x, dequantize(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ dequantize(weight).to(grad.dtype), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer holding its weight as a torchao NF4Tensor in (out, in) layout.
 
-    y = x @ dequant(W)^T + b, through torchao's `linear_nf4`, whose backward keeps the 4-bit
-    weight only. `fan_in_fan_out` remembers a GPT-2 Conv1D origin, for `dequantized()`.
+    y = x @ dequant(W)^T + b through `NF4Matmul`, whose backward keeps the 4-bit weight only (as torchao's
+    `linear_nf4`, with a faster dequantization). `fan_in_fan_out` remembers a GPT-2 Conv1D origin, for
+    `dequantized()`.
     """
 
     def __init__(self, layer: nn.Linear | Conv1D, scaler_block_size: int, device: torch.device | None = None):
         super().__init__()
-        to_nf4, self._linear_nf4, _ = _torchao()
+        to_nf4, _, _ = _torchao()
         self.fan_in_fan_out = isinstance(layer, Conv1D)
         weight = layer.weight.detach().to(device or layer.weight.device)
         weight = (weight.T if self.fan_in_fan_out else weight).contiguous()
@@ -204,12 +238,12 @@ class NF4Linear(nn.Module):
         self.bias = layer.bias  # the same Parameter: frozen, or trained when LoRA's `bias` option says so
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._linear_nf4(x, self.weight)
+        out = NF4Matmul.apply(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """(out, in), in the dtype of the weight before quantization."""
-        return self.weight.get_original_weight()
+        return dequantize(self.weight)
 
     def quantized_bytes(self) -> int:
         w = self.weight
