@@ -175,8 +175,10 @@ def test_checkpointing_estimate_is_lower_and_still_matches(table):
     plain, ckpt = table["decoder lora"], table["decoder lora+ckpt"]
     assert ckpt[0]["bytes"]["activations"] < plain[0]["bytes"]["activations"] / 2
     assert ckpt[1] < plain[1]  # the real run used less too
-    # the estimate without checkpointing would be too high for the checkpointed run
-    assert plain[0]["total"] / ckpt[1] - 1 > TOLERANCE
+    # the estimate without checkpointing is too high for the checkpointed run, and farther from it than the
+    # checkpointed estimate (by how much depends on the machine: 27 % to 40 % measured, since LoRA keeps a 1-byte
+    # dropout mask instead of a float copy of its input)
+    assert abs(ckpt[0]["total"] - ckpt[1]) < plain[0]["total"] - ckpt[1]
 
 
 # -- exact parts of the estimate -------------------------------------------------------------------
