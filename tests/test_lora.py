@@ -493,7 +493,7 @@ def _grads(layer, x):
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3], ids=["p0", "sparse-drop", "mask-drop"])
 def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d, dtype, p):
     torch.manual_seed(0)
     base = (Conv1D(10, 24) if conv1d else nn.Linear(24, 10)).to(dtype)
@@ -509,8 +509,8 @@ def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d
     for t in (x, layer.lora_A.weight, layer.lora_B.weight, base.bias):
         t.grad = None
 
-    torch.manual_seed(1)  # the same draw: keep_mask is the first use of the generator in forward
-    keep = lora.keep_mask(x.shape, p, x.device) if p else None
+    torch.manual_seed(1)  # the same draw: drop_mask is the first use of the generator in forward
+    keep = ~lora.dropped(lora.drop_mask(x.shape, p, x.device), x.shape) if p else None
     want_y = _reference(layer, x, keep, p)
     want_y.float().pow(2).sum().backward()
     want = [want_y.detach()] + _grads(layer, x)
@@ -522,22 +522,51 @@ def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=0, msg=f"{name} differs")
 
 
-def test_dropout_drops_each_input_with_probability_p_and_follows_the_seed():
-    n, p = 1_000_000, 0.05
-    keep = lora.keep_mask((n,), p, torch.device("cpu"))
-    dropped = int((~keep).sum())
-    assert abs(dropped - n * p) < 6 * (n * p * (1 - p)) ** 0.5  # 6 sigma of the binomial
+@pytest.mark.parametrize("p", [0.05, 0.5], ids=["sparse", "mask"])
+def test_dropout_drops_each_input_with_probability_p_and_follows_the_seed(p):
+    n = 1_000_000
+    drop = lora.dropped(lora.drop_mask((n,), p, torch.device("cpu")), (n,))
+    assert abs(int(drop.sum()) - n * p) < 6 * (n * p * (1 - p)) ** 0.5  # 6 sigma of the binomial
+    # independent of position: even and odd elements (the two halves of one 32-bit draw), each tenth of the input
+    # and the runs between drops look alike
+    for half in drop.view(-1, 2).T:
+        assert abs(int(half.sum()) - n / 2 * p) < 6 * (n / 2 * p * (1 - p)) ** 0.5
+    tenths = drop.view(10, -1).sum(1).float()
+    assert float((tenths - n * p / 10).abs().max()) < 6 * (n / 10 * p * (1 - p)) ** 0.5
+    gaps = torch.diff(torch.nonzero(drop)[:, 0]).float()
+    assert abs(float(gaps.mean()) - 1 / p) < 6 * ((1 - p) / p**2 / len(gaps)) ** 0.5  # geometric: mean 1/p
+    assert abs(float((gaps == 1).float().mean()) - p) < 6 * (p * (1 - p) / len(gaps)) ** 0.5  # P(next dropped) = p
     torch.manual_seed(3)
-    a = lora.keep_mask((4, 1000), 0.5, torch.device("cpu"))
+    a = lora.dropped(lora.drop_mask((4, 1000), p, torch.device("cpu")), (4, 1000))
     torch.manual_seed(3)
-    assert torch.equal(a, lora.keep_mask((4, 1000), 0.5, torch.device("cpu")))
-    assert not torch.equal(a, lora.keep_mask((4, 1000), 0.5, torch.device("cpu")))
+    assert torch.equal(a, lora.dropped(lora.drop_mask((4, 1000), p, torch.device("cpu")), (4, 1000)))
+    assert not torch.equal(a, lora.dropped(lora.drop_mask((4, 1000), p, torch.device("cpu")), (4, 1000)))
 
 
-def test_the_branch_keeps_a_one_byte_mask_not_a_float_copy_of_the_dropped_input():
+def test_sparse_drops_reach_the_last_element_and_draw_on_when_the_first_round_falls_short(monkeypatch):
+    """The gaps are drawn in rounds of about p·n + 8 sigma; a short first round must be continued, not cut."""
+    n, p = 5000, 0.1
+    real_rand = torch.rand
+    rounds = []
+
+    def short_first_round(size, **kw):  # the first round draws only a tenth of what it asks for
+        rounds.append(size)
+        return real_rand(size // 10 if len(rounds) == 1 else size, **kw)
+
+    monkeypatch.setattr(lora.torch, "rand", short_first_round)
+    idx = lora.drop_mask((n,), p, torch.device("cpu"))
+    assert len(rounds) >= 2
+    assert torch.all(torch.diff(idx) > 0) and int(idx[0]) >= 0 and int(idx[-1]) < n
+    assert abs(len(idx) - n * p) < 6 * (n * p * (1 - p)) ** 0.5
+    assert int(idx[-1]) > n * 0.9  # drops continue to the end, not only in the first round's span
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3], ids=["sparse", "mask"])
+def test_the_branch_keeps_a_one_byte_mask_not_a_float_copy_of_the_dropped_input(p):
     """What makes a LoRA step lighter than nn.Dropout -> Linear: the saved tensors are x (which the base layer
-    holds anyway), a bool mask and the small (tokens, r) product, not a float32 copy of the dropped input."""
-    layer = lora.LoRALinear(nn.Linear(256, 256), 8, 16, 0.1).train()
+    holds anyway), the mask (at most a byte an element) and the small (tokens, r) product, not a float32 copy of
+    the dropped input."""
+    layer = lora.LoRALinear(nn.Linear(256, 256), 8, 16, p).train()
     x = torch.randn(64, 256, requires_grad=True)
     saved = {}
 
