@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import evaluate, methods
 from ..config import TrainConfig
 from ..errors import TunelabError
-from . import batches, distributed, optim, state
+from . import batches, distributed, heap, optim, state
 from .batches import batch_stream, mixed_stream, split_by_length
 from .ema import EMA
 from .guard import Guard, finite
@@ -279,7 +279,9 @@ def run_jobs(model, jobs: list[Job], cfg: TrainConfig, head: list[str], device, 
     # --- train: one optimizer step per iteration, then evaluate and save when due
     model.train()
     step, stopped_early = first_step - 1, False
-    with on_signal() as halt:  # SIGTERM / Ctrl-C: the step finishes, a checkpoint, the run ends interrupted
+    # SIGTERM / Ctrl-C: the step finishes, a checkpoint, the run ends interrupted; each step reuses the last one's
+    # freed memory instead of faulting it in afresh (heap.py)
+    with on_signal() as halt, heap.kept():
         for step in range(first_step, total_steps + 1):
             t0 = time.perf_counter()
             epoch_pos, chunks, epoch_end = next(stream)
