@@ -42,17 +42,22 @@ class _FusedLinearCE(torch.autograd.Function):
         for s in range(0, hidden.shape[0], rows):
             h, t = hidden[s : s + rows], targets[s : s + rows]
             logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
-            # d(sum of nll)/d(logits) = softmax - one_hot, computed in place of the logits
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            if grad_h is not None:
-                grad_h[s : s + rows] = probs.to(weight.dtype) @ weight  # bf16 under autocast, like the forward
+            target = logits.gather(1, t[:, None])[:, 0]
+            # Four passes over the (rows, vocabulary) chunk, in place: max, subtract, exp, sum. The softmax's
+            # division is left to the small side of each matmul: d(sum of nll)/d(logits) = (e - norm·one_hot) / norm
+            # with e = exp(logits - max), so the rows of grad_h (and of h, for the head's own gradient) are divided
+            # by norm instead of the chunk.
+            peak = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(peak).exp_()
+            norm = e.sum(dim=-1, keepdim=True)
+            total += (peak[:, 0] + norm[:, 0].log() - target).sum()
+            e[torch.arange(len(t), device=t.device), t] -= norm[:, 0]
+            if grad_h is not None:  # bf16 under autocast, like the forward
+                grad_h[s : s + rows] = ((e.to(weight.dtype) @ weight) / norm).to(grad_h.dtype)
             if grad_w is not None:
-                grad_w += (probs.T @ h.to(probs.dtype)).float()
+                grad_w += (e.T @ (h.to(e.dtype) / norm)).float()
             if grad_b is not None:
-                grad_b += probs.sum(0)
+                grad_b += (e.T @ norm.reciprocal())[:, 0]
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         return total
