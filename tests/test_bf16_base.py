@@ -168,3 +168,24 @@ def test_the_padding_free_check_accepts_a_bf16_base_and_still_finds_a_leak():
     opt = OPTForCausalLM(OPTConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    ffn_dim=64, word_embed_proj_dim=32)).to(torch.bfloat16)
     assert "does not keep packed examples apart" in causal_lm.packing_fault(opt)
+
+
+def test_a_run_over_a_bf16_base_loads_back_with_its_float32_head_unrounded(tiny_bert, tmp_path):
+    """tunelab.load attaches the adapter as training did: the head upcast first, so its saved float32 weights are
+    the ones predict uses (not rounded to the base's bf16)."""
+    from conftest import write_jsonl
+    from safetensors.torch import load_file
+
+    import tunelab
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_rows(40, seed=4))
+    run = tunelab.train(None, [f"model.path={tiny_bert}", f"data.train={train}", "model.dtype=bfloat16",
+                               "method.name=lora", "method.r=2", "train.max_steps=2", "train.batch_size=8",
+                               "eval.linear_probe=false", "eval.base=false", f"output_dir={tmp_path / 'run'}"])
+    saved = load_file(str(run.dir / "adapter" / "adapter_model.safetensors"))
+    saved_head = next(t for k, t in saved.items() if k.endswith("classifier.weight"))
+    loaded = tunelab.load(run.dir).model
+    assert saved_head.dtype == torch.float32
+    assert loaded.classifier.weight.dtype == torch.float32
+    assert torch.equal(loaded.classifier.weight.detach().cpu(), saved_head)
+    assert loaded.bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == torch.bfloat16

@@ -216,3 +216,17 @@ def test_a_multitask_run_resumes_to_the_same_weights(tiny_bert, tmp_path, adapte
     for name in a:
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
     assert resumed.summary["eval"] == run.summary["eval"]
+
+
+def test_each_task_head_over_a_bf16_base_loads_back_float32_unrounded(tiny_bert, tmp_path):
+    """Over `model.dtype: bfloat16` an adapter method trains each task's head float32; tunelab.load must load the
+    saved heads into float32 modules, not round them to the base's dtype."""
+    from safetensors.torch import load_file
+
+    run = pipeline.train(_recipe(tmp_path, tiny_bert, model__dtype="bfloat16", train__max_steps=2, train__eval_every=2))
+    for name in ("sentiment", "topic"):
+        saved = load_file(str(run.dir / "heads" / f"{name}.safetensors"))
+        weight = next(t for k, t in saved.items() if k.endswith("classifier.weight"))
+        model = tunelab.load(run.dir, task=name).model
+        assert weight.dtype == torch.float32
+        assert torch.equal(model.classifier.weight.detach().cpu(), weight)

@@ -26,6 +26,7 @@ from torch import nn
 from . import config as config_mod
 from . import data, evaluate, methods, models, predict, tasks
 from .config import Config
+from .methods import precision
 from .predict import head_file, save_head, share_body
 from .runs import (
     Run,
@@ -97,7 +98,10 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
             owner = methods.prepare(owner, cfg.method, owner_head)
         if cfg.train.gradient_checkpointing:
             models.enable_gradient_checkpointing(owner)
+        float32_heads = methods.get(cfg.method.name).TRAINABLE_DTYPE == "float32"
         for p in parts.values():  # every head trains in full (apply froze all but the first task's)
+            if float32_heads:  # and in float32 over a bf16 base, as the method's own tensors do
+                precision.float32_head(p["model"], p["head"])
             for h in p["head"]:
                 p["model"].get_submodule(h).requires_grad_(True)
 

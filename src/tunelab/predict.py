@@ -18,6 +18,7 @@ from . import config as config_mod
 from . import evaluate, hub, methods, models, tasks, versions
 from .errors import TunelabError
 from .evaluate import generative, usercode
+from .methods import precision
 
 
 class TunedModel:
@@ -92,8 +93,10 @@ class TunedModel:
                     f"The run '{self.dir}' keeps only its {method.ARTIFACT}; its base model could not be loaded: {e} "
                     f"If the base moved, edit model.path in {self.dir / 'config.yaml'}."
                 ) from None
-            self.model = methods.named.record(self.model, "default", self.cfg.method.name,
-                                              self.task.head_modules(self.model), lambda m: method.load(m, artifact))
+            head = self.task.head_modules(self.model)
+            # as training attached it: over a bf16 base the head is upcast first, so its float32 weights load unrounded
+            self.model = methods.named.record(self.model, "default", self.cfg.method.name, head, methods.in_own_dtype(
+                self.cfg.method.name, head, lambda m: method.load(m, artifact)))
         self._runs = {"default": (self.dir, self.cfg, self.info)}
         self.tokenizer = models.load_tokenizer(artifact, self.cfg.model.trust_remote_code)
         self.device = models.device_of(self.cfg.model)
@@ -434,5 +437,7 @@ def load_task(run_dir: Path, cfg, infos: dict, name: str, device):
     if other is not None:
         model, tok = other
         share_body(owner, model, first_task.head_modules(owner), task.head_modules(model))
+    if method.TRAINABLE_DTYPE == "float32":  # each task's head trained float32 over a bf16 base: load it unrounded
+        precision.float32_head(model, task.head_modules(model))
     load_head(model, task.head_modules(model), head_file(run_dir, name))
     return model.to(device).eval(), tok, task, info, sub

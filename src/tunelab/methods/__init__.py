@@ -54,9 +54,9 @@ def prepare(model, cfg, head: list[str]):
     """
     init_from = getattr(cfg, "init_from", None)
     if init_from:
-        attach = _own_dtype(cfg.name, head, lambda m: get(cfg.name).load(m, init_from))
+        attach = in_own_dtype(cfg.name, head, lambda m: get(cfg.name).load(m, init_from))
     else:
-        attach = _own_dtype(cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
+        attach = in_own_dtype(cfg.name, head, lambda m: get(cfg.name).apply(m, cfg, head))
     return named.record(model, "default", cfg.name, head, attach)
 
 
@@ -68,7 +68,7 @@ def loading(cfg, device, saved: Path | None = None):
     return models.building(method.load_plan(cfg, device, saved) if method.QUANTIZES_BASE else None)
 
 
-def _own_dtype(name: str, head: list[str], attach):
+def in_own_dtype(name: str, head: list[str], attach):
     """For a method that trains in float32 over a bf16 base, `attach` on a head upcast first (precision.py), so a
     saved float32 head loads without rounding; else `attach` itself."""
     if get(name).TRAINABLE_DTYPE != "float32":
@@ -84,9 +84,9 @@ def add_adapter(model, name: str, source, head: list[str], method: str | None = 
     """
     if isinstance(source, (str, Path)):
         name_of = method or method_of(source)
-        attach = _own_dtype(name_of, head, lambda m: get(name_of).load(m, source))
+        attach = in_own_dtype(name_of, head, lambda m: get(name_of).load(m, source))
         return named.add(model, name, name_of, head, attach)
-    attach = _own_dtype(source.name, head, lambda m: get(source.name).apply(m, source, head))
+    attach = in_own_dtype(source.name, head, lambda m: get(source.name).apply(m, source, head))
     return named.add(model, name, source.name, head, attach)
 
 
