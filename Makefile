@@ -190,10 +190,16 @@ docs-check: venv
 clean-demo:
 	rm -rf demo_data runs/demo-lora runs/demo-embedding runs/demo-mlm runs/demo-lora-after-mlm runs/demo-sft runs/demo-reward runs/demo-dpo runs/compare-demo
 
+# bitsandbytes for the peers' QLoRA runs only, kept out of tunelab's venv (its tests run with and without it)
+PEER_SITE_STAMP := bench/.cache/peer-site/.installed
+$(PEER_SITE_STAMP): | $(STAMP)
+	$(PIP) install -q --no-deps --target bench/.cache/peer-site bitsandbytes==0.50.2
+	touch $@
+
 # tunelab against peft + transformers Trainer and TRL on the same model, data and steps (bench/README.md);
 # runs alternate, each in its own process; prints medians and ratios, writes bench/results.json.
 # Flags after BENCH_ARGS=, e.g. make bench BENCH_ARGS="--scenario lora-58m --bf16".
-bench: venv demo-data demo_data/sft/train.jsonl
+bench: venv demo-data demo_data/sft/train.jsonl $(PEER_SITE_STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
 
 # 4 steps, 1 repeat, the 58M scenarios only: proves every runner works, in a few minutes.

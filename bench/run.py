@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the other scenarios already in --output (each records its own steps, repeats and date)")
     args = parser.parse_args(argv)
-    steps = args.steps or (4 if args.quick else 30)
     repeats = args.repeats or (1 if args.quick else 3)
     scenarios = args.scenario or (QUICK if args.quick else DEFAULT)
     only = set(args.runners.split(",")) if args.runners else None
@@ -114,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     print("matmul peak (2048x2048): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
     results = {"machine": machine,
-               "settings": {"steps": steps, "repeats": repeats, "bf16": precisions == ["autocast"], "device": args.device,
+               # steps: what every scenario of this invocation ran, or None where they differ (each scenario's own
+               # `measured.steps` holds its count either way)
+               "settings": {"steps": common_steps(scenarios, args.steps, args.quick), "repeats": repeats,
+                            "bf16": precisions == ["autocast"], "device": args.device,
                             "precisions": precisions, "seed": common.SEED, "lora": LORA, "held_out": common.HELD_OUT},
                "scenarios": {}}
     for name in scenarios:
@@ -235,6 +237,11 @@ def matmul_peak(dtype: str, seconds: float = 2.0, device: str = "cpu") -> float:
 
 
 # -- preparing a scenario -------------------------------------------------------------------------------------
+
+def common_steps(names: list[str], steps: int | None, quick: bool) -> int | None:
+    counts = {scenario_steps(name, steps, quick) for name in names}
+    return counts.pop() if len(counts) == 1 else None
+
 
 def scenario_steps(name: str, steps: int | None, quick: bool) -> int:
     """--steps when given, else 4 with --quick, else the scenario's own default (the 1B ones: 6) or 30."""

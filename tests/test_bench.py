@@ -367,3 +367,12 @@ def test_advise_prediction_for_a_tunelab_run(tiny_chat_llama):
     assert lora["parts_mb"]["runtime"] > 100  # a Python with torch: most of a tiny model's peak
     qlora = run.advise_prediction({**spec, "method": "qlora"}, common.PRECISIONS["fp32"])
     assert qlora["parts_mb"]["weights"] <= lora["parts_mb"]["weights"]
+
+
+def test_the_invocation_records_one_step_count_only_where_every_scenario_ran_it():
+    from bench import run
+
+    assert run.common_steps(["lora-58m", "full-58m"], None, False) == 30
+    assert run.common_steps(["lora-58m", "lora-1b"], None, False) is None  # 30 and 6: each scenario says its own
+    assert run.common_steps(["lora-58m", "lora-1b"], 10, False) == 10
+    assert run.common_steps(["lora-1b"], None, True) == 4
