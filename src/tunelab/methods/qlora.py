@@ -16,7 +16,7 @@ model. What this file adds is the quantized base:
   (auto picks it when installed and the model is on CUDA), else torchao's `NF4Tensor` (CPU and
   CUDA) through `NF4Matmul`: like torchao's `linear_nf4`, the backward saves the 4-bit weight, not
   a dequantized copy, but the weight is dequantized by `dequantize` (bit for bit torchao's, 3.5x
-  faster: a QLoRA step dequantizes every weight twice).
+  faster: a QLoRA step dequantizes every weight twice), into memory each thread reuses (`_scratch`).
   Both are imported only here, and only when qlora is used.
 - torchao facts (0.10 - 0.18): NF4Tensor always double-quantizes its scales (so
   `double_quant: false` needs bitsandbytes), and it does not pad: the weight count must be a
@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def _exact_clone(nf4_tensor: type) -> None:
     def same(func, args, kwargs=None):
         a, b = args
         if not (isinstance(a, nf4_tensor) and isinstance(b, nf4_tensor)):
-            plain = lambda t: t.get_original_weight() if isinstance(t, nf4_tensor) else t
+            plain = lambda t: dequantize(t) if isinstance(t, nf4_tensor) else t  # torchao's weight, faster
             return torch.equal(plain(a), plain(b))
         return (a.shape == b.shape and a.dtype == b.dtype and a.block_size == b.block_size
                 and a.scaler_block_size == b.scaler_block_size
@@ -188,7 +189,7 @@ def _resolve_backend(requested: str, double_quant: bool, device: torch.device) -
 
 # -- the 4-bit layers ----------------------------------------------------------------
 
-def dequantize(weight) -> torch.Tensor:
+def dequantize(weight, out: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
     """A torchao NF4Tensor's full-precision weight, equal bit for bit to its `get_original_weight()`.
 
     torchao widens every 4-bit code to int64 and builds the result in about twelve passes over the weight (160 ms
@@ -196,27 +197,64 @@ def dequantize(weight) -> torch.Tensor:
     the forward and in the backward. Here each byte (two codes) picks its pair of NF4 values from a 256-row table
     and each block is scaled in place: 3 passes, 45 ms, the result itself the only large allocation. The products
     are torchao's own (the same NF4 value times the same dequantized block scale), so nothing rounds differently.
+    Given `out` (the weight's element count, in its dtype) and `codes` (int32, any length), the weight is written
+    into `out`, its bytes widened to indices `codes` at a time: no memory of its own (NF4Matmul's `_scratch`).
     """
     scales = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size)
     nf4 = weight.nf4
     pairs = torch.stack([nf4.repeat_interleave(16), nf4.repeat(16)], dim=-1)  # byte hi<<4 | lo -> (nf4[hi], nf4[lo])
-    out = pairs.index_select(0, weight.quantized_data.view(-1).to(torch.int32)).view(scales.numel(), -1)
-    return out.mul_(scales.unsqueeze(-1)).view(weight.shape)
+    packed = weight.quantized_data.view(-1)
+    if out is None:
+        out = pairs.index_select(0, packed.to(torch.int32))
+    else:
+        rows, step = out.view(-1, 2), codes.numel()
+        for i in range(0, packed.numel(), step):
+            part = packed[i:i + step]
+            torch.index_select(pairs, 0, codes[:part.numel()].copy_(part), out=rows[i:i + step])
+    return out.view(scales.numel(), -1).mul_(scales.unsqueeze(-1)).view(weight.shape)
+
+
+_SCRATCH = threading.local()  # per thread: {(dtype, device): (weights buffer, codes buffer)}
+SCRATCH_CODES = 2**18  # bytes of a weight widened to int32 indices at a time by `_scratch` (1 MB)
+
+
+def _scratch(weight) -> torch.Tensor:
+    """`weight` dequantized into memory this thread reuses for every NF4 weight (grown to the largest seen), valid
+    until the next call: what NF4Matmul multiplies by and lets go of at once.
+
+    A fresh result (and its int32 codes: 1.5x the weight's bytes) for every weight in every forward and backward
+    made the allocator hand out and take back 9 GB a step on the 1B bench model, in 2-64 MB pieces interleaved
+    with the activations that stay alive until the backward: freed between them, they fragment the heap, or, once
+    glibc has raised its mmap threshold, are faulted in afresh each time. The buffers cost the largest weight
+    once (64 MB there) and 1 MB of codes."""
+    held = getattr(_SCRATCH, "buffers", None)
+    if held is None:
+        held = _SCRATCH.buffers = {}
+    key, n = (weight.dtype, weight.device), weight.numel()
+    buffers = held.get(key)
+    if buffers is None or buffers[0].numel() < n:
+        held.pop(key, None)  # the smaller pair is freed before the larger one is made
+        buffers = held[key] = (torch.empty(n, dtype=weight.dtype, device=weight.device),
+                               torch.empty(min(n // 2, SCRATCH_CODES), dtype=torch.int32, device=weight.device))
+    return dequantize(weight, buffers[0][:n], buffers[1])
 
 
 class NF4Matmul(torch.autograd.Function):
     """x @ dequant(W)^T for a frozen NF4 weight: the 4-bit weight is what the backward keeps, dequantized again there
-    (a full-precision copy kept from the forward would undo what quantizing saved)."""
+    (a full-precision copy kept from the forward would undo what quantizing saved), each time into the thread's
+    scratch memory (`_scratch`), which neither the output nor the input gradient refers to."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return torch.nn.functional.linear(x, dequantize(weight).to(x.dtype))
+        return torch.nn.functional.linear(x, _scratch(weight).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        # saved_tensors first: with gradient checkpointing, unpacking them re-runs the block's forward, whose
+        # NF4Matmuls use the scratch memory too
         (weight,) = ctx.saved_tensors
-        return grad @ dequantize(weight).to(grad.dtype), None
+        return grad @ _scratch(weight).to(grad.dtype), None
 
 
 class NF4Linear(nn.Module):
