@@ -5,7 +5,9 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
 - weights       every parameter and buffer in `dtype`, counted exactly on a `meta`-device copy of the
                 architecture (config.json only, no weights read). QLoRA: each quantized linear weight as
                 tunelab's torchao NF4 tensor holds it (4 bits per weight + an int8 scale per 64 weights +
-                one scale per 256 of those + a 16-entry table); the rest stays in `dtype`.
+                one scale per 256 of those + a 16-entry table); the rest stays in `dtype`. Plus the memory
+                each weight is dequantized into for its matmuls, held once at the size of the largest
+                (qlora._scratch: the weight in `dtype`, and 1 MB of int32 codes).
 - gradients     one per trainable parameter, in the parameter's dtype. Over a bf16 base (`dtype` bfloat16) the
                 base weights take 2 bytes each, while a method whose TRAINABLE_DTYPE is "float32" (LoRA & co.)
                 keeps its own tensors and the head float32, so their gradients and AdamW state are float32
@@ -26,9 +28,10 @@ The model is a sum of parts, each in bytes, for one training micro-batch of `bat
 - runtime       the process itself: a Python with torch + transformers + tunelab imported (measured once
                 in a subprocess), or on CUDA the CUDA context (a documented constant).
 
-The peak is the largest of three phases: loading (the whole model in `dtype`: QLoRA too, since tunelab
-quantizes after loading), training (above), and evaluation (eval.batch_size rows without gradients on top of
-what the allocator kept; a causal LM's logits one chunk at a time). `advise` judges fit on loading + training and suggests an eval.batch_size when evaluation would not
+The peak is the largest of three phases: loading (the whole model in `dtype`; QLoRA with torchao quantizes each
+linear as it is read, so it holds the quantized weights, one linear in `dtype` and torchao's temporaries for
+quantizing it: `quantize_on_load_bytes`), training (above), and evaluation (eval.batch_size rows without
+gradients on top of what the allocator kept; a causal LM's logits one chunk at a time). `advise` judges fit on loading + training and suggests an eval.batch_size when evaluation would not
 fit. Against real 2-step tunelab runs on CPU (tests/test_advise.py) the totals agree within about +-15 %; sft
 is estimated as if every token were a target (the upper bound). CUDA estimates use the same formulas with
 constants (context, allocator slack) that have not been calibrated on a GPU.
@@ -169,6 +172,20 @@ def nf4_bytes(numel: int, dtype: torch.dtype) -> int:
     return numel // 2 + numel // 64 + (numel // 64 // qlora.scaler_block_size(numel) + 1 + 16) * size
 
 
+# torchao's to_nf4 compares CHUNK elements at a time with the 16 NF4 values (its CHUNK_SIZE, 0.10 - 0.18)
+TORCHAO_CHUNK = 1024**2
+
+
+def quantize_on_load_bytes(numel: int, dtype: torch.dtype) -> int:
+    """What loading holds beyond the weights already stored when it quantizes a linear of `numel` weights as it
+    reads it (methods.loading): the weight read in `dtype`, torchao's scaled copy of it, its 1-byte codes before
+    packing, and one chunk of distances to the 16 NF4 values (the difference and its absolute value, alive
+    together). On the 1B bench model (2048 x 8192 float32 linears) loading peaked ~250 MB above the loaded model;
+    this is 272 MiB. A small model's linears fit in one chunk: 34x their own bytes."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * numel * size + numel + min(numel, TORCHAO_CHUNK) * 2 * 16 * size
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -178,8 +195,8 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
           num_virtual_tokens: int = 20, num_labels: int = 2, device: str = "cpu") -> dict:
     """Parameters and weight bytes with `method` applied as tunelab applies it, on a meta-device model.
 
-    Returns {"applicable", "reason", "total_params", "trainable_params", "weight_bytes", "load_bytes",
-    "trainable_bytes", "largest_trainable_bytes", "attention_impl"}."""
+    Returns {"applicable", "reason", "total_params", "trainable_params", "weight_bytes", "dequant_bytes",
+    "load_bytes", "trainable_bytes", "largest_trainable_bytes", "attention_impl"}."""
     import transformers
 
 
@@ -193,7 +210,7 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     except (ValueError, KeyError, TypeError) as e:
         raise TunelabError(f"'{path}' cannot be built as {auto.__name__} for task {task}: {str(e).splitlines()[0]}") from None
     head = [] if task in ("sft", "causal_lm") else models.head_modules(model)
-    # Loading materialises every weight in dtype before any method runs (QLoRA quantizes afterwards).
+    # Loading materialises every weight in dtype before any method runs (QLoRA with torchao: see below).
     load_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     head_copy = sum(_nbytes(p) for h in head for p in model.get_submodule(h).parameters())  # methods.named keeps one
     cfg_method, module = method_config(method, lora_r, num_virtual_tokens), methods.get(method)
@@ -205,6 +222,7 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     except TunelabError as e:  # e.g. BitFit on a bias-free Llama: the method does not apply to this model
         return {"applicable": False, "reason": str(e).split(". ")[0] + "."}
     quantized = {id(model.get_submodule(p).weight) for p in quantized_paths}
+    largest_quantized = max((model.get_submodule(p).weight.numel() for p in quantized_paths), default=0)
     seen, weight_bytes, trainable, total, trainable_bytes, largest = set(), head_copy, 0, 0, 0, 0
     for p in model.parameters():
         if id(p) in seen:  # tied embeddings are one tensor
@@ -220,8 +238,18 @@ def count(model_dir: str | Path, task: str, method: str, dtype: str = "float32",
     if trainable == 0:
         return {"applicable": False, "reason": f"{method} leaves nothing to train for task {task} on this model "
                                                f"(no separate task head)."}
+    # torchao quantizes as the model is read (methods.loading, qlora.load_plan): the full-precision base is never
+    # whole in memory. bitsandbytes (CUDA) loads it whole and quantizes as it moves to the GPU.
+    dequant_bytes = 0
+    if largest_quantized and (qlora.auto_backend(device) if cfg_method.backend == "auto" else cfg_method.backend) \
+            == "torchao":
+        load_bytes = weight_bytes + quantize_on_load_bytes(largest_quantized, models.DTYPES[dtype])
+        # the largest weight dequantized in dtype, and int32 codes (qlora._scratch), held from the first forward
+        dequant_bytes = (largest_quantized * torch.empty((), dtype=models.DTYPES[dtype]).element_size()
+                         + 4 * min(largest_quantized // 2, qlora.SCRATCH_CODES))
     return {"applicable": True, "reason": None, "total_params": total, "trainable_params": trainable,
             "weight_bytes": weight_bytes, "load_bytes": max(load_bytes, weight_bytes),
+            "dequant_bytes": dequant_bytes,
             "trainable_bytes": trainable_bytes, "largest_trainable_bytes": largest,
             "attention_impl": getattr(model.config, "_attn_implementation", None) or "sdpa"}
 
@@ -320,7 +348,7 @@ def estimate(model_dir, task: str, seq_len: int, batch: int, method: str | None 
     act = {gc: activation_bytes(dims, family, method, task, seq_len, batch, dtype, device, counted["attention_impl"],
                                 num_virtual_tokens, gc) for gc in (False, True)}
     parts = {
-        "weights": counted["weight_bytes"],
+        "weights": counted["weight_bytes"] + counted["dequant_bytes"],  # QLoRA: + what its matmuls dequantize into
         "gradients": trainable,
         "optimizer": 2 * trainable,
         "best_copy": trainable,
