@@ -522,6 +522,33 @@ def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=0, msg=f"{name} differs")
 
 
+def test_sparse_dropout_zeroes_the_shared_input_only_for_its_own_matmuls():
+    """At a low rate the branch zeroes the dropped elements of x in x's own memory for its matmul and puts them back.
+    Two layers reading one x (as q_proj and v_proj do), each saving it for backward: x is bit for bit what it was
+    after the forward and after the backward, and every gradient is the reference's with the same two masks."""
+    torch.manual_seed(0)
+    layers = [lora.LoRALinear(nn.Linear(64, 32), 4, 8, 0.1).train() for _ in range(2)]
+    for layer in layers:
+        nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 64, requires_grad=True)
+    before = x.detach().clone()
+    torch.manual_seed(1)
+    y = layers[0](x) + layers[1](x)
+    assert torch.equal(x.detach(), before)
+    y.pow(2).sum().backward()
+    assert torch.equal(x.detach(), before)
+    got = [x.grad.clone()] + [t.grad.clone() for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight)]
+    for t in [x] + [t for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight)]:
+        t.grad = None
+    torch.manual_seed(1)  # the same two draws, in the same order
+    keeps = [~lora.dropped(lora.drop_mask(x.shape, 0.1, x.device), x.shape) for _ in layers]
+    assert all(0 < int((~k).sum()) < k.numel() for k in keeps)
+    (_reference(layers[0], x, keeps[0], 0.1) + _reference(layers[1], x, keeps[1], 0.1)).pow(2).sum().backward()
+    want = [x.grad] + [t.grad for layer in layers for t in (layer.lora_A.weight, layer.lora_B.weight)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tol(w, 24), rtol=0)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5], ids=["sparse", "mask"])
 def test_dropout_drops_each_input_with_probability_p_and_follows_the_seed(p):
     n = 1_000_000

@@ -148,7 +148,8 @@ class LoRABranch(torch.autograd.Function):
     What nn.Dropout -> nn.Linear -> nn.Linear -> mul -> add would do on their own, and this does not:
     - store the dropped input (4 bytes an element, per wrapped layer) for A's gradient: only the mask is kept (at
       p 0.05 on CPU the dropped elements' indices, 0.4 bytes an element; else 1 byte), and x itself, which the base
-      layer already holds; the dropped input is rebuilt in the backward;
+      layer already holds; the dropped input is rebuilt in the backward (at a low rate by zeroing x's dropped
+      elements for the matmul and putting them back: no copy);
     - scale the (tokens, out) update by s and then add it to the base output: s and 1/(1 - p) scale the small
       (tokens, r) tensor instead, and the add is the matmul's own (addmm);
     - copy a bf16 input to float32 for the whole backward: it is converted where a matmul needs it.
@@ -159,7 +160,7 @@ class LoRABranch(torch.autograd.Function):
     def forward(ctx, result, x, a, b, scaling: float, p: float):
         drop = drop_mask(x.shape, p, x.device) if p > 0 else None
         scale = scaling / (1 - p)
-        h = (_dropped_input(x, drop, a.dtype) @ a.T) * scale  # (tokens, r)
+        h = _with_dropped_input(x, drop, a.dtype, lambda xd: xd @ a.T) * scale  # (tokens, r)
         ctx.save_for_backward(x, drop, a, b, h)
         ctx.scale = scale
         if result.dtype == a.dtype and result._base is None and result.is_contiguous():
@@ -181,7 +182,7 @@ class LoRABranch(torch.autograd.Function):
         if need_x or need_a:
             gh = (g @ b) * ctx.scale  # (tokens, r)
             if need_a:
-                grad_a = gh.T @ _dropped_input(x, drop, a.dtype)
+                grad_a = _with_dropped_input(x, drop, a.dtype, lambda xd: gh.T @ xd)
             if need_x:
                 grad_x = gh @ a  # a fresh (tokens, in) product: zeroed in place
                 if drop is not None:
@@ -190,12 +191,25 @@ class LoRABranch(torch.autograd.Function):
         return grad if need_result else None, grad_x, grad_a, grad_b, None, None
 
 
-def _dropped_input(x: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """x with the dropped elements zeroed (unscaled: the caller scales the small product), as (tokens, in)."""
-    x = x.reshape(-1, x.shape[-1])
+def _with_dropped_input(x: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype, product):
+    """product(x with the dropped elements zeroed, as (tokens, in) in `dtype`), unscaled (the caller scales the small
+    product). `product` must return a new tensor (a matmul) and keep no reference to its argument."""
+    flat = x.reshape(-1, x.shape[-1])
     if drop is None:
-        return x.to(dtype)
-    return zero_dropped_(x.to(dtype, memory_format=torch.contiguous_format, copy=True), drop)
+        return product(flat.to(dtype))
+    if drop.dtype == torch.bool or x.dtype != dtype or not x.is_contiguous() or x.is_inference():
+        return product(zero_dropped_(flat.to(dtype, memory_format=torch.contiguous_format, copy=True), drop))
+    # Sparse drops: zeroed in x's own memory and put back before returning. A copy of x per wrapped layer, in the
+    # forward and again in the backward, costs more than three passes over p·n elements (gather, zero, scatter).
+    # `.data` bumps no version counter: the sibling layers that read the same x keep it for their backward, and
+    # they find it as it was, bit for bit, once this returns.
+    raw = x.data.view(-1)
+    values = raw[drop]
+    raw.index_fill_(0, drop, 0)
+    try:
+        return product(raw.view(flat.shape))
+    finally:
+        raw.index_copy_(0, drop, values)
 
 
 class LoRALinear(nn.Module):
