@@ -19,7 +19,6 @@ from .data import augment
 from .errors import TunelabError
 from .evaluate import forgetting, generative, probe, usercode
 from .multitask import train as train_multitask
-from .ops import gated
 from .rl import train as train_rl
 from .runs import (
     Run,
@@ -120,7 +119,6 @@ def load(cfg: Config, model_cfg, device, resume: Path | None = None) -> Work:
     with methods.loading(cfg.method, device):  # a quantized base (qlora) is quantized as it loads
         model, tokenizer = task.build_model(model_cfg, info)
     model.to(device)
-    gated.fuse_gated_mlps(model)  # silu(gate) * up keeping two tensors for backward, not three (ops/gated.py)
     if cfg.data.augment_copies:
         splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
             splits["train"], cfg.data, cfg.train.seed, model, tokenizer)
