@@ -3,12 +3,16 @@
 A training step allocates and frees the same large buffers every time (activations, their gradients, the loss's
 logit chunks). glibc's malloc serves a request over its mmap threshold (at most 32 MB) with a fresh mapping and
 unmaps it on free, and trims the heap's free top back to the OS: the next step faults every page in again and the
-kernel zeroes each one. On the bench's 58M data (8 steps, one thread) `kept()` around the loop cut the process's
-page faults from 329k to 176k with LoRA and from 418k to 245k with full fine-tuning: 5-15 % of the step time.
+kernel zeroes each one. glibc also raises that threshold as it goes, so the same buffers end up sometimes in the
+heap and sometimes not.
 
 `kept()` tells glibc, for the duration of the loop, to serve every request from the heap and never trim it; at the
-end it restores glibc's defaults and trims, so the freed memory goes back to the OS once training is over. Peak
-RSS barely moves (the memory was in use at the peak anyway): on that LoRA run 1,725 -> 1,772-1,807 MB.
+end it restores glibc's defaults and trims, so the freed memory goes back to the OS once training is over.
+Measured with the bench's 1B scenarios (`python -m bench --scenario lora-1b --scenario qlora-1b --runners tunelab`,
+Intel Xeon, idle, 2026-12-07) against a fixed 4 MB mmap threshold and no trim: LoRA 70.7 against 58.8 tok/s at
+8,724 against 8,330 MB peak RSS; QLoRA 66.3 against 46.4 tok/s at 5,733 against 5,239 MB. On the 58M model
+(8 steps, one thread, a shared machine) it cut the page faults from 329k to 176k; after the loss stopped
+allocating a copy of each logit chunk (ops/lm_loss.py) the difference there is within run-to-run noise.
 
 Only with glibc (elsewhere nothing changes), and not when the user has set any MALLOC_* variable: that is their
 own tuning, which a library must not override.
