@@ -337,3 +337,24 @@ def test_every_dequantization_of_a_step_reuses_one_buffer(lms):
     # and what the step computed is what fresh dequantized weights give
     for p, m in _nf4(model).items():
         assert torch.equal(qlora._scratch(m.weight), m.weight.get_original_weight()), p
+
+
+def test_a_step_after_an_inference_mode_pass_trains(lms):
+    """A base evaluation under torch.inference_mode makes the thread's scratch memory an inference tensor, which
+    a training step may not write: training gets memory of its own, and both passes compute the same weight."""
+    model, _, _ = _build(lms["llama"], on_load=True)
+    ids = torch.randint(0, 100, (2, 6))
+    result = {}
+
+    def run():  # a fresh thread: fresh scratch memory, whatever ran before in this process
+        with torch.inference_mode():
+            model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        weight = next(iter(_nf4(model).values())).weight
+        result["same"] = torch.equal(qlora._scratch(weight), weight.get_original_weight())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert result == {"same": True}

@@ -214,7 +214,7 @@ def dequantize(weight, out: torch.Tensor | None = None, codes: torch.Tensor | No
     return out.view(scales.numel(), -1).mul_(scales.unsqueeze(-1)).view(weight.shape)
 
 
-_SCRATCH = threading.local()  # per thread: {(dtype, device): (weights buffer, codes buffer)}
+_SCRATCH = threading.local()  # per thread: {(dtype, device, inference mode): (weights buffer, codes buffer)}
 SCRATCH_CODES = 2**18  # bytes of a weight widened to int32 indices at a time by `_scratch` (1 MB)
 
 
@@ -230,7 +230,8 @@ def _scratch(weight) -> torch.Tensor:
     held = getattr(_SCRATCH, "buffers", None)
     if held is None:
         held = _SCRATCH.buffers = {}
-    key, n = (weight.dtype, weight.device), weight.numel()
+    # Memory made under torch.inference_mode is an inference tensor, which training may not write: one pair each.
+    key, n = (weight.dtype, weight.device, torch.is_inference_mode_enabled()), weight.numel()
     buffers = held.get(key)
     if buffers is None or buffers[0].numel() < n:
         held.pop(key, None)  # the smaller pair is freed before the larger one is made
