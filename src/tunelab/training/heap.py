@@ -14,8 +14,8 @@ Intel Xeon, idle, 2026-12-07) against a fixed 4 MB mmap threshold and no trim: L
 (8 steps, one thread, a shared machine) it cut the page faults from 329k to 176k; after the loss stopped
 allocating a copy of each logit chunk (ops/lm_loss.py) the difference there is within run-to-run noise.
 
-Only with glibc (elsewhere nothing changes), and not when the user has set any MALLOC_* variable: that is their
-own tuning, which a library must not override.
+Only where glibc's malloc serves the process (elsewhere, or under an LD_PRELOADed allocator, nothing changes),
+and not when the user has set any MALLOC_* variable: that is their own tuning, which a library must not override.
 """
 
 from __future__ import annotations
@@ -36,11 +36,14 @@ def _glibc():
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
         return None
     try:
-        libc = ctypes.CDLL(None)
+        process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
         libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl's mallopt does nothing)
-        return libc
     except (OSError, AttributeError):
         return None
+    # A malloc put in front of glibc's (LD_PRELOAD of jemalloc, tcmalloc, mimalloc) serves the process; glibc's
+    # mallopt would tune an allocator nobody calls
+    address = lambda lib: ctypes.cast(lib.malloc, ctypes.c_void_p).value  # noqa: E731
+    return libc if address(process) == address(libc) else None
 
 
 @contextlib.contextmanager
