@@ -117,7 +117,7 @@ def _build_1b_here() -> None:
 
     from .common import decoder_params
 
-    tok = AutoTokenizer.from_pretrained(str(MODEL_58M))
+    tok = AutoTokenizer.from_pretrained(str(build_58m()))  # `python -m bench.assets llama-1b` on a fresh checkout too
     partial = MODEL_1B.with_name(MODEL_1B.name + ".partial")
     if partial.exists():  # an interrupted build of ours
         shutil.rmtree(partial)
@@ -236,4 +236,7 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["llama-1b"]:
         sys.exit("usage: python -m bench.assets llama-1b   (builds bench/.cache/llama-1b; the bench builds the rest)")
     if not (MODEL_1B / "config.json").is_file():
+        if missing_inputs() and not (MODEL_58M / "tokenizer.json").is_file():  # the 58M tokenizer is trained on them
+            sys.exit(f"missing data: {', '.join(missing_inputs())}; `make demo-data demo_data/sft/train.jsonl` "
+                     "builds it.")
         _build_1b_here()
