@@ -66,6 +66,9 @@ EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
 #         o_proj in, gate/up/SiLU/product);
 #   gpt2  (h 256, I 1024): 30,736 B = 14h + 4I (LayerNorms, c_attn out, dropout masks, gelu_new's pieces);
 #   bert  (h 256, I 1024): 18,448 B = 10h + 2I.
+# tunelab's own forward keeps less in Llama-family MLPs (ops.gated: gate and up, the product recomputed), 2I instead
+# of 4I; the table still counts the plain forward, so llama estimates run high by up to 2I per token and block
+# (1B bench, 2 x 512 tokens: LoRA 8,289 MB estimated against 7,613 measured). To re-measure with the fused MLP.
 # `attention` is stored probabilities per token and block, in units of heads x key length: only when sdpa
 # falls back to its math kernel (attention dropout > 0 on CPU) or the model runs eager attention; then
 # softmax output, dropout mask and dropped probabilities = 3 (48 B = 3 x 4 heads x 4 B per unit of s measured).
