@@ -12,7 +12,9 @@ not in the checkpoint.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
+import os
 import threading
 
 import pytest
@@ -358,3 +360,34 @@ def test_a_step_after_an_inference_mode_pass_trains(lms):
     thread.start()
     thread.join()
     assert result == {"same": True}
+
+
+def _mapping_of(address: int) -> str | None:
+    """The file /proc/self/maps names for the mapping holding `address` (None: anonymous memory, the heap)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            low, high = (int(v, 16) for v in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5].strip() if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_the_input_embedding_is_mapped_from_the_file_and_a_write_never_reaches_it(lms):
+    """Read row by row, it costs resident memory only for the rows the data uses (as with from_pretrained's mapped
+    load); every other tensor is read into memory of its own."""
+    path = lms["llama"]
+    file = path / "model.safetensors"
+    before = hashlib.sha256(file.read_bytes()).hexdigest()
+    model, _, _ = _build(path, on_load=True)
+    embedding = model.get_input_embeddings().weight
+    assert _mapping_of(embedding.data_ptr()) == str(file.resolve())
+    norm = model.model.norm.weight
+    assert _mapping_of(norm.data_ptr()) != str(file.resolve())
+    reference = LlamaForCausalLM.from_pretrained(path).get_input_embeddings().weight
+    assert torch.equal(embedding, reference)
+    with torch.no_grad():
+        embedding.add_(1.0)  # as a method that trains it would: the process's own copy of each page written
+    assert torch.equal(embedding, reference + 1.0)
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == before

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import nn
@@ -286,10 +287,11 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def _tensors(file: Path, keys: set[str]):
+def _tensors(file: Path, keys: set[str], mapped: frozenset[str] = frozenset()):
     """(key, tensor) for `keys` of a safetensors file, in file order, each read into memory of its own with plain
     reads: safetensors' own reader maps the file, and every page of it read stays in the process's resident memory
-    until the file is closed, so reading a whole checkpoint through it holds the whole checkpoint resident."""
+    until the file is closed, so reading a whole checkpoint through it holds the whole checkpoint resident.
+    The keys in `mapped` (input embeddings) are mapped instead, copy-on-write (see `_mapped`)."""
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as reader:  # checks the file (SafetensorError on a damaged one)
@@ -302,11 +304,30 @@ def _tensors(file: Path, keys: set[str]):
             if info["dtype"] not in _ST_DTYPES:
                 raise SafetensorError(f"tensor {key} has dtype {info['dtype']}, which tunelab cannot read")
             begin, end = info["data_offsets"]
+            t = _mapped(file, 8 + size + begin, end - begin, _ST_DTYPES[info["dtype"]], info["shape"]) \
+                if key in mapped else None
+            if t is not None:
+                yield key, t
+                continue
             t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
             f.seek(8 + size + begin)
             if t.numel() and f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - begin:
                 raise OSError(f"{file.name} ends inside tensor {key}")
             yield key, t
+
+
+def _mapped(file: Path, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+    """A tensor over the file's own bytes, mapped privately (copy-on-write: a write changes the process's copy of
+    that page, never the file): an embedding is read a row at a time, so only the rows the data uses become
+    resident, as with from_pretrained's mapped load. None where it cannot be mapped (then it is read)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0 or offset % element or nbytes != element * int(np.prod(shape)):
+        return None
+    try:
+        raw = np.memmap(file, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(raw).view(dtype).view(shape)  # the array, and with it the mapping, lives as long as this
 
 
 def _checkpoint_names(model: nn.Module, keys: list[str], owned: set[str]) -> dict[str, str]:
@@ -355,10 +376,14 @@ def _streamed(cfg: ModelConfig, auto_class, path: Path, plan: Plan, model_kwargs
             if t is not None:
                 holders.setdefault(id(t), []).append((module, name))
     converts = plan(model)
+    # input embeddings that stay as they are: mapped, not read (see `_mapped`)
+    mapped = frozenset(key for key, name in names.items()
+                       if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.Embedding)
+                       and name.rpartition(".")[0] not in converts)
     pending = {p: {n for n, t in model.get_submodule(p)._parameters.items() if t is not None} for p in converts}
     by_name = {f"{p}.{n}": p for p, left in pending.items() for n in left}
     for f in files:
-        for key, value in _tensors(f, set(names)):
+        for key, value in _tensors(f, set(names), mapped):
             name = names[key]
             old = state[name]
             if value.shape != old.shape:
