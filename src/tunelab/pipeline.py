@@ -19,7 +19,7 @@ from .data import augment
 from .errors import TunelabError
 from .evaluate import forgetting, generative, probe, usercode
 from .multitask import train as train_multitask
-from .ops import gated
+from .ops import gated, rmsnorm
 from .rl import train as train_rl
 from .runs import (
     Run,
@@ -120,7 +120,10 @@ def load(cfg: Config, model_cfg, device, resume: Path | None = None) -> Work:
     with methods.loading(cfg.method, device):  # a quantized base (qlora) is quantized as it loads
         model, tokenizer = task.build_model(model_cfg, info)
     model.to(device)
-    gated.fuse_gated_mlps(model)  # the gated MLP keeps 2 (tokens, intermediate) tensors for backward, not 4 (ops/gated.py)
+    # what autograd keeps of a Llama-family block: the gated MLP 2 (tokens, intermediate) tensors, not 4; the
+    # norms' outputs not at all (ops/gated.py, ops/rmsnorm.py)
+    gated.fuse_gated_mlps(model)
+    rmsnorm.fuse_rms_norms(model)
     if cfg.data.augment_copies:
         splits["train"], report["splits"]["train"]["augmented"] = augment.expand(
             splits["train"], cfg.data, cfg.train.seed, model, tokenizer)

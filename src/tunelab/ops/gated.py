@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import recompute
+
 
 class SiluMul(torch.autograd.Function):
     @staticmethod
@@ -48,43 +50,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class _Product:
-    """What autograd keeps in place of the product for down_proj's backward: the two factors (kept by `SiluMul`
-    anyway) and the layout of the tensor that was saved."""
-
-    __slots__ = ("gate", "up", "size", "stride", "offset")
-
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, saved: torch.Tensor):
-        self.gate, self.up = gate, up
-        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
-
-    def tensor(self) -> torch.Tensor:
-        return F.silu(self.gate).mul_(self.up).as_strided(self.size, self.stride, self.offset)
+def _product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate).mul_(up)  # as SiluMul.forward makes it, bit for bit
 
 
 def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = silu_mul(gate, up)
-    # Under someone else's saved-tensor hooks (non-reentrant checkpointing, activation offloading) the product is
-    # theirs to handle: a reference to gate and up here would keep alive what they meant to free.
-    if not product.requires_grad or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-        return self.down_proj(product)
-    # plain values only: autograd may keep this function as long as the graph, and a reference to the product or
-    # its storage would keep the very memory alive that this saves
-    address, numel, dtype = product.untyped_storage().data_ptr(), product.numel(), product.dtype
-
-    def pack(t: torch.Tensor):
-        # down_proj (plain, LoRA, QLoRA, DoRA...) keeps its input for the weight's or the adapter's gradient: keep
-        # the factors instead, and recompute silu(gate) * up (one elementwise pass) when the backward asks for it
-        if type(t) is torch.Tensor and t.dtype == dtype and t.numel() == numel \
-                and t.untyped_storage().data_ptr() == address:  # (a quantized weight is a subclass, with no storage)
-            return _Product(gate, up, t)
-        return t
-
-    def unpack(saved):
-        return saved.tensor() if isinstance(saved, _Product) else saved
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    # down_proj (plain, LoRA, QLoRA, DoRA...) keeps its input for the weight's or the adapter's gradient: autograd
+    # keeps gate and up in its place (SiluMul keeps them anyway) and makes the product again when the backward
+    # reads it (ops/recompute.py)
+    with recompute.recomputed(product, _product, gate, up):
         return self.down_proj(product)
 
 
