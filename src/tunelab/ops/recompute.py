@@ -53,7 +53,9 @@ def recomputed(t: torch.Tensor, fn: Callable, *args) -> Iterator[bool]:
         if type(s) is torch.Tensor and s.dtype == dtype and s.numel() == numel \
                 and s.untyped_storage().data_ptr() == address:  # (a quantized weight is a subclass, with no storage)
             return _Recipe(fn, args, s)
-        return outer(s) if outer is not None else s
+        # not `s` itself: a node that saves its own output (attention, rsqrt) would then hold a Python reference to
+        # a tensor whose grad_fn is that node, a cycle only a backward breaks (a forward without one kept its graph)
+        return outer(s) if outer is not None else s.detach()
 
     pack._tunelab_recipes = True
     with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):

@@ -14,6 +14,7 @@ per class on a random input) at it, and the attention and MLP of each decoder bl
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -33,20 +34,22 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     h = hidden_states.to(torch.float32)
     r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
     out = _normalized(h, r, self.weight, dtype)
-    if out.requires_grad:  # h and r are what the norm's own backward keeps
-        out._tunelab_recipe = (_normalized, h, r, self.weight, dtype)
+    # For the module that reads `out` next (h and r are what the norm's own backward keeps). Held by the norm, not
+    # as an attribute of `out`: a tensor with attributes keeps its Python object, and them, as long as anything in
+    # C++ holds the tensor, which made a forward without a backward keep its whole graph.
+    self._tunelab_recipe = (weakref.ref(out), (_normalized, h, r, self.weight, dtype)) if out.requires_grad else None
     return out
 
 
 def _reading_forward(self, *args, **kwargs):
     """The module's own forward, with autograd keeping its input's recipe where the input came from a fused norm.
     (A method, not a closure, so that a deep copy of the model calls the copy's own forward.)"""
-    forward = self._tunelab_inner_forward
+    forward, norm = self._tunelab_inner_forward, self._tunelab_norm[0]
     x = args[0] if args else kwargs.get("hidden_states")
-    recipe = getattr(x, "_tunelab_recipe", None)
-    if recipe is None:
+    made = norm.__dict__.pop("_tunelab_recipe", None)  # taken once: the norm holds no tensor past this
+    if made is None or made[0]() is not x:
         return forward(*args, **kwargs)
-    with recompute.recomputed(x, *recipe):
+    with recompute.recomputed(x, *made[1]):
         return forward(*args, **kwargs)
 
 
@@ -85,6 +88,7 @@ def fuse_rms_norms(model: nn.Module) -> int:
             norm.forward = types.MethodType(_forward, norm)
             if "_tunelab_inner_forward" not in reader.__dict__:
                 reader._tunelab_inner_forward = reader.forward  # its class's, or one fused already (ops/gated.py)
+                reader._tunelab_norm = [norm]  # (in a list: an attribute that is a module would be a child)
                 reader.forward = types.MethodType(_reading_forward, reader)
             fused += 1
     return fused
