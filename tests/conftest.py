@@ -300,3 +300,17 @@ def hub(tmp_path, monkeypatch):
     with HubServer() as server:
         point_client_at(server.url, tmp_path / "hf-home", monkeypatch)
         yield server
+
+
+def in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back (where torch's CPU tensors live); glibc only."""
+    import ctypes
+
+    class Info(ctypes.Structure):  # glibc's struct mallinfo2
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd

@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import in_use, write_jsonl
 
 from tunelab import advise
 from tunelab.errors import TunelabError
+from tunelab.training import heap
 
 TOLERANCE = 0.30
 SEQ, BATCH = 320, 8  # the measured runs' micro-batch
@@ -175,10 +176,12 @@ def test_checkpointing_estimate_is_lower_and_still_matches(table):
     plain, ckpt = table["decoder lora"], table["decoder lora+ckpt"]
     assert ckpt[0]["bytes"]["activations"] < plain[0]["bytes"]["activations"] / 2
     assert ckpt[1] < plain[1]  # the real run used less too
-    # the estimate without checkpointing is too high for the checkpointed run, and farther from it than the
-    # checkpointed estimate (by how much depends on the machine: 27 % to 40 % measured, since LoRA keeps a 1-byte
-    # dropout mask instead of a float copy of its input)
-    assert abs(ckpt[0]["total"] - ckpt[1]) < plain[0]["total"] - ckpt[1]
+    # what checkpointing saves, estimated against measured, within a factor of 2 (2026-12-07: 239 MiB estimated,
+    # 161-233 measured: the difference of two peak RSS readings, each a few tens of MiB noisy). The forward keeps
+    # less since ops/ recompute the norms' outputs and the MLP's product, so checkpointing saves less than it did,
+    # and which estimate lies nearer the checkpointed run is no longer a test.
+    estimated, measured = plain[0]["total"] - ckpt[0]["total"], plain[1] - ckpt[1]
+    assert 0.5 < estimated / measured < 2.0, (estimated, measured)
 
 
 # -- exact parts of the estimate -------------------------------------------------------------------
@@ -373,52 +376,59 @@ def test_nothing_fits_says_what_to_change(tiny_chat_llama):
 # -- the activation formula against what autograd saves ---------------------------------------------
 
 def _saved_bytes(model_dir, task_type: str, method: str, seq: int, batch: int, lora_r: int) -> int:
-    """Bytes of the distinct tensors autograd saves in one training forward of tunelab's task loss."""
+    """Bytes the graph of one training forward of tunelab's task loss holds, as pipeline.load prepares the model
+    (the Llama-family MLPs and norms fused, ops/): glibc's in-use count drops by them when the loss is let go.
+    (Saved-tensor hooks would not do: ops.recompute steps aside under anyone else's.)"""
     import torch
 
     from tunelab import config, methods, tasks
     from tunelab.config import ModelConfig
+    from tunelab.ops import gated, rmsnorm
 
     task = tasks.get(task_type)
     info = ({"task": task_type, "template": "alpaca", "train_on_prompt": True, "truncation": "cut"}
             if task_type in ("sft", "causal_lm") else {"labels": ["neg", "pos"]})
     torch.manual_seed(0)
     model, _ = task.build_model(ModelConfig(path=str(model_dir)), info)
+    gated.fuse_gated_mlps(model)
+    rmsnorm.fuse_rms_norms(model)
     cfg = config.LoraConfig(name="lora", r=lora_r) if method == "lora" else config.FullConfig(name="full")
     model = methods.prepare(model, cfg, task.head_modules(model)).train()
     ids = torch.randint(5, 60, (batch, seq), generator=torch.Generator().manual_seed(0))
     batch_ = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": ids.clone() if task_type == "causal_lm" else torch.tensor([0, 1] * (batch // 2))}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        task.loss(model, batch_, info)
-    return sum(saved.values())
+    task.loss(model, batch_, info)  # once first: lazily made caches are not the graph's
+    held = []
+    for _ in range(3):
+        loss = task.loss(model, batch_, info)
+        before = in_use()
+        del loss
+        held.append(before - in_use())
+    return sorted(held)[1]
 
 
+@pytest.mark.skipif(heap._glibc() is None, reason="counts glibc's malloc")
 @pytest.mark.parametrize("fixture,task_type", [("tiny_chat_llama", "causal_lm"), ("tiny_gpt2", "causal_lm"),
                                                ("tiny_bert", "classification")])
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_activation_formula_matches_what_autograd_saves(request, fixture, task_type, method):
-    """Per family (Llama-like, GPT-2, BERT-like), the formula against the saved tensors of a real forward; the
-    loss's own saved tensors are counted too."""
+    """Per family (Llama-like, GPT-2, BERT-like), the formula against what a real forward's graph holds, the loss's
+    own saved tensors too: per token, from 30 and 60 tokens a row (the graph's own nodes cost the same at both, and
+    on these tiny models they are a tenth of it)."""
     model_dir = request.getfixturevalue(fixture)
-    seq, batch = 48, 4
-    saved = _saved_bytes(model_dir, task_type, method, seq, batch, lora_r=2)
     _, cfg = advise._model_config(model_dir)
     dims = advise._dims(cfg)
-    est = advise.activation_bytes(dims, advise._family(cfg, task_type)[0], method, task_type, seq, batch, "float32",
-                                  "cpu", "sdpa", 0, False)
-    est += advise.loss_saved_bytes(dims, task_type, seq, batch, 2, head_trains=method == "full")
+
+    def both(seq: int, batch: int = 4) -> tuple[int, int]:
+        est = advise.activation_bytes(dims, advise._family(cfg, task_type)[0], method, task_type, seq, batch,
+                                      "float32", "cpu", "sdpa", 0, False)
+        est += advise.loss_saved_bytes(dims, task_type, seq, batch, 2, head_trains=method == "full")
+        return est, _saved_bytes(model_dir, task_type, method, seq, batch, lora_r=2)
+
+    (est_short, held_short), (est_long, held_long) = both(30), both(60)  # (the tiny models hold 64 positions)
+    est, held = est_long - est_short, held_long - held_short
     # Full fine-tuning's formula is a count of the saved tensors; LoRA's is a measured fraction of it.
-    assert est == pytest.approx(saved, rel=0.05 if method == "full" else 0.15), (est, saved)
+    assert est == pytest.approx(held, rel=0.05 if method == "full" else 0.15), (est, held)
 
 
 def test_the_runtime_overhead_is_measured_not_the_fallback():

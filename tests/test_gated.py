@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tol
+from conftest import in_use, tol
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -74,20 +74,6 @@ def test_an_mlp_that_computes_something_else_is_left_alone():
     assert "forward" not in model[0].__dict__
 
 
-def _in_use() -> int:
-    """Bytes glibc's malloc has handed out and not had back (where torch's CPU tensors live)."""
-    import ctypes
-
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = Info
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 @pytest.mark.skipif(heap._glibc() is None, reason="counts glibc's malloc")
 def test_the_fused_mlp_keeps_gate_and_up_and_nothing_else_of_its_width():
     torch.manual_seed(0)
@@ -98,9 +84,9 @@ def test_the_fused_mlp_keeps_gate_and_up_and_nothing_else_of_its_width():
     wide = 256 * 4096 * 4  # one (tokens, intermediate) float32 tensor
 
     def kept() -> int:
-        before = _in_use()
+        before = in_use()
         out = mlp(x)
-        return _in_use() - before - out.nbytes
+        return in_use() - before - out.nbytes
 
     plain = kept()
     assert gated.fuse_gated_mlps(mlp) == 1

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_gated import _in_use
+from conftest import in_use
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab import config, methods
@@ -48,9 +48,9 @@ def test_a_block_keeps_neither_norm_output_nor_the_mlp_product():
     position = model.model.rotary_emb(x, torch.arange(tokens)[None])
 
     def kept() -> int:
-        before = _in_use()
+        before = in_use()
         out = block(x, position_embeddings=position)
-        return _in_use() - before - out.nbytes
+        return in_use() - before - out.nbytes
 
     plain = kept()
     gated.fuse_gated_mlps(model)
@@ -111,7 +111,7 @@ def test_a_forward_without_a_backward_lets_go_of_its_graph():
     rmsnorm.fuse_rms_norms(model)
     ids = torch.randint(5, 90, (2, 256), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids)
-    before = _in_use()
+    before = in_use()
     for _ in range(3):
         model(input_ids=ids)
-    assert _in_use() - before < 2**20, (_in_use() - before) / 2**20
+    assert in_use() - before < 2**20, (in_use() - before) / 2**20

@@ -60,15 +60,13 @@ TASKS = ("classification", "token_classification", "qa", "sft", "causal_lm")
 EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
 
 # Saved activations per token and per transformer block, in float32 bytes = 4 * (a_h*hidden + a_kv*kv_width
-# + a_i*intermediate), for full fine-tuning. Measured on tunelab's own forward (saved_tensors_hooks, unique
-# storages, blocks of 2 vs 4 layers, seq 256 vs 512) with transformers 5 / torch 2.13 on CPU:
-#   llama (h 256, kv 128, I 688): 20,248 B = 8h + 2kv + 4I (RMSNorm in/out, q/k/v after RoPE, attention out,
-#         o_proj in, gate/up/SiLU/product);
+# + a_i*intermediate), for full fine-tuning. Measured on tunelab's own forward (the memory a training forward's
+# graph holds, from glibc's in-use count; blocks of 2 vs 4 layers) with transformers 5 / torch 2.13 on CPU:
+#   llama (h 256, kv 128, I 688): 12,799 B ~ 6h + 2kv + 2I (RMSNorm inputs, q/k/v after RoPE, attention out,
+#         o_proj in, gate and up: the norms' outputs and the MLP's SiLU and product are recomputed in the backward,
+#         ops/rmsnorm.py and ops/gated.py; without those, 20,367 B = 8h + 2kv + 4I);
 #   gpt2  (h 256, I 1024): 30,736 B = 14h + 4I (LayerNorms, c_attn out, dropout masks, gelu_new's pieces);
 #   bert  (h 256, I 1024): 18,448 B = 10h + 2I.
-# tunelab's own forward keeps less in Llama-family MLPs (ops.gated: gate and up, the product recomputed), 2I instead
-# of 4I; the table still counts the plain forward, so llama estimates run high by up to 2I per token and block
-# (1B bench, 2 x 512 tokens: LoRA 8,289 MB estimated against 7,613 measured). To re-measure with the fused MLP.
 # `attention` is stored probabilities per token and block, in units of heads x key length: only when sdpa
 # falls back to its math kernel (attention dropout > 0 on CPU) or the model runs eager attention; then
 # softmax output, dropout mask and dropped probabilities = 3 (48 B = 3 x 4 heads x 4 B per unit of s measured).
@@ -76,12 +74,14 @@ EVAL_BATCH_DEFAULT = 64  # config.EvalConfig.batch_size
 # ACTIVATION_SHARE), measured the same way with tunelab's default config per method (frozen layers keep only what
 # the backward to the trainable parameters needs). `bfloat16`: measured saved bytes in bf16 relative to float32
 # (norms stay float32).
+# `unfused`: what a block saves without ops/'s recomputation relative to with it (llama 20,367 / 12,799 B): under
+# gradient checkpointing the checkpoint's own hooks hold the block being recomputed, and ops.recompute steps aside.
 # `eval`: the peak working set of a forward without gradients per token, relative to one block's full
 # activations (measured: llama 0.77-0.93, gpt2 ~1.0, bert 0.64 at 32-64 rows x 512 tokens).
 FAMILIES = {
-    "llama": {"a_h": 8, "a_kv": 2, "a_i": 4, "attention": 3, "bfloat16": 0.56, "eval": 0.85},
-    "gpt2": {"a_h": 14, "a_kv": 0, "a_i": 4, "attention": 3, "bfloat16": 0.68, "eval": 1.0},
-    "bert": {"a_h": 10, "a_kv": 0, "a_i": 2, "attention": 3, "bfloat16": 0.74, "eval": 0.65},
+    "llama": {"a_h": 6, "a_kv": 2, "a_i": 2, "attention": 3, "bfloat16": 0.56, "eval": 0.85, "unfused": 1.59},
+    "gpt2": {"a_h": 14, "a_kv": 0, "a_i": 4, "attention": 3, "bfloat16": 0.68, "eval": 1.0, "unfused": 1.0},
+    "bert": {"a_h": 10, "a_kv": 0, "a_i": 2, "attention": 3, "bfloat16": 0.74, "eval": 0.65, "unfused": 1.0},
 }
 FAMILY_OF = {
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta", "deberta-v2",
@@ -279,7 +279,7 @@ def activation_bytes(dims: dict, family: str, method: str, task: str, seq_len: i
     if gradient_checkpointing and share > 0:  # (frozen blocks keep nothing to checkpoint)
         # Each block keeps only its input; backward recomputes one block at a time.
         element = torch.empty((), dtype=models.DTYPES[dtype]).element_size()
-        return int(tokens * (dims["layers"] * dims["hidden"] * element + head) + tokens * block)
+        return int(tokens * (dims["layers"] * dims["hidden"] * element + head) + tokens * block * fam["unfused"])
     return int(tokens * (dims["layers"] * block + head))
 
 

@@ -43,7 +43,7 @@ VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
 TRAINABLE_DTYPE = "float32"  # the bottleneck layers and the head float32 over a bf16 base
 DEFAULT_LR = 1e-3  # new small modules
-ACTIVATION_SHARE = {"llama": 0.72, "gpt2": 0.80, "bert": 0.67}  # of full fine-tuning's saved activations
+ACTIVATION_SHARE = {"llama": 0.93, "gpt2": 0.80, "bert": 0.67}  # of full fine-tuning's saved activations
 
 # model_type -> (attention output projection, feed-forward output projection), as paths inside one block.
 SUBLAYERS = {

@@ -37,7 +37,7 @@ VIRTUAL_TOKENS = None
 QUANTIZES_BASE = False
 TRAINABLE_DTYPE = "float32"  # A, B, the magnitude and the head float32 over a bf16 base
 DEFAULT_LR = 1e-3  # new low-rank modules
-ACTIVATION_SHARE = {"llama": 1.02, "gpt2": 1.04, "bert": 1.06}  # of full fine-tuning's saved activations
+ACTIVATION_SHARE = {"llama": 1.41, "gpt2": 1.04, "bert": 1.06}  # of full fine-tuning's saved activations
 save = lora.save  # reads use_dora and the magnitude off the layers
 merge = lora.merge  # folds each layer's merged_weight() into its base and removes the DoRA modules
 

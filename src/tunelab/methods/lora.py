@@ -69,7 +69,7 @@ TRAINABLE_DTYPE = "float32"  # A, B and the head float32 over a bf16 base (bias=
 DEFAULT_LR = 1e-3  # new low-rank modules
 # of full fine-tuning's saved activations, default targets and dropout 0.05: the wrapped layers' inputs (which
 # LoRABranch keeps, as full fine-tuning does for its weight gradients) and a dropout mask of at most a byte each
-ACTIVATION_SHARE = {"llama": 0.74, "gpt2": 0.85, "bert": 0.75}
+ACTIVATION_SHARE = {"llama": 0.86, "gpt2": 0.85, "bert": 0.75}
 PREFIX = "base_model.model."
 
 # The LoRA paper's choice (attention query and value) per architecture; names from peft's mapping table.
