@@ -57,6 +57,8 @@ def _product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = silu_mul(gate, up)
+    if not product.requires_grad:  # inference (generation, serving): nothing is saved, so nothing to arrange
+        return self.down_proj(product)
     # down_proj (plain, LoRA, QLoRA, DoRA...) keeps its input for the weight's or the adapter's gradient: autograd
     # keeps gate and up in its place (SiluMul keeps them anyway) and makes the product again when the backward
     # reads it (ops/recompute.py)

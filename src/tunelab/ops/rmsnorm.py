@@ -37,7 +37,8 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     # For the module that reads `out` next (h and r are what the norm's own backward keeps). Held by the norm, not
     # as an attribute of `out`: a tensor with attributes keeps its Python object, and them, as long as anything in
     # C++ holds the tensor, which made a forward without a backward keep its whole graph.
-    self._tunelab_recipe = (weakref.ref(out), (_normalized, h, r, self.weight, dtype)) if out.requires_grad else None
+    if out.requires_grad:
+        self._tunelab_recipe = (weakref.ref(out), (_normalized, h, r, self.weight, dtype))
     return out
 
 
@@ -45,6 +46,8 @@ def _reading_forward(self, *args, **kwargs):
     """The module's own forward, with autograd keeping its input's recipe where the input came from a fused norm.
     (A method, not a closure, so that a deep copy of the model calls the copy's own forward.)"""
     forward, norm = self._tunelab_inner_forward, self._tunelab_norm[0]
+    if not torch.is_grad_enabled():  # inference (generation, serving): the norm left no recipe
+        return forward(*args, **kwargs)
     x = args[0] if args else kwargs.get("hidden_states")
     made = norm.__dict__.pop("_tunelab_recipe", None)  # taken once: the norm holds no tensor past this
     if made is None or made[0]() is not x:
