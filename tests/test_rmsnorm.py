@@ -115,3 +115,27 @@ def test_a_forward_without_a_backward_lets_go_of_its_graph():
     for _ in range(3):
         model(input_ids=ids)
     assert in_use() - before < 2**20, (in_use() - before) / 2**20
+
+
+def test_every_reader_of_a_recomputed_tensor_shares_one_recomputation_per_backward():
+    """q, k and v read one norm output: one recomputation serves the three, in each backward of a retained graph."""
+    t = torch.randn(4, 8, requires_grad=True)
+    weights = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    calls = []
+
+    def again(a):
+        calls.append(1)
+        return a * 2
+
+    y = t * 2
+    with recompute.recomputed(y, again, t) as on:
+        z = sum((y @ w).sin().sum() for w in weights)  # each matmul saves y for its weight's gradient
+    assert on
+    for n in (1, 2):
+        for w in weights:
+            w.grad = None
+        z.backward(retain_graph=True)
+        assert len(calls) == n
+        for w in weights:
+            want = (2 * t.detach()).T @ torch.cos(2 * t.detach() @ w.detach())
+            torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
