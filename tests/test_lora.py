@@ -522,6 +522,48 @@ def test_the_fused_branch_equals_the_modules_in_output_and_every_gradient(conv1d
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=0, msg=f"{name} differs")
 
 
+def _step_and_grads(layer, x, seed):
+    torch.manual_seed(seed)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    got = [y.detach().clone(), y.grad_fn.name()] + _grads(layer, x)
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight, layer.base_layer.bias):
+        t.grad = None
+    return got
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3], ids=["p0", "sparse-drop", "mask-drop"])
+def test_over_a_plain_frozen_linear_base_and_adapter_are_one_node_with_the_same_results(monkeypatch, p):
+    """LoRALinearStep (one node, the base's input gradient added by the matmul into the adapter's) gives what the
+    base layer's own node and LoRABranch give, with the same mask; anything else takes the two-node path."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(48, 40), 8, 16, p).train()
+    layer.base_layer.bias.requires_grad_(True)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    one = _step_and_grads(layer, x, 1)
+    monkeypatch.setattr(lora, "_one_step", lambda *a: False)
+    two = _step_and_grads(layer, x, 1)
+    assert one[1] == "LoRALinearStepBackward" and two[1] == "LoRABranchBackward"
+    for name, g, w in zip(["output", "x", "A", "B", "bias"], one[:1] + one[2:], two[:1] + two[2:]):
+        torch.testing.assert_close(g, w, atol=tol(w, 48), rtol=0, msg=f"{name} differs")
+
+
+def test_a_hook_on_the_base_layer_still_runs():
+    """Hooks on the wrapped layer (an inspection tool's, a user's) see its output: the one-node path steps aside."""
+    layer = lora.LoRALinear(nn.Linear(16, 8), 4, 8, 0.0).train()
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    y = layer(torch.randn(3, 16, requires_grad=True))
+    assert seen == [torch.Size([3, 8])] and y.grad_fn.name() == "LoRABranchBackward"
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert lora.LoRALinear(nn.Linear(16, 8), 4, 8).train()(torch.randn(3, 16, requires_grad=True)).grad_fn.name() \
+            == "LoRABranchBackward"
+    finally:
+        handle.remove()
+
+
 def test_sparse_dropout_zeroes_the_shared_input_only_for_its_own_matmuls():
     """At a low rate the branch zeroes the dropped elements of x in x's own memory for its matmul and puts them back.
     Two layers reading one x (as q_proj and v_proj do), each saving it for backward: x is bit for bit what it was
