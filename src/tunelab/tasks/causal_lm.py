@@ -24,7 +24,7 @@ import torch
 from .. import models
 from ..data import chat
 from ..errors import TunelabError
-from ..ops import lm_loss, packing
+from ..ops import lm_loss, packed_attention, packing
 from .base import (  # noqa: F401  (the interface's defaults)
     embed_texts,
     finish,
@@ -178,6 +178,7 @@ def _hidden(model, batch) -> torch.Tensor:
     """The body's last hidden states (final norm applied), through the body so virtual-token hooks apply."""
     _, body = models.body_of(model)
     if "position_ids" in batch:
+        packed_attention.mark(batch["position_ids"])  # attention one example at a time (ops/packed_attention.py)
         out = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     else:
         out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
