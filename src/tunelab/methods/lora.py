@@ -159,11 +159,8 @@ class LoRABranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, x, a, b, scaling: float, p: float):
-        drop = drop_mask(x.shape, p, x.device) if p > 0 else None
-        scale = scaling / (1 - p)
-        h = _with_dropped_input(x, drop, a.dtype, lambda xd: xd @ a.T) * scale  # (tokens, r)
+        drop, h, ctx.scale = _adapter_forward(x, a, scaling, p)
         ctx.save_for_backward(x, drop, a, b, h)
-        ctx.scale = scale
         if result.dtype == a.dtype and result._base is None and result.is_contiguous():
             # Into the base output itself: no backward reads it (a linear layer keeps its input, not its output),
             # and a fresh (tokens, out) tensor would cost its page faults as well as the copy.
@@ -178,17 +175,9 @@ class LoRABranch(torch.autograd.Function):
         x, drop, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
         need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
-        grad_b = g.T @ h if need_b else None
-        grad_x = grad_a = None
-        if need_x or need_a:
-            gh = (g @ b) * ctx.scale  # (tokens, r)
-            if need_a:
-                grad_a = _with_dropped_input(x, drop, a.dtype, lambda xd: gh.T @ xd)
-            if need_x:
-                grad_x = gh @ a  # a fresh (tokens, in) product: zeroed in place
-                if drop is not None:
-                    zero_dropped_(grad_x, drop)
-                grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        grad_x, grad_a, grad_b = _adapter_backward(g, x, drop, a, b, h, ctx.scale, need_x, need_a, need_b)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
         return grad if need_result else None, grad_x, grad_a, grad_b, None, None
 
 
@@ -206,12 +195,9 @@ class LoRALinearStep(torch.autograd.Function):
     def forward(ctx, x, weight, bias, a, b, scaling: float, p: float):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, flat, weight.T) if bias is not None else flat @ weight.T
-        drop = drop_mask(x.shape, p, x.device) if p > 0 else None
-        scale = scaling / (1 - p)
-        h = _with_dropped_input(x, drop, a.dtype, lambda xd: xd @ a.T).mul_(scale)  # (tokens, r)
+        drop, h, ctx.scale = _adapter_forward(x, a, scaling, p)
         out.addmm_(h, b.T)
         ctx.save_for_backward(x, drop, weight, a, b, h)
-        ctx.scale = scale
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -219,19 +205,34 @@ class LoRALinearStep(torch.autograd.Function):
         x, drop, weight, a, b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_b = g.T @ h if need_b else None
-        grad_x = grad_a = None
-        if need_x or need_a:
-            gh = (g @ b).mul_(ctx.scale)  # (tokens, r)
-            if need_a:
-                grad_a = _with_dropped_input(x, drop, a.dtype, lambda xd: gh.T @ xd)
-            if need_x:
-                grad_x = gh @ a
-                if drop is not None:
-                    zero_dropped_(grad_x, drop)
-                grad_x = grad_x.addmm_(g, weight).view(x.shape)
+        grad_x, grad_a, grad_b = _adapter_backward(g, x, drop, a, b, h, ctx.scale, need_x, need_a, need_b)
+        if grad_x is not None:  # the base's share, added by the matmul into the adapter's fresh tensor
+            grad_x = grad_x.addmm_(g, weight).view(x.shape)
         grad_bias = g.sum(0) if need_bias else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _adapter_forward(x: torch.Tensor, a: torch.Tensor, scaling: float, p: float):
+    """(the dropout mask or None, s/(1-p) · drop(x)·Aᵀ as (tokens, r), that scale): the adapter's half of a forward."""
+    drop = drop_mask(x.shape, p, x.device) if p > 0 else None
+    scale = scaling / (1 - p)
+    return drop, _with_dropped_input(x, drop, a.dtype, lambda xd: xd @ a.T).mul_(scale), scale
+
+
+def _adapter_backward(g, x, drop, a, b, h, scale: float, need_x: bool, need_a: bool, need_b: bool):
+    """The adapter's gradients from g (tokens, out): its share of x's as a fresh (tokens, in) tensor with the dropped
+    elements zeroed (for the caller to add to or convert in place), A's and B's; None where not needed."""
+    grad_b = g.T @ h if need_b else None
+    grad_x = grad_a = None
+    if need_x or need_a:
+        gh = (g @ b).mul_(scale)  # (tokens, r)
+        if need_a:
+            grad_a = _with_dropped_input(x, drop, a.dtype, lambda xd: gh.T @ xd)
+        if need_x:
+            grad_x = gh @ a
+            if drop is not None:
+                zero_dropped_(grad_x, drop)
+    return grad_x, grad_a, grad_b
 
 
 def _with_dropped_input(x: torch.Tensor, drop: torch.Tensor | None, dtype: torch.dtype, product):
