@@ -232,6 +232,60 @@ def test_saved_run_loads_quantized_on_load_and_reproduces(lms, tmp_path, monkeyp
                                                                                              max_new_tokens=4)
 
 
+def _counting_streamed(monkeypatch) -> list:
+    """The paths models.building reads tensor by tensor (quantizing as it goes), one entry per model so loaded."""
+    streamed = []
+    real = models._streamed
+    monkeypatch.setattr(models, "_streamed", lambda *a: streamed.append(a[2]) or real(*a))
+    return streamed
+
+
+def test_a_grpo_run_quantizes_its_base_as_it_loads(tiny_chat_llama, tmp_path, monkeypatch):
+    """GRPO builds its model outside pipeline.load: it too reads a QLoRA base tensor by tensor, every body linear
+    quantized (2 layers x 7), and its saved run loads the same way."""
+    import tunelab
+
+    streamed = _counting_streamed(monkeypatch)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say word {i}"} for i in range(8)])
+    (tmp_path / "rewards.py").write_text("def length(prompts, completions):\n"
+                                         "    return [len(c) / 10 for c in completions]\n")
+    run = tunelab.train(None, [f"model.path={tiny_chat_llama}", f"data.train={prompts}", "task.type=grpo",
+                               f"task.reward_function={tmp_path / 'rewards.py'}:length", "task.group_size=2",
+                               "method.name=qlora", "method.target_modules=all-linear", "train.max_steps=1",
+                               "train.batch_size=2", "eval.max_new_tokens=3", f"output_dir={tmp_path / 'rl'}"])
+    assert streamed == [tiny_chat_llama] and run.summary["steps"] == 1
+    tuned = tunelab.load(run.dir)
+    assert len(streamed) == 2 and len(_nf4(tuned.model)) == 14
+
+
+def test_a_multitask_run_quantizes_each_task_model_as_it_loads(tiny_bert, tmp_path, monkeypatch):
+    """Each task's model of a multi-task run is read tensor by tensor, every body linear quantized; a task loaded
+    back from the run is too, its head (saved apart from the adapter, so frozen as the adapter loads) left in full
+    precision as trained, and scores exactly what the run scored. (QLoRA's base is not switchable: shared adapters
+    only.)"""
+    import tunelab
+    from tunelab import pipeline
+
+    streamed = _counting_streamed(monkeypatch)
+    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", make_rows(40, seed=i))
+             for i, n in enumerate(("a", "a_test", "b", "b_test"))}
+    cfg = config.validate({
+        "model": {"path": str(tiny_bert)}, "method": {"name": "qlora", "r": 4, "target_modules": "all-linear"},
+        "tasks": [{"name": n, "data": {"train": str(files[n]), "test": str(files[f"{n}_test"])}} for n in ("a", "b")],
+        "train": {"max_steps": 2, "lr": 1e-3, "batch_size": 8}, "eval": {"linear_probe": False, "samples": 1},
+        "output_dir": str(tmp_path / "run")})
+    run = pipeline.train(cfg)
+    assert streamed == [tiny_bert, tiny_bert]
+    for name, reads in (("a", 1), ("b", 2)):  # task b: the first task's model (which owns the body), then its own
+        before = len(streamed)
+        tuned = tunelab.load(run.dir, task=name)
+        assert len(streamed) - before == reads
+        quantized = {p.removesuffix(".base_layer") for p in _nf4(tuned.model)}
+        assert len(quantized) == 12 and quantized == _body(tuned.model, tuned.task.head_modules(tuned.model)), name
+        got = tuned.evaluate(files[f"{name}_test"])
+        assert got["loss"] == run.summary["test"][name]["loss"], name
+
+
 def test_older_settings_file_keeps_its_layers_in_full_precision(lms, tmp_path):
     """A qlora_config.json from before the per-layer rule (scaler_block_size 256) re-quantizes as it was trained:
     layers whose weight counts are not multiples of 16384 (k/v here) stay full precision."""
@@ -252,6 +306,10 @@ def test_older_settings_file_keeps_its_layers_in_full_precision(lms, tmp_path):
     settings["scaler_block_size"] = 100
     (tmp_path / qlora.SETTINGS_NAME).write_text(json.dumps(settings))
     with pytest.raises(TunelabError, match=r"scaler_block_size 100.*power of two"):
+        qlora.load(causal_lm.build_model(cfg.model, dict(LM_INFO))[0], tmp_path)
+    settings.update(scaler_block_size="auto", head="lm_head")
+    (tmp_path / qlora.SETTINGS_NAME).write_text(json.dumps(settings))
+    with pytest.raises(TunelabError, match=r"has head 'lm_head'; it must be a list of module names"):
         qlora.load(causal_lm.build_model(cfg.model, dict(LM_INFO))[0], tmp_path)
 
 

@@ -60,7 +60,8 @@ def train(cfg: Config, overwrite: bool = False, recipe_name: str = "run", resume
             splits, report = task.load_splits(sub, cfg.train.seed)
             say(data.format_report(report))
             info = task.label_info(splits, sub)
-            model, tokenizer = task.build_model(model_cfg, info)
+            with methods.loading(cfg.method, device):  # a quantized base (qlora) is quantized as it loads
+                model, tokenizer = task.build_model(model_cfg, info)
             head = task.head_modules(model)
             if parts:
                 first = next(iter(parts.values()))

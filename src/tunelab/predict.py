@@ -428,10 +428,10 @@ def load_task(run_dir: Path, cfg, infos: dict, name: str, device):
         return model.to(device).eval(), tok, task, info, sub
     first = cfg.tasks[0].name
     first_task = tasks.get(cfg.tasks[0].task.type)
-    with model_source(cfg.model) as model_cfg:
+    adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
+    with model_source(cfg.model) as model_cfg, methods.loading(cfg.method, device, adapter):
         owner, tok = first_task.build_model(model_cfg, infos[first])
         other = task.build_model(model_cfg, info) if name != first else None
-    adapter = run_dir / "adapters" / name if cfg.multitask.adapters == "per_task" else run_dir / "adapter"
     owner = methods.named.record(owner, "default", cfg.method.name, [], lambda m: method.load(m, adapter))
     model = owner
     if other is not None:

@@ -97,7 +97,8 @@ def _train(cfg: Config, model_cfg, claim, t_start: float, out_path: str, device)
     else:
         train_rows, val_rows = random_split(train_rows, cfg.data.val_fraction, cfg.train.seed, cfg.data.train)
     info = {"task": "sft", "template": cfg.task.template, "train_on_prompt": False, "truncation": cfg.data.truncation}
-    model, tokenizer = causal_lm.build_model(model_cfg, info)
+    with methods.loading(cfg.method, device):  # a quantized base (qlora) is quantized as it loads
+        model, tokenizer = causal_lm.build_model(model_cfg, info)
     model.to(device)
     add_special = info["template"] == "alpaca"
     render = lambda rows: [chat.render(m, info["template"], tokenizer, add_generation_prompt=True)[0] for m in rows]

@@ -27,8 +27,11 @@ model. What this file adds is the quantized base:
   multiple of 64, which stays full precision (`describe` says so). qlora_config.json records
   `scaler_block_size: "auto"`; a file from before the rule says 256, and `load` then
   re-quantizes as it was trained (layers not a multiple of 16384 in full precision).
+- qlora_config.json also records `head`: the modules apply kept in full precision as the
+  task's head. A multi-task run saves its heads apart from the adapter, so they are frozen
+  when `load` runs and would otherwise be quantized with the base.
 - quantized as it loads: `load_plan` tells models.building (through methods.loading, which
-  pipeline.load and tunelab.load use) which linears to quantize; the model is read tensor by
+  pipeline.load, GRPO, multi-task runs and tunelab.load use) which linears to quantize; the model is read tensor by
   tensor and each of them becomes an NF4Linear as soon as its weights are read, so the
   full-precision base is never in memory whole. `apply` and `load` then let LoRA wrap those
   4-bit layers through weightless stand-ins of the Linear / Conv1D they were, and quantize
@@ -466,6 +469,11 @@ def _saved_settings(out_dir: Path) -> dict:
         raise TunelabError(f"'{settings_file}' is not valid JSON ({e}); re-save the adapter or delete the file "
                            f"to use the defaults.") from None
     settings.update({k: saved[k] for k in DEFAULTS if k in saved})
+    head = saved.get("head", [])
+    if not (isinstance(head, list) and all(isinstance(h, str) for h in head)):
+        raise TunelabError(f"'{settings_file}' has head {head!r}; it must be a list of module names (those kept in "
+                           f"full precision). Re-save the adapter, or delete the key to quantize every frozen linear.")
+    settings["head"] = head
     size = settings["scaler_block_size"]
     if size != "auto" and not (type(size) is int and 0 < size <= SCALER_BLOCK_SIZE and size & (size - 1) == 0):
         raise TunelabError(f"'{settings_file}' has scaler_block_size {size!r}; it must be \"auto\" or a power of two "
@@ -564,7 +572,11 @@ def load_plan(cfg: QLoraConfig, device: torch.device, saved: Path | None = None)
 def save(model: nn.Module, out_dir: Path, base_model_path: str, head: list[str]) -> None:
     """The adapter exactly as lora.save writes it, plus qlora_config.json: how to re-quantize the base."""
     lora.save(model, out_dir, base_model_path, head)
-    settings = {k: v for k, v in {**DEFAULTS, **getattr(model, _ATTR, DEFAULTS)}.items() if k in DEFAULTS}
+    used = getattr(model, _ATTR, DEFAULTS)
+    settings = {k: v for k, v in {**DEFAULTS, **used}.items() if k in DEFAULTS}
+    # the modules apply kept in full precision as the task's head: a head saved apart from the adapter (a
+    # multi-task run's) is frozen when the adapter loads, and would otherwise be quantized with the base
+    settings["head"] = list(used.get("head", []))
     settings.update(block_size=BLOCK_SIZE, max_scaler_block_size=SCALER_BLOCK_SIZE, quant_type="nf4")
     (Path(out_dir) / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
@@ -579,7 +591,7 @@ def load(model: PreTrainedModel, out_dir: Path) -> PreTrainedModel:
     _resolve_backend(settings["backend"], settings["double_quant"], _device(model))
     with _lora_over_quantized(model):
         model = lora.load(model, out_dir)
-    return quantize(model, settings)
+    return quantize(model, settings, settings["head"])
 
 
 def merge(model: nn.Module) -> nn.Module:
