@@ -222,7 +222,9 @@ def _adapter_forward(x: torch.Tensor, a: torch.Tensor, scaling: float, p: float)
 def _adapter_backward(g, x, drop, a, b, h, scale: float, need_x: bool, need_a: bool, need_b: bool):
     """The adapter's gradients from g (tokens, out): its share of x's as a fresh (tokens, in) tensor with the dropped
     elements zeroed (for the caller to add to or convert in place), A's and B's; None where not needed."""
-    grad_b = g.T @ h if need_b else None
+    # hᵀ·g, transposed back: the same sums as gᵀ·h, twice as fast through MKL at r 16 (its kernel for a 16-wide
+    # result is the slow one)
+    grad_b = (h.T @ g).T if need_b else None
     grad_x = grad_a = None
     if need_x or need_a:
         gh = (g @ b).mul_(scale)  # (tokens, r)
