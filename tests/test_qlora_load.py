@@ -205,14 +205,20 @@ def test_merge_matches_unmerged(lms):
     torch.testing.assert_close(_logits(merged, ids), expected, atol=tol(expected, FORWARD_OPS), rtol=0)
 
 
+def _counting_streamed(monkeypatch) -> list:
+    """The paths models.building reads tensor by tensor (quantizing as it goes), one entry per model so loaded."""
+    streamed = []
+    real = models._streamed
+    monkeypatch.setattr(models, "_streamed", lambda *a: streamed.append(a[2]) or real(*a))
+    return streamed
+
+
 def test_saved_run_loads_quantized_on_load_and_reproduces(lms, tmp_path, monkeypatch):
     import tunelab
 
     rows = [{"instruction": r["text"], "output": r["label"]} for r in make_rows(24)]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    streamed = []
-    real = models._streamed
-    monkeypatch.setattr(models, "_streamed", lambda *a: streamed.append(a[2]) or real(*a))
+    streamed = _counting_streamed(monkeypatch)
     run = tunelab.train(None, [f"model.path={lms['llama']}", f"data.train={train}", "task.type=sft",
                                "method.name=qlora", "method.target_modules=all-linear", "train.max_steps=2",
                                "train.batch_size=4", "eval.base=false", f"output_dir={tmp_path / 'run'}"])
@@ -230,14 +236,6 @@ def test_saved_run_loads_quantized_on_load_and_reproduces(lms, tmp_path, monkeyp
     assert torch.equal(_logits(tuned.model, ids), _logits(reference, ids))
     assert tuned.generate(["great fun"], max_new_tokens=4) == tunelab.load(run.dir).generate(["great fun"],
                                                                                              max_new_tokens=4)
-
-
-def _counting_streamed(monkeypatch) -> list:
-    """The paths models.building reads tensor by tensor (quantizing as it goes), one entry per model so loaded."""
-    streamed = []
-    real = models._streamed
-    monkeypatch.setattr(models, "_streamed", lambda *a: streamed.append(a[2]) or real(*a))
-    return streamed
 
 
 def test_a_grpo_run_quantizes_its_base_as_it_loads(tiny_chat_llama, tmp_path, monkeypatch):
